@@ -1,0 +1,205 @@
+//! The referral's life as a pure state machine: `apply(&Referral, Event, now) -> Transition`.
+//!
+//! No I/O, no clock, no async: time comes in as an argument and everything the caller must do
+//! comes back as [`Effect`]s. The broker's event loop (`server.rs`) persists the new referral and
+//! the effects in one store batch and then performs them. This is what makes a replay reproduce
+//! the same history: the same inputs at the same times give the same outputs.
+//!
+//! # Layout
+//! - `state`: [`State`] and what is terminal.
+//! - `event`: [`Event`], [`Status`], and the domain [`Referral`] record.
+//! - `effect`: [`Effect`], [`Transition`], [`TransitionError`].
+//! - `machine` (this file): [`submit`], [`refuse`], [`apply`].
+
+mod effect;
+mod event;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use effect::{DeadlineKind, Effect, Transition, TransitionError};
+pub use event::{Event, HistoryEntry, NewReferral, Referral, Status, Urgency};
+pub use state::State;
+
+/// Milliseconds since the Unix epoch. The only notion of time the machine knows.
+pub type Millis = i64;
+
+/// The party that stands for the broker itself in histories.
+pub const BROKER: &str = yeongye_proto::BROKER_ID;
+
+/// A validated new referral enters the system: `SUBMITTED`, to be delivered to its recipient,
+/// with a receipt deadline.
+pub fn submit(new: NewReferral, cause: &str, now: Millis) -> Transition {
+    let from = new.from.clone();
+    let to = new.to.clone();
+    let receive_by = new.receive_by;
+    let referral = Referral {
+        id: new.id,
+        from: new.from,
+        to: new.to,
+        urgency: new.urgency,
+        state: State::Submitted,
+        created_at: now,
+        receive_by,
+        envelope: new.envelope,
+        history: vec![HistoryEntry {
+            state: State::Submitted,
+            by: from.clone(),
+            at: now,
+            note: String::new(),
+            cause: cause.to_owned(),
+        }],
+    };
+    Transition {
+        effects: vec![
+            Effect::Deliver { to },
+            Effect::Notify {
+                to: from,
+                previous: State::Submitted,
+            },
+            Effect::Schedule {
+                kind: DeadlineKind::Receipt,
+                at: receive_by,
+            },
+        ],
+        referral,
+    }
+}
+
+/// A new referral the broker cannot accept (unknown recipient, invalid, ...) is still recorded,
+/// in the terminal state `REFUSED`, so that it can be looked up and, once the cause is fixed,
+/// replayed by an operator. The caller tells the sender why (a rejection with the reason code).
+pub fn refuse(new: NewReferral, cause: &str, note: &str, now: Millis) -> Transition {
+    let referral = Referral {
+        state: State::Refused,
+        created_at: now,
+        history: vec![HistoryEntry {
+            state: State::Refused,
+            by: BROKER.to_owned(),
+            at: now,
+            note: note.to_owned(),
+            cause: cause.to_owned(),
+        }],
+        id: new.id,
+        from: new.from,
+        to: new.to,
+        urgency: new.urgency,
+        receive_by: new.receive_by,
+        envelope: new.envelope,
+    };
+    Transition {
+        referral,
+        effects: Vec::new(),
+    }
+}
+
+/// Applies one event to a referral. `cause` is the id of the message that carried the event
+/// (empty for the broker's own events); it is recorded in the history.
+pub fn apply(
+    referral: &Referral,
+    event: &Event,
+    cause: &str,
+    now: Millis,
+) -> Result<Transition, TransitionError> {
+    let from = referral.state;
+    if from.is_terminal() {
+        return Err(TransitionError::Terminal { state: from });
+    }
+    let (to, by, note, effects) = match event {
+        Event::DeliveryConfirmed => {
+            if from != State::Submitted {
+                return Err(TransitionError::Superseded { state: from });
+            }
+            (
+                State::Delivered,
+                BROKER,
+                "",
+                vec![notify(&referral.from, from)],
+            )
+        }
+        Event::DeadlinePassed(DeadlineKind::Receipt) => {
+            if !matches!(from, State::Submitted | State::Delivered) {
+                return Err(TransitionError::Superseded { state: from });
+            }
+            let effects = vec![notify(&referral.from, from), notify(&referral.to, from)];
+            (
+                State::Expired,
+                BROKER,
+                "not received by the deadline",
+                effects,
+            )
+        }
+        Event::Status { by, status, note } => {
+            let (allowed_from, to): (&[State], State) = match status {
+                Status::Received => (&[State::Submitted, State::Delivered], State::Received),
+                Status::Accepted => (&[State::Received], State::Accepted),
+                Status::Declined => (&[State::Received], State::Declined),
+                Status::InProgress => (&[State::Accepted], State::InProgress),
+                Status::Completed => (&[State::Accepted, State::InProgress], State::Completed),
+                Status::Cancelled => (
+                    &[
+                        State::Submitted,
+                        State::Delivered,
+                        State::Received,
+                        State::Accepted,
+                        State::InProgress,
+                    ],
+                    State::Cancelled,
+                ),
+            };
+            let party = if *status == Status::Cancelled {
+                &referral.from
+            } else {
+                &referral.to
+            };
+            if by != party {
+                return Err(TransitionError::NotAParty {
+                    agency: by.clone(),
+                    status: *status,
+                });
+            }
+            if !allowed_from.contains(&from) {
+                return Err(TransitionError::Illegal {
+                    from,
+                    status: *status,
+                });
+            }
+            let mut effects = vec![notify(&referral.from, from)];
+            match status {
+                Status::Received => {
+                    effects.push(Effect::Unschedule {
+                        kind: DeadlineKind::Receipt,
+                    });
+                }
+                Status::Cancelled => {
+                    effects.push(notify(&referral.to, from));
+                    effects.push(Effect::Unschedule {
+                        kind: DeadlineKind::Receipt,
+                    });
+                }
+                _ => {}
+            }
+            (to, by.as_str(), note.as_str(), effects)
+        }
+    };
+    let mut next = referral.clone();
+    next.state = to;
+    next.history.push(HistoryEntry {
+        state: to,
+        by: by.to_owned(),
+        at: now,
+        note: note.to_owned(),
+        cause: cause.to_owned(),
+    });
+    Ok(Transition {
+        referral: next,
+        effects,
+    })
+}
+
+fn notify(to: &str, previous: State) -> Effect {
+    Effect::Notify {
+        to: to.to_owned(),
+        previous,
+    }
+}

@@ -1,0 +1,83 @@
+//! What happens to a referral ([`Event`]) and the record the broker keeps of it ([`Referral`]).
+
+use super::{DeadlineKind, Millis, State};
+
+/// What an agency says about a referral in a status update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Received,
+    Accepted,
+    Declined,
+    InProgress,
+    Completed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Received,
+        Status::Accepted,
+        Status::Declined,
+        Status::InProgress,
+        Status::Completed,
+        Status::Cancelled,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Urgency {
+    Routine,
+    Priority,
+    Crisis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The broker's delivery to the recipient's queue was acknowledged by the stream.
+    DeliveryConfirmed,
+    /// A deadline passed (fired by the broker's timer, which reads the clock).
+    DeadlinePassed(DeadlineKind),
+    /// An agency's status update.
+    Status {
+        by: String,
+        status: Status,
+        note: String,
+    },
+}
+
+/// A referral that passed the broker's checks, about to enter the system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReferral {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub urgency: Urgency,
+    pub receive_by: Millis,
+    /// The sender's envelope, exactly as received: delivered unchanged to the recipient.
+    pub envelope: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub state: State,
+    /// The agency whose message caused the change, or `broker`.
+    pub by: String,
+    pub at: Millis,
+    pub note: String,
+    /// The id of the message that caused the change; empty for the broker's own events.
+    pub cause: String,
+}
+
+/// The broker's record of one referral.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referral {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub urgency: Urgency,
+    pub state: State,
+    pub created_at: Millis,
+    pub receive_by: Millis,
+    pub envelope: Vec<u8>,
+    pub history: Vec<HistoryEntry>,
+}

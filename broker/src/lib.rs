@@ -1,6 +1,93 @@
 //! `referral-broker`: validates, routes and tracks Yeongye referrals durably.
 //!
+//! [`run`] connects to NATS, makes sure the streams and consumers exist, and runs the event loop
+//! and the status-query responder until the shutdown future completes.
+//!
 //! # Layout
-//! - [`referral`]: the pure state machine (no I/O).
+//! - [`referral`]: the pure state machine (no I/O, no clock).
+//! - [`ingest`]: reading an inbound message into a request or a refusal (pure).
+//! - [`convert`]: wire types ↔ domain types; derived message ids.
+//! - [`store`]: the durable state behind a trait; sled implementation.
+//! - [`server`]: the event loop (the only writer) and [`server::batch`], one batch's decisions.
+//! - [`nats`]: connection, streams, consumers.
+//! - [`query`]: status lookups by request/reply.
+//! - [`config`], [`registry`], [`clock`], [`error`].
 
+pub mod clock;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod ingest;
+pub mod nats;
+pub mod query;
 pub mod referral;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+use registry::Registry;
+use store::{SledStore, Store};
+
+/// Runs the broker until `shutdown` completes, then stops taking messages, finishes the batch in
+/// hand, and returns once everything it committed is flushed.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let registry = Arc::new(Registry::load(&cfg.registry)?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
+    let checkpoint = store.checkpoint()?;
+    tracing::info!(
+        agencies = registry.len(),
+        checkpoint,
+        store = %cfg.store_dir.display(),
+        nats = ?cfg.nats_urls,
+        "starting"
+    );
+
+    let client = nats::connect(&cfg).await?;
+    let js = nats::context(client.clone());
+    nats::ensure_streams(&js, &cfg).await?;
+    nats::ensure_agency_consumers(&js, &registry).await?;
+    let consumer = nats::broker_consumer(&js, &cfg, checkpoint).await?;
+
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let queries = tracker.spawn(query::serve(client.clone(), store.clone(), token.clone()));
+    let event_loop = server::EventLoop {
+        store: store.clone(),
+        registry,
+        js,
+        cfg: Arc::new(cfg),
+    };
+    let mut main = tracker.spawn(event_loop.run(consumer, token.clone()));
+    tracker.close();
+    tracing::info!("broker ready");
+
+    let joined = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutdown requested");
+            token.cancel();
+            (&mut main).await
+        }
+        r = &mut main => r,
+    };
+    token.cancel();
+    tracker.wait().await;
+    let loop_result = joined.map_err(|e| Error::Nats(format!("event loop task: {e}")))?;
+    if let Ok(Err(e)) = queries.await {
+        tracing::warn!(cause = %e, "status responder stopped with an error");
+    }
+    if let Err(e) = client.drain().await {
+        tracing::warn!(cause = %e, "draining the nats connection");
+    }
+    loop_result?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The broker's NATS side: connecting, and the streams and consumers it owns.
+//!
+//! The broker creates both streams and every agency's consumer at start-up; agencies never
+//! create them. Its own durable consumer is positioned from the store's checkpoint: if the
+//! consumer has acknowledged past what the store holds (the store lost its last writes in a power
+//! cut, or was deleted), the consumer is recreated to start right after the checkpoint, so the
+//! lost part is replayed from the stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{ConnectOptions, ServerAddr};
+use yeongye_proto::subject;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// How long a delivered, unacknowledged message waits before redelivery.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
+    let addrs = cfg
+        .nats_urls
+        .iter()
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| Error::InvalidConfig(format!("nats url {u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ConnectOptions::new()
+        .name("referral-broker")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                // Permission violations arrive only here.
+                async_nats::Event::ServerError(e) => {
+                    tracing::error!(cause = %e, "nats server error")
+                }
+                async_nats::Event::ClientError(e) => {
+                    tracing::error!(cause = %e, "nats client error")
+                }
+                async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                async_nats::Event::Connected => tracing::info!("nats connected"),
+                other => tracing::info!(event = %other, "nats event"),
+            }
+        })
+        .connect(addrs)
+        .await
+        .map_err(Error::nats)
+}
+
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .ack_timeout(Duration::from_secs(10))
+        .build(client)
+}
+
+fn stream_config(name: &str, subjects: &str, days: u32, max_msg: usize) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subjects.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: DAY * days,
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: i32::try_from(max_msg).unwrap_or(i32::MAX),
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates `YEONGYE_IN` and `YEONGYE_OUT`.
+pub async fn ensure_streams(js: &jetstream::Context, cfg: &Config) -> Result<()> {
+    let inbound = stream_config(
+        subject::IN_STREAM,
+        subject::IN_SUBJECTS,
+        cfg.inbound_retention_days,
+        cfg.max_message_bytes,
+    );
+    // Deliveries carry the sender's whole envelope, so the outbound limit is a little larger.
+    let outbound = stream_config(
+        subject::OUT_STREAM,
+        subject::OUT_SUBJECTS,
+        cfg.outbound_retention_days,
+        cfg.max_message_bytes + 4096,
+    );
+    for config in [inbound, outbound] {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| Error::Nats(format!("stream {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Creates the durable consumer `agency-<id>` of every registered agency (existing ones are
+/// left as they are).
+pub async fn ensure_agency_consumers(js: &jetstream::Context, registry: &Registry) -> Result<()> {
+    let out = js
+        .get_stream(subject::OUT_STREAM)
+        .await
+        .map_err(Error::nats)?;
+    for agency in registry.iter() {
+        let name = subject::agency_consumer(&agency.id);
+        out.get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subject::outbound_filter(&agency.id),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::Nats(format!("consumer {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+fn broker_consumer_config(cfg: &Config, checkpoint: u64) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subject::BROKER_CONSUMER.to_owned()),
+        filter_subject: subject::IN_SUBJECTS.to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: i64::try_from(cfg.batch_size * 8).unwrap_or(i64::MAX),
+        deliver_policy: if checkpoint == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: checkpoint + 1,
+            }
+        },
+        ..Default::default()
+    }
+}
+
+/// The broker's durable consumer on `YEONGYE_IN`, positioned after `checkpoint`.
+pub async fn broker_consumer(
+    js: &jetstream::Context,
+    cfg: &Config,
+    checkpoint: u64,
+) -> Result<consumer::PullConsumer> {
+    let inbound = js
+        .get_stream(subject::IN_STREAM)
+        .await
+        .map_err(Error::nats)?;
+    if let Ok(info) = inbound.consumer_info(subject::BROKER_CONSUMER).await {
+        let acked = info.ack_floor.stream_sequence;
+        if acked <= checkpoint {
+            return inbound
+                .get_consumer(subject::BROKER_CONSUMER)
+                .await
+                .map_err(Error::nats);
+        }
+        tracing::warn!(
+            acked,
+            checkpoint,
+            "the store is behind what the broker acknowledged: replaying the inbound stream from the checkpoint"
+        );
+        inbound
+            .delete_consumer(subject::BROKER_CONSUMER)
+            .await
+            .map_err(Error::nats)?;
+    }
+    inbound
+        .create_consumer(broker_consumer_config(cfg, checkpoint))
+        .await
+        .map_err(Error::nats)
+}

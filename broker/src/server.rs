@@ -1,0 +1,260 @@
+//! The broker's event loop: one task that owns every write.
+//!
+//! Each turn: take a batch of inbound messages (and the broker's own events: delivery
+//! confirmations from the last turn, due deadlines) → [`batch::Batch`] decides → one store
+//! commit, flushed → publish the new outbox entries, PubAcks in flight together → acknowledge
+//! the inbound messages. A crash anywhere is repaired on restart: the outbox is published again
+//! (same message ids, so repeats are dropped downstream) and unacknowledged inbound messages are
+//! redelivered and recognised by their dedup key.
+
+pub mod batch;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ingest::{self, Limits};
+use crate::referral::Millis;
+use crate::registry::Registry;
+use crate::store::{OutboxEntry, Store};
+use batch::{Batch, Outcome};
+
+/// How often the loop wakes with nothing to read, to fire deadlines.
+const TICK: Duration = Duration::from_millis(250);
+/// Publishes in flight at once.
+const PUBLISH_WINDOW: usize = 512;
+/// How often applied message ids older than the retention are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+pub struct EventLoop {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub js: jetstream::Context,
+    pub cfg: Arc<Config>,
+}
+
+struct Pending {
+    /// Outbox entries not yet acknowledged by the stream, in key order.
+    outbox: VecDeque<OutboxEntry>,
+    /// Outbox keys whose PubAck was seen: removed by the next commit.
+    sent: Vec<u64>,
+    /// Deliveries the stream acknowledged: `DELIVERED` in the next batch.
+    confirmed: Vec<(String, Millis)>,
+}
+
+type Messages = async_nats::jetstream::consumer::pull::Stream;
+
+impl EventLoop {
+    pub async fn run(self, consumer: PullConsumer, token: CancellationToken) -> Result<()> {
+        let mut pending = Pending {
+            outbox: self.store.outbox()?.into(),
+            sent: Vec::new(),
+            confirmed: Vec::new(),
+        };
+        if !pending.outbox.is_empty() {
+            tracing::info!(
+                entries = pending.outbox.len(),
+                "publishing the outbox left from before"
+            );
+        }
+        self.publish(&mut pending).await;
+
+        let mut messages = self.messages(&consumer).await?;
+        let mut caught_up = false;
+        let mut last_prune = Instant::now() - PRUNE_EVERY;
+        loop {
+            let idle = pending.sent.is_empty() && pending.confirmed.is_empty();
+            let wait = if idle { TICK } else { Duration::ZERO };
+            let first = tokio::select! {
+                _ = token.cancelled() => break,
+                m = messages.next() => Some(m),
+                _ = tokio::time::sleep(wait) => None,
+            };
+            let mut inbound = Vec::new();
+            match first {
+                Some(Some(Ok(m))) => inbound.push(m),
+                Some(Some(Err(e))) => tracing::warn!(cause = %e, "reading the inbound stream"),
+                Some(None) => {
+                    tracing::warn!("inbound message stream ended; reopening");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    messages = self.messages(&consumer).await?;
+                }
+                None => caught_up = true,
+            }
+            while inbound.len() < self.cfg.batch_size {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => inbound.push(m),
+                    Some(Some(Err(e))) => tracing::warn!(cause = %e, "reading the inbound stream"),
+                    _ => break,
+                }
+            }
+            if let Some(last) = inbound.last() {
+                caught_up = last.info().map(|i| i.pending == 0).unwrap_or(false);
+            }
+
+            self.turn(&inbound, &mut pending, caught_up)?;
+            let all_published = self.publish(&mut pending).await;
+            if all_published {
+                for m in &inbound {
+                    if let Err(e) = m.ack().await {
+                        tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
+                    }
+                }
+            } else {
+                // NATS is unreachable or refusing: leave the inbound unacknowledged (it is
+                // redelivered and deduplicated) and back off.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = Instant::now();
+                self.prune();
+            }
+        }
+        tracing::info!(outbox = pending.outbox.len(), "event loop stopped");
+        Ok(())
+    }
+
+    async fn messages(&self, consumer: &PullConsumer) -> Result<Messages> {
+        consumer
+            .stream()
+            .max_messages_per_batch(self.cfg.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(Error::nats)
+    }
+
+    /// Decides one batch and commits it.
+    fn turn(
+        &self,
+        inbound: &[jetstream::Message],
+        pending: &mut Pending,
+        caught_up: bool,
+    ) -> Result<()> {
+        let store = self.store.as_ref();
+        let mut batch = Batch::new(store);
+        batch.remove_sent(pending.sent.iter().copied());
+        for (id, at) in &pending.confirmed {
+            batch.delivery_confirmed(id, *at)?;
+        }
+        let deadlines = &self.cfg.receipt_deadline_secs;
+        let receipt = |u| i64::try_from(deadlines.for_urgency(u).as_millis()).unwrap_or(i64::MAX);
+        let limits = Limits {
+            max_message_bytes: self.cfg.max_message_bytes,
+            receipt_deadline: &receipt,
+        };
+        let (mut applied, mut rejected, mut duplicates) = (0u32, 0u32, 0u32);
+        for m in inbound {
+            let (seq, at) = match m.info() {
+                Ok(info) => (
+                    info.stream_sequence,
+                    (info.published.unix_timestamp_nanos() / 1_000_000) as Millis,
+                ),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "inbound message without stream info; skipped");
+                    continue;
+                }
+            };
+            let read = ingest::read(
+                m.subject.as_str(),
+                &m.payload,
+                seq,
+                at,
+                &self.registry,
+                &limits,
+            );
+            match batch.inbound(read, seq, at, &m.payload)? {
+                Outcome::Applied => applied += 1,
+                Outcome::Rejected(_) => rejected += 1,
+                Outcome::Duplicate => duplicates += 1,
+            }
+        }
+        // Deadlines fire only once the backlog is read, so that a replay applies a receipt
+        // that arrived in time before it can expire the referral.
+        if caught_up {
+            for d in store.due(clock::now_ms(), 1000)? {
+                batch.deadline(d)?;
+            }
+        }
+        let changes = batch.finish();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| store.commit(&changes))?;
+        tracing::debug!(
+            applied,
+            rejected,
+            duplicates,
+            outbox = changes.outbox_put.len(),
+            "batch committed"
+        );
+        pending.sent.clear();
+        pending.confirmed.clear();
+        pending.outbox.extend(changes.outbox_put);
+        Ok(())
+    }
+
+    /// Publishes the outbox in key order, a window of PubAcks in flight at a time. Returns
+    /// whether everything was acknowledged; what was not stays for the next turn and is sent
+    /// again with the same message id (so a repeat is dropped by the stream or the recipient).
+    async fn publish(&self, pending: &mut Pending) -> bool {
+        let entries: Vec<OutboxEntry> = pending.outbox.drain(..).collect();
+        let mut chunks = entries.chunks(PUBLISH_WINDOW);
+        for chunk in chunks.by_ref() {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(e.payload.clone().into())
+                    .message_id(&e.message_id);
+                acks.push(self.js.send_publish(e.subject.clone(), publish).await);
+            }
+            let mut failed = false;
+            for (e, ack) in chunk.iter().zip(acks) {
+                let result = match ack {
+                    Ok(fut) => fut.await.map(|_| ()).map_err(|err| err.to_string()),
+                    Err(err) => Err(err.to_string()),
+                };
+                match result {
+                    Ok(()) => {
+                        pending.sent.push(e.key);
+                        if let Some(id) = &e.confirms {
+                            pending.confirmed.push((id.clone(), clock::now_ms()));
+                        }
+                    }
+                    Err(err) => {
+                        if !failed {
+                            tracing::warn!(cause = %err, subject = %e.subject, "publish failed; will retry with the same id");
+                        }
+                        failed = true;
+                        pending.outbox.push_back(e.clone());
+                    }
+                }
+            }
+            if failed {
+                for rest in chunks {
+                    pending.outbox.extend(rest.iter().cloned());
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    fn prune(&self) {
+        let keep = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
+        let before = clock::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        match tokio::task::block_in_place(|| self.store.prune_seen(before)) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(forgotten = n, "pruned applied message ids past retention"),
+            Err(e) => tracing::warn!(cause = %e, "pruning applied message ids failed"),
+        }
+    }
+}

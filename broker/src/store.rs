@@ -1,0 +1,113 @@
+//! Durable state behind a trait: referrals, applied message ids, the outbox, deadlines, dead
+//! letters and the inbound checkpoint.
+//!
+//! [`Store::commit`] applies a whole [`ChangeSet`] atomically and returns only once it is
+//! flushed: the event loop publishes and acknowledges nothing before that. `sled_store` is the
+//! implementation; `codec` is the on-disk encoding (private protobuf records, so domain types
+//! stay free of serialization derives).
+
+mod codec;
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+use crate::error::Result;
+use crate::referral::{DeadlineKind, Millis, Referral};
+
+/// A message the broker must publish: kept until its PubAck has been seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Orders the outbox: entries are published in key order.
+    pub key: u64,
+    pub subject: String,
+    /// The envelope's message id and the `Nats-Msg-Id` header.
+    pub message_id: String,
+    /// The encoded envelope.
+    pub payload: Vec<u8>,
+    /// For a delivery: the referral whose `DELIVERED` follows the PubAck.
+    pub confirms: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline {
+    pub at: Millis,
+    pub kind: DeadlineKind,
+    pub referral_id: String,
+}
+
+/// A message the broker could not apply, kept for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The inbound stream sequence: unique, and orders dead letters by arrival.
+    pub stream_seq: u64,
+    pub subject: String,
+    pub message_id: String,
+    pub sender: String,
+    pub referral_id: String,
+    /// The wire reason code (`yeongye.v1.ReasonCode` number).
+    pub code: i32,
+    pub detail: String,
+    pub at: Millis,
+    /// The message as received (up to the size limit).
+    pub raw: Vec<u8>,
+}
+
+/// Everything one batch changes, written atomically.
+#[derive(Debug, Default, Clone)]
+pub struct ChangeSet {
+    pub referrals: Vec<Referral>,
+    /// Dedup keys of applied inbound messages, with the time they were applied.
+    pub seen: Vec<(String, Millis)>,
+    pub outbox_put: Vec<OutboxEntry>,
+    pub outbox_remove: Vec<u64>,
+    pub deadlines_put: Vec<Deadline>,
+    pub deadlines_remove: Vec<Deadline>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// The highest inbound stream sequence applied by this batch.
+    pub checkpoint: Option<u64>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.referrals.is_empty()
+            && self.seen.is_empty()
+            && self.outbox_put.is_empty()
+            && self.outbox_remove.is_empty()
+            && self.deadlines_put.is_empty()
+            && self.deadlines_remove.is_empty()
+            && self.dead_letters.is_empty()
+            && self.checkpoint.is_none()
+    }
+}
+
+/// Counts for operators and readiness.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    pub referrals: u64,
+    pub outbox: u64,
+    pub deadlines: u64,
+    pub dead_letters: u64,
+    pub seen: u64,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn referral(&self, id: &str) -> Result<Option<Referral>>;
+    /// Whether an inbound message with this dedup key was already applied.
+    fn seen(&self, key: &str) -> Result<bool>;
+    /// Applies all of `changes` atomically; on return they survive a crash of the process.
+    fn commit(&self, changes: &ChangeSet) -> Result<()>;
+    /// A fresh, monotonically increasing outbox key.
+    fn next_outbox_key(&self) -> Result<u64>;
+    /// The outbox, in key order.
+    fn outbox(&self) -> Result<Vec<OutboxEntry>>;
+    /// Deadlines due at or before `now`, earliest first, at most `limit`.
+    fn due(&self, now: Millis, limit: usize) -> Result<Vec<Deadline>>;
+    /// The highest inbound stream sequence applied (0: none).
+    fn checkpoint(&self) -> Result<u64>;
+    /// Forgets applied message ids older than `before`; returns how many.
+    fn prune_seen(&self, before: Millis) -> Result<usize>;
+    /// Every referral, in id order.
+    fn referrals(&self) -> Result<Vec<Referral>>;
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>>;
+    fn stats(&self) -> Result<StoreStats>;
+}

@@ -1,0 +1,359 @@
+//! [`Store`] on sled: one tree, records told apart by key prefix, so that a whole
+//! [`ChangeSet`] is one atomic `apply_batch` followed by one `flush`.
+//!
+//! Keys:
+//! ```text
+//! r/<referral id>                       referral record
+//! s/<dedup key>                         applied inbound message -> applied-at (i64 BE)
+//! S/<applied-at BE><dedup key>          the same, by time, for pruning
+//! o/<u64 BE>                            outbox entry
+//! t/<at BE><kind><referral id>          deadline
+//! x/<stream seq BE>                     dead letter
+//! m/checkpoint                          highest applied inbound stream sequence (u64 BE)
+//! ```
+//! sled's `flush` writes and `sync_file_range`s but does not fsync (see NATS-NOTES.md): a
+//! flushed commit survives a killed process, not a power cut. What a power cut loses is
+//! rebuilt from the inbound stream, from the checkpoint on.
+
+use std::path::Path;
+
+use super::codec;
+use super::{ChangeSet, DeadLetter, Deadline, OutboxEntry, Store, StoreStats};
+use crate::error::{Error, Result};
+use crate::referral::{DeadlineKind, Millis, Referral};
+
+const CHECKPOINT: &[u8] = b"m/checkpoint";
+
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<SledStore> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(SledStore { db })
+    }
+
+    /// A store in a temporary directory, removed on drop: for tests.
+    pub fn temporary() -> Result<SledStore> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(SledStore { db })
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+/// Order-preserving big-endian encoding of an i64.
+fn time_be(at: Millis) -> [u8; 8] {
+    ((at as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn time_from_be(b: &[u8]) -> Option<Millis> {
+    let arr: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(arr) ^ (1 << 63)) as i64)
+}
+
+fn kind_byte(k: DeadlineKind) -> u8 {
+    match k {
+        DeadlineKind::Receipt => b'r',
+    }
+}
+
+fn kind_from(b: u8) -> Option<DeadlineKind> {
+    match b {
+        b'r' => Some(DeadlineKind::Receipt),
+        _ => None,
+    }
+}
+
+fn deadline_key(d: &Deadline) -> Vec<u8> {
+    let mut k = key(b"t/", &time_be(d.at));
+    k.push(kind_byte(d.kind));
+    k.extend_from_slice(d.referral_id.as_bytes());
+    k
+}
+
+fn u64_from(key: &str, b: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = b.try_into().map_err(|_| Error::CorruptRecord {
+        key: key.to_owned(),
+        message: "not 8 bytes".into(),
+    })?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+impl Store for SledStore {
+    fn referral(&self, id: &str) -> Result<Option<Referral>> {
+        match self.db.get(key(b"r/", id.as_bytes()))? {
+            Some(v) => Ok(Some(codec::decode_referral(id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn seen(&self, dedup_key: &str) -> Result<bool> {
+        Ok(self.db.contains_key(key(b"s/", dedup_key.as_bytes()))?)
+    }
+
+    fn commit(&self, c: &ChangeSet) -> Result<()> {
+        if c.is_empty() {
+            return Ok(());
+        }
+        let mut b = sled::Batch::default();
+        for r in &c.referrals {
+            b.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r));
+        }
+        for (k, at) in &c.seen {
+            b.insert(key(b"s/", k.as_bytes()), time_be(*at).to_vec());
+            let mut by_time = key(b"S/", &time_be(*at));
+            by_time.extend_from_slice(k.as_bytes());
+            b.insert(by_time, &[]);
+        }
+        for e in &c.outbox_put {
+            b.insert(key(b"o/", &e.key.to_be_bytes()), codec::encode_outbox(e));
+        }
+        for k in &c.outbox_remove {
+            b.remove(key(b"o/", &k.to_be_bytes()));
+        }
+        for d in &c.deadlines_remove {
+            b.remove(deadline_key(d));
+        }
+        for d in &c.deadlines_put {
+            b.insert(deadline_key(d), &[]);
+        }
+        for d in &c.dead_letters {
+            b.insert(
+                key(b"x/", &d.stream_seq.to_be_bytes()),
+                codec::encode_dead_letter(d),
+            );
+        }
+        if let Some(seq) = c.checkpoint {
+            // Never move the checkpoint backwards (a redelivered old message in a batch).
+            if seq > self.checkpoint()? {
+                b.insert(CHECKPOINT, &seq.to_be_bytes());
+            }
+        }
+        self.db.apply_batch(b)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn next_outbox_key(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"o/") {
+            let (k, v) = kv?;
+            let n = u64_from("outbox", &k[2..])?;
+            out.push(codec::decode_outbox(n, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn due(&self, now: Millis, limit: usize) -> Result<Vec<Deadline>> {
+        let start = key(b"t/", &time_be(Millis::MIN));
+        let end = key(b"t/", &time_be(now.saturating_add(1)));
+        let mut out = Vec::new();
+        for kv in self.db.range(start..end).take(limit) {
+            let (k, _) = kv?;
+            let rest = &k[2..];
+            let corrupt = || Error::CorruptRecord {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: "bad deadline key".into(),
+            };
+            let at = time_from_be(rest).ok_or_else(corrupt)?;
+            let kind = rest
+                .get(8)
+                .copied()
+                .and_then(kind_from)
+                .ok_or_else(corrupt)?;
+            let id = std::str::from_utf8(&rest[9..]).map_err(|_| corrupt())?;
+            out.push(Deadline {
+                at,
+                kind,
+                referral_id: id.to_owned(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn checkpoint(&self) -> Result<u64> {
+        match self.db.get(CHECKPOINT)? {
+            Some(v) => u64_from("m/checkpoint", &v),
+            None => Ok(0),
+        }
+    }
+
+    fn prune_seen(&self, before: Millis) -> Result<usize> {
+        let start = key(b"S/", &time_be(Millis::MIN));
+        let end = key(b"S/", &time_be(before));
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.db.range(start..end) {
+            let (k, _) = kv?;
+            b.remove(key(b"s/", &k[10..]));
+            b.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.db.apply_batch(b)?;
+            self.db.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn referrals(&self) -> Result<Vec<Referral>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"r/") {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[2..]).into_owned();
+            out.push(codec::decode_referral(&id, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"x/") {
+            let (k, v) = kv?;
+            out.push(codec::decode_dead_letter(
+                u64_from("dead-letter", &k[2..])?,
+                &v,
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn stats(&self) -> Result<StoreStats> {
+        let count = |p: &[u8]| self.db.scan_prefix(p).keys().count() as u64;
+        Ok(StoreStats {
+            referrals: count(b"r/"),
+            outbox: count(b"o/"),
+            deadlines: count(b"t/"),
+            dead_letters: count(b"x/"),
+            seen: count(b"s/"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::referral::{HistoryEntry, State, Urgency};
+
+    fn referral(id: &str) -> Referral {
+        Referral {
+            id: id.into(),
+            from: "a".into(),
+            to: "b".into(),
+            urgency: Urgency::Crisis,
+            state: State::Submitted,
+            created_at: 5,
+            receive_by: 100,
+            envelope: vec![1, 2, 3],
+            history: vec![HistoryEntry {
+                state: State::Submitted,
+                by: "a".into(),
+                at: 5,
+                note: "n".into(),
+                cause: "m1".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn commit_is_visible_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let k = s.next_outbox_key().unwrap();
+            let c = ChangeSet {
+                referrals: vec![referral("r1")],
+                seen: vec![("a/m1".into(), 5)],
+                outbox_put: vec![OutboxEntry {
+                    key: k,
+                    subject: "yeongye.out.b.delivery".into(),
+                    message_id: "x".into(),
+                    payload: vec![9],
+                    confirms: Some("r1".into()),
+                }],
+                deadlines_put: vec![Deadline {
+                    at: 100,
+                    kind: DeadlineKind::Receipt,
+                    referral_id: "r1".into(),
+                }],
+                checkpoint: Some(7),
+                ..Default::default()
+            };
+            s.commit(&c).unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.referral("r1").unwrap(), Some(referral("r1")));
+        assert!(s.seen("a/m1").unwrap());
+        assert!(!s.seen("a/m2").unwrap());
+        assert_eq!(s.outbox().unwrap().len(), 1);
+        assert_eq!(s.checkpoint().unwrap(), 7);
+        assert!(s.due(99, 10).unwrap().is_empty());
+        assert_eq!(s.due(100, 10).unwrap()[0].referral_id, "r1");
+        // A new outbox key is above every one handed out before the reopen.
+        assert!(s.next_outbox_key().unwrap() > s.outbox().unwrap()[0].key);
+    }
+
+    #[test]
+    fn checkpoint_never_goes_back_and_pruning_forgets_old_ids() {
+        let s = SledStore::temporary().unwrap();
+        s.commit(&ChangeSet {
+            checkpoint: Some(10),
+            seen: vec![("old".into(), 1), ("new".into(), 50)],
+            ..Default::default()
+        })
+        .unwrap();
+        s.commit(&ChangeSet {
+            checkpoint: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.checkpoint().unwrap(), 10);
+        assert_eq!(s.prune_seen(10).unwrap(), 1);
+        assert!(!s.seen("old").unwrap());
+        assert!(s.seen("new").unwrap());
+    }
+
+    #[test]
+    fn deadlines_order_by_time_and_remove() {
+        let s = SledStore::temporary().unwrap();
+        let d = |at, id: &str| Deadline {
+            at,
+            kind: DeadlineKind::Receipt,
+            referral_id: id.into(),
+        };
+        s.commit(&ChangeSet {
+            deadlines_put: vec![d(300, "c"), d(100, "a"), d(200, "b")],
+            ..Default::default()
+        })
+        .unwrap();
+        let ids: Vec<_> = s
+            .due(250, 10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.referral_id)
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        s.commit(&ChangeSet {
+            deadlines_remove: vec![d(100, "a")],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.due(1000, 1).unwrap()[0].referral_id, "b");
+    }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The whole local system, start to finish: a pinned nats-server (JetStream, file storage, fsync
+# on every write), the referral broker, and one adapter per agency of the district roster in
+# deploy/agencies.toml. Plays one case (see deploy/demo/play_case.py), prints each referral's
+# timeline as it happens, then stops everything it started. Safe to run again.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+say "installing the pinned nats-server (once)"
+nats_bin=$(./deploy/install-nats.sh)
+
+say "building"
+cargo build --quiet --bins
+bin="$root/target/debug"
+
+run="$root/.demo/run"
+rm -rf "$run"
+mkdir -p "$run/logs" "$run/config"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+http_port=$(free_port)
+
+pids=()
+cleanup() {
+  # Adapters and broker first (graceful: SIGTERM), NATS last.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT INT TERM
+
+wait_for() { # wait_for <seconds> <description> <command...>
+  local secs=$1 what=$2; shift 2
+  for _ in $(seq 1 $((secs * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "demo: timed out waiting for $what; logs are in $run/logs" >&2
+  exit 1
+}
+
+say "starting nats-server on 127.0.0.1:$port (monitoring on 127.0.0.1:$http_port)"
+sed -e "s|@STORE_DIR@|$run/nats-store|" -e "s|@PORT@|$port|" -e "s|@HTTP_PORT@|$http_port|" \
+  deploy/nats/nats-server.conf > "$run/config/nats-server.conf"
+"$nats_bin" -c "$run/config/nats-server.conf" > "$run/logs/nats.log" 2>&1 &
+pids+=($!)
+wait_for 10 "nats-server" python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)"
+
+say "starting referral-broker"
+cat > "$run/config/broker.toml" <<TOML
+nats_urls = ["nats://127.0.0.1:$port"]
+store_dir = "$run/broker-store"
+registry = "$root/deploy/agencies.toml"
+TOML
+"$bin/referral-broker" --config "$run/config/broker.toml" run > "$run/logs/broker.log" 2>&1 &
+pids+=($!)
+wait_for 30 "the broker to be ready" grep -q "broker ready" "$run/logs/broker.log"
+
+agencies=$(python3 -c 'import tomllib,sys; print(" ".join(a["id"] for a in tomllib.load(open(sys.argv[1],"rb"))["agency"]))' deploy/agencies.toml)
+say "starting one adapter per agency: $agencies"
+for a in $agencies; do
+  cat > "$run/config/$a.toml" <<TOML
+agency = "$a"
+nats_urls = ["nats://127.0.0.1:$port"]
+state_dir = "$run/adapters/$a"
+TOML
+  "$bin/agency-adapter" --config "$run/config/$a.toml" run --inbox "$run/inbox/$a" \
+    > "$run/logs/adapter-$a.jsonl" 2> "$run/logs/adapter-$a.log" &
+  pids+=($!)
+done
+
+say "playing the case"
+python3 deploy/demo/play_case.py --adapter "$bin/agency-adapter" --run "$run" --registry deploy/agencies.toml
+
+say "done: stopping everything (logs and inboxes stay in .demo/run)"

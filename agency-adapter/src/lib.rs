@@ -1,1 +1,66 @@
-//! placeholder
+//! The Yeongye agency adapter: the Rust SDK through which an agency system sends referrals,
+//! reports their progress, and receives what the referral broker sends it, over NATS
+//! JetStream as `docs/PROTOCOL.md` specifies.
+//!
+//! ```no_run
+//! # async fn demo() -> yeongye_adapter::Result<()> {
+//! use yeongye_adapter::{Adapter, AdapterConfig, ItemKind, v1};
+//!
+//! let cfg = AdapterConfig::new("cc-haengbok1", ["nats://127.0.0.1:4222"], "/var/lib/yeongye/cc");
+//! let adapter = Adapter::connect(cfg).await?;
+//! let referral_id = adapter
+//!     .send(v1::Referral {
+//!         to_agency: "hope-support".into(),
+//!         client: Some(v1::Client { pseudonym_id: "p-7f3a".into(), ..Default::default() }),
+//!         urgency: v1::Urgency::Crisis as i32,
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//!
+//! let mut incoming = adapter.incoming().await?;
+//! while let Some(item) = incoming.next().await {
+//!     let item = item?;
+//!     if let ItemKind::Delivery { referral, .. } = item.kind() {
+//!         // hand `referral` to the agency system durably, then:
+//!     }
+//!     item.done().await?;
+//! }
+//! # let _ = referral_id;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`config`]: [`AdapterConfig`], from TOML and `YEONGYE_*` environment overrides.
+//! - [`client`]: [`Adapter`] (connect, send, update status, status query) and the retrying
+//!   JetStream publish path (`client/publish.rs`).
+//! - `outgoing`: referrals and status updates checked and wrapped in envelopes ([`Outgoing`]).
+//! - [`incoming`]: [`Incoming`] and [`Item`], the agency's consumer with exactly-once effect;
+//!   `incoming/decode.rs` checks and decodes what arrives.
+//! - `dedup`: the sled store of handled message ids.
+//! - [`inbox`]: [`FolderInbox`], crash-safe no-replace handoff of items to a folder.
+//! - [`json`]: referrals in proto3 JSON, with limits.
+//! - [`ids`]: fresh (UUIDv7) and derived (UUIDv5) ids.
+//! - [`error`]: [`Error`], [`ErrorKind`], [`Result`].
+//! - `src/bin/agency-adapter.rs`: the command-line adapter built on all of the above.
+//!
+//! Personal data (client name, birth date, phone, address, household) is never logged:
+//! logs, errors and `Debug` output carry ids only.
+
+pub mod client;
+pub mod config;
+mod dedup;
+pub mod error;
+pub mod ids;
+pub mod inbox;
+pub mod incoming;
+pub mod json;
+mod outgoing;
+
+pub use client::{Adapter, AdapterBuilder};
+pub use config::AdapterConfig;
+pub use error::{Error, ErrorKind, Result};
+pub use inbox::{FolderInbox, Handoff};
+pub use incoming::{Incoming, Item, ItemKind};
+pub use outgoing::{MAX_REFERRAL_ID_LEN, Outgoing};
+pub use yeongye_proto::v1;

@@ -1,1 +1,171 @@
-fn main() {}
+//! `agency-adapter`: the command-line adapter of one agency.
+//!
+//! ```text
+//! agency-adapter --config adapter.toml send <FILE|->
+//! agency-adapter --config adapter.toml update <REFERRAL_ID> <STATUS> [--note TEXT]
+//! agency-adapter --config adapter.toml status <REFERRAL_ID>
+//! agency-adapter --config adapter.toml run [--inbox DIR]
+//! ```
+//!
+//! Results go to stdout as JSON; logs go to stderr (filter with `RUST_LOG`). Exit codes: 0 done,
+//! 1 failed (NATS, broker, or a status reply carrying an error), 2 bad arguments, configuration
+//! or input (nothing was sent).
+
+// A crate root's modules resolve next to it (src/bin/), hence the explicit paths.
+#[path = "agency-adapter/commands.rs"]
+mod commands;
+#[path = "agency-adapter/run.rs"]
+mod run;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use yeongye_adapter::{AdapterConfig, v1};
+
+#[derive(Debug, Parser)]
+#[command(name = "agency-adapter", version, about = "Yeongye agency adapter")]
+struct Cli {
+    /// The adapter's configuration (TOML). YEONGYE_AGENCY, YEONGYE_NATS_URLS and
+    /// YEONGYE_STATE_DIR override its fields.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send a referral given as proto3 JSON in FILE (or on stdin with `-`); prints its id.
+    Send {
+        #[arg(value_name = "FILE|-")]
+        file: PathBuf,
+    },
+    /// Report a referral's progress to the broker; prints the message id.
+    Update {
+        referral_id: String,
+        status: StatusArg,
+        /// A note for the referral's history (no personal data).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Print a referral's state and history (exit 1 if the broker answers with an error).
+    Status { referral_id: String },
+    /// Receive deliveries, notifications and rejections until SIGINT/SIGTERM, printing one JSON
+    /// line per item.
+    Run {
+        /// Also hand every item over as a file in DIR/{referrals,notifications,rejections}.
+        #[arg(long, value_name = "DIR")]
+        inbox: Option<PathBuf>,
+    },
+}
+
+/// The statuses an agency may report.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StatusArg {
+    Received,
+    Accepted,
+    Declined,
+    InProgress,
+    Completed,
+    Cancelled,
+}
+
+impl From<StatusArg> for v1::Status {
+    fn from(s: StatusArg) -> v1::Status {
+        match s {
+            StatusArg::Received => v1::Status::Received,
+            StatusArg::Accepted => v1::Status::Accepted,
+            StatusArg::Declined => v1::Status::Declined,
+            StatusArg::InProgress => v1::Status::InProgress,
+            StatusArg::Completed => v1::Status::Completed,
+            StatusArg::Cancelled => v1::Status::Cancelled,
+        }
+    }
+}
+
+/// An error in what the user gave us (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    // clap prints its own message and exits with 2 on bad arguments (0 for --help).
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = AdapterConfig::load(&cli.config)?;
+    match cli.command {
+        Command::Send { file } => commands::send(cfg, &file).await,
+        Command::Update {
+            referral_id,
+            status,
+            note,
+        } => {
+            commands::update(
+                cfg,
+                &referral_id,
+                status.into(),
+                note.as_deref().unwrap_or(""),
+            )
+            .await
+        }
+        Command::Status { referral_id } => commands::status(cfg, &referral_id).await,
+        Command::Run { inbox } => run::run(cfg, inbox).await,
+    }
+}
+
+/// 2 when the input was at fault (nothing was sent), 1 otherwise.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let input_fault = err.chain().any(|cause| {
+        cause.downcast_ref::<UsageError>().is_some()
+            || cause
+                .downcast_ref::<yeongye_adapter::Error>()
+                .is_some_and(yeongye_adapter::Error::is_input_error)
+    });
+    if input_fault { 2 } else { 1 }
+}
+
+/// Writes one result to stdout and flushes it (a closed stdout is an error, not a panic).
+fn print_json(value: &impl serde::Serialize, pretty: bool) -> anyhow::Result<()> {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    }
+    .context("cannot render the result as JSON")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}

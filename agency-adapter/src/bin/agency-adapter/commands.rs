@@ -1,0 +1,84 @@
+//! The one-shot commands: `send`, `update` and `status`. Each checks its input before it
+//! connects, so bad input fails with exit code 2 and nothing sent.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use serde_json::json;
+use yeongye_adapter::json::{MAX_JSON_BYTES, parse_referral_json};
+use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, v1};
+
+use crate::{UsageError, print_json};
+
+/// `send <FILE|->`: prints `{"referral_id": ...}` once the referral is stored.
+pub(crate) async fn send(cfg: AdapterConfig, file: &Path) -> anyhow::Result<ExitCode> {
+    let bytes = read_input(file)?;
+    let referral = parse_referral_json(&bytes).with_context(|| describe(file))?;
+    let out = Outgoing::referral(&cfg.agency, referral).with_context(|| describe(file))?;
+    let adapter = Adapter::connect(cfg).await?;
+    adapter.publish(&out).await?;
+    adapter.flush().await.ok();
+    print_json(&json!({ "referral_id": out.referral_id() }), false)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `update <REFERRAL_ID> <STATUS> [--note TEXT]`: prints `{"message_id": ...}`.
+pub(crate) async fn update(
+    cfg: AdapterConfig,
+    referral_id: &str,
+    status: v1::Status,
+    note: &str,
+) -> anyhow::Result<ExitCode> {
+    let out = Outgoing::status_update(&cfg.agency, referral_id, status, note)?;
+    let adapter = Adapter::connect(cfg).await?;
+    adapter.publish(&out).await?;
+    adapter.flush().await.ok();
+    print_json(&json!({ "message_id": out.message_id() }), false)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status <REFERRAL_ID>`: prints the `StatusReply` as pretty proto3 JSON; exit 1 if it
+/// carries an error.
+pub(crate) async fn status(cfg: AdapterConfig, referral_id: &str) -> anyhow::Result<ExitCode> {
+    let adapter = Adapter::connect(cfg).await?;
+    let reply = adapter.status(referral_id).await?;
+    print_json(&reply, true)?;
+    if let Some(err) = &reply.error {
+        let code = v1::ReasonCode::try_from(err.code)
+            .map(|c| c.as_str_name().to_owned())
+            .unwrap_or_else(|_| err.code.to_string());
+        eprintln!("error: the broker answered {code}: {}", err.detail);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(file: &Path) -> String {
+    if file == Path::new("-") {
+        "referral on stdin".to_owned()
+    } else {
+        format!("referral in {}", file.display())
+    }
+}
+
+/// Reads FILE (or stdin for `-`), refusing more than [`MAX_JSON_BYTES`].
+fn read_input(file: &Path) -> anyhow::Result<Vec<u8>> {
+    let limit = u64::try_from(MAX_JSON_BYTES).unwrap_or(u64::MAX) + 1;
+    let mut bytes = Vec::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().lock().take(limit).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(limit).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| UsageError(format!("cannot read {}: {e}", describe(file))))?;
+    if bytes.len() > MAX_JSON_BYTES {
+        return Err(UsageError(format!(
+            "{} is larger than {MAX_JSON_BYTES} bytes",
+            describe(file)
+        ))
+        .into());
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,171 @@
+//! `run`: the long-running adapter. Reads the agency's consumer until SIGINT or SIGTERM; for
+//! each item, hands it to the `--inbox` folder (if given), prints one JSON line of ids and
+//! states (never personal data) to stdout, then marks it done. A signal lets the item in hand
+//! finish before the adapter drains its connection and exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use yeongye_adapter::{Adapter, AdapterConfig, FolderInbox, Handoff, Item, ItemKind, v1};
+
+use crate::print_json;
+
+pub(crate) async fn run(cfg: AdapterConfig, inbox: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let inbox = inbox.map(FolderInbox::open).transpose()?;
+    info!(config = ?cfg, inbox = ?inbox.as_ref().map(FolderInbox::root), "starting");
+    let adapter = Adapter::builder(cfg)
+        .retry_on_initial_connect(true)
+        .connect()
+        .await?;
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut incoming = tokio::select! {
+        signal = &mut shutdown => {
+            info!(signal, "stopping before the consumer was bound");
+            return Ok(ExitCode::SUCCESS);
+        }
+        incoming = adapter.incoming() => incoming?,
+    };
+    info!(agency = adapter.agency(), "receiving");
+
+    let code = loop {
+        let next = tokio::select! {
+            biased;
+            signal = &mut shutdown => {
+                info!(signal, "stopping");
+                break ExitCode::SUCCESS;
+            }
+            next = incoming.next() => next,
+        };
+        match next {
+            None => break ExitCode::SUCCESS,
+            Some(Ok(item)) => {
+                // Not raced against the signal: the item in hand is finished.
+                if let Err(e) = handle(inbox.as_ref(), item).await {
+                    error!(cause = %format!("{e:#}"), "stopping");
+                    break ExitCode::FAILURE;
+                }
+            }
+            Some(Err(e)) => {
+                error!(cause = %e, "receiving failed; the message will come again");
+                tokio::select! {
+                    signal = &mut shutdown => {
+                        info!(signal, "stopping");
+                        break ExitCode::SUCCESS;
+                    }
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    drop(incoming);
+    if let Err(e) = adapter.drain().await {
+        warn!(cause = %e, "draining the NATS connection failed");
+    }
+    info!("stopped");
+    Ok(code)
+}
+
+/// Hands one item over, prints its line, marks it done. Errors other than a broken stdout are
+/// logged and leave the item to come again; a broken stdout stops the adapter.
+async fn handle(inbox: Option<&FolderInbox>, item: Item) -> anyhow::Result<()> {
+    let span = info_span!(
+        "item",
+        message_id = item.message_id(),
+        referral_id = item.referral_id().unwrap_or(""),
+        kind = item.kind().name(),
+    );
+    async move {
+        if let Some(inbox) = inbox {
+            match inbox.hand_over(&item).await {
+                Ok((path, Handoff::Written)) => info!(path = %path.display(), "handed over"),
+                Ok((path, Handoff::AlreadyPresent)) => {
+                    debug!(path = %path.display(), "was already handed over");
+                }
+                Err(e) => {
+                    error!(cause = %e, "handoff failed; the item will come again");
+                    return Ok(());
+                }
+            }
+        }
+        print_json(&summary(&item), false)?;
+        if let Err(e) = item.done().await {
+            error!(cause = %e, "marking the item done failed; it will come again");
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// The stdout line for an item: ids and states only.
+fn summary(item: &Item) -> Value {
+    match item.kind() {
+        ItemKind::Delivery { referral, .. } => json!({
+            "kind": "delivery",
+            "message_id": item.message_id(),
+            "referral_id": item.referral_id(),
+            "from_agency": referral.from_agency,
+        }),
+        ItemKind::Notification(n) => json!({
+            "kind": "notification",
+            "message_id": item.message_id(),
+            "referral_id": item.referral_id(),
+            "state": enum_name(n.state, |v| v1::ReferralState::try_from(v).ok().map(|s| s.as_str_name())),
+            "by_agency": n.by_agency,
+            "at_ms": n.at_ms,
+        }),
+        ItemKind::Rejection(r) => json!({
+            "kind": "rejection",
+            "message_id": item.message_id(),
+            "referral_id": item.referral_id(),
+            "rejected_message_id": r.rejected_message_id,
+            "code": enum_name(r.code, |v| v1::ReasonCode::try_from(v).ok().map(|c| c.as_str_name())),
+            "detail": r.detail,
+        }),
+        other => json!({
+            "kind": other.name(),
+            "message_id": item.message_id(),
+            "referral_id": item.referral_id(),
+        }),
+    }
+}
+
+/// An enum value's proto name, or its number as text if this build does not know it.
+fn enum_name(value: i32, name: impl Fn(i32) -> Option<&'static str>) -> String {
+    name(value).map_or_else(|| value.to_string(), str::to_owned)
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                warn!(cause = %e, "cannot listen for SIGTERM; only SIGINT stops the adapter");
+                ctrl_c().await
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        ctrl_c().await
+    }
+}
+
+async fn ctrl_c() -> &'static str {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        warn!(cause = %e, "cannot listen for SIGINT");
+        std::future::pending::<()>().await;
+    }
+    "SIGINT"
+}

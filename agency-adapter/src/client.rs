@@ -1,0 +1,364 @@
+//! [`Adapter`]: one agency's connection to Yeongye, and the calls its agency system makes —
+//! send a referral, update a referral's status, look a referral up, and read what arrives.
+//!
+//! The NATS connection is named after the agency, uses a private inbox prefix
+//! (`_INBOX_<agency>`, so that NATS permissions can give each agency its own reply subjects)
+//! and logs every connection event (permission violations arrive only that way).
+
+mod publish;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, Event, RequestErrorKind};
+use bytes::Bytes;
+use prost::Message as _;
+use tokio::sync::OnceCell;
+use tracing::{Span, error, info, instrument, warn};
+use yeongye_proto::subject;
+use yeongye_proto::v1;
+
+use crate::config::AdapterConfig;
+use crate::dedup::DedupStore;
+use crate::error::{Error, Result};
+use crate::ids;
+use crate::incoming::Incoming;
+use crate::outgoing::{self, Outgoing};
+use publish::Publisher;
+
+/// How long [`Adapter::status`] waits for the broker's reply by default.
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options for [`Adapter`]; start with [`Adapter::builder`].
+#[derive(Debug, Clone)]
+pub struct AdapterBuilder {
+    cfg: AdapterConfig,
+    retry_on_initial_connect: bool,
+    publish_budget: Duration,
+    query_timeout: Duration,
+}
+
+impl AdapterBuilder {
+    /// Keep trying to connect in the background instead of failing when no server is up at
+    /// start (for long-running adapters; off by default, so one-shot calls fail fast).
+    pub fn retry_on_initial_connect(mut self, yes: bool) -> Self {
+        self.retry_on_initial_connect = yes;
+        self
+    }
+
+    /// Total time one publish may take, retries included (default 30 s).
+    pub fn publish_retry_budget(mut self, budget: Duration) -> Self {
+        self.publish_budget = budget;
+        self
+    }
+
+    /// How long a status query waits for the broker (default 5 s).
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
+    /// Validates the configuration and connects.
+    pub async fn connect(self) -> Result<Adapter> {
+        self.cfg.validate()?;
+        let addrs = self.cfg.server_addrs()?;
+        let agency = self.cfg.agency.clone();
+        let events_agency = agency.clone();
+        let mut options = ConnectOptions::new()
+            .name(&agency)
+            .custom_inbox_prefix(format!("_INBOX_{agency}"))
+            .event_callback(move |event| {
+                let agency = events_agency.clone();
+                async move { log_event(&agency, event) }
+            });
+        if self.retry_on_initial_connect {
+            options = options.retry_on_initial_connect();
+        }
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|source| Error::Connect {
+                urls: self.cfg.redacted_urls().join(", "),
+                source,
+            })?;
+        let publisher = Publisher::new(
+            async_nats::jetstream::new(client.clone()),
+            self.publish_budget,
+        );
+        info!(
+            agency = %agency,
+            servers = self.cfg.nats_urls.len(),
+            state = ?client.connection_state(),
+            "adapter ready"
+        );
+        Ok(Adapter {
+            inner: Arc::new(Inner {
+                cfg: self.cfg,
+                client,
+                publisher,
+                query_timeout: self.query_timeout,
+                dedup: OnceCell::new(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// One agency's handle on Yeongye. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Adapter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: AdapterConfig,
+    client: async_nats::Client,
+    publisher: Publisher,
+    query_timeout: Duration,
+    /// Opened by the first [`Adapter::incoming`], not by `connect`: one-shot calls must work
+    /// while a long-running adapter holds the store's lock.
+    dedup: OnceCell<DedupStore>,
+    closed: AtomicBool,
+}
+
+impl Adapter {
+    /// Connects with default options (see [`AdapterBuilder`]).
+    pub async fn connect(cfg: AdapterConfig) -> Result<Adapter> {
+        Adapter::builder(cfg).connect().await
+    }
+
+    /// Options before connecting.
+    pub fn builder(cfg: AdapterConfig) -> AdapterBuilder {
+        AdapterBuilder {
+            cfg,
+            retry_on_initial_connect: false,
+            publish_budget: publish::DEFAULT_BUDGET,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+        }
+    }
+
+    /// This agency's id.
+    pub fn agency(&self) -> &str {
+        &self.inner.cfg.agency
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.inner.cfg
+    }
+
+    /// The underlying NATS client (for what this API does not cover).
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Sends a referral and returns its id once JetStream has stored it.
+    ///
+    /// Fills `referral_id` (fresh UUIDv7) and `from_agency` (this agency) when empty, checks the
+    /// basic fields, and publishes it with retries (same message id) for up to the publish
+    /// budget. On error the referral may or may not have been stored; to retry without risking
+    /// a second message, use [`prepare_referral`](Self::prepare_referral) and
+    /// [`publish`](Self::publish) instead.
+    #[instrument(skip_all, fields(agency = %self.agency(), referral_id = tracing::field::Empty))]
+    pub async fn send(&self, referral: v1::Referral) -> Result<String> {
+        let out = self.prepare_referral(referral)?;
+        Span::current().record("referral_id", out.referral_id());
+        self.publish(&out).await?;
+        Ok(out.referral_id().to_owned())
+    }
+
+    /// Checks a referral and builds its message, with its ids fixed, without sending it.
+    pub fn prepare_referral(&self, referral: v1::Referral) -> Result<Outgoing> {
+        outgoing::referral(self.agency(), referral)
+    }
+
+    /// Publishes a prepared message, awaiting JetStream's acknowledgement. Publishing the same
+    /// [`Outgoing`] again is safe: it is the same message.
+    #[instrument(skip_all, fields(referral_id = out.referral_id(), message_id = out.message_id()))]
+    pub async fn publish(&self, out: &Outgoing) -> Result<()> {
+        self.inner.publisher.publish(out).await?;
+        info!(subject = out.subject(), "message stored");
+        Ok(())
+    }
+
+    /// Tells the broker about a referral's progress (recipient: accepted, declined, in
+    /// progress, completed; sender: cancelled) and returns the message id once stored. The
+    /// broker answers on the agency's consumer: a `Notification`, or a `Rejection` if the change
+    /// is not allowed.
+    #[instrument(skip_all, fields(agency = %self.agency(), referral_id = %referral_id))]
+    pub async fn update_status(
+        &self,
+        referral_id: &str,
+        status: v1::Status,
+        note: &str,
+    ) -> Result<String> {
+        let out = outgoing::status_update(self.agency(), referral_id, status, note)?;
+        self.publish(&out).await?;
+        Ok(out.message_id().to_owned())
+    }
+
+    /// Asks the broker for a referral's state and history. A reply carrying `error` (unknown
+    /// referral, or not one of ours) is returned as `Ok`: look at `reply.error`.
+    #[instrument(skip_all, fields(agency = %self.agency(), referral_id = %referral_id))]
+    pub async fn status(&self, referral_id: &str) -> Result<v1::StatusReply> {
+        outgoing::check_referral_id("referral_id", referral_id)?;
+        let query = v1::StatusQuery {
+            referral_id: referral_id.to_owned(),
+        };
+        let envelope = outgoing::envelope(
+            self.agency(),
+            ids::new_id(),
+            v1::PayloadType::StatusQuery,
+            query.encode_to_vec(),
+        );
+        let subject = subject::query(self.agency());
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(envelope.encode_to_vec()))
+            .timeout(Some(self.inner.query_timeout));
+        let reply = self
+            .inner
+            .client
+            .send_request(subject.clone(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::TimedOut => Error::Timeout {
+                    subject: subject.clone(),
+                    timeout: self.inner.query_timeout,
+                },
+                RequestErrorKind::NoResponders => Error::Request {
+                    subject: subject.clone(),
+                    detail: "no broker is answering status queries (no responders)".into(),
+                },
+                _ => Error::Request {
+                    subject: subject.clone(),
+                    detail: e.to_string(),
+                },
+            })?;
+        decode_status_reply(&reply.payload)
+    }
+
+    /// Starts reading what the broker sends this agency.
+    ///
+    /// Opens the dedup store under `state_dir` (first call only; later calls share it) and binds
+    /// to the durable consumer `agency-<agency>` that the broker creates. While the consumer
+    /// does not exist yet (broker not started), waits and retries, logging as it goes. Fails if
+    /// another process holds the state directory.
+    pub async fn incoming(&self) -> Result<Incoming> {
+        let dedup = self
+            .inner
+            .dedup
+            .get_or_try_init(|| async {
+                let cfg = &self.inner.cfg;
+                DedupStore::open(&cfg.dedup_dir(), cfg.dedup_retention_days)
+            })
+            .await?
+            .clone();
+        Incoming::bind(self.clone(), dedup).await
+    }
+
+    /// Flushes what the client has buffered (acks, publishes) to the server.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.client.flush().await.map_err(|e| Error::Request {
+            subject: String::new(),
+            detail: format!("flush failed: {e}"),
+        })
+    }
+
+    /// Closes the connection gracefully: pending work is flushed, subscriptions end, and
+    /// [`Incoming::next`] returns `None` from then on.
+    pub async fn drain(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.client.drain().await.map_err(|e| Error::Request {
+            subject: String::new(),
+            detail: format!("drain failed: {e}"),
+        })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Publishes the `RECEIVED` receipt for a delivery (derived message id).
+    pub(crate) async fn send_receipt(
+        &self,
+        delivery_message_id: &str,
+        referral_id: &str,
+    ) -> Result<()> {
+        let out = outgoing::receipt(self.agency(), delivery_message_id, referral_id);
+        self.inner.publisher.publish(&out).await?;
+        info!(
+            referral_id,
+            delivery_message_id,
+            receipt_message_id = out.message_id(),
+            "receipt stored"
+        );
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Adapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adapter")
+            .field("config", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decodes the broker's reply envelope to a status query.
+fn decode_status_reply(bytes: &[u8]) -> Result<v1::StatusReply> {
+    let envelope = v1::Envelope::decode(bytes)
+        .map_err(|e| Error::Protocol(format!("status reply is not an envelope: {e}")))?;
+    if envelope.payload_type != v1::PayloadType::StatusReply as i32 {
+        return Err(Error::Protocol(format!(
+            "status reply has payload type {}, expected PAYLOAD_TYPE_STATUS_REPLY",
+            envelope.payload_type
+        )));
+    }
+    v1::StatusReply::decode(envelope.payload.as_ref())
+        .map_err(|e| Error::Protocol(format!("status reply payload does not decode: {e}")))
+}
+
+fn log_event(agency: &str, event: Event) {
+    match event {
+        Event::Connected => info!(agency = %agency, "connected to NATS"),
+        Event::Disconnected => warn!(agency = %agency, "disconnected from NATS; reconnecting"),
+        Event::LameDuckMode => warn!(agency = %agency, "NATS server entering lame duck mode"),
+        Event::Draining => info!(agency = %agency, "draining NATS connection"),
+        Event::Closed => info!(agency = %agency, "NATS connection closed"),
+        Event::SlowConsumer(sid) => {
+            warn!(agency = %agency, sid, "slow consumer: messages were dropped")
+        }
+        Event::ServerError(e) => error!(
+            agency = %agency,
+            cause = %e,
+            "NATS server error (permission violations are reported only here)"
+        ),
+        Event::ClientError(e) => warn!(agency = %agency, cause = %e, "NATS client error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reply_decoding() {
+        let reply = v1::StatusReply {
+            referral_id: "r-1".into(),
+            state: v1::ReferralState::Received as i32,
+            ..Default::default()
+        };
+        let env = outgoing::envelope(
+            "broker",
+            "m".into(),
+            v1::PayloadType::StatusReply,
+            reply.encode_to_vec(),
+        );
+        assert_eq!(decode_status_reply(&env.encode_to_vec()).unwrap(), reply);
+        let wrong = outgoing::envelope("broker", "m".into(), v1::PayloadType::Rejection, vec![]);
+        assert!(decode_status_reply(&wrong.encode_to_vec()).is_err());
+        assert!(decode_status_reply(b"\xff\xff\xff").is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! The one JetStream publish path: send an [`Outgoing`] with its `Nats-Msg-Id`, await the PubAck,
+//! and retry transient failures with the same message id inside a bounded budget.
+//!
+//! Transient: PubAck timeout, no responders (`StreamNotFound`: the stream is between leaders or
+//! the server is restarting), a broken connection, too many PubAcks outstanding, and JetStream
+//! error replies. Permanent: a message over `max_payload`. A publish refused by permissions
+//! shows up only as a timeout (and a `ServerError` event, logged by the event callback).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use prost::Message as _;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::outgoing::Outgoing;
+
+/// Total time a publish may take, retries included, by default.
+pub(crate) const DEFAULT_BUDGET: Duration = Duration::from_secs(30);
+/// How long one attempt waits for its PubAck.
+pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Publishes to JetStream with bounded retries. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    js: jetstream::Context,
+    budget: Duration,
+}
+
+impl Publisher {
+    pub(crate) fn new(mut js: jetstream::Context, budget: Duration) -> Publisher {
+        js.set_timeout(ATTEMPT_TIMEOUT.min(budget));
+        Publisher { js, budget }
+    }
+
+    /// Publishes `out` and returns once JetStream has stored it (or already had it: a repeat
+    /// inside the duplicate window is acknowledged as a duplicate, which is success here).
+    pub(crate) async fn publish(&self, out: &Outgoing) -> Result<()> {
+        let payload = Bytes::from(out.envelope().encode_to_vec());
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let err = match self.attempt(out, payload.clone()).await {
+                Ok(ack) => {
+                    debug!(
+                        message_id = out.message_id(),
+                        subject = out.subject(),
+                        stream = %ack.stream,
+                        stream_seq = ack.sequence,
+                        duplicate = ack.duplicate,
+                        attempts,
+                        "publish acknowledged"
+                    );
+                    return Ok(());
+                }
+                Err(err) => err,
+            };
+            let elapsed = started.elapsed();
+            let give_up = !is_transient(err.kind()) || elapsed + backoff >= self.budget;
+            if give_up {
+                return Err(Error::Publish {
+                    subject: out.subject().to_owned(),
+                    message_id: out.message_id().to_owned(),
+                    attempts,
+                    elapsed,
+                    source: err,
+                });
+            }
+            warn!(
+                message_id = out.message_id(),
+                subject = out.subject(),
+                attempt = attempts,
+                cause = %err,
+                retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                "publish not acknowledged; retrying with the same message id"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn attempt(
+        &self,
+        out: &Outgoing,
+        payload: Bytes,
+    ) -> std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+        let message = PublishMessage::build()
+            .payload(payload)
+            .message_id(out.message_id());
+        self.js
+            .send_publish(out.subject().to_owned(), message)
+            .await?
+            .await
+    }
+}
+
+fn is_transient(kind: PublishErrorKind) -> bool {
+    !matches!(
+        kind,
+        PublishErrorKind::MaxPayloadExceeded
+            | PublishErrorKind::WrongLastMessageId
+            | PublishErrorKind::WrongLastSequence
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_kinds() {
+        assert!(is_transient(PublishErrorKind::TimedOut));
+        assert!(is_transient(PublishErrorKind::StreamNotFound));
+        assert!(is_transient(PublishErrorKind::BrokenPipe));
+        assert!(is_transient(PublishErrorKind::Other));
+        assert!(!is_transient(PublishErrorKind::MaxPayloadExceeded));
+    }
+}

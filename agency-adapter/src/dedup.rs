@@ -1,0 +1,224 @@
+//! The durable record of handled message ids (sled), so that a redelivered message is
+//! recognised and its effect happens once.
+//!
+//! Two trees: `handled` maps a message id to the time it was recorded (i64 ms, big-endian), and
+//! `by_time` indexes the same entries by `time ++ id`, so that pruning entries older than the
+//! retention is a range scan. Both are written in one transaction.
+//!
+//! Durability: call [`DedupStore::flush`] before acknowledging anything. sled's flush survives a
+//! killed process, not a power cut (see NATS-NOTES.md); a lost record only means one message is
+//! handed over again, which the idempotent handoff and derived receipt ids absorb.
+
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionResult, TransactionError, Transactional};
+
+use crate::error::{Error, Result};
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+/// At most this many entries are removed per [`DedupStore::prune`] call.
+const PRUNE_BATCH: usize = 10_000;
+
+/// The dedup store of one agency's state directory. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct DedupStore {
+    db: sled::Db,
+    handled: sled::Tree,
+    by_time: sled::Tree,
+    path: PathBuf,
+    retention_ms: i64,
+}
+
+impl DedupStore {
+    /// Opens (creating if needed) the store at `path`. Fails with
+    /// [`Error::StateDirInUse`] if another process has it open.
+    pub(crate) fn open(path: &Path, retention_days: u32) -> Result<DedupStore> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                Error::StateDirInUse {
+                    path: path.to_owned(),
+                }
+            }
+            e => store_err(path, e),
+        })?;
+        let handled = db.open_tree("handled").map_err(|e| store_err(path, e))?;
+        let by_time = db.open_tree("by_time").map_err(|e| store_err(path, e))?;
+        Ok(DedupStore {
+            db,
+            handled,
+            by_time,
+            path: path.to_owned(),
+            retention_ms: i64::from(retention_days) * DAY_MS,
+        })
+    }
+
+    /// Whether `message_id` was recorded (and not yet pruned).
+    pub(crate) fn contains(&self, message_id: &str) -> Result<bool> {
+        self.handled
+            .contains_key(message_id.as_bytes())
+            .map_err(|e| self.err(e))
+    }
+
+    /// When `message_id` was recorded, in Unix ms.
+    #[cfg(test)]
+    pub(crate) fn recorded_at(&self, message_id: &str) -> Result<Option<i64>> {
+        let v = self
+            .handled
+            .get(message_id.as_bytes())
+            .map_err(|e| self.err(e))?;
+        Ok(v.as_deref().and_then(decode_time))
+    }
+
+    /// Records `message_id` as handled at `at_ms`. Recording an id twice keeps the first time.
+    /// Not durable until [`flush`](Self::flush).
+    pub(crate) fn record(&self, message_id: &str, at_ms: i64) -> Result<()> {
+        let id = message_id.as_bytes();
+        let key = time_key(at_ms, id);
+        (&self.handled, &self.by_time)
+            .transaction(
+                |(handled, by_time)| -> ConflictableTransactionResult<(), ()> {
+                    if handled.get(id)?.is_none() {
+                        handled.insert(id, &at_ms.to_be_bytes())?;
+                        by_time.insert(key.as_slice(), &[])?;
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => self.err(e),
+                TransactionError::Abort(()) => Error::Protocol("dedup transaction aborted".into()),
+            })
+    }
+
+    /// Makes everything recorded so far survive a killed process.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Removes entries recorded before `now_ms - retention` (at most a batch per call) and
+    /// returns how many were removed.
+    pub(crate) fn prune(&self, now_ms: i64) -> Result<usize> {
+        let cutoff = time_key(now_ms.saturating_sub(self.retention_ms), b"");
+        let mut removed = 0;
+        for entry in self.by_time.range(..cutoff).take(PRUNE_BATCH) {
+            let (key, _) = entry.map_err(|e| self.err(e))?;
+            let Some((at_ms, id)) = split_time_key(&key) else {
+                self.by_time.remove(&key).map_err(|e| self.err(e))?;
+                continue;
+            };
+            (&self.handled, &self.by_time)
+                .transaction(
+                    |(handled, by_time)| -> ConflictableTransactionResult<(), ()> {
+                        // Only the entry this index line describes (not a later record of the id).
+                        if handled.get(id)?.as_deref().and_then(decode_time) == Some(at_ms) {
+                            handled.remove(id)?;
+                        }
+                        by_time.remove(&*key)?;
+                        Ok(())
+                    },
+                )
+                .map_err(|e| match e {
+                    TransactionError::Storage(e) => self.err(e),
+                    TransactionError::Abort(()) => {
+                        Error::Protocol("dedup transaction aborted".into())
+                    }
+                })?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Number of ids held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.handled.len()
+    }
+
+    fn err(&self, e: sled::Error) -> Error {
+        store_err(&self.path, e)
+    }
+}
+
+fn store_err(path: &Path, source: sled::Error) -> Error {
+    Error::Store {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `time (u64 big-endian, negative clamped to 0) ++ id`: sorts by time.
+fn time_key(at_ms: i64, id: &[u8]) -> Vec<u8> {
+    let t = u64::try_from(at_ms).unwrap_or(0);
+    let mut key = Vec::with_capacity(8 + id.len());
+    key.extend_from_slice(&t.to_be_bytes());
+    key.extend_from_slice(id);
+    key
+}
+
+fn split_time_key(key: &[u8]) -> Option<(i64, &[u8])> {
+    let (t, id) = key.split_first_chunk::<8>()?;
+    Some((i64::try_from(u64::from_be_bytes(*t)).ok()?, id))
+}
+
+fn decode_time(v: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(*v.first_chunk::<8>()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup");
+        {
+            let store = DedupStore::open(&path, 14).unwrap();
+            assert!(!store.contains("m-1").unwrap());
+            store.record("m-1", 1_000).unwrap();
+            store.record("m-1", 2_000).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = DedupStore::open(&path, 14).unwrap();
+        assert!(store.contains("m-1").unwrap());
+        assert_eq!(store.recorded_at("m-1").unwrap(), Some(1_000));
+        assert!(!store.contains("m-2").unwrap());
+    }
+
+    #[test]
+    fn second_open_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup");
+        let _first = DedupStore::open(&path, 14).unwrap();
+        let e = DedupStore::open(&path, 14).err().unwrap();
+        assert!(matches!(e, Error::StateDirInUse { .. }), "{e}");
+    }
+
+    #[test]
+    fn prunes_only_old_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DedupStore::open(&dir.path().join("dedup"), 1).unwrap();
+        let now = 10 * DAY_MS;
+        store.record("old-1", now - 2 * DAY_MS).unwrap();
+        store.record("old-2", now - DAY_MS - 1).unwrap();
+        store.record("new-1", now - DAY_MS + 1).unwrap();
+        store.record("new-2", now).unwrap();
+        assert_eq!(store.prune(now).unwrap(), 2);
+        assert!(!store.contains("old-1").unwrap());
+        assert!(!store.contains("old-2").unwrap());
+        assert!(store.contains("new-1").unwrap());
+        assert!(store.contains("new-2").unwrap());
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.prune(now).unwrap(), 0);
+    }
+
+    #[test]
+    fn time_keys_sort_by_time() {
+        assert!(time_key(1, b"z") < time_key(2, b"a"));
+        assert_eq!(split_time_key(&time_key(42, b"id")), Some((42, &b"id"[..])));
+        assert_eq!(time_key(-5, b""), time_key(0, b""));
+    }
+}

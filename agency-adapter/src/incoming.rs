@@ -1,0 +1,419 @@
+//! [`Incoming`]: what the broker sends this agency, read from its durable consumer
+//! `agency-<agency>` on `YEONGYE_OUT`, with exactly-once effect (PROTOCOL.md, "Receiving").
+//!
+//! [`Incoming::next`] yields each message once: one whose id is in the dedup store is
+//! acknowledged and skipped (a repeated delivery first gets its `RECEIVED` receipt again, since
+//! the first one may have been lost in a crash). The caller hands an [`Item`] to its agency
+//! system durably and then calls [`Item::done`], which records the id (flushed), publishes the
+//! receipt for a delivery, and acknowledges. A crash anywhere in between means the message comes
+//! again, so handing over must be idempotent (keyed by referral or message id).
+//!
+//! A message that cannot be decoded is logged with its stream sequence, saved to
+//! `<state_dir>/undecodable/<stream_seq>.bin`, acknowledged, and skipped.
+
+mod decode;
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::message::Acker;
+use bytes::Bytes;
+use futures::StreamExt;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use yeongye_proto::subject;
+use yeongye_proto::v1;
+
+use crate::client::Adapter;
+use crate::dedup::DedupStore;
+use crate::error::{Error, Result};
+use crate::ids;
+use crate::inbox::{self, Handoff};
+
+/// How often old dedup entries are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What one message on the agency's consumer holds.
+// One per message and moved rarely: boxing the delivery would only make matching clumsier.
+#[allow(clippy::large_enum_variant)]
+#[non_exhaustive]
+pub enum ItemKind {
+    /// A referral for this agency. `original` is the sender's envelope, unchanged.
+    Delivery {
+        referral: v1::Referral,
+        original: v1::Envelope,
+    },
+    /// A referral this agency sent or received changed state.
+    Notification(v1::Notification),
+    /// The broker could not apply something this agency sent.
+    Rejection(v1::Rejection),
+}
+
+impl ItemKind {
+    /// `"delivery"`, `"notification"` or `"rejection"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ItemKind::Delivery { .. } => "delivery",
+            ItemKind::Notification(_) => "notification",
+            ItemKind::Rejection(_) => "rejection",
+        }
+    }
+}
+
+/// Names and ids only: a referral holds personal data.
+impl fmt::Debug for ItemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ItemKind::Delivery { referral, original } => f
+                .debug_struct("Delivery")
+                .field("referral_id", &referral.referral_id)
+                .field("from_agency", &referral.from_agency)
+                .field("original_message_id", &original.message_id)
+                .finish_non_exhaustive(),
+            ItemKind::Notification(n) => f.debug_tuple("Notification").field(n).finish(),
+            ItemKind::Rejection(r) => f.debug_tuple("Rejection").field(r).finish(),
+        }
+    }
+}
+
+/// One new message for the agency. Hand it over, then call [`done`](Item::done); dropping it
+/// without `done` leaves it to be delivered again.
+pub struct Item {
+    message_id: String,
+    referral_id: Option<String>,
+    kind: ItemKind,
+    stream_sequence: Option<u64>,
+    delivered: Option<i64>,
+    acker: Acker,
+    adapter: Adapter,
+    dedup: DedupStore,
+}
+
+impl Item {
+    /// The broker's message id (the unit of deduplication).
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+
+    /// The referral the message is about (absent for a rejection of unreadable bytes).
+    pub fn referral_id(&self) -> Option<&str> {
+        self.referral_id.as_deref()
+    }
+
+    /// What the message holds.
+    pub fn kind(&self) -> &ItemKind {
+        &self.kind
+    }
+
+    /// The message's sequence in `YEONGYE_OUT`, when known.
+    pub fn stream_sequence(&self) -> Option<u64> {
+        self.stream_sequence
+    }
+
+    /// How many times the server has delivered this message (1 the first time), when known.
+    pub fn delivery_count(&self) -> Option<i64> {
+        self.delivered
+    }
+
+    /// Marks the item handled: records its id durably, publishes the `RECEIVED` receipt for a
+    /// delivery (awaiting the PubAck), then acknowledges the message. Call it only after the
+    /// agency system durably has the item. On error, the item comes again later (after the
+    /// consumer's ack wait) and is recognised as handled if the record was made.
+    pub async fn done(self) -> Result<()> {
+        let span = info_span!(
+            "done",
+            message_id = %self.message_id,
+            referral_id = self.referral_id.as_deref().unwrap_or(""),
+            kind = self.kind.name(),
+        );
+        async move {
+            self.dedup.record(&self.message_id, ids::now_ms())?;
+            self.dedup.flush().await?;
+            if let ItemKind::Delivery { referral, .. } = &self.kind {
+                self.adapter
+                    .send_receipt(&self.message_id, &referral.referral_id)
+                    .await?;
+            }
+            self.acker.double_ack().await.map_err(|e| Error::Ack {
+                message_id: self.message_id.clone(),
+                detail: e.to_string(),
+            })?;
+            debug!("item handled");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl fmt::Debug for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Item")
+            .field("message_id", &self.message_id)
+            .field("referral_id", &self.referral_id)
+            .field("kind", &self.kind)
+            .field("stream_sequence", &self.stream_sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The agency's stream of new messages; see the module docs. Get one from
+/// [`Adapter::incoming`].
+pub struct Incoming {
+    adapter: Adapter,
+    dedup: DedupStore,
+    consumer: PullConsumer,
+    messages: Option<pull::Stream>,
+    last_prune: Option<Instant>,
+    errors_in_a_row: u32,
+}
+
+impl Incoming {
+    pub(crate) async fn bind(adapter: Adapter, dedup: DedupStore) -> Result<Incoming> {
+        let consumer = bind_consumer(&adapter).await?;
+        Ok(Incoming {
+            adapter,
+            dedup,
+            consumer,
+            messages: None,
+            last_prune: None,
+            errors_in_a_row: 0,
+        })
+    }
+
+    /// Waits for the next new message. Transient trouble (lost connection, consumer briefly
+    /// gone) is logged and retried inside. `Some(Err)` reports a failure that left the current
+    /// message unacknowledged (it comes again); calling `next` again is fine. `None` means the
+    /// adapter was [drained](Adapter::drain).
+    pub async fn next(&mut self) -> Option<Result<Item>> {
+        loop {
+            self.maybe_prune();
+            let message = match self.pull().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            match self.admit(message).await {
+                Ok(Some(item)) => return Some(Ok(item)),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The next raw message from the consumer, re-binding as needed.
+    async fn pull(&mut self) -> Result<Option<async_nats::jetstream::Message>> {
+        loop {
+            if self.adapter.is_closed() {
+                return Ok(None);
+            }
+            let messages = match &mut self.messages {
+                Some(m) => m,
+                None => match self.consumer.messages().await {
+                    Ok(m) => self.messages.insert(m),
+                    Err(e) => {
+                        warn!(cause = %e, "cannot start reading the consumer; retrying");
+                        self.pause().await;
+                        self.consumer = bind_consumer(&self.adapter).await?;
+                        continue;
+                    }
+                },
+            };
+            match messages.next().await {
+                Some(Ok(m)) => {
+                    self.errors_in_a_row = 0;
+                    return Ok(Some(m));
+                }
+                Some(Err(e)) => {
+                    warn!(cause = %e, "reading the consumer failed; continuing");
+                    if matches!(
+                        e.kind(),
+                        MessagesErrorKind::ConsumerDeleted
+                            | MessagesErrorKind::PushBasedConsumer
+                            | MessagesErrorKind::RequestLimitExceeded
+                    ) {
+                        self.messages = None;
+                        self.pause().await;
+                        self.consumer = bind_consumer(&self.adapter).await?;
+                    } else {
+                        self.pause().await;
+                    }
+                }
+                None => {
+                    self.messages = None;
+                    if !self.adapter.is_closed() {
+                        debug!("consumer stream ended; restarting it");
+                        self.pause().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps longer the more errors came in a row (none after the first).
+    async fn pause(&mut self) {
+        self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
+        if self.errors_in_a_row > 1 {
+            let ms = 250u64.saturating_mul(u64::from(self.errors_in_a_row));
+            tokio::time::sleep(Duration::from_millis(ms).min(MAX_BACKOFF)).await;
+        }
+    }
+
+    /// Decodes a message and either returns it as a new item, or deals with it here
+    /// (duplicate, undecodable) and returns `None`.
+    async fn admit(&mut self, message: async_nats::jetstream::Message) -> Result<Option<Item>> {
+        let (stream_sequence, delivered) = match message.info() {
+            Ok(info) => (Some(info.stream_sequence), Some(info.delivered)),
+            Err(_) => (None, None),
+        };
+        let subject = message.subject.to_string();
+        let payload = message.payload.clone();
+        let (_, acker) = message.split();
+
+        let decoded = match decode::decode(self.adapter.agency(), &subject, &payload) {
+            Ok(d) => d,
+            Err(reason) => {
+                self.quarantine(stream_sequence, &subject, payload, &reason)
+                    .await;
+                if let Err(e) = acker.double_ack().await {
+                    warn!(stream_seq = stream_sequence, cause = %e, "ack of undecodable message failed");
+                }
+                return Ok(None);
+            }
+        };
+        let span = info_span!(
+            "incoming",
+            message_id = %decoded.message_id,
+            referral_id = decoded.referral_id.as_deref().unwrap_or(""),
+            kind = decoded.kind.name(),
+            stream_seq = stream_sequence,
+        );
+        async {
+            if !self.dedup.contains(&decoded.message_id)? {
+                debug!(delivered, "new message");
+                return Ok(Some(Item {
+                    message_id: decoded.message_id,
+                    referral_id: decoded.referral_id,
+                    kind: decoded.kind,
+                    stream_sequence,
+                    delivered,
+                    acker,
+                    adapter: self.adapter.clone(),
+                    dedup: self.dedup.clone(),
+                }));
+            }
+            info!(delivered, "already handled; acknowledging again");
+            if let ItemKind::Delivery { referral, .. } = &decoded.kind {
+                self.adapter
+                    .send_receipt(&decoded.message_id, &referral.referral_id)
+                    .await?;
+            }
+            if let Err(e) = acker.double_ack().await {
+                warn!(cause = %e, "ack of repeated message failed; it will come again");
+            }
+            Ok(None)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Keeps an undecodable message for operators. Never fails: the message also stays in the
+    /// stream (retention is by age, not by ack).
+    async fn quarantine(&self, seq: Option<u64>, subject: &str, payload: Bytes, reason: &str) {
+        let dir = self.adapter.config().undecodable_dir();
+        let name = match seq {
+            Some(seq) => format!("{seq}.bin"),
+            None => format!("unknown-seq-{}.bin", ids::new_id()),
+        };
+        let path = dir.join(&name);
+        let saved = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            inbox::write_new_file(&dir, &name, &payload)
+        })
+        .await;
+        match saved {
+            Ok(Ok(Handoff::Written | Handoff::AlreadyPresent)) => error!(
+                stream = subject::OUT_STREAM,
+                stream_seq = seq,
+                subject,
+                reason,
+                saved_to = %path.display(),
+                "undecodable message: saved and acknowledged"
+            ),
+            Ok(Err(e)) => error!(
+                stream = subject::OUT_STREAM,
+                stream_seq = seq,
+                subject,
+                reason,
+                cause = %e,
+                "undecodable message: could not save it; acknowledged (it stays in the stream)"
+            ),
+            Err(e) => error!(stream_seq = seq, cause = %e, "undecodable message: save task failed"),
+        }
+    }
+
+    fn maybe_prune(&mut self) {
+        if self.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        match self.dedup.prune(ids::now_ms()) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "pruned old message ids from the dedup store"),
+            Err(e) => warn!(cause = %e, "pruning the dedup store failed"),
+        }
+    }
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("agency", &self.adapter.agency())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds to the agency's durable consumer, waiting (with backoff, logging) until the broker
+/// has created it. Never creates it. Fails only if the adapter is drained meanwhile.
+async fn bind_consumer(adapter: &Adapter) -> Result<PullConsumer> {
+    let js = async_nats::jetstream::new(adapter.nats().clone());
+    let name = subject::agency_consumer(adapter.agency());
+    let mut backoff = Duration::from_millis(250);
+    let mut attempt = 0u32;
+    loop {
+        if adapter.is_closed() {
+            return Err(Error::Consumer {
+                stream: subject::OUT_STREAM.into(),
+                consumer: name,
+                detail: "the adapter was drained".into(),
+            });
+        }
+        match js
+            .get_consumer_from_stream::<pull::Config, _, _>(&name, subject::OUT_STREAM)
+            .await
+        {
+            Ok(consumer) => {
+                info!(stream = subject::OUT_STREAM, consumer = %name, "bound to consumer");
+                return Ok(consumer);
+            }
+            Err(e) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    warn!(
+                        stream = subject::OUT_STREAM,
+                        consumer = %name,
+                        attempt,
+                        cause = %e,
+                        "consumer not available yet (the broker creates it); waiting"
+                    );
+                } else {
+                    debug!(consumer = %name, attempt, cause = %e, "consumer not available yet");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}

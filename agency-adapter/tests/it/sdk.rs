@@ -1,0 +1,315 @@
+//! The SDK against a real nats-server, with the test playing the broker.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use prost::Message as _;
+use yeongye_adapter::{Adapter, AdapterConfig, ErrorKind, ItemKind, ids, v1};
+use yeongye_proto::subject::{self, OutKind};
+
+use crate::harness::*;
+
+fn config(server: &NatsServer, state: &std::path::Path) -> AdapterConfig {
+    AdapterConfig::new(ME, [server.url()], state)
+}
+
+#[tokio::test]
+async fn send_and_update_are_stored_with_their_message_ids() {
+    let server = NatsServer::start();
+    let broker = Broker::setup(&server, Duration::from_secs(120), Duration::from_secs(30)).await;
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+
+    let referral_id = adapter
+        .send(v1::Referral {
+            to_agency: "hope-support".into(),
+            client: Some(v1::Client {
+                pseudonym_id: "p-1".into(),
+                ..Default::default()
+            }),
+            urgency: v1::Urgency::Routine as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = broker.inbound_message(1).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.referral");
+    let env = v1::Envelope::decode(m.payload.as_ref()).unwrap();
+    assert_eq!(
+        m.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        env.message_id
+    );
+    assert_eq!(env.sender, ME);
+    let r = v1::Referral::decode(env.payload.as_ref()).unwrap();
+    assert_eq!(
+        (r.referral_id.as_str(), r.from_agency.as_str()),
+        (referral_id.as_str(), ME)
+    );
+
+    // Publishing the same prepared message twice stores it once.
+    let out = adapter
+        .prepare_referral(v1::Referral {
+            to_agency: "hope-support".into(),
+            client: Some(v1::Client {
+                pseudonym_id: "p-2".into(),
+                ..Default::default()
+            }),
+            urgency: v1::Urgency::Crisis as i32,
+            ..Default::default()
+        })
+        .unwrap();
+    adapter.publish(&out).await.unwrap();
+    adapter.publish(&out).await.unwrap();
+    assert_eq!(broker.inbound_count().await, 2);
+
+    let message_id = adapter
+        .update_status(&referral_id, v1::Status::Cancelled, "duplicate")
+        .await
+        .unwrap();
+    let m = broker.inbound_message(3).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.status");
+    let (id, update) = status_update_of(&m);
+    assert_eq!(id, message_id);
+    assert_eq!(update.status, v1::Status::Cancelled as i32);
+
+    // Invalid input is refused before anything is sent.
+    let e = adapter.send(v1::Referral::default()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert_eq!(broker.inbound_count().await, 3);
+}
+
+#[tokio::test]
+async fn publish_gives_up_within_its_budget_when_no_stream_exists() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::builder(config(&server, state.path()))
+        .publish_retry_budget(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = adapter
+        .update_status("r-1", v1::Status::Accepted, "")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Publish);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(e.to_string().contains("attempt"), "{e}");
+}
+
+#[tokio::test]
+async fn status_query_uses_the_private_inbox() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let broker = async_nats::connect(server.url()).await.unwrap();
+    let mut queries = broker.subscribe(subject::query(ME)).await.unwrap();
+    let responder = broker.clone();
+    tokio::spawn(async move {
+        while let Some(q) = queries.next().await {
+            let reply_to = q.reply.clone().unwrap();
+            assert!(reply_to.as_str().starts_with("_INBOX_cc-1."), "{reply_to}");
+            let env = v1::Envelope::decode(q.payload.as_ref()).unwrap();
+            assert_eq!(env.payload_type, v1::PayloadType::StatusQuery as i32);
+            let query = v1::StatusQuery::decode(env.payload.as_ref()).unwrap();
+            let reply = v1::StatusReply {
+                referral_id: query.referral_id,
+                state: v1::ReferralState::Received as i32,
+                ..Default::default()
+            };
+            let out = envelope(
+                "broker",
+                "x",
+                v1::PayloadType::StatusReply,
+                reply.encode_to_vec(),
+            );
+            responder
+                .publish(reply_to, out.encode_to_vec().into())
+                .await
+                .unwrap();
+        }
+    });
+    broker.flush().await.unwrap();
+
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+    let reply = adapter.status("r-9").await.unwrap();
+    assert_eq!(reply.referral_id, "r-9");
+    assert_eq!(reply.state, v1::ReferralState::Received as i32);
+}
+
+#[tokio::test]
+async fn status_query_without_a_broker_fails_clearly() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+    let e = adapter.status("r-1").await.unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::Request | ErrorKind::Timeout),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn incoming_is_exactly_once_in_effect() {
+    let server = NatsServer::start();
+    let broker = Broker::setup(&server, Duration::from_millis(100), Duration::from_secs(1)).await;
+    let state = tempfile::tempdir().unwrap();
+
+    broker
+        .publish_out(OutKind::Delivery, delivery_bytes("d-1", "r-1"), Some("d-1"))
+        .await;
+    broker
+        .publish_out(OutKind::Delivery, b"garbage".to_vec(), None)
+        .await;
+    {
+        let adapter = Adapter::connect(config(&server, state.path()))
+            .await
+            .unwrap();
+        let mut incoming = adapter.incoming().await.unwrap();
+        let item = incoming.next().await.unwrap().unwrap();
+        assert_eq!(item.message_id(), "d-1");
+        assert_eq!(item.referral_id(), Some("r-1"));
+        let ItemKind::Delivery { referral, original } = item.kind() else {
+            panic!("not a delivery: {item:?}");
+        };
+        assert_eq!(referral.from_agency, "hope-support");
+        assert_eq!(original.message_id, "orig");
+        // Debug output carries no personal data.
+        assert!(!format!("{item:?}").contains("홍길동"));
+        item.done().await.unwrap();
+
+        let (id, receipt) = status_update_of(&broker.inbound_message(1).await);
+        assert_eq!(id, ids::receipt_message_id("d-1"));
+        assert_eq!(receipt.status, v1::Status::Received as i32);
+        assert_eq!(receipt.referral_id, "r-1");
+
+        // The garbage (stream sequence 2) was saved and skipped; a repeat of d-1 is not
+        // yielded but gets its receipt again; the next new message comes through.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        broker
+            .publish_out(OutKind::Delivery, delivery_bytes("d-1", "r-1"), None)
+            .await;
+        broker
+            .publish_out(
+                OutKind::Notification,
+                notification_bytes("n-1", "r-1"),
+                Some("n-1"),
+            )
+            .await;
+        let item = incoming.next().await.unwrap().unwrap();
+        assert_eq!(item.message_id(), "n-1");
+        assert!(matches!(item.kind(), ItemKind::Notification(_)));
+        let (id, _) = status_update_of(&broker.inbound_message(2).await);
+        assert_eq!(id, ids::receipt_message_id("d-1"));
+        assert_eq!(
+            std::fs::read(state.path().join("undecodable/2.bin")).unwrap(),
+            b"garbage"
+        );
+        // Not done: it comes again after the ack wait, to this or the next reader.
+        drop(item);
+        drop(incoming);
+        adapter.drain().await.unwrap();
+    }
+
+    // After a restart the dedup record is still there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker
+        .publish_out(OutKind::Delivery, delivery_bytes("d-1", "r-1"), None)
+        .await;
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+    let mut incoming = adapter.incoming().await.unwrap();
+    let item = incoming.next().await.unwrap().unwrap();
+    assert_eq!(item.message_id(), "n-1", "{item:?}");
+    item.done().await.unwrap();
+}
+
+#[tokio::test]
+async fn incoming_waits_for_the_broker_to_create_the_consumer() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut incoming = adapter.incoming().await.unwrap();
+        let item = incoming.next().await.unwrap().unwrap();
+        let id = item.message_id().to_owned();
+        item.done().await.unwrap();
+        id
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!reader.is_finished());
+    let broker = Broker::setup(&server, Duration::from_secs(120), Duration::from_secs(30)).await;
+    broker
+        .publish_out(
+            OutKind::Notification,
+            notification_bytes("n-1", "r-1"),
+            Some("n-1"),
+        )
+        .await;
+    let id = tokio::time::timeout(Duration::from_secs(15), reader)
+        .await
+        .expect("the reader never bound")
+        .unwrap();
+    assert_eq!(id, "n-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incoming_survives_a_server_restart() {
+    let mut server = NatsServer::start();
+    let broker = Broker::setup(&server, Duration::from_secs(120), Duration::from_secs(30)).await;
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::builder(config(&server, state.path()))
+        .retry_on_initial_connect(true)
+        .connect()
+        .await
+        .unwrap();
+    let mut incoming = adapter.incoming().await.unwrap();
+    broker
+        .publish_out(
+            OutKind::Notification,
+            notification_bytes("n-1", "r-1"),
+            Some("n-1"),
+        )
+        .await;
+    incoming
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .done()
+        .await
+        .unwrap();
+    drop(broker);
+
+    server.restart();
+    let broker = Broker::reconnect(&server).await;
+    broker
+        .publish_out(
+            OutKind::Notification,
+            notification_bytes("n-2", "r-1"),
+            Some("n-2"),
+        )
+        .await;
+    let item = tokio::time::timeout(Duration::from_secs(40), incoming.next())
+        .await
+        .expect("nothing received after the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!(item.message_id(), "n-2");
+    tokio::time::timeout(Duration::from_secs(40), item.done())
+        .await
+        .unwrap()
+        .unwrap();
+}

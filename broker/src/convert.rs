@@ -16,6 +16,14 @@ pub fn derive_id(cause: &str, n: usize) -> String {
     Uuid::new_v5(&ID_NAMESPACE, format!("{cause}/{n}").as_bytes()).to_string()
 }
 
+/// Whether two encoded envelopes carry the same payload bytes.
+pub fn same_payload(a: &[u8], b: &[u8]) -> bool {
+    match (v1::Envelope::decode(a), v1::Envelope::decode(b)) {
+        (Ok(a), Ok(b)) => a.payload_type == b.payload_type && a.payload == b.payload,
+        _ => false,
+    }
+}
+
 pub fn state_to_wire(s: State) -> v1::ReferralState {
     use v1::ReferralState as W;
     match s {

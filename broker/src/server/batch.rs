@@ -70,8 +70,15 @@ impl<'a> Batch<'a> {
         match request {
             Request::Submit(new) => {
                 span.record("referral_id", new.id.as_str());
-                if self.referral(&new.id)?.is_some() {
-                    return Ok(self.reject(&origin, duplicate_id(&new.id), seq, at, raw));
+                if let Some(existing) = self.referral(&new.id)? {
+                    return Ok(self.repeat_or_reject(
+                        &existing,
+                        &new.envelope,
+                        &origin,
+                        seq,
+                        at,
+                        raw,
+                    ));
                 }
                 tracing::info!(from = %new.from, to = %new.to, "referral submitted");
                 let t = referral::submit(new, &origin.message_id, at);
@@ -80,8 +87,15 @@ impl<'a> Batch<'a> {
             }
             Request::Refuse(new, refusal) => {
                 span.record("referral_id", new.id.as_str());
-                if self.referral(&new.id)?.is_some() {
-                    return Ok(self.reject(&origin, duplicate_id(&new.id), seq, at, raw));
+                if let Some(existing) = self.referral(&new.id)? {
+                    return Ok(self.repeat_or_reject(
+                        &existing,
+                        &new.envelope,
+                        &origin,
+                        seq,
+                        at,
+                        raw,
+                    ));
                 }
                 let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
                 self.transition(t, &origin.dedup_key, at);
@@ -242,6 +256,27 @@ impl<'a> Batch<'a> {
             payload: prost::Message::encode_to_vec(&envelope),
             confirms: confirms.map(str::to_owned),
         });
+    }
+
+    /// A second message creating an existing referral: if the same sender sent the same referral
+    /// again (a retry under a fresh message id), it is a repeat with no effect; anything else
+    /// is refused.
+    fn repeat_or_reject(
+        &mut self,
+        existing: &Referral,
+        envelope: &[u8],
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Outcome {
+        if origin.reply_to.as_deref() == Some(existing.from.as_str())
+            && convert::same_payload(&existing.envelope, envelope)
+        {
+            tracing::info!(referral_id = %existing.id, "referral sent again under a new message id: a repeat");
+            return Outcome::Duplicate;
+        }
+        self.reject(origin, duplicate_id(&existing.id), seq, at, raw)
     }
 
     fn reject(&mut self, origin: &Origin, r: Refusal, seq: u64, at: Millis, raw: &[u8]) -> Outcome {
@@ -436,8 +471,18 @@ mod tests {
         let (out, c) = run(&s, &[m], 3, 200);
         assert_eq!(out, [Outcome::Duplicate]);
         assert!(c.outbox_put.is_empty() && c.referrals.is_empty());
-        // Another message id for the same referral id is a different message: refused.
+        // The same referral sent again under a new message id (a retry): a repeat.
         let (out, c) = run(&s, &[referral_msg("r1", "m2")], 4, 300);
+        assert_eq!(out, [Outcome::Duplicate]);
+        assert!(c.outbox_put.is_empty());
+        // A different referral under an existing id: refused.
+        let (subject, mut bytes) = referral_msg("r1", "m3");
+        let mut env = v1::Envelope::decode(bytes.as_slice()).unwrap();
+        let mut r = v1::Referral::decode(env.payload.as_slice()).unwrap();
+        r.reason = "something else".into();
+        env.payload = r.encode_to_vec();
+        bytes = env.encode_to_vec();
+        let (out, c) = run(&s, &[(subject, bytes)], 5, 300);
         assert_eq!(out, [Outcome::Rejected(ReasonCode::DuplicateReferralId)]);
         assert_eq!(subjects(&c), ["yeongye.out.a.rejection"]);
         assert_eq!(s.referral("r1").unwrap().unwrap().history.len(), 1);

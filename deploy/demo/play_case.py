@@ -25,6 +25,7 @@ class Demo:
         self.run = Path(run)
         with open(registry, "rb") as f:
             self.names = {a["id"]: a["name"] for a in tomllib.load(f)["agency"]}
+        self.names["broker"] = "연계 브로커 (broker)"
         self.tracked = {}  # referral id -> [number, sender, entries printed, last state]
 
     def cli(self, agency, *args):

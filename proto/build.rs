@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["yeongye/v1/envelope.proto", "yeongye/v1/referral.proto"];
+    let files = [
+        "yeongye/v1/envelope.proto",
+        "yeongye/v1/referral.proto",
+        "yeongye/v1/consent.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

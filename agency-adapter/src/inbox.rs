@@ -29,6 +29,8 @@ use crate::json::to_pretty_json;
 pub const REFERRALS: &str = "referrals";
 pub const NOTIFICATIONS: &str = "notifications";
 pub const REJECTIONS: &str = "rejections";
+pub const ESCALATIONS: &str = "escalations";
+pub const WITHDRAWALS: &str = "withdrawals";
 
 const TMP_SUFFIX: &str = ".tmp";
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -53,7 +55,13 @@ impl FolderInbox {
     /// crash. Only one adapter may write to a folder.
     pub fn open(root: impl Into<PathBuf>) -> Result<FolderInbox> {
         let root = root.into();
-        for sub in [REFERRALS, NOTIFICATIONS, REJECTIONS] {
+        for sub in [
+            REFERRALS,
+            NOTIFICATIONS,
+            REJECTIONS,
+            ESCALATIONS,
+            WITHDRAWALS,
+        ] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
@@ -94,6 +102,8 @@ fn render(kind: &ItemKind, message_id: &str) -> Result<(&'static str, String, Ve
         ),
         ItemKind::Notification(n) => (NOTIFICATIONS, file_name_for(message_id), to_pretty_json(n)?),
         ItemKind::Rejection(r) => (REJECTIONS, file_name_for(message_id), to_pretty_json(r)?),
+        ItemKind::Escalation(e) => (ESCALATIONS, file_name_for(message_id), to_pretty_json(e)?),
+        ItemKind::Withdrawal(w) => (WITHDRAWALS, file_name_for(message_id), to_pretty_json(w)?),
     })
 }
 

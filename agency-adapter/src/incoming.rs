@@ -49,15 +49,21 @@ pub enum ItemKind {
     Notification(v1::Notification),
     /// The broker could not apply something this agency sent.
     Rejection(v1::Rejection),
+    /// A referral this agency sent (or coordinates) missed a deadline.
+    Escalation(v1::Escalation),
+    /// A referral this agency received is withdrawn (consent revoked): purge its data.
+    Withdrawal(v1::Withdrawal),
 }
 
 impl ItemKind {
-    /// `"delivery"`, `"notification"` or `"rejection"`.
+    /// `"delivery"`, `"notification"`, `"rejection"`, `"escalation"` or `"withdrawal"`.
     pub fn name(&self) -> &'static str {
         match self {
             ItemKind::Delivery { .. } => "delivery",
             ItemKind::Notification(_) => "notification",
             ItemKind::Rejection(_) => "rejection",
+            ItemKind::Escalation(_) => "escalation",
+            ItemKind::Withdrawal(_) => "withdrawal",
         }
     }
 }
@@ -74,6 +80,12 @@ impl fmt::Debug for ItemKind {
                 .finish_non_exhaustive(),
             ItemKind::Notification(n) => f.debug_tuple("Notification").field(n).finish(),
             ItemKind::Rejection(r) => f.debug_tuple("Rejection").field(r).finish(),
+            ItemKind::Escalation(e) => f.debug_tuple("Escalation").field(e).finish(),
+            ItemKind::Withdrawal(w) => f
+                .debug_struct("Withdrawal")
+                .field("referral_id", &w.referral_id)
+                .field("consent_id", &w.consent_id)
+                .finish_non_exhaustive(),
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Broker configuration: TOML file, then `REFERRAL_*` environment overrides, then `validate()`.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,30 +28,34 @@ pub struct Config {
     pub batch_size: usize,
     /// Longest message accepted on an inbound subject, bytes.
     pub max_message_bytes: usize,
-    pub receipt_deadline_secs: ReceiptDeadlines,
+    /// How long a recipient has to acknowledge (RECEIVED) a referral, by urgency.
+    pub receipt_deadline_secs: UrgencyDeadlines,
+    /// How long a recipient has, once RECEIVED, to accept or decline, by urgency.
+    pub acceptance_deadline_secs: UrgencyDeadlines,
+    /// Tighter deadlines for some fields of need (the tighter of this and the urgency's wins),
+    /// keyed by field name: `livelihood`, `housing`, `health`, `mental_health`, `employment`,
+    /// `care`, `child`, `addiction`, `child_protection`, `debt`, `other`.
+    pub field_deadline_secs: BTreeMap<String, FieldDeadlines>,
+    /// The agency told of every escalation besides the sender: the district's Hope Welfare
+    /// Support Group.
+    pub coordinator: Option<String>,
+    /// The operators' HTTP endpoint (health, metrics, API, dashboard). Loopback by default:
+    /// it has no authentication.
+    pub http_addr: SocketAddr,
+    /// Testing only: a file holding milliseconds added to the wall clock, re-read at every
+    /// tick, so that tests can move time forward without sleeping. Never set in production.
+    pub testing_clock_offset_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReceiptDeadlines {
+#[serde(deny_unknown_fields)]
+pub struct UrgencyDeadlines {
     pub crisis: u64,
     pub priority: u64,
     pub routine: u64,
 }
 
-impl Default for ReceiptDeadlines {
-    fn default() -> Self {
-        // A household in crisis must be reached within the hour; others within a working day
-        // or three.
-        ReceiptDeadlines {
-            crisis: 3600,
-            priority: 24 * 3600,
-            routine: 72 * 3600,
-        }
-    }
-}
-
-impl ReceiptDeadlines {
+impl UrgencyDeadlines {
     pub fn for_urgency(&self, urgency: Urgency) -> Duration {
         Duration::from_secs(match urgency {
             Urgency::Crisis => self.crisis,
@@ -57,6 +63,35 @@ impl ReceiptDeadlines {
             Urgency::Routine => self.routine,
         })
     }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldDeadlines {
+    pub receipt: Option<u64>,
+    pub acceptance: Option<u64>,
+}
+
+/// Field names accepted in `field_deadline_secs`, with their `yeongye.v1.FieldOfNeed` numbers.
+pub const FIELD_NAMES: [(&str, i32); 11] = [
+    ("livelihood", 1),
+    ("housing", 2),
+    ("health", 3),
+    ("mental_health", 4),
+    ("employment", 5),
+    ("care", 6),
+    ("child", 7),
+    ("addiction", 8),
+    ("child_protection", 9),
+    ("debt", 10),
+    ("other", 15),
+];
+
+/// Receipt and acceptance durations for one referral.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    pub receipt: Duration,
+    pub acceptance: Duration,
 }
 
 impl Default for Config {
@@ -70,10 +105,35 @@ impl Default for Config {
             dedup_retention_days: 14,
             batch_size: 256,
             max_message_bytes: 256 * 1024,
-            receipt_deadline_secs: ReceiptDeadlines::default(),
+            // A household in crisis must be reached within the hour; others within a working
+            // day or three.
+            receipt_deadline_secs: UrgencyDeadlines {
+                crisis: 3600,
+                priority: DAY,
+                routine: 3 * DAY,
+            },
+            // Integrated case management's reference: intake decided within about 10 days of
+            // discovery; a crisis within a day.
+            acceptance_deadline_secs: UrgencyDeadlines {
+                crisis: DAY,
+                priority: 3 * DAY,
+                routine: 10 * DAY,
+            },
+            field_deadline_secs: BTreeMap::from([(
+                "child_protection".to_owned(),
+                FieldDeadlines {
+                    receipt: Some(3600),
+                    acceptance: Some(DAY),
+                },
+            )]),
+            coordinator: None,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8470)),
+            testing_clock_offset_file: None,
         }
     }
 }
+
+const DAY: u64 = 24 * 3600;
 
 impl Config {
     /// Reads `path` (if given), applies environment overrides, validates.
@@ -94,6 +154,27 @@ impl Config {
         cfg.apply_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The deadlines of a referral of this urgency and field of need (a `FieldOfNeed` number).
+    pub fn deadlines(&self, urgency: Urgency, field: i32) -> Deadlines {
+        let mut d = Deadlines {
+            receipt: self.receipt_deadline_secs.for_urgency(urgency),
+            acceptance: self.acceptance_deadline_secs.for_urgency(urgency),
+        };
+        let name = FIELD_NAMES
+            .iter()
+            .find(|(_, n)| *n == field)
+            .map(|(name, _)| *name);
+        if let Some(f) = name.and_then(|n| self.field_deadline_secs.get(n)) {
+            if let Some(r) = f.receipt {
+                d.receipt = d.receipt.min(Duration::from_secs(r));
+            }
+            if let Some(a) = f.acceptance {
+                d.acceptance = d.acceptance.min(Duration::from_secs(a));
+            }
+        }
+        d
     }
 
     pub fn from_toml(text: &str) -> std::result::Result<Config, String> {
@@ -147,17 +228,41 @@ impl Config {
                 self.max_message_bytes
             ));
         }
-        let d = &self.receipt_deadline_secs;
-        for (name, secs) in [
-            ("crisis", d.crisis),
-            ("priority", d.priority),
-            ("routine", d.routine),
+        let in_range = |secs: u64| (1..=90 * 24 * 3600).contains(&secs);
+        for (table, d) in [
+            ("receipt_deadline_secs", &self.receipt_deadline_secs),
+            ("acceptance_deadline_secs", &self.acceptance_deadline_secs),
         ] {
-            if !(1..=90 * 24 * 3600).contains(&secs) {
+            for (name, secs) in [
+                ("crisis", d.crisis),
+                ("priority", d.priority),
+                ("routine", d.routine),
+            ] {
+                if !in_range(secs) {
+                    return bad(format!(
+                        "{table}.{name} = {secs} is not within 1 s..=90 days"
+                    ));
+                }
+            }
+        }
+        for (field, f) in &self.field_deadline_secs {
+            if !FIELD_NAMES.iter().any(|(n, _)| n == field) {
                 return bad(format!(
-                    "receipt_deadline_secs.{name} = {secs} is not within 1 s..=90 days"
+                    "field_deadline_secs.{field}: unknown field of need"
                 ));
             }
+            for secs in [f.receipt, f.acceptance].into_iter().flatten() {
+                if !in_range(secs) {
+                    return bad(format!(
+                        "field_deadline_secs.{field} = {secs} is not within 1 s..=90 days"
+                    ));
+                }
+            }
+        }
+        if let Some(c) = &self.coordinator
+            && !yeongye_proto::subject::is_valid_agency_id(c)
+        {
+            return bad(format!("coordinator {c:?} is not a valid agency id"));
         }
         Ok(())
     }
@@ -180,15 +285,21 @@ mod tests {
             store_dir = "/tmp/x"
             registry = "r.toml"
             batch_size = 10
+            coordinator = "hope-support"
+            http_addr = "127.0.0.1:0"
             [receipt_deadline_secs]
             crisis = 60
+            priority = 120
+            routine = 180
+            [field_deadline_secs.child_protection]
+            receipt = 30
             "#,
         )
         .unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.nats_urls.len(), 2);
         assert_eq!(cfg.receipt_deadline_secs.crisis, 60);
-        assert_eq!(cfg.receipt_deadline_secs.routine, 72 * 3600);
+        assert_eq!(cfg.acceptance_deadline_secs.routine, 10 * DAY);
     }
 
     #[test]
@@ -199,6 +310,8 @@ mod tests {
             ("batch_size = \"ten\"", "batch_size"),
             ("batch_size = -1", "batch_size"),
             ("[receipt_deadline_secs]\nweekly = 3", "weekly"),
+            ("[receipt_deadline_secs]\ncrisis = 3", "missing field"),
+            ("http_addr = \"localhost\"", "http_addr"),
         ] {
             let err = Config::from_toml(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
@@ -207,12 +320,31 @@ mod tests {
             "nats_urls = []",
             "batch_size = 0",
             "dedup_retention_days = 1",
-            "[receipt_deadline_secs]\ncrisis = 0",
+            "[receipt_deadline_secs]\ncrisis = 0\npriority = 1\nroutine = 1",
+            "[field_deadline_secs.weather]\nreceipt = 5",
+            "[field_deadline_secs.child]\nreceipt = 0",
+            "coordinator = \"Hope\"",
             "max_message_bytes = 10",
         ] {
             let cfg = Config::from_toml(text).unwrap();
             assert!(cfg.validate().is_err(), "{text:?} should not validate");
         }
+    }
+
+    #[test]
+    fn deadlines_by_urgency_and_field() {
+        let cfg = Config::default();
+        let crisis = cfg.deadlines(Urgency::Crisis, 1);
+        assert_eq!(crisis.receipt, Duration::from_secs(3600));
+        assert_eq!(crisis.acceptance, Duration::from_secs(DAY));
+        let routine = cfg.deadlines(Urgency::Routine, 1);
+        assert_eq!(routine.acceptance, Duration::from_secs(10 * DAY));
+        // Child protection is tight whatever the urgency says.
+        let cp = cfg.deadlines(Urgency::Routine, 9);
+        assert_eq!(
+            (cp.receipt, cp.acceptance),
+            (Duration::from_secs(3600), Duration::from_secs(DAY))
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use prost::Message;
 use uuid::Uuid;
 use yeongye_proto::v1;
 
-use crate::referral::{HistoryEntry, Millis, Referral, State, Status, Urgency};
+use crate::referral::{DeadlineKind, HistoryEntry, Millis, Referral, State, Status, Urgency};
 
 /// The namespace of every id the broker derives (see PROTOCOL.md, "Ids").
 pub const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c3a52_7e0b_4d8e_9a43_2b5d7c1e9f10);
@@ -103,6 +103,25 @@ pub fn notification(referral: &Referral, previous: State) -> Vec<u8> {
         note: last.map(|h| h.note.clone()).unwrap_or_default(),
         from_agency: referral.from.clone(),
         to_agency: referral.to.clone(),
+    }
+    .encode_to_vec()
+}
+
+pub fn deadline_kind_to_wire(k: DeadlineKind) -> v1::DeadlineKind {
+    match k {
+        DeadlineKind::Receipt => v1::DeadlineKind::Receipt,
+        DeadlineKind::Acceptance => v1::DeadlineKind::Acceptance,
+    }
+}
+
+pub fn escalation(referral: &Referral, kind: DeadlineKind, due: Millis) -> Vec<u8> {
+    v1::Escalation {
+        referral_id: referral.id.clone(),
+        kind: deadline_kind_to_wire(kind) as i32,
+        due_at_ms: due,
+        from_agency: referral.from.clone(),
+        to_agency: referral.to.clone(),
+        state: state_to_wire(referral.state) as i32,
     }
     .encode_to_vec()
 }

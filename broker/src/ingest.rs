@@ -60,7 +60,8 @@ pub struct Inbound {
 
 pub struct Limits<'a> {
     pub max_message_bytes: usize,
-    pub receipt_deadline: &'a dyn Fn(Urgency) -> Millis,
+    /// Receipt and acceptance durations, ms, for an urgency and a `FieldOfNeed` number.
+    pub deadlines: &'a dyn Fn(Urgency, i32) -> (Millis, Millis),
 }
 
 fn refusal(code: ReasonCode, detail: impl Into<String>, referral_id: &str) -> Refusal {
@@ -215,10 +216,9 @@ fn read_referral(
         ));
     }
     let urgency = urgency_from(&r);
+    let (receipt, acceptance) = (limits.deadlines)(urgency.unwrap_or(Urgency::Routine), r.field);
     let receive_by = if r.receive_by_ms == 0 {
-        now.saturating_add((limits.receipt_deadline)(
-            urgency.unwrap_or(Urgency::Routine),
-        ))
+        now.saturating_add(receipt)
     } else {
         r.receive_by_ms
     };
@@ -228,6 +228,7 @@ fn read_referral(
         to: r.to_agency.clone(),
         urgency: urgency.unwrap_or(Urgency::Routine),
         receive_by,
+        accept_within: acceptance,
         envelope: envelope_bytes.to_vec(),
     };
     let refuse = |code, detail: &str| Request::Refuse(new.clone(), refusal(code, detail, id));
@@ -327,7 +328,7 @@ mod tests {
     fn limits() -> Limits<'static> {
         Limits {
             max_message_bytes: 64 * 1024,
-            receipt_deadline: &|_| 1000,
+            deadlines: &|_, _| (1000, 5000),
         }
     }
 

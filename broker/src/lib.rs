@@ -11,19 +11,24 @@
 //! - [`server`]: the event loop (the only writer) and [`server::batch`], one batch's decisions.
 //! - [`nats`]: connection, streams, consumers.
 //! - [`query`]: status lookups by request/reply.
+//! - [`view`], [`ops`], [`http`]: what operators see — the in-memory view of queues kept by
+//!   the event loop, and the HTTP endpoint (health, metrics, JSON API, dashboard).
 //! - [`config`], [`registry`], [`clock`], [`error`].
 
 pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod ingest;
 pub mod nats;
+pub mod ops;
 pub mod query;
 pub mod referral;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod view;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +47,9 @@ use store::{SledStore, Store};
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let registry = Arc::new(Registry::load(&cfg.registry)?);
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
+    if let Some(path) = &cfg.testing_clock_offset_file {
+        clock::use_offset_file(path.clone());
+    }
     let checkpoint = store.checkpoint()?;
     tracing::info!(
         agencies = registry.len(),
@@ -50,6 +58,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         nats = ?cfg.nats_urls,
         "starting"
     );
+    let view = {
+        let referrals = store.referrals()?;
+        let dead = store.dead_letters()?;
+        view::View::build(&referrals, &dead)
+    };
+    let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
 
     let client = nats::connect(&cfg).await?;
     let js = nats::context(client.clone());
@@ -59,16 +73,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let (commands, command_rx) = tokio::sync::mpsc::channel(16);
+    let http_state = http::AppState {
+        ops: ops.clone(),
+        nats: client.clone(),
+        commands,
+    };
+    let (http_addr, http_task) = http::serve(cfg.http_addr, http_state, token.clone()).await?;
     let queries = tracker.spawn(query::serve(client.clone(), store.clone(), token.clone()));
     let event_loop = server::EventLoop {
         store: store.clone(),
-        registry,
+        ops,
         js,
         cfg: Arc::new(cfg),
     };
-    let mut main = tracker.spawn(event_loop.run(consumer, token.clone()));
+    let mut main = tracker.spawn(event_loop.run(consumer, command_rx, token.clone()));
     tracker.close();
-    tracing::info!("broker ready");
+    tracing::info!(http = %http_addr, "broker ready");
 
     let joined = tokio::select! {
         _ = shutdown => {
@@ -81,6 +102,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     token.cancel();
     tracker.wait().await;
     let loop_result = joined.map_err(|e| Error::Nats(format!("event loop task: {e}")))?;
+    let _ = http_task.await;
     if let Ok(Err(e)) = queries.await {
         tracing::warn!(cause = %e, "status responder stopped with an error");
     }

@@ -41,6 +41,9 @@ pub fn submit(new: NewReferral, cause: &str, now: Millis) -> Transition {
         state: State::Submitted,
         created_at: now,
         receive_by,
+        accept_within: new.accept_within,
+        accept_by: 0,
+        overdue: false,
         envelope: new.envelope,
         history: vec![HistoryEntry {
             state: State::Submitted,
@@ -85,12 +88,41 @@ pub fn refuse(new: NewReferral, cause: &str, note: &str, now: Millis) -> Transit
         to: new.to,
         urgency: new.urgency,
         receive_by: new.receive_by,
+        accept_within: new.accept_within,
+        accept_by: 0,
+        overdue: false,
         envelope: new.envelope,
     };
     Transition {
         referral,
         effects: Vec::new(),
     }
+}
+
+/// An operator replays a referral that was REFUSED, after fixing the cause (say, registering
+/// the recipient): the only way out of a terminal state, and only out of REFUSED. It enters
+/// the system as [`submit`] would, keeping its earlier history.
+pub fn resubmit(
+    previous: &Referral,
+    new: NewReferral,
+    cause: &str,
+    note: &str,
+    now: Millis,
+) -> Result<Transition, TransitionError> {
+    if previous.state != State::Refused {
+        return Err(TransitionError::NotReplayable {
+            state: previous.state,
+        });
+    }
+    let mut t = submit(new, cause, now);
+    let mut history = previous.history.clone();
+    history.extend(t.referral.history.drain(..).map(|mut h| {
+        h.note = note.to_owned();
+        h
+    }));
+    t.referral.history = history;
+    t.referral.created_at = previous.created_at;
+    Ok(t)
 }
 
 /// Applies one event to a referral. `cause` is the id of the message that carried the event
@@ -105,6 +137,7 @@ pub fn apply(
     if from.is_terminal() {
         return Err(TransitionError::Terminal { state: from });
     }
+    let mut next = referral.clone();
     let (to, by, note, effects) = match event {
         Event::DeliveryConfirmed => {
             if from != State::Submitted {
@@ -121,11 +154,34 @@ pub fn apply(
             if !matches!(from, State::Submitted | State::Delivered) {
                 return Err(TransitionError::Superseded { state: from });
             }
-            let effects = vec![notify(&referral.from, from), notify(&referral.to, from)];
+            let effects = vec![
+                notify(&referral.from, from),
+                notify(&referral.to, from),
+                Effect::Escalate {
+                    kind: DeadlineKind::Receipt,
+                    due: referral.receive_by,
+                },
+            ];
             (
                 State::Expired,
                 BROKER,
                 "not received by the deadline",
+                effects,
+            )
+        }
+        Event::DeadlinePassed(DeadlineKind::Acceptance) => {
+            if from != State::Received || referral.overdue {
+                return Err(TransitionError::Superseded { state: from });
+            }
+            next.overdue = true;
+            let effects = vec![Effect::Escalate {
+                kind: DeadlineKind::Acceptance,
+                due: referral.accept_by,
+            }];
+            (
+                State::Received,
+                BROKER,
+                "not accepted or declined by the deadline: escalated",
                 effects,
             )
         }
@@ -165,24 +221,36 @@ pub fn apply(
                 });
             }
             let mut effects = vec![notify(&referral.from, from)];
-            match status {
-                Status::Received => {
+            if *status == Status::Cancelled {
+                effects.push(notify(&referral.to, from));
+            }
+            // Whatever the recipient or sender did, it ends the wait that a deadline guarded.
+            match from {
+                State::Submitted | State::Delivered => {
                     effects.push(Effect::Unschedule {
                         kind: DeadlineKind::Receipt,
+                        at: referral.receive_by,
                     });
                 }
-                Status::Cancelled => {
-                    effects.push(notify(&referral.to, from));
+                State::Received => {
                     effects.push(Effect::Unschedule {
-                        kind: DeadlineKind::Receipt,
+                        kind: DeadlineKind::Acceptance,
+                        at: referral.accept_by,
                     });
+                    next.overdue = false;
                 }
                 _ => {}
+            }
+            if *status == Status::Received {
+                next.accept_by = now.saturating_add(referral.accept_within);
+                effects.push(Effect::Schedule {
+                    kind: DeadlineKind::Acceptance,
+                    at: next.accept_by,
+                });
             }
             (to, by.as_str(), note.as_str(), effects)
         }
     };
-    let mut next = referral.clone();
     next.state = to;
     next.history.push(HistoryEntry {
         state: to,

@@ -11,18 +11,23 @@ pub mod batch;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ingest::{self, Limits};
+use crate::nats;
+use crate::ops::Ops;
 use crate::referral::Millis;
 use crate::registry::Registry;
+use crate::store::{DeadLetter, DeadLetterStatus};
 use crate::store::{OutboxEntry, Store};
 use batch::{Batch, Outcome};
 
@@ -35,9 +40,31 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct EventLoop {
     pub store: Arc<dyn Store>,
-    pub registry: Arc<Registry>,
+    pub ops: Arc<Ops>,
     pub js: jetstream::Context,
     pub cfg: Arc<Config>,
+}
+
+/// What operators ask of the event loop (the only writer).
+pub enum Command {
+    DeadLetter {
+        seq: u64,
+        action: DeadLetterAction,
+        who: String,
+        why: String,
+        reply: oneshot::Sender<Result<DeadLetter, String>>,
+    },
+    /// Read the registry file again (after an agency was added) and create new agencies'
+    /// consumers.
+    ReloadRegistry {
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    Replay,
+    Discard,
 }
 
 struct Pending {
@@ -52,7 +79,12 @@ struct Pending {
 type Messages = async_nats::jetstream::consumer::pull::Stream;
 
 impl EventLoop {
-    pub async fn run(self, consumer: PullConsumer, token: CancellationToken) -> Result<()> {
+    pub async fn run(
+        self,
+        consumer: PullConsumer,
+        mut commands: mpsc::Receiver<Command>,
+        token: CancellationToken,
+    ) -> Result<()> {
         let mut pending = Pending {
             outbox: self.store.outbox()?.into(),
             sent: Vec::new(),
@@ -74,6 +106,10 @@ impl EventLoop {
             let wait = if idle { TICK } else { Duration::ZERO };
             let first = tokio::select! {
                 _ = token.cancelled() => break,
+                Some(cmd) = commands.recv() => {
+                    self.command(cmd, &mut pending).await?;
+                    continue;
+                }
                 m = messages.next() => Some(m),
                 _ = tokio::time::sleep(wait) => None,
             };
@@ -96,7 +132,11 @@ impl EventLoop {
                 }
             }
             if let Some(last) = inbound.last() {
-                caught_up = last.info().map(|i| i.pending == 0).unwrap_or(false);
+                let backlog = last.info().map(|i| i.pending).unwrap_or(u64::MAX);
+                self.ops.backlog.store(backlog, Ordering::Relaxed);
+                caught_up = backlog == 0;
+            } else if caught_up {
+                self.ops.backlog.store(0, Ordering::Relaxed);
             }
 
             self.turn(&inbound, &mut pending, caught_up)?;
@@ -121,6 +161,104 @@ impl EventLoop {
         Ok(())
     }
 
+    async fn command(&self, cmd: Command, pending: &mut Pending) -> Result<()> {
+        match cmd {
+            Command::ReloadRegistry { reply } => {
+                let result = match Registry::load(&self.cfg.registry) {
+                    Ok(r) => match nats::ensure_agency_consumers(&self.js, &r).await {
+                        Ok(()) => {
+                            let n = r.len();
+                            self.ops.set_registry(Arc::new(r));
+                            tracing::info!(agencies = n, "registry reloaded");
+                            Ok(n)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(result);
+            }
+            Command::DeadLetter {
+                seq,
+                action,
+                who,
+                why,
+                reply,
+            } => {
+                let result = self
+                    .dead_letter_action(seq, action, &who, &why, pending)
+                    .await?;
+                let _ = reply.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter_action(
+        &self,
+        seq: u64,
+        action: DeadLetterAction,
+        who: &str,
+        why: &str,
+        pending: &mut Pending,
+    ) -> Result<Result<DeadLetter, String>> {
+        let store = self.store.as_ref();
+        let Some(dead) = store.dead_letter(seq)? else {
+            return Ok(Err(format!("no dead letter {seq}")));
+        };
+        if dead.status != DeadLetterStatus::Open {
+            return Ok(Err(format!(
+                "dead letter {seq} is already {}",
+                dead.status.as_str()
+            )));
+        }
+        let now = clock::now_ms();
+        let registry = self.ops.registry();
+        let mut batch = Batch::new(store).with_coordinator(self.cfg.coordinator.as_deref());
+        batch.remove_sent(pending.sent.iter().copied());
+        for (id, at) in &pending.confirmed {
+            batch.delivery_confirmed(id, *at)?;
+        }
+        let outcome = match action {
+            DeadLetterAction::Discard => {
+                batch.discard(&dead, who, why, now);
+                Ok(())
+            }
+            DeadLetterAction::Replay => {
+                let read = self.read(&dead.subject, &dead.raw, seq, now, &registry);
+                batch.replay(&dead, read, who, why, now)?
+            }
+        };
+        self.commit(batch, Vec::new(), pending)?;
+        self.publish(pending).await;
+        let updated = store.dead_letter(seq)?;
+        Ok(match (outcome, updated) {
+            (Ok(()), Some(d)) => Ok(d),
+            (Ok(()), None) => Err("the dead letter vanished".to_owned()),
+            (Err(e), _) => Err(e),
+        })
+    }
+
+    fn read(
+        &self,
+        subject: &str,
+        bytes: &[u8],
+        seq: u64,
+        at: Millis,
+        registry: &Registry,
+    ) -> ingest::Inbound {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let deadlines = |u, field| {
+            let d = self.cfg.deadlines(u, field);
+            (ms(d.receipt), ms(d.acceptance))
+        };
+        let limits = Limits {
+            max_message_bytes: self.cfg.max_message_bytes,
+            deadlines: &deadlines,
+        };
+        ingest::read(subject, bytes, seq, at, registry, &limits)
+    }
+
     async fn messages(&self, consumer: &PullConsumer) -> Result<Messages> {
         consumer
             .stream()
@@ -132,7 +270,7 @@ impl EventLoop {
             .map_err(Error::nats)
     }
 
-    /// Decides one batch and commits it.
+    /// Decides one batch of inbound messages and the broker's own events, and commits it.
     fn turn(
         &self,
         inbound: &[jetstream::Message],
@@ -140,18 +278,14 @@ impl EventLoop {
         caught_up: bool,
     ) -> Result<()> {
         let store = self.store.as_ref();
-        let mut batch = Batch::new(store);
+        let registry = self.ops.registry();
+        let mut batch = Batch::new(store).with_coordinator(self.cfg.coordinator.as_deref());
         batch.remove_sent(pending.sent.iter().copied());
         for (id, at) in &pending.confirmed {
             batch.delivery_confirmed(id, *at)?;
         }
-        let deadlines = &self.cfg.receipt_deadline_secs;
-        let receipt = |u| i64::try_from(deadlines.for_urgency(u).as_millis()).unwrap_or(i64::MAX);
-        let limits = Limits {
-            max_message_bytes: self.cfg.max_message_bytes,
-            receipt_deadline: &receipt,
-        };
         let (mut applied, mut rejected, mut duplicates) = (0u32, 0u32, 0u32);
+        let mut arrivals = Vec::with_capacity(inbound.len());
         for m in inbound {
             let (seq, at) = match m.info() {
                 Ok(info) => (
@@ -163,14 +297,8 @@ impl EventLoop {
                     continue;
                 }
             };
-            let read = ingest::read(
-                m.subject.as_str(),
-                &m.payload,
-                seq,
-                at,
-                &self.registry,
-                &limits,
-            );
+            let read = self.read(m.subject.as_str(), &m.payload, seq, at, &registry);
+            arrivals.push(at);
             match batch.inbound(read, seq, at, &m.payload)? {
                 Outcome::Applied => applied += 1,
                 Outcome::Rejected(_) => rejected += 1,
@@ -184,22 +312,57 @@ impl EventLoop {
                 batch.deadline(d)?;
             }
         }
-        let changes = batch.finish();
+        let committed = self.commit(batch, arrivals, pending)?;
+        tracing::debug!(applied, rejected, duplicates, committed, "turn");
+        Ok(())
+    }
+
+    /// Commits a batch, then brings the view and the pending outbox up to date. `arrivals` are
+    /// the stream times of the inbound messages in it (for the latency histogram). Returns
+    /// whether there was anything to commit.
+    fn commit(
+        &self,
+        batch: Batch<'_>,
+        arrivals: Vec<Millis>,
+        pending: &mut Pending,
+    ) -> Result<bool> {
+        let (changes, view_changes) = batch.finish();
         if changes.is_empty() {
-            return Ok(());
+            self.ops.turned(clock::now_ms());
+            return Ok(false);
         }
-        tokio::task::block_in_place(|| store.commit(&changes))?;
-        tracing::debug!(
-            applied,
-            rejected,
-            duplicates,
-            outbox = changes.outbox_put.len(),
-            "batch committed"
-        );
+        let committed = tokio::task::block_in_place(|| self.store.commit(&changes));
+        self.ops
+            .store_ok
+            .store(committed.is_ok(), Ordering::Relaxed);
+        committed?;
+        let now = clock::now_ms();
+        for at in arrivals {
+            self.ops
+                .commit_latency
+                .observe((now - at).max(0) as f64 / 1000.0);
+        }
+        self.ops.update_view(|v| {
+            for (old, new) in &view_changes {
+                v.change(old.as_ref(), new);
+            }
+            v.add_dead_letters(&changes.dead_letters);
+            for d in changes
+                .dead_letter_updates
+                .iter()
+                .filter(|d| d.status != DeadLetterStatus::Open)
+            {
+                v.dead_letter_resolved(&d.sender);
+            }
+        });
+        self.ops.turned(now);
         pending.sent.clear();
         pending.confirmed.clear();
         pending.outbox.extend(changes.outbox_put);
-        Ok(())
+        self.ops
+            .outbox
+            .store(pending.outbox.len() as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Publishes the outbox in key order, a window of PubAcks in flight at a time. Returns

@@ -50,6 +50,36 @@ pub struct DeadLetter {
     pub at: Millis,
     /// The message as received (up to the size limit).
     pub raw: Vec<u8>,
+    pub status: DeadLetterStatus,
+    /// What operators did with it.
+    pub actions: Vec<OperatorAction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterStatus {
+    Open,
+    Replayed,
+    Discarded,
+}
+
+impl DeadLetterStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterStatus::Open => "open",
+            DeadLetterStatus::Replayed => "replayed",
+            DeadLetterStatus::Discarded => "discarded",
+        }
+    }
+}
+
+/// One operator action on a dead letter: who, why, when, and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorAction {
+    pub action: String,
+    pub who: String,
+    pub why: String,
+    pub at: Millis,
+    pub outcome: String,
 }
 
 /// Everything one batch changes, written atomically.
@@ -62,7 +92,10 @@ pub struct ChangeSet {
     pub outbox_remove: Vec<u64>,
     pub deadlines_put: Vec<Deadline>,
     pub deadlines_remove: Vec<Deadline>,
+    /// New dead letters.
     pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters an operator acted on (replaced whole).
+    pub dead_letter_updates: Vec<DeadLetter>,
     /// The highest inbound stream sequence applied by this batch.
     pub checkpoint: Option<u64>,
 }
@@ -76,6 +109,7 @@ impl ChangeSet {
             && self.deadlines_put.is_empty()
             && self.deadlines_remove.is_empty()
             && self.dead_letters.is_empty()
+            && self.dead_letter_updates.is_empty()
             && self.checkpoint.is_none()
     }
 }
@@ -109,5 +143,6 @@ pub trait Store: Send + Sync + 'static {
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
     fn dead_letters(&self) -> Result<Vec<DeadLetter>>;
+    fn dead_letter(&self, stream_seq: u64) -> Result<Option<DeadLetter>>;
     fn stats(&self) -> Result<StoreStats>;
 }

@@ -6,6 +6,8 @@
 //! yeongye.out.<agency>.delivery     broker -> agency   (stream YEONGYE_OUT)
 //! yeongye.out.<agency>.notification broker -> agency   (stream YEONGYE_OUT)
 //! yeongye.out.<agency>.rejection    broker -> agency   (stream YEONGYE_OUT)
+//! yeongye.out.<agency>.escalation   broker -> agency   (stream YEONGYE_OUT)
+//! yeongye.out.<agency>.withdrawal   broker -> agency   (stream YEONGYE_OUT)
 //! yeongye.query.<agency>            agency -> broker   (core NATS request/reply)
 //! ```
 
@@ -38,6 +40,8 @@ pub enum OutKind {
     Delivery,
     Notification,
     Rejection,
+    Escalation,
+    Withdrawal,
 }
 
 impl InKind {
@@ -55,6 +59,8 @@ impl OutKind {
             OutKind::Delivery => "delivery",
             OutKind::Notification => "notification",
             OutKind::Rejection => "rejection",
+            OutKind::Escalation => "escalation",
+            OutKind::Withdrawal => "withdrawal",
         }
     }
 
@@ -63,6 +69,8 @@ impl OutKind {
             "delivery" => Some(OutKind::Delivery),
             "notification" => Some(OutKind::Notification),
             "rejection" => Some(OutKind::Rejection),
+            "escalation" => Some(OutKind::Escalation),
+            "withdrawal" => Some(OutKind::Withdrawal),
             _ => None,
         }
     }

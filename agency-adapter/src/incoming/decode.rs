@@ -43,6 +43,8 @@ pub(crate) fn decode(me: &str, subject: &str, bytes: &[u8]) -> Result<Decoded, S
         Some(v1::PayloadType::Delivery) => OutKind::Delivery,
         Some(v1::PayloadType::Notification) => OutKind::Notification,
         Some(v1::PayloadType::Rejection) => OutKind::Rejection,
+        Some(v1::PayloadType::Escalation) => OutKind::Escalation,
+        Some(v1::PayloadType::Withdrawal) => OutKind::Withdrawal,
         _ => {
             return Err(format!(
                 "payload type {} is not one an agency receives",
@@ -69,6 +71,16 @@ pub(crate) fn decode(me: &str, subject: &str, bytes: &[u8]) -> Result<Decoded, S
             let r = v1::Rejection::decode(payload)
                 .map_err(|e| format!("Rejection payload does not decode: {e}"))?;
             (non_empty(&r.referral_id), ItemKind::Rejection(r))
+        }
+        OutKind::Escalation => {
+            let e = v1::Escalation::decode(payload)
+                .map_err(|e| format!("Escalation payload does not decode: {e}"))?;
+            (non_empty(&e.referral_id), ItemKind::Escalation(e))
+        }
+        OutKind::Withdrawal => {
+            let w = v1::Withdrawal::decode(payload)
+                .map_err(|e| format!("Withdrawal payload does not decode: {e}"))?;
+            (non_empty(&w.referral_id), ItemKind::Withdrawal(w))
         }
     };
     Ok(Decoded {

@@ -4,14 +4,19 @@ use super::{Referral, State, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeadlineKind {
-    /// The recipient must acknowledge (RECEIVED) by the referral's `receive_by`.
+    /// The recipient must acknowledge (RECEIVED) by the referral's `receive_by`, or the
+    /// referral EXPIRES.
     Receipt,
+    /// The recipient must accept or decline by the referral's `accept_by`, or the referral is
+    /// marked overdue and escalated.
+    Acceptance,
 }
 
 impl DeadlineKind {
     pub fn as_str(self) -> &'static str {
         match self {
             DeadlineKind::Receipt => "receipt",
+            DeadlineKind::Acceptance => "acceptance",
         }
     }
 }
@@ -19,21 +24,23 @@ impl DeadlineKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Put the referral (its original envelope) in the recipient's queue.
-    Deliver {
-        to: String,
-    },
+    Deliver { to: String },
     /// Tell an agency that the referral is now in the transition's state (it was in `previous`).
-    Notify {
-        to: String,
-        previous: State,
-    },
+    Notify { to: String, previous: State },
     /// Fire [`super::Event::DeadlinePassed`] at `at` unless unscheduled first.
     Schedule {
         kind: DeadlineKind,
         at: super::Millis,
     },
+    /// Cancel the deadline scheduled for `at`.
     Unschedule {
         kind: DeadlineKind,
+        at: super::Millis,
+    },
+    /// Tell the sender and the district's coordinator that a deadline passed.
+    Escalate {
+        kind: DeadlineKind,
+        due: super::Millis,
     },
 }
 
@@ -52,6 +59,9 @@ pub enum TransitionError {
     Illegal { from: State, status: Status },
     #[error("agency {agency} may not set {status:?} on this referral")]
     NotAParty { agency: String, status: Status },
+    /// Only a REFUSED referral can be replayed by an operator.
+    #[error("only a REFUSED referral can be replayed; this one is {state}")]
+    NotReplayable { state: State },
     /// A broker event that no longer applies (the referral moved on first). Not an error to
     /// report to anyone: the caller drops the event.
     #[error("the event no longer applies: the referral is {state}")]

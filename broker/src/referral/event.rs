@@ -53,6 +53,8 @@ pub struct NewReferral {
     pub to: String,
     pub urgency: Urgency,
     pub receive_by: Millis,
+    /// How long the recipient has, once it has RECEIVED the referral, to accept or decline.
+    pub accept_within: Millis,
     /// The sender's envelope, exactly as received: delivered unchanged to the recipient.
     pub envelope: Vec<u8>,
 }
@@ -78,6 +80,12 @@ pub struct Referral {
     pub state: State,
     pub created_at: Millis,
     pub receive_by: Millis,
+    pub accept_within: Millis,
+    /// Set when RECEIVED: `at + accept_within`.
+    pub accept_by: Millis,
+    /// A deadline passed while the referral waited on its recipient; cleared when the
+    /// recipient acts.
+    pub overdue: bool,
     pub envelope: Vec<u8>,
     pub history: Vec<HistoryEntry>,
 }

@@ -11,7 +11,10 @@ use crate::convert::{self, derive_id};
 use crate::error::Result;
 use crate::ingest::{Inbound, Origin, Refusal, Request};
 use crate::referral::{self, Effect, Event, Millis, Referral, Transition, TransitionError};
-use crate::store::{ChangeSet, DeadLetter, Deadline, OutboxEntry, Store};
+use crate::store::{
+    ChangeSet, DeadLetter, DeadLetterStatus, Deadline, OperatorAction, OutboxEntry, Store,
+};
+use crate::view::Summary;
 
 /// Longest part of a rejected message kept in its dead letter.
 const MAX_DEAD_LETTER_BYTES: usize = 64 * 1024;
@@ -26,20 +29,35 @@ pub enum Outcome {
 
 pub struct Batch<'a> {
     store: &'a dyn Store,
+    /// The agency told of every escalation besides the sender.
+    coordinator: Option<&'a str>,
     changes: ChangeSet,
     /// Referrals changed in this batch, newer than the store's copy.
     touched: HashMap<String, Referral>,
+    /// The store's summary of each touched referral before this batch (None: new).
+    before: HashMap<String, Option<Summary>>,
     seen: HashSet<String>,
 }
+
+/// A referral's summary before and after a batch, for the operators' view.
+pub type ViewChange = (Option<Summary>, Summary);
 
 impl<'a> Batch<'a> {
     pub fn new(store: &'a dyn Store) -> Batch<'a> {
         Batch {
             store,
+            coordinator: None,
             changes: ChangeSet::default(),
             touched: HashMap::new(),
+            before: HashMap::new(),
             seen: HashSet::new(),
         }
+    }
+
+    /// Escalations also go to `coordinator` (the district's Hope Welfare Support Group).
+    pub fn with_coordinator(mut self, coordinator: Option<&'a str>) -> Batch<'a> {
+        self.coordinator = coordinator;
+        self
     }
 
     fn referral(&self, id: &str) -> Result<Option<Referral>> {
@@ -139,6 +157,105 @@ impl<'a> Batch<'a> {
         }
     }
 
+    /// An operator replays a dead letter (`read` is it read again, with today's registry).
+    /// Returns what came of it; the dead letter's record is updated either way.
+    pub fn replay(
+        &mut self,
+        dead: &DeadLetter,
+        read: Inbound,
+        who: &str,
+        why: &str,
+        at: Millis,
+    ) -> Result<Result<(), String>> {
+        let cause = format!("replay/{}/{}", dead.stream_seq, dead.actions.len());
+        let note = format!("replayed by {who}: {why}");
+        let outcome = match read.request {
+            Request::Submit(new) => match self.referral(&new.id)? {
+                None => {
+                    let t = referral::submit(new, &cause, at);
+                    self.transition(t, &cause, at);
+                    Ok(())
+                }
+                Some(old) if old.from == new.from => {
+                    match referral::resubmit(&old, new, &cause, &note, at) {
+                        Ok(t) => {
+                            self.transition(t, &cause, at);
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Some(_) => Err("a referral with this id exists from another sender".to_owned()),
+            },
+            Request::Status {
+                referral_id,
+                by,
+                status,
+                note: status_note,
+            } => match self.referral(&referral_id)? {
+                Some(r) if r.from == by || r.to == by => {
+                    let event = Event::Status {
+                        by,
+                        status,
+                        note: status_note,
+                    };
+                    match referral::apply(&r, &event, &cause, at) {
+                        Ok(t) => {
+                            self.transition(t, &cause, at);
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                _ => Err("no such referral for this agency".to_owned()),
+            },
+            Request::Refuse(_, r) | Request::Reject(r) => Err(format!(
+                "still refused: {} ({})",
+                r.code.as_str_name(),
+                r.detail
+            )),
+        };
+        let mut updated = dead.clone();
+        updated.actions.push(OperatorAction {
+            action: "replay".to_owned(),
+            who: who.to_owned(),
+            why: why.to_owned(),
+            at,
+            outcome: match &outcome {
+                Ok(()) => "replayed".to_owned(),
+                Err(e) => format!("failed: {e}"),
+            },
+        });
+        if outcome.is_ok() {
+            updated.status = DeadLetterStatus::Replayed;
+        }
+        tracing::info!(
+            seq = dead.stream_seq,
+            ok = outcome.is_ok(),
+            "dead letter replayed by an operator"
+        );
+        self.changes.dead_letter_updates.push(updated);
+        Ok(outcome)
+    }
+
+    /// An operator discards a dead letter.
+    pub fn discard(&mut self, dead: &DeadLetter, who: &str, why: &str, at: Millis) {
+        let mut updated = dead.clone();
+        updated.status = DeadLetterStatus::Discarded;
+        updated.actions.push(OperatorAction {
+            action: "discard".to_owned(),
+            who: who.to_owned(),
+            why: why.to_owned(),
+            at,
+            outcome: "discarded".to_owned(),
+        });
+        tracing::info!(
+            seq = dead.stream_seq,
+            "dead letter discarded by an operator"
+        );
+        self.changes.dead_letter_updates.push(updated);
+    }
+
     /// The stream acknowledged the delivery of `referral_id`.
     pub fn delivery_confirmed(&mut self, referral_id: &str, at: Millis) -> Result<()> {
         self.broker_event(referral_id, Event::DeliveryConfirmed, "delivered", at)
@@ -175,14 +292,32 @@ impl<'a> Batch<'a> {
         self.changes.outbox_remove.extend(keys);
     }
 
-    pub fn finish(self) -> ChangeSet {
+    /// The change set to commit, and how each touched referral's summary changed.
+    pub fn finish(self) -> (ChangeSet, Vec<ViewChange>) {
         let mut changes = self.changes;
+        let mut before = self.before;
+        let view = self
+            .touched
+            .values()
+            .map(|r| (before.remove(&r.id).flatten(), Summary::of(r)))
+            .collect();
         changes.referrals = self.touched.into_values().collect();
-        changes
+        (changes, view)
     }
 
     fn transition(&mut self, t: Transition, cause: &str, at: Millis) {
         let Transition { referral, effects } = t;
+        if !self.before.contains_key(&referral.id) {
+            // Not touched yet in this batch: what the store holds is the "before".
+            let old = match self.store.referral(&referral.id) {
+                Ok(old) => old.as_ref().map(Summary::of),
+                Err(e) => {
+                    tracing::error!(cause = %e, "reading a referral's previous state");
+                    None
+                }
+            };
+            self.before.insert(referral.id.clone(), old);
+        }
         for (n, effect) in effects.into_iter().enumerate() {
             let id = derive_id(cause, n);
             match effect {
@@ -210,19 +345,37 @@ impl<'a> Batch<'a> {
                         None,
                     );
                 }
+                // Within one batch the last word on a deadline wins: the store applies all
+                // removals before all insertions, so a pair must cancel out here.
                 Effect::Schedule { kind, at } => {
-                    self.changes.deadlines_put.push(Deadline {
-                        at,
-                        kind,
-                        referral_id: referral.id.clone(),
-                    });
+                    let d = Deadline { at, kind, referral_id: referral.id.clone() };
+                    self.changes.deadlines_remove.retain(|x| *x != d);
+                    self.changes.deadlines_put.push(d);
                 }
-                Effect::Unschedule { kind } => {
-                    self.changes.deadlines_remove.push(Deadline {
-                        at: referral.receive_by,
-                        kind,
-                        referral_id: referral.id.clone(),
-                    });
+                Effect::Unschedule { kind, at } => {
+                    let d = Deadline { at, kind, referral_id: referral.id.clone() };
+                    self.changes.deadlines_put.retain(|x| *x != d);
+                    self.changes.deadlines_remove.push(d);
+                }
+                Effect::Escalate { kind, due } => {
+                    let mut targets = vec![referral.from.clone()];
+                    if let Some(c) = self.coordinator.filter(|c| *c != referral.from) {
+                        targets.push(c.to_owned());
+                    }
+                    tracing::warn!(referral_id = %referral.id, kind = kind.as_str(), to = %referral.to, "deadline passed: escalating");
+                    let payload = convert::escalation(&referral, kind, due);
+                    for (i, target) in targets.iter().enumerate() {
+                        let id = derive_id(&format!("{cause}/escalate"), i);
+                        self.publish(
+                            target,
+                            OutKind::Escalation,
+                            id,
+                            at,
+                            PayloadType::Escalation,
+                            payload.clone(),
+                            None,
+                        );
+                    }
                 }
             }
         }
@@ -297,6 +450,8 @@ impl<'a> Batch<'a> {
             detail: r.detail.clone(),
             at,
             raw: raw[..raw.len().min(MAX_DEAD_LETTER_BYTES)].to_vec(),
+            status: DeadLetterStatus::Open,
+            actions: Vec::new(),
         });
         if let Some(to) = &origin.reply_to {
             let rejection = v1::Rejection {
@@ -335,7 +490,9 @@ fn reason(e: &TransitionError) -> ReasonCode {
         TransitionError::Terminal { .. } => ReasonCode::TerminalState,
         TransitionError::Illegal { .. } => ReasonCode::IllegalTransition,
         TransitionError::NotAParty { .. } => ReasonCode::NotAParty,
-        TransitionError::Superseded { .. } => ReasonCode::IllegalTransition,
+        TransitionError::Superseded { .. } | TransitionError::NotReplayable { .. } => {
+            ReasonCode::IllegalTransition
+        }
     }
 }
 
@@ -345,7 +502,7 @@ mod tests {
 
     use super::*;
     use crate::ingest::{self, Limits};
-    use crate::referral::State;
+    use crate::referral::{DeadlineKind, State};
     use crate::registry::Registry;
     use crate::store::SledStore;
 
@@ -411,7 +568,7 @@ mod tests {
         let reg = registry();
         let limits = Limits {
             max_message_bytes: 65536,
-            receipt_deadline: &|_| 1000,
+            deadlines: &|_, _| (1000, 5000),
         };
         let mut b = Batch::new(store);
         let mut out = Vec::new();
@@ -420,7 +577,7 @@ mod tests {
             let read = ingest::read(subject, bytes, seq, at, &reg, &limits);
             out.push(b.inbound(read, seq, at, bytes).unwrap());
         }
-        let c = b.finish();
+        let (c, _) = b.finish();
         store.commit(&c).unwrap();
         (out, c)
     }
@@ -494,7 +651,7 @@ mod tests {
         run(&s, &[referral_msg("r1", "m1")], 1, 100);
         let mut b = Batch::new(&s);
         b.delivery_confirmed("r1", 150).unwrap();
-        let c = b.finish();
+        let (c, _) = b.finish();
         s.commit(&c).unwrap();
         assert_eq!(subjects(&c), ["yeongye.out.a.notification"]);
         assert_eq!(s.referral("r1").unwrap().unwrap().state, State::Delivered);
@@ -547,8 +704,10 @@ mod tests {
                 State::Completed
             ]
         );
-        // Receipt unschedules the deadline.
-        assert_eq!(c.deadlines_remove.len(), 1);
+        // Receipt unschedules the receipt deadline and schedules the acceptance deadline;
+        // acceptance unschedules that.
+        let kinds: Vec<_> = c.deadlines_remove.iter().map(|d| d.kind).collect();
+        assert_eq!(kinds, [DeadlineKind::Receipt, DeadlineKind::Acceptance]);
         assert!(s.due(i64::MAX, 10).unwrap().is_empty());
         let (out, _) = run(
             &s,
@@ -565,18 +724,120 @@ mod tests {
         run(&s, &[referral_msg("r1", "m1")], 1, 100);
         let due = s.due(1100, 10).unwrap();
         assert_eq!(due.len(), 1);
-        let mut b = Batch::new(&s);
+        let mut b = Batch::new(&s).with_coordinator(Some("c"));
         for d in due {
             b.deadline(d).unwrap();
         }
-        let c = b.finish();
+        let (c, view) = b.finish();
         s.commit(&c).unwrap();
         assert_eq!(s.referral("r1").unwrap().unwrap().state, State::Expired);
         assert_eq!(
             subjects(&c),
-            ["yeongye.out.a.notification", "yeongye.out.b.notification"]
+            [
+                "yeongye.out.a.notification",
+                "yeongye.out.b.notification",
+                "yeongye.out.a.escalation",
+                "yeongye.out.c.escalation"
+            ]
         );
         assert!(s.due(i64::MAX, 10).unwrap().is_empty());
+        assert_eq!(view[0].0.as_ref().map(|s| s.state), Some(State::Submitted));
+        assert_eq!(view[0].1.state, State::Expired);
+    }
+
+    #[test]
+    fn a_referral_not_accepted_in_time_is_escalated_once() {
+        let s = SledStore::temporary().unwrap();
+        run(&s, &[referral_msg("r1", "m1")], 1, 100);
+        run(
+            &s,
+            &[status_msg("b", "r1", "s1", v1::Status::Received)],
+            2,
+            200,
+        );
+        // Received at 200, 5000 ms to accept.
+        assert!(s.due(5199, 10).unwrap().is_empty());
+        let due = s.due(5200, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].kind, DeadlineKind::Acceptance);
+        let mut b = Batch::new(&s).with_coordinator(Some("c"));
+        b.deadline(due[0].clone()).unwrap();
+        let (c, _) = b.finish();
+        s.commit(&c).unwrap();
+        assert_eq!(
+            subjects(&c),
+            ["yeongye.out.a.escalation", "yeongye.out.c.escalation"]
+        );
+        let r = s.referral("r1").unwrap().unwrap();
+        assert!(r.overdue);
+        assert_eq!(r.state, State::Received);
+        // Fired once: nothing is due any more, and a repeat of the event changes nothing.
+        assert!(s.due(i64::MAX, 10).unwrap().is_empty());
+        let mut b = Batch::new(&s).with_coordinator(Some("c"));
+        b.deadline(due[0].clone()).unwrap();
+        assert!(b.finish().0.outbox_put.is_empty());
+        // Accepting late clears the flag.
+        run(
+            &s,
+            &[status_msg("b", "r1", "s2", v1::Status::Accepted)],
+            3,
+            9000,
+        );
+        assert!(!s.referral("r1").unwrap().unwrap().overdue);
+    }
+
+    #[test]
+    fn an_operator_replays_a_refused_referral_once_its_cause_is_fixed() {
+        let s = SledStore::temporary().unwrap();
+        // "b" is not registered yet.
+        let only_a =
+            Registry::from_toml("[[agency]]\nid = \"a\"\nname = \"가\"\nkind = \"k\"").unwrap();
+        let limits = Limits {
+            max_message_bytes: 65536,
+            deadlines: &|_, _| (1000, 5000),
+        };
+        let (subject, bytes) = referral_msg("r1", "m1");
+        let mut b = Batch::new(&s);
+        let read = ingest::read(&subject, &bytes, 1, 100, &only_a, &limits);
+        assert_eq!(
+            b.inbound(read, 1, 100, &bytes).unwrap(),
+            Outcome::Rejected(ReasonCode::UnknownRecipient)
+        );
+        s.commit(&b.finish().0).unwrap();
+        assert_eq!(s.referral("r1").unwrap().unwrap().state, State::Refused);
+        let dead = s.dead_letter(1).unwrap().unwrap();
+
+        // Replayed while the cause remains: refused again, the dead letter stays open.
+        let mut b = Batch::new(&s);
+        let read = ingest::read(&subject, &dead.raw, 1, 200, &only_a, &limits);
+        let outcome = b
+            .replay(&dead, read, "operator kim", "first try", 200)
+            .unwrap();
+        assert!(outcome.unwrap_err().contains("UNKNOWN_RECIPIENT"));
+        s.commit(&b.finish().0).unwrap();
+        let dead = s.dead_letter(1).unwrap().unwrap();
+        assert_eq!(dead.status, DeadLetterStatus::Open);
+        assert_eq!(dead.actions.len(), 1);
+
+        // Registered now: replayed, delivered, the history kept.
+        let mut b = Batch::new(&s);
+        let read = ingest::read(&subject, &dead.raw, 1, 300, &registry(), &limits);
+        b.replay(&dead, read, "operator kim", "recipient registered", 300)
+            .unwrap()
+            .unwrap();
+        let (c, _) = b.finish();
+        s.commit(&c).unwrap();
+        assert_eq!(
+            subjects(&c),
+            ["yeongye.out.b.delivery", "yeongye.out.a.notification"]
+        );
+        let r = s.referral("r1").unwrap().unwrap();
+        let states: Vec<_> = r.history.iter().map(|h| h.state).collect();
+        assert_eq!(states, [State::Refused, State::Submitted]);
+        assert!(r.history[1].note.contains("operator kim"));
+        let dead = s.dead_letter(1).unwrap().unwrap();
+        assert_eq!(dead.status, DeadLetterStatus::Replayed);
+        assert_eq!(dead.actions[1].who, "operator kim");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use prost::Message;
 
-use super::{DeadLetter, OutboxEntry};
+use super::{DeadLetter, DeadLetterStatus, OperatorAction, OutboxEntry};
 use crate::error::{Error, Result};
 use crate::referral::{HistoryEntry, Referral, State, Urgency};
 
@@ -27,6 +27,12 @@ struct ReferralRecord {
     envelope: Vec<u8>,
     #[prost(message, repeated, tag = "9")]
     history: Vec<HistoryRecord>,
+    #[prost(int64, tag = "10")]
+    accept_within: i64,
+    #[prost(int64, tag = "11")]
+    accept_by: i64,
+    #[prost(bool, tag = "12")]
+    overdue: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -73,6 +79,25 @@ struct DeadLetterRecord {
     at: i64,
     #[prost(bytes = "vec", tag = "8")]
     raw: Vec<u8>,
+    /// 0 open, 1 replayed, 2 discarded.
+    #[prost(uint32, tag = "9")]
+    status: u32,
+    #[prost(message, repeated, tag = "10")]
+    actions: Vec<ActionRecord>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ActionRecord {
+    #[prost(string, tag = "1")]
+    action: String,
+    #[prost(string, tag = "2")]
+    who: String,
+    #[prost(string, tag = "3")]
+    why: String,
+    #[prost(int64, tag = "4")]
+    at: i64,
+    #[prost(string, tag = "5")]
+    outcome: String,
 }
 
 fn state_code(s: State) -> u32 {
@@ -127,6 +152,9 @@ pub(super) fn encode_referral(r: &Referral) -> Vec<u8> {
         created_at: r.created_at,
         receive_by: r.receive_by,
         envelope: r.envelope.clone(),
+        accept_within: r.accept_within,
+        accept_by: r.accept_by,
+        overdue: r.overdue,
         history: r
             .history
             .iter()
@@ -162,6 +190,9 @@ pub(super) fn decode_referral(key: &str, bytes: &[u8]) -> Result<Referral> {
         state: state_from(r.state).ok_or_else(|| corrupt(key, "unknown state"))?,
         created_at: r.created_at,
         receive_by: r.receive_by,
+        accept_within: r.accept_within,
+        accept_by: r.accept_by,
+        overdue: r.overdue,
         envelope: r.envelope,
         history,
     })
@@ -199,6 +230,22 @@ pub(super) fn encode_dead_letter(d: &DeadLetter) -> Vec<u8> {
         detail: d.detail.clone(),
         at: d.at,
         raw: d.raw.clone(),
+        status: match d.status {
+            DeadLetterStatus::Open => 0,
+            DeadLetterStatus::Replayed => 1,
+            DeadLetterStatus::Discarded => 2,
+        },
+        actions: d
+            .actions
+            .iter()
+            .map(|a| ActionRecord {
+                action: a.action.clone(),
+                who: a.who.clone(),
+                why: a.why.clone(),
+                at: a.at,
+                outcome: a.outcome.clone(),
+            })
+            .collect(),
     }
     .encode_to_vec()
 }
@@ -216,6 +263,23 @@ pub(super) fn decode_dead_letter(seq: u64, bytes: &[u8]) -> Result<DeadLetter> {
         detail: r.detail,
         at: r.at,
         raw: r.raw,
+        status: match r.status {
+            0 => DeadLetterStatus::Open,
+            1 => DeadLetterStatus::Replayed,
+            2 => DeadLetterStatus::Discarded,
+            _ => return Err(corrupt(&format!("dead-letter/{seq}"), "unknown status")),
+        },
+        actions: r
+            .actions
+            .into_iter()
+            .map(|a| OperatorAction {
+                action: a.action,
+                who: a.who,
+                why: a.why,
+                at: a.at,
+                outcome: a.outcome,
+            })
+            .collect(),
     })
 }
 

@@ -66,12 +66,14 @@ fn time_from_be(b: &[u8]) -> Option<Millis> {
 fn kind_byte(k: DeadlineKind) -> u8 {
     match k {
         DeadlineKind::Receipt => b'r',
+        DeadlineKind::Acceptance => b'a',
     }
 }
 
 fn kind_from(b: u8) -> Option<DeadlineKind> {
     match b {
         b'r' => Some(DeadlineKind::Receipt),
+        b'a' => Some(DeadlineKind::Acceptance),
         _ => None,
     }
 }
@@ -129,7 +131,7 @@ impl Store for SledStore {
         for d in &c.deadlines_put {
             b.insert(deadline_key(d), &[]);
         }
-        for d in &c.dead_letters {
+        for d in c.dead_letters.iter().chain(&c.dead_letter_updates) {
             b.insert(
                 key(b"x/", &d.stream_seq.to_be_bytes()),
                 codec::encode_dead_letter(d),
@@ -234,6 +236,13 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
+        match self.db.get(key(b"x/", &seq.to_be_bytes()))? {
+            Some(v) => Ok(Some(codec::decode_dead_letter(seq, &v)?)),
+            None => Ok(None),
+        }
+    }
+
     fn stats(&self) -> Result<StoreStats> {
         let count = |p: &[u8]| self.db.scan_prefix(p).keys().count() as u64;
         Ok(StoreStats {
@@ -260,6 +269,9 @@ mod tests {
             state: State::Submitted,
             created_at: 5,
             receive_by: 100,
+            accept_within: 50,
+            accept_by: 0,
+            overdue: false,
             envelope: vec![1, 2, 3],
             history: vec![HistoryEntry {
                 state: State::Submitted,

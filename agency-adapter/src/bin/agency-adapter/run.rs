@@ -127,6 +127,14 @@ fn summary(item: &Item) -> Value {
             "code": enum_name(r.code, |v| v1::ReasonCode::try_from(v).ok().map(|c| c.as_str_name())),
             "detail": r.detail,
         }),
+        ItemKind::Escalation(e) => json!({
+            "kind": "escalation",
+            "message_id": item.message_id(),
+            "referral_id": item.referral_id(),
+            "deadline": enum_name(e.kind, |v| v1::DeadlineKind::try_from(v).ok().map(|k| k.as_str_name())),
+            "to_agency": e.to_agency,
+            "state": enum_name(e.state, |v| v1::ReferralState::try_from(v).ok().map(|s| s.as_str_name())),
+        }),
         other => json!({
             "kind": other.name(),
             "message_id": item.message_id(),

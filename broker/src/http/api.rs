@@ -1,0 +1,345 @@
+//! The JSON API under `/api/v1`: queues, overdue referrals, one referral's state and history,
+//! dead letters, and the operator actions on them (replay, discard — each with who and why).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use yeongye_proto::v1::ReasonCode;
+
+use super::AppState;
+use crate::clock;
+use crate::referral::Referral;
+use crate::server::{Command, DeadLetterAction};
+use crate::store::DeadLetter;
+
+fn reason_name(code: i32) -> String {
+    ReasonCode::try_from(code)
+        .map(|c| c.as_str_name().to_owned())
+        .unwrap_or_else(|_| code.to_string())
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    #[derive(Serialize)]
+    struct Problem {
+        status: u16,
+        detail: String,
+    }
+    (
+        status,
+        Json(Problem {
+            status: status.as_u16(),
+            detail: detail.into(),
+        }),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+pub(crate) struct QueueRow {
+    id: String,
+    name: String,
+    kind: String,
+    #[serde(flatten)]
+    queue: crate::view::AgencyQueue,
+    /// Age of the oldest referral to this agency not yet RECEIVED, ms (null: none).
+    oldest_unacknowledged_age_ms: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Queues {
+    at_ms: i64,
+    agencies: Vec<QueueRow>,
+    states: std::collections::BTreeMap<&'static str, u64>,
+    overdue: u64,
+    dead_letters: u64,
+    refusals: std::collections::BTreeMap<String, u64>,
+    outbox: u64,
+}
+
+pub(crate) fn queues_now(state: &AppState) -> Queues {
+    let view = state.ops.view();
+    let registry = state.ops.registry();
+    let now = clock::now_ms();
+    let mut agencies: Vec<QueueRow> = registry
+        .iter()
+        .map(|a| QueueRow {
+            id: a.id.clone(),
+            name: a.name.clone(),
+            kind: a.kind.clone(),
+            queue: view.queue(&a.id),
+            oldest_unacknowledged_age_ms: view.oldest_unacked(&a.id).map(|at| (now - at).max(0)),
+        })
+        .collect();
+    // Agencies that have referrals but have left the registry still show.
+    for (id, q) in view.agencies() {
+        if !registry.contains(id) {
+            agencies.push(QueueRow {
+                id: id.clone(),
+                name: String::new(),
+                kind: String::new(),
+                queue: q.clone(),
+                oldest_unacknowledged_age_ms: view.oldest_unacked(id).map(|at| (now - at).max(0)),
+            });
+        }
+    }
+    Queues {
+        at_ms: now,
+        agencies,
+        states: view.by_state().map(|(s, n)| (s.as_str(), n)).collect(),
+        overdue: view.overdue_count(),
+        dead_letters: view.dead_letters(),
+        refusals: view
+            .refusals()
+            .iter()
+            .map(|(c, n)| (reason_name(*c), *n))
+            .collect(),
+        outbox: state.ops.outbox.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+pub(super) async fn queues(State(state): State<AppState>) -> Json<Queues> {
+    Json(queues_now(&state))
+}
+
+#[derive(Serialize)]
+pub(crate) struct OverdueRow {
+    referral_id: String,
+    from: String,
+    to: String,
+    state: &'static str,
+    created_at_ms: i64,
+    age_ms: i64,
+}
+
+pub(super) async fn overdue(State(state): State<AppState>) -> Json<Vec<OverdueRow>> {
+    let now = clock::now_ms();
+    let view = state.ops.view();
+    Json(
+        view.overdue()
+            .map(|s| OverdueRow {
+                referral_id: s.id.clone(),
+                from: s.from.clone(),
+                to: s.to.clone(),
+                state: s.state.as_str(),
+                created_at_ms: s.created_at,
+                age_ms: (now - s.created_at).max(0),
+            })
+            .collect(),
+    )
+}
+
+#[derive(Serialize)]
+struct HistoryRow {
+    state: &'static str,
+    by: String,
+    at_ms: i64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ReferralView {
+    referral_id: String,
+    state: &'static str,
+    from: String,
+    to: String,
+    created_at_ms: i64,
+    receive_by_ms: i64,
+    accept_by_ms: i64,
+    overdue: bool,
+    history: Vec<HistoryRow>,
+}
+
+pub(crate) fn referral_view(r: &Referral) -> ReferralView {
+    ReferralView {
+        referral_id: r.id.clone(),
+        state: r.state.as_str(),
+        from: r.from.clone(),
+        to: r.to.clone(),
+        created_at_ms: r.created_at,
+        receive_by_ms: r.receive_by,
+        accept_by_ms: r.accept_by,
+        overdue: r.overdue,
+        history: r
+            .history
+            .iter()
+            .map(|h| HistoryRow {
+                state: h.state.as_str(),
+                by: h.by.clone(),
+                at_ms: h.at,
+            })
+            .collect(),
+    }
+}
+
+pub(super) async fn referral(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.ops.store().referral(&id) {
+        Ok(Some(r)) => Json(referral_view(&r)).into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no such referral"),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct DeadLetterRow {
+    seq: u64,
+    subject: String,
+    message_id: String,
+    sender: String,
+    referral_id: String,
+    reason: String,
+    detail: String,
+    at_ms: i64,
+    size: usize,
+    status: &'static str,
+    actions: Vec<ActionRow>,
+}
+
+#[derive(Serialize)]
+struct ActionRow {
+    action: String,
+    who: String,
+    why: String,
+    at_ms: i64,
+    outcome: String,
+}
+
+pub(crate) fn dead_letter_row(d: &DeadLetter) -> DeadLetterRow {
+    DeadLetterRow {
+        seq: d.stream_seq,
+        subject: d.subject.clone(),
+        message_id: d.message_id.clone(),
+        sender: d.sender.clone(),
+        referral_id: d.referral_id.clone(),
+        reason: reason_name(d.code),
+        detail: d.detail.clone(),
+        at_ms: d.at,
+        size: d.raw.len(),
+        status: d.status.as_str(),
+        actions: d
+            .actions
+            .iter()
+            .map(|a| ActionRow {
+                action: a.action.clone(),
+                who: a.who.clone(),
+                why: a.why.clone(),
+                at_ms: a.at,
+                outcome: a.outcome.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub(super) async fn dead_letters(State(state): State<AppState>) -> Response {
+    match state.ops.store().dead_letters() {
+        Ok(all) => Json(all.iter().map(dead_letter_row).collect::<Vec<_>>()).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+pub(super) async fn dead_letter(State(state): State<AppState>, Path(seq): Path<u64>) -> Response {
+    match state.ops.store().dead_letter(seq) {
+        Ok(Some(d)) => Json(dead_letter_row(&d)).into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no such dead letter"),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ActionBody {
+    who: String,
+    why: String,
+}
+
+async fn act(
+    state: AppState,
+    seq: u64,
+    body: Result<Json<ActionBody>, axum::extract::rejection::JsonRejection>,
+    action: DeadLetterAction,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"who\": ..., \"why\": ...}}: {e}"),
+            );
+        }
+    };
+    let who = body.who.trim();
+    let why = body.why.trim();
+    if who.is_empty() || why.is_empty() || who.len() > 200 || why.len() > 2000 {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "who and why are required (who ≤ 200, why ≤ 2000 bytes)",
+        );
+    }
+    let (tx, rx) = oneshot::channel();
+    let cmd = Command::DeadLetter {
+        seq,
+        action,
+        who: who.to_owned(),
+        why: why.to_owned(),
+        reply: tx,
+    };
+    if state.commands.send(cmd).await.is_err() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Ok(d)) => Json(dead_letter_row(&d)).into_response(),
+        Ok(Err(e)) => problem(StatusCode::CONFLICT, e),
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is shutting down",
+        ),
+    }
+}
+
+pub(super) async fn replay(
+    State(state): State<AppState>,
+    Path(seq): Path<u64>,
+    body: Result<Json<ActionBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    act(state, seq, body, DeadLetterAction::Replay).await
+}
+
+pub(super) async fn discard(
+    State(state): State<AppState>,
+    Path(seq): Path<u64>,
+    body: Result<Json<ActionBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    act(state, seq, body, DeadLetterAction::Discard).await
+}
+
+/// Reads the registry file again: new agencies get their consumers and can send and receive.
+pub(super) async fn reload_registry(State(state): State<AppState>) -> Response {
+    #[derive(Serialize)]
+    struct Reloaded {
+        agencies: usize,
+    }
+    let (tx, rx) = oneshot::channel();
+    if state
+        .commands
+        .send(Command::ReloadRegistry { reply: tx })
+        .await
+        .is_err()
+    {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Ok(agencies)) => Json(Reloaded { agencies }).into_response(),
+        Ok(Err(e)) => problem(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is shutting down",
+        ),
+    }
+}

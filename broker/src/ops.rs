@@ -1,0 +1,77 @@
+//! What the event loop shares with the operators' side (HTTP, metrics): the [`View`], health
+//! signals and the latency histogram. The event loop writes, after each commit; HTTP reads.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::referral::Millis;
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::view::View;
+
+pub struct Ops {
+    store: Arc<dyn Store>,
+    view: RwLock<View>,
+    registry: RwLock<Arc<Registry>>,
+    /// When the event loop last completed a turn (clock ms).
+    pub last_turn: AtomicI64,
+    /// Inbound messages the broker's consumer has not yet been given (from the last message).
+    pub backlog: AtomicU64,
+    /// Whether the last store commit succeeded.
+    pub store_ok: AtomicBool,
+    /// Outbox entries not yet acknowledged by the stream.
+    pub outbox: AtomicU64,
+    /// Seconds from an inbound message's arrival in the stream to its commit in the store.
+    pub commit_latency: Histogram,
+}
+
+impl Ops {
+    pub fn new(store: Arc<dyn Store>, view: View, registry: Arc<Registry>) -> Ops {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        Ops {
+            store,
+            view: RwLock::new(view),
+            registry: RwLock::new(registry),
+            last_turn: AtomicI64::new(0),
+            backlog: AtomicU64::new(0),
+            store_ok: AtomicBool::new(true),
+            outbox: AtomicU64::new(0),
+            commit_latency: Histogram::new(buckets),
+        }
+    }
+
+    /// For reads only: the event loop is the only writer.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    pub fn view(&self) -> RwLockReadGuard<'_, View> {
+        // A panic while holding the lock cannot leave the view half-updated in a way that
+        // matters more than losing metrics: recover the guard.
+        self.view.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn update_view(&self, f: impl FnOnce(&mut View)) {
+        let mut v = self.view.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut v);
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_registry(&self, r: Arc<Registry>) {
+        *self.registry.write().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+
+    pub fn turned(&self, at: Millis) {
+        self.last_turn.store(at, Ordering::Relaxed);
+    }
+}

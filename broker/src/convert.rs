@@ -103,6 +103,7 @@ pub fn notification(referral: &Referral, previous: State) -> Vec<u8> {
         note: last.map(|h| h.note.clone()).unwrap_or_default(),
         from_agency: referral.from.clone(),
         to_agency: referral.to.clone(),
+        legal_basis: referral.basis.label(),
     }
     .encode_to_vec()
 }
@@ -126,6 +127,16 @@ pub fn escalation(referral: &Referral, kind: DeadlineKind, due: Millis) -> Vec<u
     .encode_to_vec()
 }
 
+pub fn withdrawal(referral: &Referral, consent_id: &str, at: Millis) -> Vec<u8> {
+    v1::Withdrawal {
+        referral_id: referral.id.clone(),
+        consent_id: consent_id.to_owned(),
+        client_pseudonym_id: referral.client.clone(),
+        at_ms: at,
+    }
+    .encode_to_vec()
+}
+
 pub fn history_to_wire(h: &HistoryEntry) -> v1::HistoryEntry {
     v1::HistoryEntry {
         state: state_to_wire(h.state) as i32,
@@ -145,6 +156,7 @@ pub fn status_reply(referral: &Referral) -> v1::StatusReply {
         history: referral.history.iter().map(history_to_wire).collect(),
         receive_by_ms: referral.receive_by,
         error: None,
+        legal_basis: referral.basis.label(),
     }
 }
 

@@ -6,6 +6,7 @@ use prost::Message;
 use yeongye_proto::subject::{self, InKind};
 use yeongye_proto::v1::{self, ReasonCode};
 
+use crate::consent::{Basis, Consent};
 use crate::convert;
 use crate::referral::{Millis, NewReferral, Status, Urgency};
 use crate::registry::Registry;
@@ -47,6 +48,20 @@ pub enum Request {
         by: String,
         status: Status,
         note: String,
+    },
+    /// A consent to record.
+    Grant(Consent),
+    /// A consent withdrawn by the client, as recorded by agency `by`; `at` None: now.
+    Revoke {
+        consent_id: String,
+        at: Option<Millis>,
+        by: String,
+    },
+    /// A recipient confirms it purged a withdrawn referral's data.
+    Purged {
+        referral_id: String,
+        consent_id: String,
+        by: String,
     },
     /// Nothing to apply: only answered and kept as a dead letter.
     Reject(Refusal),
@@ -160,24 +175,38 @@ pub fn read(
             "envelope sender is not the subject's agency".into(),
         );
     }
-    let expected = match kind {
-        InKind::Referral => v1::PayloadType::Referral,
-        InKind::Status => v1::PayloadType::StatusUpdate,
+    let expected: &[v1::PayloadType] = match kind {
+        InKind::Referral => &[v1::PayloadType::Referral],
+        InKind::Status => &[v1::PayloadType::StatusUpdate],
+        InKind::Consent => &[
+            v1::PayloadType::ConsentGrant,
+            v1::PayloadType::ConsentRevocation,
+        ],
+        InKind::Purge => &[v1::PayloadType::PurgeConfirmation],
     };
-    if envelope.payload_type != expected as i32 {
+    if !expected.iter().any(|t| *t as i32 == envelope.payload_type) {
         return reject(
             origin,
             ReasonCode::WrongPayloadType,
             format!(
                 "payload_type {} does not fit the subject (expected {})",
                 envelope.payload_type,
-                expected.as_str_name()
+                expected
+                    .iter()
+                    .map(|t| t.as_str_name())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ),
         );
     }
     let request = match kind {
         InKind::Referral => read_referral(token, &envelope.payload, bytes, now, registry, limits),
         InKind::Status => read_status(token, &envelope.payload),
+        InKind::Consent if envelope.payload_type == v1::PayloadType::ConsentGrant as i32 => {
+            read_grant(token, &envelope.payload, now, registry)
+        }
+        InKind::Consent => read_revocation(token, &envelope.payload, now),
+        InKind::Purge => read_purge(token, &envelope.payload),
     };
     Inbound { origin, request }
 }
@@ -222,10 +251,33 @@ fn read_referral(
     } else {
         r.receive_by_ms
     };
+    let basis = match &r.legal_basis {
+        Some(v1::referral::LegalBasis::ConsentId(c)) => Basis::Consent(c.clone()),
+        Some(v1::referral::LegalBasis::StatutoryBasis(b)) => Basis::Statute {
+            statute: b.statute,
+            name: v1::Statute::try_from(b.statute)
+                .map(|s| s.as_str_name().to_owned())
+                .unwrap_or_default(),
+            justification: b.justification.clone(),
+        },
+        None => Basis::Consent(String::new()),
+    };
     let new = NewReferral {
         id: id.to_owned(),
         from: sender.to_owned(),
         to: r.to_agency.clone(),
+        to_kind: registry
+            .get(&r.to_agency)
+            .map(|a| a.kind.clone())
+            .unwrap_or_default(),
+        client: r
+            .client
+            .as_ref()
+            .map(|c| c.pseudonym_id.clone())
+            .unwrap_or_default(),
+        basis,
+        purpose: r.purpose,
+        categories: r.data_categories.clone(),
         urgency: urgency.unwrap_or(Urgency::Routine),
         receive_by,
         accept_within: acceptance,
@@ -267,7 +319,217 @@ fn read_referral(
             "receive_by_ms must be in the future, at most 90 days ahead",
         );
     }
+    if r.purpose == 0 || v1::Purpose::try_from(r.purpose).is_err() {
+        return refuse(ReasonCode::InvalidField, "purpose must be a known Purpose");
+    }
+    if let Some(bad) = r
+        .data_categories
+        .iter()
+        .find(|c| **c == 0 || v1::DataCategory::try_from(**c).is_err())
+    {
+        return refuse(
+            ReasonCode::InvalidField,
+            &format!("data_categories holds an unknown category {bad}"),
+        );
+    }
+    // What the client block carries must be declared, so that consent is checked against
+    // what is actually sent.
+    if let Some(c) = &r.client {
+        let implied = [
+            (
+                !c.name.is_empty() || !c.birth_date.is_empty(),
+                v1::DataCategory::Identity,
+                "client.name or client.birth_date",
+            ),
+            (
+                !c.phone.is_empty() || !c.address.is_empty(),
+                v1::DataCategory::Contact,
+                "client.phone or client.address",
+            ),
+            (
+                !c.household.is_empty(),
+                v1::DataCategory::Household,
+                "client.household",
+            ),
+        ];
+        for (present, category, fields) in implied {
+            if present && !r.data_categories.contains(&(category as i32)) {
+                return refuse(
+                    ReasonCode::InvalidField,
+                    &format!(
+                        "{fields} is set, so data_categories must include {}",
+                        category.as_str_name()
+                    ),
+                );
+            }
+        }
+    }
+    match &r.legal_basis {
+        None => {
+            return refuse(
+                ReasonCode::NoLegalBasis,
+                "the referral cites neither a consent nor a statute",
+            );
+        }
+        Some(v1::referral::LegalBasis::ConsentId(c)) if !valid_id(c) => {
+            return refuse(
+                ReasonCode::InvalidField,
+                "consent_id must be 1-128 of A-Z a-z 0-9 - _",
+            );
+        }
+        Some(v1::referral::LegalBasis::StatutoryBasis(b))
+            if b.statute == 0
+                || v1::Statute::try_from(b.statute).is_err()
+                || b.justification.trim().is_empty() =>
+        {
+            return refuse(
+                ReasonCode::StatutoryBasisInvalid,
+                "a statutory basis needs a known statute and a justification",
+            );
+        }
+        _ => {}
+    }
     Request::Submit(new)
+}
+
+fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) -> Request {
+    let g = match v1::ConsentGrant::decode(payload) {
+        Ok(g) => g,
+        Err(e) => {
+            return Request::Reject(refusal(
+                ReasonCode::MalformedPayload,
+                format!("not a ConsentGrant: {e}"),
+                "",
+            ));
+        }
+    };
+    let bad = |detail: &str| Request::Reject(refusal(ReasonCode::InvalidField, detail, ""));
+    if !valid_id(&g.consent_id) {
+        return bad("consent_id must be 1-128 of A-Z a-z 0-9 - _");
+    }
+    if g.collected_by != sender {
+        return Request::Reject(refusal(
+            ReasonCode::SenderMismatch,
+            "collected_by is not the envelope's sender",
+            "",
+        ));
+    }
+    if g.client_pseudonym_id.trim().is_empty() {
+        return bad("client_pseudonym_id is required");
+    }
+    if g.recipient_agencies.is_empty() && g.recipient_kinds.is_empty() {
+        return bad("name at least one recipient agency or kind of agency");
+    }
+    if let Some(a) = g.recipient_agencies.iter().find(|a| !registry.contains(a)) {
+        return Request::Reject(refusal(
+            ReasonCode::UnknownRecipient,
+            format!(
+                "recipient_agencies names an unregistered agency {:?}",
+                a.chars().take(64).collect::<String>()
+            ),
+            "",
+        ));
+    }
+    if g.purposes.is_empty()
+        || g.purposes
+            .iter()
+            .any(|p| *p == 0 || v1::Purpose::try_from(*p).is_err())
+    {
+        return bad("purposes must name at least one known Purpose");
+    }
+    if g.data_categories.is_empty()
+        || g.data_categories
+            .iter()
+            .any(|c| *c == 0 || v1::DataCategory::try_from(*c).is_err())
+    {
+        return bad("data_categories must name at least one known DataCategory");
+    }
+    if g.valid_until_ms != 0 && g.valid_until_ms <= g.valid_from_ms {
+        return bad("valid_until_ms must be after valid_from_ms");
+    }
+    if g.form_reference.trim().is_empty() {
+        return bad("form_reference (the signed consent form's reference) is required");
+    }
+    Request::Grant(Consent {
+        id: g.consent_id,
+        client: g.client_pseudonym_id,
+        collected_by: g.collected_by,
+        recipient_agencies: g.recipient_agencies,
+        recipient_kinds: g.recipient_kinds,
+        purposes: g.purposes,
+        categories: g.data_categories,
+        valid_from: g.valid_from_ms,
+        valid_until: (g.valid_until_ms != 0).then_some(g.valid_until_ms),
+        form_reference: g.form_reference,
+        granted_at: now,
+        revoked: None,
+        referrals: Vec::new(),
+        purges: Vec::new(),
+    })
+}
+
+fn read_revocation(sender: &str, payload: &[u8], now: Millis) -> Request {
+    let r = match v1::ConsentRevocation::decode(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return Request::Reject(refusal(
+                ReasonCode::MalformedPayload,
+                format!("not a ConsentRevocation: {e}"),
+                "",
+            ));
+        }
+    };
+    if !valid_id(&r.consent_id) {
+        return Request::Reject(refusal(
+            ReasonCode::InvalidField,
+            "consent_id must be 1-128 of A-Z a-z 0-9 - _",
+            "",
+        ));
+    }
+    if r.recorded_by != sender {
+        return Request::Reject(refusal(
+            ReasonCode::SenderMismatch,
+            "recorded_by is not the envelope's sender",
+            "",
+        ));
+    }
+    if r.revoked_at_ms > now.saturating_add(60_000) {
+        return Request::Reject(refusal(
+            ReasonCode::InvalidField,
+            "revoked_at_ms is in the future",
+            "",
+        ));
+    }
+    Request::Revoke {
+        consent_id: r.consent_id,
+        at: (r.revoked_at_ms != 0).then_some(r.revoked_at_ms),
+        by: sender.to_owned(),
+    }
+}
+
+fn read_purge(sender: &str, payload: &[u8]) -> Request {
+    let p = match v1::PurgeConfirmation::decode(payload) {
+        Ok(p) => p,
+        Err(e) => {
+            return Request::Reject(refusal(
+                ReasonCode::MalformedPayload,
+                format!("not a PurgeConfirmation: {e}"),
+                "",
+            ));
+        }
+    };
+    if !valid_id(&p.referral_id) || !valid_id(&p.consent_id) {
+        return Request::Reject(refusal(
+            ReasonCode::InvalidField,
+            "referral_id and consent_id are required ids",
+            "",
+        ));
+    }
+    Request::Purged {
+        referral_id: p.referral_id,
+        consent_id: p.consent_id,
+        by: sender.to_owned(),
+    }
 }
 
 fn urgency_from(r: &v1::Referral) -> Option<Urgency> {
@@ -355,6 +617,13 @@ mod tests {
             }),
             field: v1::FieldOfNeed::Livelihood as i32,
             urgency: v1::Urgency::Crisis as i32,
+            purpose: v1::Purpose::CaseManagement as i32,
+            legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(
+                v1::StatutoryBasis {
+                    statute: v1::Statute::SocialSecurityBenefitsAct as i32,
+                    justification: "crisis household".into(),
+                },
+            )),
             ..Default::default()
         }
     }

@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`referral`]: the pure state machine (no I/O, no clock).
+//! - [`consent`]: consent records and whether one covers a referral (pure).
+//! - [`audit`]: the hash-chained audit log's entries, chaining and verification (pure).
 //! - [`ingest`]: reading an inbound message into a request or a refusal (pure).
 //! - [`convert`]: wire types ↔ domain types; derived message ids.
 //! - [`store`]: the durable state behind a trait; sled implementation.
@@ -15,8 +17,10 @@
 //!   the event loop, and the HTTP endpoint (health, metrics, JSON API, dashboard).
 //! - [`config`], [`registry`], [`clock`], [`error`].
 
+pub mod audit;
 pub mod clock;
 pub mod config;
+pub mod consent;
 pub mod convert;
 pub mod error;
 pub mod http;

@@ -37,6 +37,10 @@ pub fn submit(new: NewReferral, cause: &str, now: Millis) -> Transition {
         id: new.id,
         from: new.from,
         to: new.to,
+        client: new.client,
+        basis: new.basis,
+        purpose: new.purpose,
+        categories: new.categories,
         urgency: new.urgency,
         state: State::Submitted,
         created_at: now,
@@ -86,6 +90,10 @@ pub fn refuse(new: NewReferral, cause: &str, note: &str, now: Millis) -> Transit
         id: new.id,
         from: new.from,
         to: new.to,
+        client: new.client,
+        basis: new.basis,
+        purpose: new.purpose,
+        categories: new.categories,
         urgency: new.urgency,
         receive_by: new.receive_by,
         accept_within: new.accept_within,
@@ -184,6 +192,29 @@ pub fn apply(
                 "not accepted or declined by the deadline: escalated",
                 effects,
             )
+        }
+        Event::ConsentRevoked => {
+            let mut effects = vec![notify(&referral.from, from)];
+            match from {
+                State::Submitted | State::Delivered => {
+                    effects.push(Effect::Unschedule {
+                        kind: DeadlineKind::Receipt,
+                        at: referral.receive_by,
+                    });
+                }
+                State::Received => {
+                    effects.push(Effect::Unschedule {
+                        kind: DeadlineKind::Acceptance,
+                        at: referral.accept_by,
+                    });
+                }
+                _ => {}
+            }
+            next.overdue = false;
+            effects.push(Effect::Withdraw {
+                to: referral.to.clone(),
+            });
+            (State::Withdrawn, BROKER, "consent revoked", effects)
         }
         Event::Status { by, status, note } => {
             let (allowed_from, to): (&[State], State) = match status {

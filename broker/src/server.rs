@@ -358,6 +358,12 @@ impl EventLoop {
         self.ops.turned(now);
         pending.sent.clear();
         pending.confirmed.clear();
+        // Deliveries cancelled by a consent revocation must not go out after all.
+        if !changes.outbox_remove.is_empty() {
+            let removed: std::collections::HashSet<u64> =
+                changes.outbox_remove.iter().copied().collect();
+            pending.outbox.retain(|e| !removed.contains(&e.key));
+        }
         pending.outbox.extend(changes.outbox_put);
         self.ops
             .outbox

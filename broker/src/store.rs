@@ -11,6 +11,8 @@ mod sled_store;
 
 pub use sled_store::SledStore;
 
+use crate::audit;
+use crate::consent::Consent;
 use crate::error::Result;
 use crate::referral::{DeadlineKind, Millis, Referral};
 
@@ -98,6 +100,10 @@ pub struct ChangeSet {
     pub dead_letter_updates: Vec<DeadLetter>,
     /// The highest inbound stream sequence applied by this batch.
     pub checkpoint: Option<u64>,
+    /// Consents recorded or changed (replaced whole).
+    pub consents: Vec<Consent>,
+    /// Audit entries, already numbered and chained on the store's head.
+    pub audit: Vec<audit::Entry>,
 }
 
 impl ChangeSet {
@@ -111,6 +117,8 @@ impl ChangeSet {
             && self.dead_letters.is_empty()
             && self.dead_letter_updates.is_empty()
             && self.checkpoint.is_none()
+            && self.consents.is_empty()
+            && self.audit.is_empty()
     }
 }
 
@@ -145,4 +153,11 @@ pub trait Store: Send + Sync + 'static {
     fn dead_letters(&self) -> Result<Vec<DeadLetter>>;
     fn dead_letter(&self, stream_seq: u64) -> Result<Option<DeadLetter>>;
     fn stats(&self) -> Result<StoreStats>;
+    fn consent(&self, id: &str) -> Result<Option<Consent>>;
+    fn consents(&self) -> Result<Vec<Consent>>;
+    /// The audit log's last sequence number and hash ((0, GENESIS) when empty).
+    fn audit_head(&self) -> Result<(u64, audit::Hash)>;
+    /// Every stored audit entry as `(key sequence, bytes)`, in order: what `audit::verify`
+    /// reads. Undecoded on purpose, so that verification sees exactly what is stored.
+    fn audit_raw(&self) -> Result<Vec<audit::Stored>>;
 }

@@ -3,6 +3,8 @@
 //! ```text
 //! yeongye.in.<agency>.referral      agency -> broker   (stream YEONGYE_IN)
 //! yeongye.in.<agency>.status        agency -> broker   (stream YEONGYE_IN)
+//! yeongye.in.<agency>.consent       agency -> broker   (stream YEONGYE_IN)
+//! yeongye.in.<agency>.purge         agency -> broker   (stream YEONGYE_IN)
 //! yeongye.out.<agency>.delivery     broker -> agency   (stream YEONGYE_OUT)
 //! yeongye.out.<agency>.notification broker -> agency   (stream YEONGYE_OUT)
 //! yeongye.out.<agency>.rejection    broker -> agency   (stream YEONGYE_OUT)
@@ -32,6 +34,10 @@ pub const MAX_AGENCY_ID_LEN: usize = 64;
 pub enum InKind {
     Referral,
     Status,
+    /// Consent grants and revocations.
+    Consent,
+    /// Purge confirmations for withdrawn referrals.
+    Purge,
 }
 
 /// What the broker sends on `yeongye.out.<agency>.<kind>`.
@@ -49,6 +55,8 @@ impl InKind {
         match self {
             InKind::Referral => "referral",
             InKind::Status => "status",
+            InKind::Consent => "consent",
+            InKind::Purge => "purge",
         }
     }
 }
@@ -127,6 +135,8 @@ pub fn parse_inbound(subject: &str) -> Option<Inbound<'_>> {
     let kind = match kind {
         "referral" => Some(InKind::Referral),
         "status" => Some(InKind::Status),
+        "consent" => Some(InKind::Consent),
+        "purge" => Some(InKind::Purge),
         _ => None,
     };
     Some(Inbound { agency, kind })

@@ -37,6 +37,9 @@ pub enum Effect {
         kind: DeadlineKind,
         at: super::Millis,
     },
+    /// Tell the recipient the referral is withdrawn and its data must be purged — unless the
+    /// delivery never left the broker, in which case the caller cancels the delivery instead.
+    Withdraw { to: String },
     /// Tell the sender and the district's coordinator that a deadline passed.
     Escalate {
         kind: DeadlineKind,

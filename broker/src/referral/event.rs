@@ -1,6 +1,7 @@
 //! What happens to a referral ([`Event`]) and the record the broker keeps of it ([`Referral`]).
 
 use super::{DeadlineKind, Millis, State};
+use crate::consent::Basis;
 
 /// What an agency says about a referral in a status update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,6 +44,8 @@ pub enum Event {
         status: Status,
         note: String,
     },
+    /// The consent the referral cites was revoked.
+    ConsentRevoked,
 }
 
 /// A referral that passed the broker's checks, about to enter the system.
@@ -51,6 +54,15 @@ pub struct NewReferral {
     pub id: String,
     pub from: String,
     pub to: String,
+    /// The recipient's kind in the registry (what a consent may name instead of the agency).
+    pub to_kind: String,
+    /// The client's pseudonymous id.
+    pub client: String,
+    pub basis: Basis,
+    /// `yeongye.v1.Purpose` number.
+    pub purpose: i32,
+    /// `yeongye.v1.DataCategory` numbers the referral carries.
+    pub categories: Vec<i32>,
     pub urgency: Urgency,
     pub receive_by: Millis,
     /// How long the recipient has, once it has RECEIVED the referral, to accept or decline.
@@ -76,6 +88,10 @@ pub struct Referral {
     pub id: String,
     pub from: String,
     pub to: String,
+    pub client: String,
+    pub basis: Basis,
+    pub purpose: i32,
+    pub categories: Vec<i32>,
     pub urgency: Urgency,
     pub state: State,
     pub created_at: Millis,

@@ -33,6 +33,11 @@ fn new_referral() -> NewReferral {
         id: "0190f0e4-0000-7000-8000-000000000001".to_owned(),
         from: SENDER.to_owned(),
         to: RECIPIENT.to_owned(),
+        to_kind: "mental_health_centre".to_owned(),
+        client: "client-1".to_owned(),
+        basis: crate::consent::Basis::Consent("consent-1".to_owned()),
+        purpose: 1,
+        categories: vec![1, 2],
         urgency: Urgency::Crisis,
         receive_by: T0 + RECEIPT_AFTER,
         accept_within: ACCEPT_WITHIN,
@@ -90,6 +95,7 @@ fn all_events() -> Vec<Event> {
         Event::DeliveryConfirmed,
         Event::DeadlinePassed(DeadlineKind::Receipt),
         Event::DeadlinePassed(DeadlineKind::Acceptance),
+        Event::ConsentRevoked,
     ];
     for status in Status::ALL {
         for by in PARTIES {
@@ -130,6 +136,7 @@ fn render_event(event: &Event) -> String {
         Event::DeliveryConfirmed => "delivery confirmed".to_owned(),
         Event::DeadlinePassed(kind) => format!("{} deadline passed", kind.as_str()),
         Event::Status { by, status, .. } => format!("{} says {}", role(by), status_name(*status)),
+        Event::ConsentRevoked => "consent revoked".to_owned(),
     }
 }
 
@@ -147,6 +154,7 @@ fn render_effects(effects: &[Effect]) -> String {
             Effect::Escalate { kind, due } => {
                 format!("escalate({} due @T0+{})", kind.as_str(), due - T0)
             }
+            Effect::Withdraw { to } => format!("withdraw({})", role(to)),
         })
         .collect();
     format!("[{}]", effects.join(", "))
@@ -262,259 +270,271 @@ fn transition_table() {
         &situations(),
         &all_events(),
         expect![[r#"
-        SUBMITTED + delivery confirmed -> DELIVERED by broker [notify(sender)]
-        SUBMITTED + receipt deadline passed -> EXPIRED by broker note="not received by the deadline" [notify(sender), notify(recipient), escalate(receipt due @T0+3600000)]
-        SUBMITTED + acceptance deadline passed -> error superseded (dropped)
-        SUBMITTED + sender says RECEIVED -> error NOT_A_PARTY
-        SUBMITTED + recipient says RECEIVED -> RECEIVED by recipient [notify(sender), unschedule(receipt @T0+3600000), schedule(acceptance @T0+86410000)]
-        SUBMITTED + stranger says RECEIVED -> error NOT_A_PARTY
-        SUBMITTED + sender says ACCEPTED -> error NOT_A_PARTY
-        SUBMITTED + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
-        SUBMITTED + stranger says ACCEPTED -> error NOT_A_PARTY
-        SUBMITTED + sender says DECLINED -> error NOT_A_PARTY
-        SUBMITTED + recipient says DECLINED -> error ILLEGAL_TRANSITION
-        SUBMITTED + stranger says DECLINED -> error NOT_A_PARTY
-        SUBMITTED + sender says IN_PROGRESS -> error NOT_A_PARTY
-        SUBMITTED + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
-        SUBMITTED + stranger says IN_PROGRESS -> error NOT_A_PARTY
-        SUBMITTED + sender says COMPLETED -> error NOT_A_PARTY
-        SUBMITTED + recipient says COMPLETED -> error ILLEGAL_TRANSITION
-        SUBMITTED + stranger says COMPLETED -> error NOT_A_PARTY
-        SUBMITTED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(receipt @T0+3600000)]
-        SUBMITTED + recipient says CANCELLED -> error NOT_A_PARTY
-        SUBMITTED + stranger says CANCELLED -> error NOT_A_PARTY
-        DELIVERED + delivery confirmed -> error superseded (dropped)
-        DELIVERED + receipt deadline passed -> EXPIRED by broker note="not received by the deadline" [notify(sender), notify(recipient), escalate(receipt due @T0+3600000)]
-        DELIVERED + acceptance deadline passed -> error superseded (dropped)
-        DELIVERED + sender says RECEIVED -> error NOT_A_PARTY
-        DELIVERED + recipient says RECEIVED -> RECEIVED by recipient [notify(sender), unschedule(receipt @T0+3600000), schedule(acceptance @T0+86410000)]
-        DELIVERED + stranger says RECEIVED -> error NOT_A_PARTY
-        DELIVERED + sender says ACCEPTED -> error NOT_A_PARTY
-        DELIVERED + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
-        DELIVERED + stranger says ACCEPTED -> error NOT_A_PARTY
-        DELIVERED + sender says DECLINED -> error NOT_A_PARTY
-        DELIVERED + recipient says DECLINED -> error ILLEGAL_TRANSITION
-        DELIVERED + stranger says DECLINED -> error NOT_A_PARTY
-        DELIVERED + sender says IN_PROGRESS -> error NOT_A_PARTY
-        DELIVERED + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
-        DELIVERED + stranger says IN_PROGRESS -> error NOT_A_PARTY
-        DELIVERED + sender says COMPLETED -> error NOT_A_PARTY
-        DELIVERED + recipient says COMPLETED -> error ILLEGAL_TRANSITION
-        DELIVERED + stranger says COMPLETED -> error NOT_A_PARTY
-        DELIVERED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(receipt @T0+3600000)]
-        DELIVERED + recipient says CANCELLED -> error NOT_A_PARTY
-        DELIVERED + stranger says CANCELLED -> error NOT_A_PARTY
-        RECEIVED + delivery confirmed -> error superseded (dropped)
-        RECEIVED + receipt deadline passed -> error superseded (dropped)
-        RECEIVED + acceptance deadline passed -> RECEIVED(overdue) by broker note="not accepted or declined by the deadline: escalated" [escalate(acceptance due @T0+86400001)]
-        RECEIVED + sender says RECEIVED -> error NOT_A_PARTY
-        RECEIVED + recipient says RECEIVED -> error ILLEGAL_TRANSITION
-        RECEIVED + stranger says RECEIVED -> error NOT_A_PARTY
-        RECEIVED + sender says ACCEPTED -> error NOT_A_PARTY
-        RECEIVED + recipient says ACCEPTED -> ACCEPTED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
-        RECEIVED + stranger says ACCEPTED -> error NOT_A_PARTY
-        RECEIVED + sender says DECLINED -> error NOT_A_PARTY
-        RECEIVED + recipient says DECLINED -> DECLINED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
-        RECEIVED + stranger says DECLINED -> error NOT_A_PARTY
-        RECEIVED + sender says IN_PROGRESS -> error NOT_A_PARTY
-        RECEIVED + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
-        RECEIVED + stranger says IN_PROGRESS -> error NOT_A_PARTY
-        RECEIVED + sender says COMPLETED -> error NOT_A_PARTY
-        RECEIVED + recipient says COMPLETED -> error ILLEGAL_TRANSITION
-        RECEIVED + stranger says COMPLETED -> error NOT_A_PARTY
-        RECEIVED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(acceptance @T0+86400001)]
-        RECEIVED + recipient says CANCELLED -> error NOT_A_PARTY
-        RECEIVED + stranger says CANCELLED -> error NOT_A_PARTY
-        RECEIVED(overdue) + delivery confirmed -> error superseded (dropped)
-        RECEIVED(overdue) + receipt deadline passed -> error superseded (dropped)
-        RECEIVED(overdue) + acceptance deadline passed -> error superseded (dropped)
-        RECEIVED(overdue) + sender says RECEIVED -> error NOT_A_PARTY
-        RECEIVED(overdue) + recipient says RECEIVED -> error ILLEGAL_TRANSITION
-        RECEIVED(overdue) + stranger says RECEIVED -> error NOT_A_PARTY
-        RECEIVED(overdue) + sender says ACCEPTED -> error NOT_A_PARTY
-        RECEIVED(overdue) + recipient says ACCEPTED -> ACCEPTED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
-        RECEIVED(overdue) + stranger says ACCEPTED -> error NOT_A_PARTY
-        RECEIVED(overdue) + sender says DECLINED -> error NOT_A_PARTY
-        RECEIVED(overdue) + recipient says DECLINED -> DECLINED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
-        RECEIVED(overdue) + stranger says DECLINED -> error NOT_A_PARTY
-        RECEIVED(overdue) + sender says IN_PROGRESS -> error NOT_A_PARTY
-        RECEIVED(overdue) + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
-        RECEIVED(overdue) + stranger says IN_PROGRESS -> error NOT_A_PARTY
-        RECEIVED(overdue) + sender says COMPLETED -> error NOT_A_PARTY
-        RECEIVED(overdue) + recipient says COMPLETED -> error ILLEGAL_TRANSITION
-        RECEIVED(overdue) + stranger says COMPLETED -> error NOT_A_PARTY
-        RECEIVED(overdue) + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(acceptance @T0+86400001)]
-        RECEIVED(overdue) + recipient says CANCELLED -> error NOT_A_PARTY
-        RECEIVED(overdue) + stranger says CANCELLED -> error NOT_A_PARTY
-        ACCEPTED + delivery confirmed -> error superseded (dropped)
-        ACCEPTED + receipt deadline passed -> error superseded (dropped)
-        ACCEPTED + acceptance deadline passed -> error superseded (dropped)
-        ACCEPTED + sender says RECEIVED -> error NOT_A_PARTY
-        ACCEPTED + recipient says RECEIVED -> error ILLEGAL_TRANSITION
-        ACCEPTED + stranger says RECEIVED -> error NOT_A_PARTY
-        ACCEPTED + sender says ACCEPTED -> error NOT_A_PARTY
-        ACCEPTED + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
-        ACCEPTED + stranger says ACCEPTED -> error NOT_A_PARTY
-        ACCEPTED + sender says DECLINED -> error NOT_A_PARTY
-        ACCEPTED + recipient says DECLINED -> error ILLEGAL_TRANSITION
-        ACCEPTED + stranger says DECLINED -> error NOT_A_PARTY
-        ACCEPTED + sender says IN_PROGRESS -> error NOT_A_PARTY
-        ACCEPTED + recipient says IN_PROGRESS -> IN_PROGRESS by recipient [notify(sender)]
-        ACCEPTED + stranger says IN_PROGRESS -> error NOT_A_PARTY
-        ACCEPTED + sender says COMPLETED -> error NOT_A_PARTY
-        ACCEPTED + recipient says COMPLETED -> COMPLETED by recipient [notify(sender)]
-        ACCEPTED + stranger says COMPLETED -> error NOT_A_PARTY
-        ACCEPTED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient)]
-        ACCEPTED + recipient says CANCELLED -> error NOT_A_PARTY
-        ACCEPTED + stranger says CANCELLED -> error NOT_A_PARTY
-        IN_PROGRESS + delivery confirmed -> error superseded (dropped)
-        IN_PROGRESS + receipt deadline passed -> error superseded (dropped)
-        IN_PROGRESS + acceptance deadline passed -> error superseded (dropped)
-        IN_PROGRESS + sender says RECEIVED -> error NOT_A_PARTY
-        IN_PROGRESS + recipient says RECEIVED -> error ILLEGAL_TRANSITION
-        IN_PROGRESS + stranger says RECEIVED -> error NOT_A_PARTY
-        IN_PROGRESS + sender says ACCEPTED -> error NOT_A_PARTY
-        IN_PROGRESS + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
-        IN_PROGRESS + stranger says ACCEPTED -> error NOT_A_PARTY
-        IN_PROGRESS + sender says DECLINED -> error NOT_A_PARTY
-        IN_PROGRESS + recipient says DECLINED -> error ILLEGAL_TRANSITION
-        IN_PROGRESS + stranger says DECLINED -> error NOT_A_PARTY
-        IN_PROGRESS + sender says IN_PROGRESS -> error NOT_A_PARTY
-        IN_PROGRESS + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
-        IN_PROGRESS + stranger says IN_PROGRESS -> error NOT_A_PARTY
-        IN_PROGRESS + sender says COMPLETED -> error NOT_A_PARTY
-        IN_PROGRESS + recipient says COMPLETED -> COMPLETED by recipient [notify(sender)]
-        IN_PROGRESS + stranger says COMPLETED -> error NOT_A_PARTY
-        IN_PROGRESS + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient)]
-        IN_PROGRESS + recipient says CANCELLED -> error NOT_A_PARTY
-        IN_PROGRESS + stranger says CANCELLED -> error NOT_A_PARTY
-        COMPLETED + delivery confirmed -> error TERMINAL_STATE
-        COMPLETED + receipt deadline passed -> error TERMINAL_STATE
-        COMPLETED + acceptance deadline passed -> error TERMINAL_STATE
-        COMPLETED + sender says RECEIVED -> error TERMINAL_STATE
-        COMPLETED + recipient says RECEIVED -> error TERMINAL_STATE
-        COMPLETED + stranger says RECEIVED -> error TERMINAL_STATE
-        COMPLETED + sender says ACCEPTED -> error TERMINAL_STATE
-        COMPLETED + recipient says ACCEPTED -> error TERMINAL_STATE
-        COMPLETED + stranger says ACCEPTED -> error TERMINAL_STATE
-        COMPLETED + sender says DECLINED -> error TERMINAL_STATE
-        COMPLETED + recipient says DECLINED -> error TERMINAL_STATE
-        COMPLETED + stranger says DECLINED -> error TERMINAL_STATE
-        COMPLETED + sender says IN_PROGRESS -> error TERMINAL_STATE
-        COMPLETED + recipient says IN_PROGRESS -> error TERMINAL_STATE
-        COMPLETED + stranger says IN_PROGRESS -> error TERMINAL_STATE
-        COMPLETED + sender says COMPLETED -> error TERMINAL_STATE
-        COMPLETED + recipient says COMPLETED -> error TERMINAL_STATE
-        COMPLETED + stranger says COMPLETED -> error TERMINAL_STATE
-        COMPLETED + sender says CANCELLED -> error TERMINAL_STATE
-        COMPLETED + recipient says CANCELLED -> error TERMINAL_STATE
-        COMPLETED + stranger says CANCELLED -> error TERMINAL_STATE
-        DECLINED + delivery confirmed -> error TERMINAL_STATE
-        DECLINED + receipt deadline passed -> error TERMINAL_STATE
-        DECLINED + acceptance deadline passed -> error TERMINAL_STATE
-        DECLINED + sender says RECEIVED -> error TERMINAL_STATE
-        DECLINED + recipient says RECEIVED -> error TERMINAL_STATE
-        DECLINED + stranger says RECEIVED -> error TERMINAL_STATE
-        DECLINED + sender says ACCEPTED -> error TERMINAL_STATE
-        DECLINED + recipient says ACCEPTED -> error TERMINAL_STATE
-        DECLINED + stranger says ACCEPTED -> error TERMINAL_STATE
-        DECLINED + sender says DECLINED -> error TERMINAL_STATE
-        DECLINED + recipient says DECLINED -> error TERMINAL_STATE
-        DECLINED + stranger says DECLINED -> error TERMINAL_STATE
-        DECLINED + sender says IN_PROGRESS -> error TERMINAL_STATE
-        DECLINED + recipient says IN_PROGRESS -> error TERMINAL_STATE
-        DECLINED + stranger says IN_PROGRESS -> error TERMINAL_STATE
-        DECLINED + sender says COMPLETED -> error TERMINAL_STATE
-        DECLINED + recipient says COMPLETED -> error TERMINAL_STATE
-        DECLINED + stranger says COMPLETED -> error TERMINAL_STATE
-        DECLINED + sender says CANCELLED -> error TERMINAL_STATE
-        DECLINED + recipient says CANCELLED -> error TERMINAL_STATE
-        DECLINED + stranger says CANCELLED -> error TERMINAL_STATE
-        CANCELLED + delivery confirmed -> error TERMINAL_STATE
-        CANCELLED + receipt deadline passed -> error TERMINAL_STATE
-        CANCELLED + acceptance deadline passed -> error TERMINAL_STATE
-        CANCELLED + sender says RECEIVED -> error TERMINAL_STATE
-        CANCELLED + recipient says RECEIVED -> error TERMINAL_STATE
-        CANCELLED + stranger says RECEIVED -> error TERMINAL_STATE
-        CANCELLED + sender says ACCEPTED -> error TERMINAL_STATE
-        CANCELLED + recipient says ACCEPTED -> error TERMINAL_STATE
-        CANCELLED + stranger says ACCEPTED -> error TERMINAL_STATE
-        CANCELLED + sender says DECLINED -> error TERMINAL_STATE
-        CANCELLED + recipient says DECLINED -> error TERMINAL_STATE
-        CANCELLED + stranger says DECLINED -> error TERMINAL_STATE
-        CANCELLED + sender says IN_PROGRESS -> error TERMINAL_STATE
-        CANCELLED + recipient says IN_PROGRESS -> error TERMINAL_STATE
-        CANCELLED + stranger says IN_PROGRESS -> error TERMINAL_STATE
-        CANCELLED + sender says COMPLETED -> error TERMINAL_STATE
-        CANCELLED + recipient says COMPLETED -> error TERMINAL_STATE
-        CANCELLED + stranger says COMPLETED -> error TERMINAL_STATE
-        CANCELLED + sender says CANCELLED -> error TERMINAL_STATE
-        CANCELLED + recipient says CANCELLED -> error TERMINAL_STATE
-        CANCELLED + stranger says CANCELLED -> error TERMINAL_STATE
-        EXPIRED + delivery confirmed -> error TERMINAL_STATE
-        EXPIRED + receipt deadline passed -> error TERMINAL_STATE
-        EXPIRED + acceptance deadline passed -> error TERMINAL_STATE
-        EXPIRED + sender says RECEIVED -> error TERMINAL_STATE
-        EXPIRED + recipient says RECEIVED -> error TERMINAL_STATE
-        EXPIRED + stranger says RECEIVED -> error TERMINAL_STATE
-        EXPIRED + sender says ACCEPTED -> error TERMINAL_STATE
-        EXPIRED + recipient says ACCEPTED -> error TERMINAL_STATE
-        EXPIRED + stranger says ACCEPTED -> error TERMINAL_STATE
-        EXPIRED + sender says DECLINED -> error TERMINAL_STATE
-        EXPIRED + recipient says DECLINED -> error TERMINAL_STATE
-        EXPIRED + stranger says DECLINED -> error TERMINAL_STATE
-        EXPIRED + sender says IN_PROGRESS -> error TERMINAL_STATE
-        EXPIRED + recipient says IN_PROGRESS -> error TERMINAL_STATE
-        EXPIRED + stranger says IN_PROGRESS -> error TERMINAL_STATE
-        EXPIRED + sender says COMPLETED -> error TERMINAL_STATE
-        EXPIRED + recipient says COMPLETED -> error TERMINAL_STATE
-        EXPIRED + stranger says COMPLETED -> error TERMINAL_STATE
-        EXPIRED + sender says CANCELLED -> error TERMINAL_STATE
-        EXPIRED + recipient says CANCELLED -> error TERMINAL_STATE
-        EXPIRED + stranger says CANCELLED -> error TERMINAL_STATE
-        REFUSED + delivery confirmed -> error TERMINAL_STATE
-        REFUSED + receipt deadline passed -> error TERMINAL_STATE
-        REFUSED + acceptance deadline passed -> error TERMINAL_STATE
-        REFUSED + sender says RECEIVED -> error TERMINAL_STATE
-        REFUSED + recipient says RECEIVED -> error TERMINAL_STATE
-        REFUSED + stranger says RECEIVED -> error TERMINAL_STATE
-        REFUSED + sender says ACCEPTED -> error TERMINAL_STATE
-        REFUSED + recipient says ACCEPTED -> error TERMINAL_STATE
-        REFUSED + stranger says ACCEPTED -> error TERMINAL_STATE
-        REFUSED + sender says DECLINED -> error TERMINAL_STATE
-        REFUSED + recipient says DECLINED -> error TERMINAL_STATE
-        REFUSED + stranger says DECLINED -> error TERMINAL_STATE
-        REFUSED + sender says IN_PROGRESS -> error TERMINAL_STATE
-        REFUSED + recipient says IN_PROGRESS -> error TERMINAL_STATE
-        REFUSED + stranger says IN_PROGRESS -> error TERMINAL_STATE
-        REFUSED + sender says COMPLETED -> error TERMINAL_STATE
-        REFUSED + recipient says COMPLETED -> error TERMINAL_STATE
-        REFUSED + stranger says COMPLETED -> error TERMINAL_STATE
-        REFUSED + sender says CANCELLED -> error TERMINAL_STATE
-        REFUSED + recipient says CANCELLED -> error TERMINAL_STATE
-        REFUSED + stranger says CANCELLED -> error TERMINAL_STATE
-        WITHDRAWN + delivery confirmed -> error TERMINAL_STATE
-        WITHDRAWN + receipt deadline passed -> error TERMINAL_STATE
-        WITHDRAWN + acceptance deadline passed -> error TERMINAL_STATE
-        WITHDRAWN + sender says RECEIVED -> error TERMINAL_STATE
-        WITHDRAWN + recipient says RECEIVED -> error TERMINAL_STATE
-        WITHDRAWN + stranger says RECEIVED -> error TERMINAL_STATE
-        WITHDRAWN + sender says ACCEPTED -> error TERMINAL_STATE
-        WITHDRAWN + recipient says ACCEPTED -> error TERMINAL_STATE
-        WITHDRAWN + stranger says ACCEPTED -> error TERMINAL_STATE
-        WITHDRAWN + sender says DECLINED -> error TERMINAL_STATE
-        WITHDRAWN + recipient says DECLINED -> error TERMINAL_STATE
-        WITHDRAWN + stranger says DECLINED -> error TERMINAL_STATE
-        WITHDRAWN + sender says IN_PROGRESS -> error TERMINAL_STATE
-        WITHDRAWN + recipient says IN_PROGRESS -> error TERMINAL_STATE
-        WITHDRAWN + stranger says IN_PROGRESS -> error TERMINAL_STATE
-        WITHDRAWN + sender says COMPLETED -> error TERMINAL_STATE
-        WITHDRAWN + recipient says COMPLETED -> error TERMINAL_STATE
-        WITHDRAWN + stranger says COMPLETED -> error TERMINAL_STATE
-        WITHDRAWN + sender says CANCELLED -> error TERMINAL_STATE
-        WITHDRAWN + recipient says CANCELLED -> error TERMINAL_STATE
-        WITHDRAWN + stranger says CANCELLED -> error TERMINAL_STATE
-    "#]],
+            SUBMITTED + delivery confirmed -> DELIVERED by broker [notify(sender)]
+            SUBMITTED + receipt deadline passed -> EXPIRED by broker note="not received by the deadline" [notify(sender), notify(recipient), escalate(receipt due @T0+3600000)]
+            SUBMITTED + acceptance deadline passed -> error superseded (dropped)
+            SUBMITTED + consent revoked -> WITHDRAWN by broker note="consent revoked" [notify(sender), unschedule(receipt @T0+3600000), withdraw(recipient)]
+            SUBMITTED + sender says RECEIVED -> error NOT_A_PARTY
+            SUBMITTED + recipient says RECEIVED -> RECEIVED by recipient [notify(sender), unschedule(receipt @T0+3600000), schedule(acceptance @T0+86410000)]
+            SUBMITTED + stranger says RECEIVED -> error NOT_A_PARTY
+            SUBMITTED + sender says ACCEPTED -> error NOT_A_PARTY
+            SUBMITTED + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
+            SUBMITTED + stranger says ACCEPTED -> error NOT_A_PARTY
+            SUBMITTED + sender says DECLINED -> error NOT_A_PARTY
+            SUBMITTED + recipient says DECLINED -> error ILLEGAL_TRANSITION
+            SUBMITTED + stranger says DECLINED -> error NOT_A_PARTY
+            SUBMITTED + sender says IN_PROGRESS -> error NOT_A_PARTY
+            SUBMITTED + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
+            SUBMITTED + stranger says IN_PROGRESS -> error NOT_A_PARTY
+            SUBMITTED + sender says COMPLETED -> error NOT_A_PARTY
+            SUBMITTED + recipient says COMPLETED -> error ILLEGAL_TRANSITION
+            SUBMITTED + stranger says COMPLETED -> error NOT_A_PARTY
+            SUBMITTED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(receipt @T0+3600000)]
+            SUBMITTED + recipient says CANCELLED -> error NOT_A_PARTY
+            SUBMITTED + stranger says CANCELLED -> error NOT_A_PARTY
+            DELIVERED + delivery confirmed -> error superseded (dropped)
+            DELIVERED + receipt deadline passed -> EXPIRED by broker note="not received by the deadline" [notify(sender), notify(recipient), escalate(receipt due @T0+3600000)]
+            DELIVERED + acceptance deadline passed -> error superseded (dropped)
+            DELIVERED + consent revoked -> WITHDRAWN by broker note="consent revoked" [notify(sender), unschedule(receipt @T0+3600000), withdraw(recipient)]
+            DELIVERED + sender says RECEIVED -> error NOT_A_PARTY
+            DELIVERED + recipient says RECEIVED -> RECEIVED by recipient [notify(sender), unschedule(receipt @T0+3600000), schedule(acceptance @T0+86410000)]
+            DELIVERED + stranger says RECEIVED -> error NOT_A_PARTY
+            DELIVERED + sender says ACCEPTED -> error NOT_A_PARTY
+            DELIVERED + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
+            DELIVERED + stranger says ACCEPTED -> error NOT_A_PARTY
+            DELIVERED + sender says DECLINED -> error NOT_A_PARTY
+            DELIVERED + recipient says DECLINED -> error ILLEGAL_TRANSITION
+            DELIVERED + stranger says DECLINED -> error NOT_A_PARTY
+            DELIVERED + sender says IN_PROGRESS -> error NOT_A_PARTY
+            DELIVERED + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
+            DELIVERED + stranger says IN_PROGRESS -> error NOT_A_PARTY
+            DELIVERED + sender says COMPLETED -> error NOT_A_PARTY
+            DELIVERED + recipient says COMPLETED -> error ILLEGAL_TRANSITION
+            DELIVERED + stranger says COMPLETED -> error NOT_A_PARTY
+            DELIVERED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(receipt @T0+3600000)]
+            DELIVERED + recipient says CANCELLED -> error NOT_A_PARTY
+            DELIVERED + stranger says CANCELLED -> error NOT_A_PARTY
+            RECEIVED + delivery confirmed -> error superseded (dropped)
+            RECEIVED + receipt deadline passed -> error superseded (dropped)
+            RECEIVED + acceptance deadline passed -> RECEIVED(overdue) by broker note="not accepted or declined by the deadline: escalated" [escalate(acceptance due @T0+86400001)]
+            RECEIVED + consent revoked -> WITHDRAWN by broker note="consent revoked" [notify(sender), unschedule(acceptance @T0+86400001), withdraw(recipient)]
+            RECEIVED + sender says RECEIVED -> error NOT_A_PARTY
+            RECEIVED + recipient says RECEIVED -> error ILLEGAL_TRANSITION
+            RECEIVED + stranger says RECEIVED -> error NOT_A_PARTY
+            RECEIVED + sender says ACCEPTED -> error NOT_A_PARTY
+            RECEIVED + recipient says ACCEPTED -> ACCEPTED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
+            RECEIVED + stranger says ACCEPTED -> error NOT_A_PARTY
+            RECEIVED + sender says DECLINED -> error NOT_A_PARTY
+            RECEIVED + recipient says DECLINED -> DECLINED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
+            RECEIVED + stranger says DECLINED -> error NOT_A_PARTY
+            RECEIVED + sender says IN_PROGRESS -> error NOT_A_PARTY
+            RECEIVED + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
+            RECEIVED + stranger says IN_PROGRESS -> error NOT_A_PARTY
+            RECEIVED + sender says COMPLETED -> error NOT_A_PARTY
+            RECEIVED + recipient says COMPLETED -> error ILLEGAL_TRANSITION
+            RECEIVED + stranger says COMPLETED -> error NOT_A_PARTY
+            RECEIVED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(acceptance @T0+86400001)]
+            RECEIVED + recipient says CANCELLED -> error NOT_A_PARTY
+            RECEIVED + stranger says CANCELLED -> error NOT_A_PARTY
+            RECEIVED(overdue) + delivery confirmed -> error superseded (dropped)
+            RECEIVED(overdue) + receipt deadline passed -> error superseded (dropped)
+            RECEIVED(overdue) + acceptance deadline passed -> error superseded (dropped)
+            RECEIVED(overdue) + consent revoked -> WITHDRAWN by broker note="consent revoked" [notify(sender), unschedule(acceptance @T0+86400001), withdraw(recipient)]
+            RECEIVED(overdue) + sender says RECEIVED -> error NOT_A_PARTY
+            RECEIVED(overdue) + recipient says RECEIVED -> error ILLEGAL_TRANSITION
+            RECEIVED(overdue) + stranger says RECEIVED -> error NOT_A_PARTY
+            RECEIVED(overdue) + sender says ACCEPTED -> error NOT_A_PARTY
+            RECEIVED(overdue) + recipient says ACCEPTED -> ACCEPTED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
+            RECEIVED(overdue) + stranger says ACCEPTED -> error NOT_A_PARTY
+            RECEIVED(overdue) + sender says DECLINED -> error NOT_A_PARTY
+            RECEIVED(overdue) + recipient says DECLINED -> DECLINED by recipient [notify(sender), unschedule(acceptance @T0+86400001)]
+            RECEIVED(overdue) + stranger says DECLINED -> error NOT_A_PARTY
+            RECEIVED(overdue) + sender says IN_PROGRESS -> error NOT_A_PARTY
+            RECEIVED(overdue) + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
+            RECEIVED(overdue) + stranger says IN_PROGRESS -> error NOT_A_PARTY
+            RECEIVED(overdue) + sender says COMPLETED -> error NOT_A_PARTY
+            RECEIVED(overdue) + recipient says COMPLETED -> error ILLEGAL_TRANSITION
+            RECEIVED(overdue) + stranger says COMPLETED -> error NOT_A_PARTY
+            RECEIVED(overdue) + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient), unschedule(acceptance @T0+86400001)]
+            RECEIVED(overdue) + recipient says CANCELLED -> error NOT_A_PARTY
+            RECEIVED(overdue) + stranger says CANCELLED -> error NOT_A_PARTY
+            ACCEPTED + delivery confirmed -> error superseded (dropped)
+            ACCEPTED + receipt deadline passed -> error superseded (dropped)
+            ACCEPTED + acceptance deadline passed -> error superseded (dropped)
+            ACCEPTED + consent revoked -> WITHDRAWN by broker note="consent revoked" [notify(sender), withdraw(recipient)]
+            ACCEPTED + sender says RECEIVED -> error NOT_A_PARTY
+            ACCEPTED + recipient says RECEIVED -> error ILLEGAL_TRANSITION
+            ACCEPTED + stranger says RECEIVED -> error NOT_A_PARTY
+            ACCEPTED + sender says ACCEPTED -> error NOT_A_PARTY
+            ACCEPTED + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
+            ACCEPTED + stranger says ACCEPTED -> error NOT_A_PARTY
+            ACCEPTED + sender says DECLINED -> error NOT_A_PARTY
+            ACCEPTED + recipient says DECLINED -> error ILLEGAL_TRANSITION
+            ACCEPTED + stranger says DECLINED -> error NOT_A_PARTY
+            ACCEPTED + sender says IN_PROGRESS -> error NOT_A_PARTY
+            ACCEPTED + recipient says IN_PROGRESS -> IN_PROGRESS by recipient [notify(sender)]
+            ACCEPTED + stranger says IN_PROGRESS -> error NOT_A_PARTY
+            ACCEPTED + sender says COMPLETED -> error NOT_A_PARTY
+            ACCEPTED + recipient says COMPLETED -> COMPLETED by recipient [notify(sender)]
+            ACCEPTED + stranger says COMPLETED -> error NOT_A_PARTY
+            ACCEPTED + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient)]
+            ACCEPTED + recipient says CANCELLED -> error NOT_A_PARTY
+            ACCEPTED + stranger says CANCELLED -> error NOT_A_PARTY
+            IN_PROGRESS + delivery confirmed -> error superseded (dropped)
+            IN_PROGRESS + receipt deadline passed -> error superseded (dropped)
+            IN_PROGRESS + acceptance deadline passed -> error superseded (dropped)
+            IN_PROGRESS + consent revoked -> WITHDRAWN by broker note="consent revoked" [notify(sender), withdraw(recipient)]
+            IN_PROGRESS + sender says RECEIVED -> error NOT_A_PARTY
+            IN_PROGRESS + recipient says RECEIVED -> error ILLEGAL_TRANSITION
+            IN_PROGRESS + stranger says RECEIVED -> error NOT_A_PARTY
+            IN_PROGRESS + sender says ACCEPTED -> error NOT_A_PARTY
+            IN_PROGRESS + recipient says ACCEPTED -> error ILLEGAL_TRANSITION
+            IN_PROGRESS + stranger says ACCEPTED -> error NOT_A_PARTY
+            IN_PROGRESS + sender says DECLINED -> error NOT_A_PARTY
+            IN_PROGRESS + recipient says DECLINED -> error ILLEGAL_TRANSITION
+            IN_PROGRESS + stranger says DECLINED -> error NOT_A_PARTY
+            IN_PROGRESS + sender says IN_PROGRESS -> error NOT_A_PARTY
+            IN_PROGRESS + recipient says IN_PROGRESS -> error ILLEGAL_TRANSITION
+            IN_PROGRESS + stranger says IN_PROGRESS -> error NOT_A_PARTY
+            IN_PROGRESS + sender says COMPLETED -> error NOT_A_PARTY
+            IN_PROGRESS + recipient says COMPLETED -> COMPLETED by recipient [notify(sender)]
+            IN_PROGRESS + stranger says COMPLETED -> error NOT_A_PARTY
+            IN_PROGRESS + sender says CANCELLED -> CANCELLED by sender [notify(sender), notify(recipient)]
+            IN_PROGRESS + recipient says CANCELLED -> error NOT_A_PARTY
+            IN_PROGRESS + stranger says CANCELLED -> error NOT_A_PARTY
+            COMPLETED + delivery confirmed -> error TERMINAL_STATE
+            COMPLETED + receipt deadline passed -> error TERMINAL_STATE
+            COMPLETED + acceptance deadline passed -> error TERMINAL_STATE
+            COMPLETED + consent revoked -> error TERMINAL_STATE
+            COMPLETED + sender says RECEIVED -> error TERMINAL_STATE
+            COMPLETED + recipient says RECEIVED -> error TERMINAL_STATE
+            COMPLETED + stranger says RECEIVED -> error TERMINAL_STATE
+            COMPLETED + sender says ACCEPTED -> error TERMINAL_STATE
+            COMPLETED + recipient says ACCEPTED -> error TERMINAL_STATE
+            COMPLETED + stranger says ACCEPTED -> error TERMINAL_STATE
+            COMPLETED + sender says DECLINED -> error TERMINAL_STATE
+            COMPLETED + recipient says DECLINED -> error TERMINAL_STATE
+            COMPLETED + stranger says DECLINED -> error TERMINAL_STATE
+            COMPLETED + sender says IN_PROGRESS -> error TERMINAL_STATE
+            COMPLETED + recipient says IN_PROGRESS -> error TERMINAL_STATE
+            COMPLETED + stranger says IN_PROGRESS -> error TERMINAL_STATE
+            COMPLETED + sender says COMPLETED -> error TERMINAL_STATE
+            COMPLETED + recipient says COMPLETED -> error TERMINAL_STATE
+            COMPLETED + stranger says COMPLETED -> error TERMINAL_STATE
+            COMPLETED + sender says CANCELLED -> error TERMINAL_STATE
+            COMPLETED + recipient says CANCELLED -> error TERMINAL_STATE
+            COMPLETED + stranger says CANCELLED -> error TERMINAL_STATE
+            DECLINED + delivery confirmed -> error TERMINAL_STATE
+            DECLINED + receipt deadline passed -> error TERMINAL_STATE
+            DECLINED + acceptance deadline passed -> error TERMINAL_STATE
+            DECLINED + consent revoked -> error TERMINAL_STATE
+            DECLINED + sender says RECEIVED -> error TERMINAL_STATE
+            DECLINED + recipient says RECEIVED -> error TERMINAL_STATE
+            DECLINED + stranger says RECEIVED -> error TERMINAL_STATE
+            DECLINED + sender says ACCEPTED -> error TERMINAL_STATE
+            DECLINED + recipient says ACCEPTED -> error TERMINAL_STATE
+            DECLINED + stranger says ACCEPTED -> error TERMINAL_STATE
+            DECLINED + sender says DECLINED -> error TERMINAL_STATE
+            DECLINED + recipient says DECLINED -> error TERMINAL_STATE
+            DECLINED + stranger says DECLINED -> error TERMINAL_STATE
+            DECLINED + sender says IN_PROGRESS -> error TERMINAL_STATE
+            DECLINED + recipient says IN_PROGRESS -> error TERMINAL_STATE
+            DECLINED + stranger says IN_PROGRESS -> error TERMINAL_STATE
+            DECLINED + sender says COMPLETED -> error TERMINAL_STATE
+            DECLINED + recipient says COMPLETED -> error TERMINAL_STATE
+            DECLINED + stranger says COMPLETED -> error TERMINAL_STATE
+            DECLINED + sender says CANCELLED -> error TERMINAL_STATE
+            DECLINED + recipient says CANCELLED -> error TERMINAL_STATE
+            DECLINED + stranger says CANCELLED -> error TERMINAL_STATE
+            CANCELLED + delivery confirmed -> error TERMINAL_STATE
+            CANCELLED + receipt deadline passed -> error TERMINAL_STATE
+            CANCELLED + acceptance deadline passed -> error TERMINAL_STATE
+            CANCELLED + consent revoked -> error TERMINAL_STATE
+            CANCELLED + sender says RECEIVED -> error TERMINAL_STATE
+            CANCELLED + recipient says RECEIVED -> error TERMINAL_STATE
+            CANCELLED + stranger says RECEIVED -> error TERMINAL_STATE
+            CANCELLED + sender says ACCEPTED -> error TERMINAL_STATE
+            CANCELLED + recipient says ACCEPTED -> error TERMINAL_STATE
+            CANCELLED + stranger says ACCEPTED -> error TERMINAL_STATE
+            CANCELLED + sender says DECLINED -> error TERMINAL_STATE
+            CANCELLED + recipient says DECLINED -> error TERMINAL_STATE
+            CANCELLED + stranger says DECLINED -> error TERMINAL_STATE
+            CANCELLED + sender says IN_PROGRESS -> error TERMINAL_STATE
+            CANCELLED + recipient says IN_PROGRESS -> error TERMINAL_STATE
+            CANCELLED + stranger says IN_PROGRESS -> error TERMINAL_STATE
+            CANCELLED + sender says COMPLETED -> error TERMINAL_STATE
+            CANCELLED + recipient says COMPLETED -> error TERMINAL_STATE
+            CANCELLED + stranger says COMPLETED -> error TERMINAL_STATE
+            CANCELLED + sender says CANCELLED -> error TERMINAL_STATE
+            CANCELLED + recipient says CANCELLED -> error TERMINAL_STATE
+            CANCELLED + stranger says CANCELLED -> error TERMINAL_STATE
+            EXPIRED + delivery confirmed -> error TERMINAL_STATE
+            EXPIRED + receipt deadline passed -> error TERMINAL_STATE
+            EXPIRED + acceptance deadline passed -> error TERMINAL_STATE
+            EXPIRED + consent revoked -> error TERMINAL_STATE
+            EXPIRED + sender says RECEIVED -> error TERMINAL_STATE
+            EXPIRED + recipient says RECEIVED -> error TERMINAL_STATE
+            EXPIRED + stranger says RECEIVED -> error TERMINAL_STATE
+            EXPIRED + sender says ACCEPTED -> error TERMINAL_STATE
+            EXPIRED + recipient says ACCEPTED -> error TERMINAL_STATE
+            EXPIRED + stranger says ACCEPTED -> error TERMINAL_STATE
+            EXPIRED + sender says DECLINED -> error TERMINAL_STATE
+            EXPIRED + recipient says DECLINED -> error TERMINAL_STATE
+            EXPIRED + stranger says DECLINED -> error TERMINAL_STATE
+            EXPIRED + sender says IN_PROGRESS -> error TERMINAL_STATE
+            EXPIRED + recipient says IN_PROGRESS -> error TERMINAL_STATE
+            EXPIRED + stranger says IN_PROGRESS -> error TERMINAL_STATE
+            EXPIRED + sender says COMPLETED -> error TERMINAL_STATE
+            EXPIRED + recipient says COMPLETED -> error TERMINAL_STATE
+            EXPIRED + stranger says COMPLETED -> error TERMINAL_STATE
+            EXPIRED + sender says CANCELLED -> error TERMINAL_STATE
+            EXPIRED + recipient says CANCELLED -> error TERMINAL_STATE
+            EXPIRED + stranger says CANCELLED -> error TERMINAL_STATE
+            REFUSED + delivery confirmed -> error TERMINAL_STATE
+            REFUSED + receipt deadline passed -> error TERMINAL_STATE
+            REFUSED + acceptance deadline passed -> error TERMINAL_STATE
+            REFUSED + consent revoked -> error TERMINAL_STATE
+            REFUSED + sender says RECEIVED -> error TERMINAL_STATE
+            REFUSED + recipient says RECEIVED -> error TERMINAL_STATE
+            REFUSED + stranger says RECEIVED -> error TERMINAL_STATE
+            REFUSED + sender says ACCEPTED -> error TERMINAL_STATE
+            REFUSED + recipient says ACCEPTED -> error TERMINAL_STATE
+            REFUSED + stranger says ACCEPTED -> error TERMINAL_STATE
+            REFUSED + sender says DECLINED -> error TERMINAL_STATE
+            REFUSED + recipient says DECLINED -> error TERMINAL_STATE
+            REFUSED + stranger says DECLINED -> error TERMINAL_STATE
+            REFUSED + sender says IN_PROGRESS -> error TERMINAL_STATE
+            REFUSED + recipient says IN_PROGRESS -> error TERMINAL_STATE
+            REFUSED + stranger says IN_PROGRESS -> error TERMINAL_STATE
+            REFUSED + sender says COMPLETED -> error TERMINAL_STATE
+            REFUSED + recipient says COMPLETED -> error TERMINAL_STATE
+            REFUSED + stranger says COMPLETED -> error TERMINAL_STATE
+            REFUSED + sender says CANCELLED -> error TERMINAL_STATE
+            REFUSED + recipient says CANCELLED -> error TERMINAL_STATE
+            REFUSED + stranger says CANCELLED -> error TERMINAL_STATE
+            WITHDRAWN + delivery confirmed -> error TERMINAL_STATE
+            WITHDRAWN + receipt deadline passed -> error TERMINAL_STATE
+            WITHDRAWN + acceptance deadline passed -> error TERMINAL_STATE
+            WITHDRAWN + consent revoked -> error TERMINAL_STATE
+            WITHDRAWN + sender says RECEIVED -> error TERMINAL_STATE
+            WITHDRAWN + recipient says RECEIVED -> error TERMINAL_STATE
+            WITHDRAWN + stranger says RECEIVED -> error TERMINAL_STATE
+            WITHDRAWN + sender says ACCEPTED -> error TERMINAL_STATE
+            WITHDRAWN + recipient says ACCEPTED -> error TERMINAL_STATE
+            WITHDRAWN + stranger says ACCEPTED -> error TERMINAL_STATE
+            WITHDRAWN + sender says DECLINED -> error TERMINAL_STATE
+            WITHDRAWN + recipient says DECLINED -> error TERMINAL_STATE
+            WITHDRAWN + stranger says DECLINED -> error TERMINAL_STATE
+            WITHDRAWN + sender says IN_PROGRESS -> error TERMINAL_STATE
+            WITHDRAWN + recipient says IN_PROGRESS -> error TERMINAL_STATE
+            WITHDRAWN + stranger says IN_PROGRESS -> error TERMINAL_STATE
+            WITHDRAWN + sender says COMPLETED -> error TERMINAL_STATE
+            WITHDRAWN + recipient says COMPLETED -> error TERMINAL_STATE
+            WITHDRAWN + stranger says COMPLETED -> error TERMINAL_STATE
+            WITHDRAWN + sender says CANCELLED -> error TERMINAL_STATE
+            WITHDRAWN + recipient says CANCELLED -> error TERMINAL_STATE
+            WITHDRAWN + stranger says CANCELLED -> error TERMINAL_STATE
+        "#]],
     );
 }
 
@@ -619,6 +639,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
         1 => Just(Event::DeliveryConfirmed),
         1 => Just(Event::DeadlinePassed(DeadlineKind::Receipt)),
         1 => Just(Event::DeadlinePassed(DeadlineKind::Acceptance)),
+        1 => Just(Event::ConsentRevoked),
         8 => (
             proptest::sample::select(PARTIES.to_vec()),
             proptest::sample::select(Status::ALL.to_vec()),

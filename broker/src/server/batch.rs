@@ -7,10 +7,14 @@ use std::collections::{HashMap, HashSet};
 use yeongye_proto::subject::{self, OutKind};
 use yeongye_proto::v1::{self, PayloadType, ReasonCode};
 
+use crate::audit;
+use crate::consent::{self, Basis, Consent, NotCovered};
 use crate::convert::{self, derive_id};
 use crate::error::Result;
 use crate::ingest::{Inbound, Origin, Refusal, Request};
-use crate::referral::{self, Effect, Event, Millis, Referral, Transition, TransitionError};
+use crate::referral::{
+    self, BROKER, Effect, Event, Millis, Referral, State, Transition, TransitionError,
+};
 use crate::store::{
     ChangeSet, DeadLetter, DeadLetterStatus, Deadline, OperatorAction, OutboxEntry, Store,
 };
@@ -36,6 +40,10 @@ pub struct Batch<'a> {
     touched: HashMap<String, Referral>,
     /// The store's summary of each touched referral before this batch (None: new).
     before: HashMap<String, Option<Summary>>,
+    /// Consents recorded or changed in this batch, newer than the store's copy.
+    consents: HashMap<String, Consent>,
+    /// Audit entries of this batch, chained at `finish`.
+    audit: Vec<audit::Entry>,
     seen: HashSet<String>,
 }
 
@@ -50,6 +58,8 @@ impl<'a> Batch<'a> {
             changes: ChangeSet::default(),
             touched: HashMap::new(),
             before: HashMap::new(),
+            consents: HashMap::new(),
+            audit: Vec::new(),
             seen: HashSet::new(),
         }
     }
@@ -58,6 +68,13 @@ impl<'a> Batch<'a> {
     pub fn with_coordinator(mut self, coordinator: Option<&'a str>) -> Batch<'a> {
         self.coordinator = coordinator;
         self
+    }
+
+    fn consent(&self, id: &str) -> Result<Option<Consent>> {
+        match self.consents.get(id) {
+            Some(c) => Ok(Some(c.clone())),
+            None => self.store.consent(id),
+        }
     }
 
     fn referral(&self, id: &str) -> Result<Option<Referral>> {
@@ -98,7 +115,31 @@ impl<'a> Batch<'a> {
                         raw,
                     ));
                 }
-                tracing::info!(from = %new.from, to = %new.to, "referral submitted");
+                if let Basis::Consent(cid) = &new.basis {
+                    let consent = self.consent(cid)?;
+                    let ask = consent::Ask {
+                        client: &new.client,
+                        to: &new.to,
+                        to_kind: &new.to_kind,
+                        purpose: new.purpose,
+                        categories: &new.categories,
+                    };
+                    if let Err(not) = consent::check(consent.as_ref(), ask, at) {
+                        let refusal = Refusal {
+                            code: not_covered(&not),
+                            detail: not.to_string(),
+                            referral_id: new.id.clone(),
+                        };
+                        let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
+                        self.transition(t, &origin.dedup_key, at);
+                        return Ok(self.reject(&origin, refusal, seq, at, raw));
+                    }
+                    if let Some(mut c) = consent {
+                        c.referrals.push(new.id.clone());
+                        self.consents.insert(c.id.clone(), c);
+                    }
+                }
+                tracing::info!(from = %new.from, to = %new.to, basis = %new.basis.label(), "referral submitted");
                 let t = referral::submit(new, &origin.message_id, at);
                 self.transition(t, &origin.dedup_key, at);
                 Ok(Outcome::Applied)
@@ -153,8 +194,255 @@ impl<'a> Batch<'a> {
                     }
                 }
             }
+            Request::Grant(c) => self.grant(c, &origin, seq, at, raw),
+            Request::Revoke {
+                consent_id,
+                at: revoked_at,
+                by,
+            } => self.revoke(
+                &consent_id,
+                revoked_at.unwrap_or(at).min(at),
+                &by,
+                &origin,
+                seq,
+                at,
+                raw,
+            ),
+            Request::Purged {
+                referral_id,
+                consent_id,
+                by,
+            } => {
+                span.record("referral_id", referral_id.as_str());
+                self.purged(&referral_id, &consent_id, &by, &origin, seq, at, raw)
+            }
             Request::Reject(refusal) => Ok(self.reject(&origin, refusal, seq, at, raw)),
         }
+    }
+
+    fn grant(
+        &mut self,
+        c: Consent,
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Result<Outcome> {
+        if let Some(existing) = self.consent(&c.id)? {
+            let same = existing.collected_by == c.collected_by
+                && existing.client == c.client
+                && existing.recipient_agencies == c.recipient_agencies
+                && existing.recipient_kinds == c.recipient_kinds
+                && existing.purposes == c.purposes
+                && existing.categories == c.categories
+                && existing.valid_from == c.valid_from
+                && existing.valid_until == c.valid_until;
+            if same {
+                return Ok(Outcome::Duplicate);
+            }
+            let r = Refusal {
+                code: ReasonCode::ConsentExists,
+                detail: "a consent with this id is recorded".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        }
+        tracing::info!(consent_id = %c.id, collected_by = %c.collected_by, "consent recorded");
+        self.audit.push(
+            audit::Entry::draft("consent.granted", at)
+                .consent(&c.id)
+                .actor(&c.collected_by)
+                .message(&origin.message_id),
+        );
+        self.consents.insert(c.id.clone(), c);
+        Ok(Outcome::Applied)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn revoke(
+        &mut self,
+        id: &str,
+        revoked_at: Millis,
+        by: &str,
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Result<Outcome> {
+        let Some(mut c) = self.consent(id)? else {
+            let r = Refusal {
+                code: ReasonCode::ConsentUnknown,
+                detail: "no consent with this id is recorded".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        };
+        let mut recipients = Vec::new();
+        for rid in &c.referrals {
+            if let Some(r) = self.referral(rid)? {
+                recipients.push(r.to);
+            }
+        }
+        let may = c.collected_by == by
+            || c.recipient_agencies.iter().any(|a| a == by)
+            || recipients.iter().any(|a| a == by)
+            || self.coordinator == Some(by);
+        if !may {
+            let r = Refusal {
+                code: ReasonCode::NotAParty,
+                detail: "only the collecting agency, a covered agency or the coordinator may record a revocation".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        }
+        if c.revoked.is_some() {
+            return Ok(Outcome::Duplicate);
+        }
+        tracing::info!(
+            consent_id = id,
+            referrals = c.referrals.len(),
+            "consent revoked: withdrawing referrals"
+        );
+        c.revoked = Some(consent::Revocation {
+            at: revoked_at,
+            by: by.to_owned(),
+        });
+        self.audit.push(
+            audit::Entry::draft("consent.revoked", at)
+                .consent(id)
+                .actor(by)
+                .message(&origin.message_id),
+        );
+        self.consents.insert(id.to_owned(), c.clone());
+        for (n, rid) in c.referrals.iter().enumerate() {
+            let Some(r) = self.referral(rid)? else {
+                continue;
+            };
+            let cause = format!("{}/withdraw/{n}", origin.dedup_key);
+            if r.state.is_terminal() {
+                // Ended, but the recipient had the data: it must purge it all the same.
+                if r.state != State::Refused && r.state != State::Withdrawn {
+                    self.withdraw(&r, &derive_id(&cause, 0), at);
+                }
+                continue;
+            }
+            match referral::apply(&r, &Event::ConsentRevoked, &origin.message_id, at) {
+                Ok(t) => self.transition(t, &cause, at),
+                Err(e) => tracing::warn!(referral_id = %rid, cause = %e, "withdrawal not applied"),
+            }
+        }
+        Ok(Outcome::Applied)
+    }
+
+    /// Tells the recipient to purge `r` and tracks the confirmation — or, if the delivery has
+    /// not left the broker yet, cancels it (the recipient never had the data).
+    fn withdraw(&mut self, r: &Referral, message_id: &str, at: Millis) {
+        let cancelled_here = {
+            let before = self.changes.outbox_put.len();
+            self.changes
+                .outbox_put
+                .retain(|e| e.confirms.as_deref() != Some(r.id.as_str()));
+            before != self.changes.outbox_put.len()
+        };
+        let cancelled_stored = match self.store.outbox() {
+            Ok(stored) => {
+                let keys: Vec<u64> = stored
+                    .iter()
+                    .filter(|e| e.confirms.as_deref() == Some(r.id.as_str()))
+                    .map(|e| e.key)
+                    .collect();
+                let any = !keys.is_empty();
+                self.changes.outbox_remove.extend(keys);
+                any
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "reading the outbox to cancel a delivery");
+                false
+            }
+        };
+        if cancelled_here || cancelled_stored {
+            tracing::info!(referral_id = %r.id, "delivery cancelled before it left: nothing to purge");
+            return;
+        }
+        let Some(cid) = r.basis.consent_id() else {
+            return;
+        };
+        let payload = convert::withdrawal(r, cid, at);
+        self.publish(
+            &r.to,
+            OutKind::Withdrawal,
+            message_id.to_owned(),
+            at,
+            PayloadType::Withdrawal,
+            payload,
+            None,
+        );
+        if let Ok(Some(mut c)) = self.consent(cid)
+            && !c.purges.iter().any(|p| p.referral_id == r.id)
+        {
+            c.purges.push(consent::Purge {
+                referral_id: r.id.clone(),
+                agency: r.to.clone(),
+                requested_at: at,
+                confirmed_at: None,
+            });
+            self.consents.insert(cid.to_owned(), c);
+        }
+        self.audit.push(
+            audit::Entry::draft("purge.requested", at)
+                .referral(&r.id)
+                .consent(cid)
+                .actor(BROKER)
+                .agency(&r.to),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn purged(
+        &mut self,
+        referral_id: &str,
+        consent_id: &str,
+        by: &str,
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Result<Outcome> {
+        let consent = self.consent(consent_id)?;
+        let Some(mut c) = consent.filter(|c| {
+            c.purges
+                .iter()
+                .any(|p| p.referral_id == referral_id && p.agency == by)
+        }) else {
+            let r = Refusal {
+                code: ReasonCode::UnknownReferral,
+                detail: "no purge was requested of this agency for this referral and consent"
+                    .into(),
+                referral_id: referral_id.to_owned(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        };
+        let Some(p) = c
+            .purges
+            .iter_mut()
+            .find(|p| p.referral_id == referral_id && p.agency == by)
+        else {
+            return Ok(Outcome::Duplicate);
+        };
+        if p.confirmed_at.is_some() {
+            return Ok(Outcome::Duplicate);
+        }
+        p.confirmed_at = Some(at);
+        tracing::info!(consent_id, agency = by, "purge confirmed");
+        self.audit.push(
+            audit::Entry::draft("purge.confirmed", at)
+                .referral(referral_id)
+                .consent(consent_id)
+                .actor(by)
+                .message(&origin.message_id),
+        );
+        self.consents.insert(consent_id.to_owned(), c);
+        Ok(Outcome::Applied)
     }
 
     /// An operator replays a dead letter (`read` is it read again, with today's registry).
@@ -209,6 +497,9 @@ impl<'a> Batch<'a> {
                 }
                 _ => Err("no such referral for this agency".to_owned()),
             },
+            Request::Grant(_) | Request::Revoke { .. } | Request::Purged { .. } => {
+                Err("consent messages are not replayed: send them again".to_owned())
+            }
             Request::Refuse(_, r) | Request::Reject(r) => Err(format!(
                 "still refused: {} ({})",
                 r.code.as_str_name(),
@@ -229,6 +520,17 @@ impl<'a> Batch<'a> {
         if outcome.is_ok() {
             updated.status = DeadLetterStatus::Replayed;
         }
+        self.audit.push(
+            audit::Entry::draft("operator.replay", at)
+                .referral(&dead.referral_id)
+                .actor(who)
+                .message(&dead.message_id)
+                .reason(if outcome.is_ok() {
+                    "replayed"
+                } else {
+                    "failed"
+                }),
+        );
         tracing::info!(
             seq = dead.stream_seq,
             ok = outcome.is_ok(),
@@ -302,11 +604,48 @@ impl<'a> Batch<'a> {
             .map(|r| (before.remove(&r.id).flatten(), Summary::of(r)))
             .collect();
         changes.referrals = self.touched.into_values().collect();
+        changes.consents = self.consents.into_values().collect();
+        if !self.audit.is_empty() {
+            match self.store.audit_head() {
+                Ok(head) => changes.audit = audit::chain(head, self.audit).0,
+                Err(e) => {
+                    tracing::error!(cause = %e, "audit head unreadable: the commit will fail")
+                }
+            }
+        }
         (changes, view)
     }
 
     fn transition(&mut self, t: Transition, cause: &str, at: Millis) {
         let Transition { referral, effects } = t;
+        let previous = match self.touched.get(&referral.id) {
+            Some(r) => Some(r.state),
+            None => self
+                .store
+                .referral(&referral.id)
+                .ok()
+                .flatten()
+                .map(|r| r.state),
+        };
+        if let Some(last) = referral.history.last() {
+            let event = if previous.is_none() {
+                "referral.submitted"
+            } else {
+                "referral.state"
+            };
+            self.audit.push(
+                audit::Entry::draft(event, at)
+                    .referral(&referral.id)
+                    .actor(&last.by)
+                    .agency(&referral.to)
+                    .states(
+                        previous.map(State::as_str).unwrap_or(""),
+                        referral.state.as_str(),
+                    )
+                    .message(&last.cause)
+                    .basis(&referral.basis.label()),
+            );
+        }
         if !self.before.contains_key(&referral.id) {
             // Not touched yet in this batch: what the store holds is the "before".
             let old = match self.store.referral(&referral.id) {
@@ -348,15 +687,24 @@ impl<'a> Batch<'a> {
                 // Within one batch the last word on a deadline wins: the store applies all
                 // removals before all insertions, so a pair must cancel out here.
                 Effect::Schedule { kind, at } => {
-                    let d = Deadline { at, kind, referral_id: referral.id.clone() };
+                    let d = Deadline {
+                        at,
+                        kind,
+                        referral_id: referral.id.clone(),
+                    };
                     self.changes.deadlines_remove.retain(|x| *x != d);
                     self.changes.deadlines_put.push(d);
                 }
                 Effect::Unschedule { kind, at } => {
-                    let d = Deadline { at, kind, referral_id: referral.id.clone() };
+                    let d = Deadline {
+                        at,
+                        kind,
+                        referral_id: referral.id.clone(),
+                    };
                     self.changes.deadlines_put.retain(|x| *x != d);
                     self.changes.deadlines_remove.push(d);
                 }
+                Effect::Withdraw { .. } => self.withdraw(&referral, &id, at),
                 Effect::Escalate { kind, due } => {
                     let mut targets = vec![referral.from.clone()];
                     if let Some(c) = self.coordinator.filter(|c| *c != referral.from) {
@@ -433,6 +781,13 @@ impl<'a> Batch<'a> {
     }
 
     fn reject(&mut self, origin: &Origin, r: Refusal, seq: u64, at: Millis, raw: &[u8]) -> Outcome {
+        self.audit.push(
+            audit::Entry::draft("message.rejected", at)
+                .referral(&r.referral_id)
+                .actor(origin.reply_to.as_deref().unwrap_or(""))
+                .reason(r.code.as_str_name())
+                .message(&origin.message_id),
+        );
         tracing::warn!(
             code = r.code.as_str_name(),
             detail = %r.detail,
@@ -485,8 +840,24 @@ fn duplicate_id(id: &str) -> Refusal {
     }
 }
 
+fn not_covered(n: &NotCovered) -> ReasonCode {
+    match n {
+        NotCovered::Unknown => ReasonCode::ConsentUnknown,
+        NotCovered::OtherClient => ReasonCode::ConsentOtherClient,
+        NotCovered::Recipient => ReasonCode::ConsentRecipientNotCovered,
+        NotCovered::Purpose => ReasonCode::ConsentPurposeNotCovered,
+        NotCovered::Category(_) => ReasonCode::ConsentCategoryNotCovered,
+        NotCovered::Expired => ReasonCode::ConsentExpired,
+        NotCovered::NotYetValid => ReasonCode::ConsentNotYetValid,
+        NotCovered::Revoked => ReasonCode::ConsentRevoked,
+    }
+}
+
 fn reason(e: &TransitionError) -> ReasonCode {
     match e {
+        TransitionError::Terminal {
+            state: State::Withdrawn,
+        } => ReasonCode::Withdrawn,
         TransitionError::Terminal { .. } => ReasonCode::TerminalState,
         TransitionError::Illegal { .. } => ReasonCode::IllegalTransition,
         TransitionError::NotAParty { .. } => ReasonCode::NotAParty,
@@ -538,6 +909,13 @@ mod tests {
             }),
             field: 1,
             urgency: 3,
+            purpose: 1,
+            legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(
+                v1::StatutoryBasis {
+                    statute: 2,
+                    justification: "crisis household".into(),
+                },
+            )),
             ..Default::default()
         };
         (

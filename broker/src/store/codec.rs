@@ -4,6 +4,7 @@
 use prost::Message;
 
 use super::{DeadLetter, DeadLetterStatus, OperatorAction, OutboxEntry};
+use crate::consent::{Basis, Consent, Purge, Revocation};
 use crate::error::{Error, Result};
 use crate::referral::{HistoryEntry, Referral, State, Urgency};
 
@@ -33,6 +34,67 @@ struct ReferralRecord {
     accept_by: i64,
     #[prost(bool, tag = "12")]
     overdue: bool,
+    #[prost(string, tag = "13")]
+    client: String,
+    /// `consent:<id>` (consent) or the statute number with its justification.
+    #[prost(string, tag = "14")]
+    consent_id: String,
+    #[prost(int32, tag = "15")]
+    statute: i32,
+    #[prost(string, tag = "16")]
+    statute_name: String,
+    #[prost(string, tag = "17")]
+    justification: String,
+    #[prost(int32, tag = "18")]
+    purpose: i32,
+    #[prost(int32, repeated, tag = "19")]
+    categories: Vec<i32>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ConsentRecord {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    client: String,
+    #[prost(string, tag = "3")]
+    collected_by: String,
+    #[prost(string, repeated, tag = "4")]
+    recipient_agencies: Vec<String>,
+    #[prost(string, repeated, tag = "5")]
+    recipient_kinds: Vec<String>,
+    #[prost(int32, repeated, tag = "6")]
+    purposes: Vec<i32>,
+    #[prost(int32, repeated, tag = "7")]
+    categories: Vec<i32>,
+    #[prost(int64, tag = "8")]
+    valid_from: i64,
+    #[prost(int64, optional, tag = "9")]
+    valid_until: Option<i64>,
+    #[prost(string, tag = "10")]
+    form_reference: String,
+    #[prost(int64, tag = "11")]
+    granted_at: i64,
+    #[prost(int64, optional, tag = "12")]
+    revoked_at: Option<i64>,
+    #[prost(string, tag = "13")]
+    revoked_by: String,
+    #[prost(string, repeated, tag = "14")]
+    referrals: Vec<String>,
+    #[prost(message, repeated, tag = "15")]
+    purges: Vec<PurgeRecord>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct PurgeRecord {
+    #[prost(string, tag = "1")]
+    referral_id: String,
+    #[prost(string, tag = "2")]
+    agency: String,
+    #[prost(int64, tag = "3")]
+    requested_at: i64,
+    #[prost(int64, optional, tag = "4")]
+    confirmed_at: Option<i64>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -155,6 +217,22 @@ pub(super) fn encode_referral(r: &Referral) -> Vec<u8> {
         accept_within: r.accept_within,
         accept_by: r.accept_by,
         overdue: r.overdue,
+        client: r.client.clone(),
+        consent_id: r.basis.consent_id().unwrap_or_default().to_owned(),
+        statute: match &r.basis {
+            Basis::Statute { statute, .. } => *statute,
+            Basis::Consent(_) => 0,
+        },
+        statute_name: match &r.basis {
+            Basis::Statute { name, .. } => name.clone(),
+            Basis::Consent(_) => String::new(),
+        },
+        justification: match &r.basis {
+            Basis::Statute { justification, .. } => justification.clone(),
+            Basis::Consent(_) => String::new(),
+        },
+        purpose: r.purpose,
+        categories: r.categories.clone(),
         history: r
             .history
             .iter()
@@ -193,6 +271,18 @@ pub(super) fn decode_referral(key: &str, bytes: &[u8]) -> Result<Referral> {
         accept_within: r.accept_within,
         accept_by: r.accept_by,
         overdue: r.overdue,
+        basis: if r.statute != 0 {
+            Basis::Statute {
+                statute: r.statute,
+                name: r.statute_name,
+                justification: r.justification,
+            }
+        } else {
+            Basis::Consent(r.consent_id)
+        },
+        client: r.client,
+        purpose: r.purpose,
+        categories: r.categories,
         envelope: r.envelope,
         history,
     })
@@ -278,6 +368,68 @@ pub(super) fn decode_dead_letter(seq: u64, bytes: &[u8]) -> Result<DeadLetter> {
                 why: a.why,
                 at: a.at,
                 outcome: a.outcome,
+            })
+            .collect(),
+    })
+}
+
+pub(super) fn encode_consent(c: &Consent) -> Vec<u8> {
+    ConsentRecord {
+        id: c.id.clone(),
+        client: c.client.clone(),
+        collected_by: c.collected_by.clone(),
+        recipient_agencies: c.recipient_agencies.clone(),
+        recipient_kinds: c.recipient_kinds.clone(),
+        purposes: c.purposes.clone(),
+        categories: c.categories.clone(),
+        valid_from: c.valid_from,
+        valid_until: c.valid_until,
+        form_reference: c.form_reference.clone(),
+        granted_at: c.granted_at,
+        revoked_at: c.revoked.as_ref().map(|r| r.at),
+        revoked_by: c.revoked.as_ref().map(|r| r.by.clone()).unwrap_or_default(),
+        referrals: c.referrals.clone(),
+        purges: c
+            .purges
+            .iter()
+            .map(|p| PurgeRecord {
+                referral_id: p.referral_id.clone(),
+                agency: p.agency.clone(),
+                requested_at: p.requested_at,
+                confirmed_at: p.confirmed_at,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+pub(super) fn decode_consent(key: &str, bytes: &[u8]) -> Result<Consent> {
+    let r = ConsentRecord::decode(bytes).map_err(|e| corrupt(key, e.to_string()))?;
+    Ok(Consent {
+        id: r.id,
+        client: r.client,
+        collected_by: r.collected_by,
+        recipient_agencies: r.recipient_agencies,
+        recipient_kinds: r.recipient_kinds,
+        purposes: r.purposes,
+        categories: r.categories,
+        valid_from: r.valid_from,
+        valid_until: r.valid_until,
+        form_reference: r.form_reference,
+        granted_at: r.granted_at,
+        revoked: r.revoked_at.map(|at| Revocation {
+            at,
+            by: r.revoked_by,
+        }),
+        referrals: r.referrals,
+        purges: r
+            .purges
+            .into_iter()
+            .map(|p| Purge {
+                referral_id: p.referral_id,
+                agency: p.agency,
+                requested_at: p.requested_at,
+                confirmed_at: p.confirmed_at,
             })
             .collect(),
     })

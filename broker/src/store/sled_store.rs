@@ -9,6 +9,9 @@
 //! o/<u64 BE>                            outbox entry
 //! t/<at BE><kind><referral id>          deadline
 //! x/<stream seq BE>                     dead letter
+//! c/<consent id>                        consent record
+//! a/<u64 BE>                            audit entry (hash-chained)
+//! m/audit-head                          last audit sequence (u64 BE) + hash (32 bytes)
 //! m/checkpoint                          highest applied inbound stream sequence (u64 BE)
 //! ```
 //! sled's `flush` writes and `sync_file_range`s but does not fsync (see NATS-NOTES.md): a
@@ -19,10 +22,13 @@ use std::path::Path;
 
 use super::codec;
 use super::{ChangeSet, DeadLetter, Deadline, OutboxEntry, Store, StoreStats};
+use crate::audit;
+use crate::consent::Consent;
 use crate::error::{Error, Result};
 use crate::referral::{DeadlineKind, Millis, Referral};
 
 const CHECKPOINT: &[u8] = b"m/checkpoint";
+const AUDIT_HEAD: &[u8] = b"m/audit-head";
 
 pub struct SledStore {
     db: sled::Db,
@@ -137,6 +143,23 @@ impl Store for SledStore {
                 codec::encode_dead_letter(d),
             );
         }
+        for consent in &c.consents {
+            b.insert(
+                key(b"c/", consent.id.as_bytes()),
+                codec::encode_consent(consent),
+            );
+        }
+        if let Some(last) = c.audit.last() {
+            for e in &c.audit {
+                b.insert(
+                    key(b"a/", &e.seq.to_be_bytes()),
+                    prost::Message::encode_to_vec(e),
+                );
+            }
+            let mut head = last.seq.to_be_bytes().to_vec();
+            head.extend_from_slice(&last.hash);
+            b.insert(AUDIT_HEAD, head);
+        }
         if let Some(seq) = c.checkpoint {
             // Never move the checkpoint backwards (a redelivered old message in a batch).
             if seq > self.checkpoint()? {
@@ -243,6 +266,52 @@ impl Store for SledStore {
         }
     }
 
+    fn consent(&self, id: &str) -> Result<Option<Consent>> {
+        match self.db.get(key(b"c/", id.as_bytes()))? {
+            Some(v) => Ok(Some(codec::decode_consent(id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn consents(&self) -> Result<Vec<Consent>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"c/") {
+            let (k, v) = kv?;
+            out.push(codec::decode_consent(
+                &String::from_utf8_lossy(&k[2..]),
+                &v,
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn audit_head(&self) -> Result<(u64, audit::Hash)> {
+        match self.db.get(AUDIT_HEAD)? {
+            None => Ok((0, audit::GENESIS)),
+            Some(v) => {
+                let corrupt = || Error::CorruptRecord {
+                    key: "m/audit-head".into(),
+                    message: "not 40 bytes".into(),
+                };
+                let seq = u64_from("m/audit-head", v.get(..8).ok_or_else(corrupt)?)?;
+                let hash: audit::Hash = v
+                    .get(8..40)
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or_else(corrupt)?;
+                Ok((seq, hash))
+            }
+        }
+    }
+
+    fn audit_raw(&self) -> Result<Vec<audit::Stored>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"a/") {
+            let (k, v) = kv?;
+            out.push((u64_from("audit", &k[2..])?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn stats(&self) -> Result<StoreStats> {
         let count = |p: &[u8]| self.db.scan_prefix(p).keys().count() as u64;
         Ok(StoreStats {
@@ -272,6 +341,10 @@ mod tests {
             accept_within: 50,
             accept_by: 0,
             overdue: false,
+            client: "p".into(),
+            basis: crate::consent::Basis::Consent("c1".into()),
+            purpose: 1,
+            categories: vec![1, 2],
             envelope: vec![1, 2, 3],
             history: vec![HistoryEntry {
                 state: State::Submitted,

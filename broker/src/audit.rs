@@ -151,10 +151,7 @@ pub struct Broken {
 
 /// Walks stored entries `(key sequence, bytes)` in key order and checks sequence numbers,
 /// links and hashes, and that the chain ends at `head`. Returns the number of entries.
-pub fn verify(
-    entries: impl IntoIterator<Item = Stored>,
-    head: (u64, Hash),
-) -> Result<u64, Broken> {
+pub fn verify(entries: impl IntoIterator<Item = Stored>, head: (u64, Hash)) -> Result<u64, Broken> {
     let mut expected = 1u64;
     let mut prev = GENESIS;
     for (key, bytes) in entries {

@@ -1,0 +1,232 @@
+//! Tests of reading inbound messages.
+use super::*;
+
+fn registry() -> Registry {
+    Registry::from_toml(
+        "[[agency]]\nid = \"a\"\nname = \"에이\"\nkind = \"k\"\n[[agency]]\nid = \"b\"\nname = \"비\"\nkind = \"k\"",
+    )
+    .unwrap()
+}
+
+fn limits() -> Limits<'static> {
+    Limits {
+        max_message_bytes: 64 * 1024,
+        deadlines: &|_, _| (1000, 5000),
+    }
+}
+
+fn envelope(sender: &str, ty: v1::PayloadType, payload: Vec<u8>) -> Vec<u8> {
+    v1::Envelope {
+        message_id: "m-1".into(),
+        sender: sender.into(),
+        sent_at_ms: 1,
+        payload_type: ty as i32,
+        payload,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn referral() -> v1::Referral {
+    v1::Referral {
+        referral_id: "r-1".into(),
+        from_agency: "a".into(),
+        to_agency: "b".into(),
+        client: Some(v1::Client {
+            pseudonym_id: "p1".into(),
+            ..Default::default()
+        }),
+        field: v1::FieldOfNeed::Livelihood as i32,
+        urgency: v1::Urgency::Crisis as i32,
+        purpose: v1::Purpose::CaseManagement as i32,
+        legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(
+            v1::StatutoryBasis {
+                statute: v1::Statute::SocialSecurityBenefitsAct as i32,
+                justification: "crisis household".into(),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn code(i: &Inbound) -> Option<ReasonCode> {
+    match &i.request {
+        Request::Reject(r) | Request::Refuse(_, r) => Some(r.code),
+        _ => None,
+    }
+}
+
+fn read_ref(r: v1::Referral) -> Inbound {
+    let bytes = envelope("a", v1::PayloadType::Referral, r.encode_to_vec());
+    read(
+        "yeongye.in.a.referral",
+        &bytes,
+        9,
+        100,
+        &registry(),
+        &limits(),
+    )
+}
+
+#[test]
+fn a_good_referral_is_submitted_with_the_default_deadline() {
+    let i = read_ref(referral());
+    assert_eq!(i.origin.dedup_key, "a/m-1");
+    let Request::Submit(n) = i.request else {
+        panic!("{:?}", i.request)
+    };
+    assert_eq!(
+        (n.id.as_str(), n.to.as_str(), n.receive_by),
+        ("r-1", "b", 1100)
+    );
+}
+
+#[test]
+fn garbage_and_truncation_are_answered() {
+    let reg = registry();
+    let garbage = read(
+        "yeongye.in.a.referral",
+        b"\xff\xfe garbage",
+        3,
+        0,
+        &reg,
+        &limits(),
+    );
+    assert_eq!(code(&garbage), Some(ReasonCode::MalformedEnvelope));
+    assert_eq!(garbage.origin.reply_to.as_deref(), Some("a"));
+    assert_eq!(garbage.origin.dedup_key, "seq:3");
+    let good = envelope("a", v1::PayloadType::Referral, referral().encode_to_vec());
+    for cut in 1..good.len() {
+        let i = read(
+            "yeongye.in.a.referral",
+            &good[..cut],
+            3,
+            100,
+            &reg,
+            &limits(),
+        );
+        assert!(code(&i).is_some(), "a truncation at {cut} was accepted");
+    }
+    let mut inner = envelope("a", v1::PayloadType::Referral, vec![0x0a, 0x50, 0x01]);
+    inner.truncate(inner.len());
+    assert_eq!(
+        code(&read(
+            "yeongye.in.a.referral",
+            &inner,
+            3,
+            100,
+            &reg,
+            &limits()
+        )),
+        Some(ReasonCode::MalformedPayload)
+    );
+}
+
+#[test]
+fn each_envelope_check_has_its_code() {
+    let reg = registry();
+    let r = referral().encode_to_vec();
+    let cases = [
+        (
+            "yeongye.in.zz.referral",
+            envelope("zz", v1::PayloadType::Referral, r.clone()),
+            ReasonCode::UnknownSender,
+        ),
+        (
+            "yeongye.in.a.bogus",
+            envelope("a", v1::PayloadType::Referral, r.clone()),
+            ReasonCode::UnknownSubject,
+        ),
+        (
+            "yeongye.in.a.referral",
+            envelope("b", v1::PayloadType::Referral, r.clone()),
+            ReasonCode::SenderMismatch,
+        ),
+        (
+            "yeongye.in.a.status",
+            envelope("a", v1::PayloadType::Referral, r.clone()),
+            ReasonCode::WrongPayloadType,
+        ),
+        (
+            "yeongye.in.a.referral",
+            vec![0u8; 70_000],
+            ReasonCode::TooLarge,
+        ),
+    ];
+    for (subject, bytes, want) in cases {
+        let i = read(subject, &bytes, 1, 100, &reg, &limits());
+        assert_eq!(code(&i), Some(want), "{subject}");
+    }
+    let unknown = read("yeongye.in.zz.referral", b"x", 1, 0, &reg, &limits());
+    assert_eq!(
+        unknown.origin.reply_to, None,
+        "an unregistered agency gets no answer"
+    );
+}
+
+#[test]
+fn each_referral_check_has_its_code() {
+    type Mutation = fn(&mut v1::Referral);
+    let cases: Vec<(Mutation, ReasonCode)> = vec![
+        (|r| r.referral_id = String::new(), ReasonCode::InvalidField),
+        (|r| r.referral_id = "a.b".into(), ReasonCode::InvalidField),
+        (|r| r.from_agency = "b".into(), ReasonCode::SenderMismatch),
+        (
+            |r| r.to_agency = "nobody".into(),
+            ReasonCode::UnknownRecipient,
+        ),
+        (|r| r.to_agency = "a".into(), ReasonCode::InvalidField),
+        (|r| r.urgency = 0, ReasonCode::InvalidField),
+        (|r| r.urgency = 77, ReasonCode::InvalidField),
+        (|r| r.client = None, ReasonCode::InvalidField),
+        (|r| r.field = 0, ReasonCode::InvalidField),
+        (|r| r.receive_by_ms = 50, ReasonCode::InvalidField),
+        (|r| r.receive_by_ms = i64::MAX, ReasonCode::InvalidField),
+    ];
+    for (mutate, want) in cases {
+        let mut r = referral();
+        mutate(&mut r);
+        assert_eq!(code(&read_ref(r.clone())), Some(want), "{r:?}");
+    }
+    // Unknown recipient is recorded (REFUSED), not just rejected.
+    let mut r = referral();
+    r.to_agency = "nobody".into();
+    assert!(matches!(read_ref(r).request, Request::Refuse(..)));
+}
+
+#[test]
+fn status_updates() {
+    let reg = registry();
+    let upd = |status: i32, note: String| {
+        let p = v1::StatusUpdate {
+            referral_id: "r-1".into(),
+            status,
+            note,
+        }
+        .encode_to_vec();
+        read(
+            "yeongye.in.b.status",
+            &envelope("b", v1::PayloadType::StatusUpdate, p),
+            1,
+            0,
+            &reg,
+            &limits(),
+        )
+    };
+    assert!(matches!(
+        upd(2, "ok".into()).request,
+        Request::Status {
+            status: Status::Accepted,
+            ..
+        }
+    ));
+    assert_eq!(code(&upd(0, String::new())), Some(ReasonCode::InvalidField));
+    assert_eq!(
+        code(&upd(42, String::new())),
+        Some(ReasonCode::InvalidField)
+    );
+    assert_eq!(
+        code(&upd(2, "가".repeat(MAX_NOTE_CHARS + 1))),
+        Some(ReasonCode::InvalidField)
+    );
+}

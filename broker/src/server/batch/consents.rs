@@ -1,0 +1,241 @@
+//! The batch's consent messages: recording a grant, revoking (withdrawing the referrals that
+//! cite it, cancelling deliveries that have not left, asking recipients to purge), and
+//! tracking purge confirmations.
+
+use yeongye_proto::subject::OutKind;
+use yeongye_proto::v1::{PayloadType, ReasonCode};
+
+use super::{Batch, Outcome};
+use crate::audit;
+use crate::consent::{self, Consent};
+use crate::convert::{self, derive_id};
+use crate::error::Result;
+use crate::ingest::{Origin, Refusal};
+use crate::referral::{self, BROKER, Event, Millis, Referral, State};
+
+impl Batch<'_> {
+    pub(super) fn grant(
+        &mut self,
+        c: Consent,
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Result<Outcome> {
+        if let Some(existing) = self.consent(&c.id)? {
+            let same = existing.collected_by == c.collected_by
+                && existing.client == c.client
+                && existing.recipient_agencies == c.recipient_agencies
+                && existing.recipient_kinds == c.recipient_kinds
+                && existing.purposes == c.purposes
+                && existing.categories == c.categories
+                && existing.valid_from == c.valid_from
+                && existing.valid_until == c.valid_until;
+            if same {
+                return Ok(Outcome::Duplicate);
+            }
+            let r = Refusal {
+                code: ReasonCode::ConsentExists,
+                detail: "a consent with this id is recorded".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        }
+        tracing::info!(consent_id = %c.id, collected_by = %c.collected_by, "consent recorded");
+        self.audit.push(
+            audit::Entry::draft("consent.granted", at)
+                .consent(&c.id)
+                .actor(&c.collected_by)
+                .message(&origin.message_id),
+        );
+        self.consents.insert(c.id.clone(), c);
+        Ok(Outcome::Applied)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn revoke(
+        &mut self,
+        id: &str,
+        revoked_at: Millis,
+        by: &str,
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Result<Outcome> {
+        let Some(mut c) = self.consent(id)? else {
+            let r = Refusal {
+                code: ReasonCode::ConsentUnknown,
+                detail: "no consent with this id is recorded".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        };
+        let mut recipients = Vec::new();
+        for rid in &c.referrals {
+            if let Some(r) = self.referral(rid)? {
+                recipients.push(r.to);
+            }
+        }
+        let may = c.collected_by == by
+            || c.recipient_agencies.iter().any(|a| a == by)
+            || recipients.iter().any(|a| a == by)
+            || self.coordinator == Some(by);
+        if !may {
+            let r = Refusal {
+                code: ReasonCode::NotAParty,
+                detail: "only the collecting agency, a covered agency or the coordinator may record a revocation".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        }
+        if c.revoked.is_some() {
+            return Ok(Outcome::Duplicate);
+        }
+        tracing::info!(
+            consent_id = id,
+            referrals = c.referrals.len(),
+            "consent revoked: withdrawing referrals"
+        );
+        c.revoked = Some(consent::Revocation {
+            at: revoked_at,
+            by: by.to_owned(),
+        });
+        self.audit.push(
+            audit::Entry::draft("consent.revoked", at)
+                .consent(id)
+                .actor(by)
+                .message(&origin.message_id),
+        );
+        self.consents.insert(id.to_owned(), c.clone());
+        for (n, rid) in c.referrals.iter().enumerate() {
+            let Some(r) = self.referral(rid)? else {
+                continue;
+            };
+            let cause = format!("{}/withdraw/{n}", origin.dedup_key);
+            if r.state.is_terminal() {
+                // Ended, but the recipient had the data: it must purge it all the same.
+                if r.state != State::Refused && r.state != State::Withdrawn {
+                    self.withdraw(&r, &derive_id(&cause, 0), at);
+                }
+                continue;
+            }
+            match referral::apply(&r, &Event::ConsentRevoked, &origin.message_id, at) {
+                Ok(t) => self.transition(t, &cause, at),
+                Err(e) => tracing::warn!(referral_id = %rid, cause = %e, "withdrawal not applied"),
+            }
+        }
+        Ok(Outcome::Applied)
+    }
+
+    /// Tells the recipient to purge `r` and tracks the confirmation — or, if the delivery has
+    /// not left the broker yet, cancels it (the recipient never had the data).
+    pub(super) fn withdraw(&mut self, r: &Referral, message_id: &str, at: Millis) {
+        let cancelled_here = {
+            let before = self.changes.outbox_put.len();
+            self.changes
+                .outbox_put
+                .retain(|e| e.confirms.as_deref() != Some(r.id.as_str()));
+            before != self.changes.outbox_put.len()
+        };
+        let cancelled_stored = match self.store.outbox() {
+            Ok(stored) => {
+                let keys: Vec<u64> = stored
+                    .iter()
+                    .filter(|e| e.confirms.as_deref() == Some(r.id.as_str()))
+                    .map(|e| e.key)
+                    .collect();
+                let any = !keys.is_empty();
+                self.changes.outbox_remove.extend(keys);
+                any
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "reading the outbox to cancel a delivery");
+                false
+            }
+        };
+        if cancelled_here || cancelled_stored {
+            tracing::info!(referral_id = %r.id, "delivery cancelled before it left: nothing to purge");
+            return;
+        }
+        let Some(cid) = r.basis.consent_id() else {
+            return;
+        };
+        let payload = convert::withdrawal(r, cid, at);
+        self.publish(
+            &r.to,
+            OutKind::Withdrawal,
+            message_id.to_owned(),
+            at,
+            PayloadType::Withdrawal,
+            payload,
+            None,
+        );
+        if let Ok(Some(mut c)) = self.consent(cid)
+            && !c.purges.iter().any(|p| p.referral_id == r.id)
+        {
+            c.purges.push(consent::Purge {
+                referral_id: r.id.clone(),
+                agency: r.to.clone(),
+                requested_at: at,
+                confirmed_at: None,
+            });
+            self.consents.insert(cid.to_owned(), c);
+        }
+        self.audit.push(
+            audit::Entry::draft("purge.requested", at)
+                .referral(&r.id)
+                .consent(cid)
+                .actor(BROKER)
+                .agency(&r.to),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn purged(
+        &mut self,
+        referral_id: &str,
+        consent_id: &str,
+        by: &str,
+        origin: &Origin,
+        seq: u64,
+        at: Millis,
+        raw: &[u8],
+    ) -> Result<Outcome> {
+        let consent = self.consent(consent_id)?;
+        let Some(mut c) = consent.filter(|c| {
+            c.purges
+                .iter()
+                .any(|p| p.referral_id == referral_id && p.agency == by)
+        }) else {
+            let r = Refusal {
+                code: ReasonCode::UnknownReferral,
+                detail: "no purge was requested of this agency for this referral and consent"
+                    .into(),
+                referral_id: referral_id.to_owned(),
+            };
+            return Ok(self.reject(origin, r, seq, at, raw));
+        };
+        let Some(p) = c
+            .purges
+            .iter_mut()
+            .find(|p| p.referral_id == referral_id && p.agency == by)
+        else {
+            return Ok(Outcome::Duplicate);
+        };
+        if p.confirmed_at.is_some() {
+            return Ok(Outcome::Duplicate);
+        }
+        p.confirmed_at = Some(at);
+        tracing::info!(consent_id, agency = by, "purge confirmed");
+        self.audit.push(
+            audit::Entry::draft("purge.confirmed", at)
+                .referral(referral_id)
+                .consent(consent_id)
+                .actor(by)
+                .message(&origin.message_id),
+        );
+        self.consents.insert(consent_id.to_owned(), c);
+        Ok(Outcome::Applied)
+    }
+}

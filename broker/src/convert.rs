@@ -5,6 +5,7 @@ use prost::Message;
 use uuid::Uuid;
 use yeongye_proto::v1;
 
+use crate::consent::Consent;
 use crate::referral::{DeadlineKind, HistoryEntry, Millis, Referral, State, Status, Urgency};
 
 /// The namespace of every id the broker derives (see PROTOCOL.md, "Ids").
@@ -135,6 +136,34 @@ pub fn withdrawal(referral: &Referral, consent_id: &str, at: Millis) -> Vec<u8> 
         at_ms: at,
     }
     .encode_to_vec()
+}
+
+pub fn consent_reply(c: &Consent) -> v1::ConsentReply {
+    v1::ConsentReply {
+        grant: Some(v1::ConsentGrant {
+            consent_id: c.id.clone(),
+            client_pseudonym_id: c.client.clone(),
+            collected_by: c.collected_by.clone(),
+            recipient_agencies: c.recipient_agencies.clone(),
+            recipient_kinds: c.recipient_kinds.clone(),
+            purposes: c.purposes.clone(),
+            data_categories: c.categories.clone(),
+            valid_from_ms: c.valid_from,
+            valid_until_ms: c.valid_until.unwrap_or(0),
+            form_reference: c.form_reference.clone(),
+        }),
+        revoked: c.revoked.is_some(),
+        revoked_at_ms: c.revoked.as_ref().map(|r| r.at).unwrap_or(0),
+        withdrawn_referral_ids: c.purges.iter().map(|p| p.referral_id.clone()).collect(),
+        pending_purges: c
+            .outstanding()
+            .map(|p| v1::PendingPurge {
+                referral_id: p.referral_id.clone(),
+                agency: p.agency.clone(),
+            })
+            .collect(),
+        error: None,
+    }
 }
 
 pub fn history_to_wire(h: &HistoryEntry) -> v1::HistoryEntry {

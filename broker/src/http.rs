@@ -48,6 +48,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/dead-letters/{seq}/replay", post(api::replay))
         .route("/api/v1/dead-letters/{seq}/discard", post(api::discard))
         .route("/api/v1/registry/reload", post(api::reload_registry))
+        .route("/api/v1/consents/{id}", get(api::consent))
+        .route("/api/v1/purges", get(api::purges))
+        .route("/api/v1/audit/verify", get(api::audit_verify))
+        .route("/api/v1/audit/referrals/{id}", get(api::audit_referral))
         .with_state(state)
 }
 

@@ -15,6 +15,7 @@
 //! - [`query`]: status lookups by request/reply.
 //! - [`view`], [`ops`], [`http`]: what operators see — the in-memory view of queues kept by
 //!   the event loop, and the HTTP endpoint (health, metrics, JSON API, dashboard).
+//! - [`operator`]: the operators' command line as a library (API client, offline audit).
 //! - [`config`], [`registry`], [`clock`], [`error`].
 
 pub mod audit;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod nats;
+pub mod operator;
 pub mod ops;
 pub mod query;
 pub mod referral;

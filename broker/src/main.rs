@@ -1,12 +1,17 @@
 //! `referral-broker`: command line, configuration, tracing and signals around
-//! [`yeongye_broker::run`].
+//! [`yeongye_broker::run`], and the operators' commands (`status`, `referral show`,
+//! `dead-letters`, `consent show`, `purges`, `registry reload`, `audit verify|show`).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 use tracing_subscriber::EnvFilter;
 use yeongye_broker::Config;
+use yeongye_broker::operator::{self, Api};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +23,12 @@ struct Cli {
     /// Configuration file (TOML). REFERRAL_* environment variables override it.
     #[arg(long, short, global = true, env = "REFERRAL_CONFIG")]
     config: Option<PathBuf>,
+    /// The running broker's HTTP API (default: http://<http_addr from the config>).
+    #[arg(long, global = true, env = "REFERRAL_API")]
+    api: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,8 +37,91 @@ struct Cli {
 enum Command {
     /// Run the broker until SIGINT or SIGTERM.
     Run,
-    /// Print the effective configuration and the registry, then exit.
+    /// Check the configuration and the registry, print the effective configuration, exit.
     CheckConfig,
+    /// Per-agency queues: sent, awaiting receipt and acceptance, in progress, overdue, dead letters.
+    Status,
+    /// One referral's state and history (ids and states only).
+    Referral {
+        #[command(subcommand)]
+        command: ReferralCommand,
+    },
+    /// Messages the broker could not apply.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+    /// One consent: coverage, revocation, withdrawn referrals and purges.
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
+    },
+    /// Purge confirmations still outstanding: which agencies have not yet confirmed.
+    Purges,
+    /// The agency registry.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+    /// The hash-chained audit log. Reads the store directly (stop the broker first, or pass
+    /// --api to ask a running one).
+    Audit {
+        /// The store directory (default: store_dir from the config).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReferralCommand {
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+enum ConsentCommand {
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Read the registry file again (after adding an agency) without a restart.
+    Reload,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    List,
+    Show {
+        seq: u64,
+    },
+    /// Apply it again, after its cause is fixed.
+    Replay {
+        seq: u64,
+        /// Who is acting (recorded).
+        #[arg(long, env = "USER")]
+        who: String,
+        /// Why (recorded).
+        #[arg(long)]
+        why: String,
+    },
+    /// Give up on it (recorded).
+    Discard {
+        seq: u64,
+        #[arg(long, env = "USER")]
+        who: String,
+        #[arg(long)]
+        why: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the whole chain; names the first broken entry and exits 1 if it does not hold.
+    Verify,
+    /// One referral's audit entries.
+    Show { referral_id: String },
 }
 
 fn main() -> ExitCode {
@@ -40,30 +134,172 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match real_main(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            tracing::error!(cause = %format!("{e:#}"), "referral-broker failed");
+            eprintln!("referral-broker: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn real_main(cli: Cli) -> anyhow::Result<()> {
+fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+fn show(json_mode: bool, v: &Value, human: impl FnOnce(&Value) -> String) -> anyhow::Result<()> {
+    if json_mode {
+        out(&format!("{}\n", serde_json::to_string_pretty(v)?))
+    } else {
+        out(&human(v))
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(cli.config.as_deref())?;
+    let api = || {
+        Api::new(
+            &cli.api
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", cfg.http_addr)),
+        )
+    };
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
     match cli.command {
         Command::CheckConfig => {
             let registry = yeongye_broker::registry::Registry::load(&cfg.registry)?;
             tracing::info!(config = ?cfg, agencies = registry.len(), "configuration is valid");
-            Ok(())
         }
         Command::Run => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(yeongye_broker::run(cfg, shutdown_signal()))?;
-            Ok(())
+        }
+        Command::Status => show(
+            cli.json,
+            &api().get("/api/v1/queues")?,
+            operator::render_queues,
+        )?,
+        Command::Referral {
+            command: ReferralCommand::Show { id },
+        } => {
+            let v = api().get(&format!("/api/v1/referrals/{}", Api::segment(&id)))?;
+            show(cli.json, &v, operator::render_referral)?;
+        }
+        Command::DeadLetters { command } => match command {
+            DeadLetterCommand::List => show(
+                cli.json,
+                &api().get("/api/v1/dead-letters")?,
+                operator::render_dead_letters,
+            )?,
+            DeadLetterCommand::Show { seq } => {
+                out(&pretty(&api().get(&format!("/api/v1/dead-letters/{seq}"))?))?
+            }
+            DeadLetterCommand::Replay { seq, who, why } => {
+                let v = api().post(
+                    &format!("/api/v1/dead-letters/{seq}/replay"),
+                    &json!({"who": who, "why": why}),
+                )?;
+                out(&pretty(&v))?;
+            }
+            DeadLetterCommand::Discard { seq, who, why } => {
+                let v = api().post(
+                    &format!("/api/v1/dead-letters/{seq}/discard"),
+                    &json!({"who": who, "why": why}),
+                )?;
+                out(&pretty(&v))?;
+            }
+        },
+        Command::Consent {
+            command: ConsentCommand::Show { id },
+        } => {
+            out(&pretty(
+                &api().get(&format!("/api/v1/consents/{}", Api::segment(&id)))?,
+            ))?;
+        }
+        Command::Purges => out(&pretty(&api().get("/api/v1/purges")?))?,
+        Command::Registry {
+            command: RegistryCommand::Reload,
+        } => out(&pretty(&api().post("/api/v1/registry/reload", &json!({}))?))?,
+        Command::Audit { store, command } => {
+            return audit(cli.api.as_deref(), cli.json, &cfg, store, command);
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit(
+    cli: &Cli,
+    cfg: &Config,
+    store: Option<PathBuf>,
+    command: AuditCommand,
+) -> anyhow::Result<ExitCode> {
+    let (verdict, entries) = match &cli.api {
+        Some(url) => {
+            let api = Api::new(url);
+            match &command {
+                AuditCommand::Verify => match api.get("/api/v1/audit/verify") {
+                    Ok(v) => (Some(v), None),
+                    // 409 carries the verdict too, but as an error: ask for the detail.
+                    Err(e) => anyhow::bail!("{e}"),
+                },
+                AuditCommand::Show { referral_id } => {
+                    let v = api.get(&format!(
+                        "/api/v1/audit/referrals/{}",
+                        Api::segment(referral_id)
+                    ))?;
+                    (None, Some(v.as_array().cloned().unwrap_or_default()))
+                }
+            }
+        }
+        None => {
+            let dir = store.unwrap_or_else(|| cfg.store_dir.clone());
+            let s = yeongye_broker::store::SledStore::open(&dir).with_context(|| {
+                format!(
+                    "opening the store {} (if the broker is running, stop it or pass --api)",
+                    dir.display()
+                )
+            })?;
+            match &command {
+                AuditCommand::Verify => (Some(operator::verify_audit(&s)?), None),
+                AuditCommand::Show { referral_id } => {
+                    (None, Some(operator::audit_entries(&s, referral_id)?))
+                }
+            }
+        }
+    };
+    if let Some(v) = verdict {
+        let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+        if json_mode {
+            out(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+        } else if ok {
+            out(&format!(
+                "audit log ok: {} entries, chain intact\n",
+                v.get("entries").cloned().unwrap_or(Value::Null)
+            ))?;
+        } else {
+            out(&format!(
+                "audit log BROKEN at entry {}: {}\n",
+                v.get("broken_at").cloned().unwrap_or(Value::Null),
+                v.get("why").and_then(Value::as_str).unwrap_or("")
+            ))?;
+        }
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let entries = entries.unwrap_or_default();
+    if json_mode {
+        out(&format!("{}\n", serde_json::to_string_pretty(&entries)?))?;
+    } else {
+        out(&operator::render_audit(&entries))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes on SIGINT or SIGTERM.

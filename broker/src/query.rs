@@ -1,5 +1,7 @@
-//! Status lookups: request/reply on `yeongye.query.<agency>`, answered from the store, only to
-//! the referral's sender or recipient.
+//! Lookups by request/reply on `yeongye.query.<agency>`, answered from the store: a referral's
+//! status (to its sender or recipient only) and a consent with its withdrawals and outstanding
+//! purges (to the collecting agency and the agencies it concerns only). Anyone else is told
+//! "unknown", exactly as if nothing existed.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use yeongye_proto::subject;
 use yeongye_proto::v1::{self, PayloadType, ReasonCode};
 
+use crate::consent::Consent;
 use crate::convert::{self, derive_id};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -33,92 +36,163 @@ pub async fn serve(
         };
         let reply = answer(store.as_ref(), msg.subject.as_str(), &msg.payload);
         if let Err(e) = client.publish(reply_to, reply.encode_to_vec().into()).await {
-            tracing::warn!(cause = %e, "status reply not sent");
+            tracing::warn!(cause = %e, "query reply not sent");
         }
     }
     let _ = sub.unsubscribe().await;
     Ok(())
 }
 
-/// The reply envelope for one query. Never fails: a bad query gets an `error` in the reply.
-pub fn answer(store: &dyn Store, subject_name: &str, payload: &[u8]) -> v1::Envelope {
-    let now = crate::clock::now_ms();
-    let (cause, reply) = match lookup(store, subject_name, payload) {
-        Ok((cause, reply)) => (cause, reply),
-        Err((cause, code, detail)) => (
-            cause,
-            v1::StatusReply {
-                error: Some(v1::Rejection {
-                    code: code as i32,
-                    detail: detail.to_owned(),
-                    subject: subject_name.to_owned(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        ),
-    };
-    convert::broker_envelope(
-        derive_id(&cause, 0),
-        now,
-        PayloadType::StatusReply,
-        reply.encode_to_vec(),
-    )
+struct Failure {
+    code: ReasonCode,
+    detail: &'static str,
 }
 
-type Failure = (String, ReasonCode, &'static str);
+fn fail(code: ReasonCode, detail: &'static str) -> Failure {
+    Failure { code, detail }
+}
 
-fn lookup(
-    store: &dyn Store,
-    subject_name: &str,
-    payload: &[u8],
-) -> Result<(String, v1::StatusReply), Failure> {
-    let anon = || format!("query:{}", crate::clock::now_ms());
-    let Some(asker) = subject::parse_query(subject_name) else {
-        return Err((
-            anon(),
+/// The reply envelope for one query. Never fails: a bad query gets an `error` in the reply
+/// (a `StatusReply`, unless the query was recognisably a consent query).
+pub fn answer(store: &dyn Store, subject_name: &str, payload: &[u8]) -> v1::Envelope {
+    let now = crate::clock::now_ms();
+    let envelope = v1::Envelope::decode(payload).ok();
+    let asker = subject::parse_query(subject_name);
+    let cause = match (&envelope, asker) {
+        (Some(e), Some(a)) => format!("{a}/{}/reply", e.message_id),
+        _ => format!("query:{now}"),
+    };
+    let rejection = |f: Failure| v1::Rejection {
+        code: f.code as i32,
+        detail: f.detail.to_owned(),
+        subject: subject_name.to_owned(),
+        ..Default::default()
+    };
+    let is_consent = envelope
+        .as_ref()
+        .is_some_and(|e| e.payload_type == PayloadType::ConsentQuery as i32);
+    let (ty, bytes) = if is_consent {
+        let reply =
+            consent_lookup(store, asker, envelope.as_ref()).unwrap_or_else(|f| v1::ConsentReply {
+                error: Some(rejection(f)),
+                ..Default::default()
+            });
+        (PayloadType::ConsentReply, reply.encode_to_vec())
+    } else {
+        let reply =
+            status_lookup(store, asker, envelope.as_ref()).unwrap_or_else(|f| v1::StatusReply {
+                error: Some(rejection(f)),
+                ..Default::default()
+            });
+        (PayloadType::StatusReply, reply.encode_to_vec())
+    };
+    convert::broker_envelope(derive_id(&cause, 0), now, ty, bytes)
+}
+
+/// The checks every query shares; returns the asking agency.
+fn asker<'a>(asker: Option<&'a str>, envelope: Option<&v1::Envelope>) -> Result<&'a str, Failure> {
+    let asker = asker.ok_or_else(|| {
+        fail(
             ReasonCode::UnknownSubject,
             "subject is not yeongye.query.<agency>",
-        ));
-    };
-    let envelope = v1::Envelope::decode(payload)
-        .map_err(|_| (anon(), ReasonCode::MalformedEnvelope, "not an Envelope"))?;
-    let cause = format!("{asker}/{}/reply", envelope.message_id);
+        )
+    })?;
+    let envelope =
+        envelope.ok_or_else(|| fail(ReasonCode::MalformedEnvelope, "not an Envelope"))?;
     if envelope.sender != asker {
-        return Err((
-            cause,
+        return Err(fail(
             ReasonCode::SenderMismatch,
             "envelope sender is not the subject's agency",
         ));
     }
+    Ok(asker)
+}
+
+fn read_failed(e: Error) -> Failure {
+    tracing::error!(cause = %e, "lookup failed");
+    fail(
+        ReasonCode::Unspecified,
+        "the broker could not read its store",
+    )
+}
+
+fn status_lookup(
+    store: &dyn Store,
+    asking: Option<&str>,
+    envelope: Option<&v1::Envelope>,
+) -> Result<v1::StatusReply, Failure> {
+    let asker = asker(asking, envelope)?;
+    let envelope =
+        envelope.ok_or_else(|| fail(ReasonCode::MalformedEnvelope, "not an Envelope"))?;
     if envelope.payload_type != PayloadType::StatusQuery as i32 {
-        return Err((
-            cause,
+        return Err(fail(
             ReasonCode::WrongPayloadType,
-            "expected a StatusQuery",
+            "expected a StatusQuery or a ConsentQuery",
         ));
     }
-    let query = v1::StatusQuery::decode(envelope.payload.as_slice()).map_err(|_| {
-        (
-            cause.clone(),
-            ReasonCode::MalformedPayload,
-            "not a StatusQuery",
-        )
-    })?;
-    let found = store.referral(&query.referral_id).map_err(|e| {
-        tracing::error!(cause = %e, "status lookup failed");
-        (
-            cause.clone(),
-            ReasonCode::Unspecified,
-            "the broker could not read its store",
-        )
-    })?;
-    match found {
-        Some(r) if r.from == asker || r.to == asker => Ok((cause, convert::status_reply(&r))),
-        _ => Err((
-            cause,
+    let query = v1::StatusQuery::decode(envelope.payload.as_slice())
+        .map_err(|_| fail(ReasonCode::MalformedPayload, "not a StatusQuery"))?;
+    match store.referral(&query.referral_id).map_err(read_failed)? {
+        Some(r) if r.from == asker || r.to == asker => Ok(convert::status_reply(&r)),
+        _ => Err(fail(
             ReasonCode::UnknownReferral,
             "no such referral for this agency",
         )),
     }
+}
+
+/// Whether `agency` is concerned by `c`: it collected it, is named in it, or received a
+/// referral under it.
+fn concerned(store: &dyn Store, c: &Consent, agency: &str) -> Result<bool, Failure> {
+    if c.collected_by == agency || c.recipient_agencies.iter().any(|a| a == agency) {
+        return Ok(true);
+    }
+    for id in &c.referrals {
+        if store
+            .referral(id)
+            .map_err(read_failed)?
+            .is_some_and(|r| r.to == agency)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn consent_lookup(
+    store: &dyn Store,
+    asking: Option<&str>,
+    envelope: Option<&v1::Envelope>,
+) -> Result<v1::ConsentReply, Failure> {
+    let asker = asker(asking, envelope)?;
+    let envelope =
+        envelope.ok_or_else(|| fail(ReasonCode::MalformedEnvelope, "not an Envelope"))?;
+    let query = v1::ConsentQuery::decode(envelope.payload.as_slice())
+        .map_err(|_| fail(ReasonCode::MalformedPayload, "not a ConsentQuery"))?;
+    let unknown = || {
+        fail(
+            ReasonCode::ConsentUnknown,
+            "no such consent for this agency",
+        )
+    };
+    let c = store
+        .consent(&query.consent_id)
+        .map_err(read_failed)?
+        .ok_or_else(unknown)?;
+    if !concerned(store, &c, asker)? {
+        return Err(unknown());
+    }
+    let mut reply = convert::consent_reply(&c);
+    // Withdrawn: in flight when it was revoked (WITHDRAWN), or ended but asked to purge.
+    let mut withdrawn = Vec::new();
+    for id in &c.referrals {
+        let state = store.referral(id).map_err(read_failed)?.map(|r| r.state);
+        if state == Some(crate::referral::State::Withdrawn)
+            || c.purges.iter().any(|p| &p.referral_id == id)
+        {
+            withdrawn.push(id.clone());
+        }
+    }
+    reply.withdrawn_referral_ids = withdrawn;
+    Ok(reply)
 }

@@ -343,3 +343,119 @@ pub(super) async fn reload_registry(State(state): State<AppState>) -> Response {
         ),
     }
 }
+
+#[derive(Serialize)]
+pub(crate) struct PurgeRow {
+    consent_id: String,
+    referral_id: String,
+    agency: String,
+    requested_at_ms: i64,
+    confirmed_at_ms: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ConsentView {
+    consent_id: String,
+    collected_by: String,
+    recipient_agencies: Vec<String>,
+    recipient_kinds: Vec<String>,
+    purposes: Vec<String>,
+    data_categories: Vec<String>,
+    valid_from_ms: i64,
+    valid_until_ms: Option<i64>,
+    revoked_at_ms: Option<i64>,
+    revoked_by: Option<String>,
+    referrals: Vec<String>,
+    purges: Vec<PurgeRow>,
+}
+
+fn purge_rows(c: &crate::consent::Consent) -> Vec<PurgeRow> {
+    c.purges
+        .iter()
+        .map(|p| PurgeRow {
+            consent_id: c.id.clone(),
+            referral_id: p.referral_id.clone(),
+            agency: p.agency.clone(),
+            requested_at_ms: p.requested_at,
+            confirmed_at_ms: p.confirmed_at,
+        })
+        .collect()
+}
+
+/// A consent as operators see it: no client id (it is personal), the rest as recorded.
+pub(super) async fn consent(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    use yeongye_proto::v1;
+    let name = |n: &i32, f: fn(i32) -> Option<&'static str>| {
+        f(*n).map_or_else(|| n.to_string(), str::to_owned)
+    };
+    match state.ops.store().consent(&id) {
+        Ok(Some(c)) => Json(ConsentView {
+            consent_id: c.id.clone(),
+            collected_by: c.collected_by.clone(),
+            recipient_agencies: c.recipient_agencies.clone(),
+            recipient_kinds: c.recipient_kinds.clone(),
+            purposes: c
+                .purposes
+                .iter()
+                .map(|p| {
+                    name(p, |v| {
+                        v1::Purpose::try_from(v).ok().map(|p| p.as_str_name())
+                    })
+                })
+                .collect(),
+            data_categories: c
+                .categories
+                .iter()
+                .map(|p| {
+                    name(p, |v| {
+                        v1::DataCategory::try_from(v).ok().map(|p| p.as_str_name())
+                    })
+                })
+                .collect(),
+            valid_from_ms: c.valid_from,
+            valid_until_ms: c.valid_until,
+            revoked_at_ms: c.revoked.as_ref().map(|r| r.at),
+            revoked_by: c.revoked.as_ref().map(|r| r.by.clone()),
+            referrals: c.referrals.clone(),
+            purges: purge_rows(&c),
+        })
+        .into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "no such consent"),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Purge confirmations still outstanding, across all consents: who has not yet confirmed.
+pub(super) async fn purges(State(state): State<AppState>) -> Response {
+    match state.ops.store().consents() {
+        Ok(all) => {
+            let rows: Vec<PurgeRow> = all
+                .iter()
+                .flat_map(purge_rows)
+                .filter(|p| p.confirmed_at_ms.is_none())
+                .collect();
+            Json(rows).into_response()
+        }
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+pub(super) async fn audit_verify(State(state): State<AppState>) -> Response {
+    match crate::operator::verify_audit(state.ops.store()) {
+        Ok(v) if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) => {
+            Json(v).into_response()
+        }
+        Ok(v) => (StatusCode::CONFLICT, Json(v)).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+pub(super) async fn audit_referral(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    match crate::operator::audit_entries(state.ops.store(), &id) {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -232,12 +232,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn audit(
-    cli: &Cli,
+    api: Option<&str>,
+    json_mode: bool,
     cfg: &Config,
     store: Option<PathBuf>,
     command: AuditCommand,
 ) -> anyhow::Result<ExitCode> {
-    let (verdict, entries) = match &cli.api {
+    let (verdict, entries) = match api {
         Some(url) => {
             let api = Api::new(url);
             match &command {

@@ -23,6 +23,7 @@ mkdir -p "$run/logs" "$run/config"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port)
 http_port=$(free_port)
+broker_http=$(free_port)
 
 pids=()
 cleanup() {
@@ -51,10 +52,13 @@ cat > "$run/config/broker.toml" <<TOML
 nats_urls = ["nats://127.0.0.1:$port"]
 store_dir = "$run/broker-store"
 registry = "$root/deploy/agencies.toml"
+coordinator = "hope-support"
+http_addr = "127.0.0.1:$broker_http"
 TOML
 "$bin/referral-broker" --config "$run/config/broker.toml" run > "$run/logs/broker.log" 2>&1 &
 pids+=($!)
 wait_for 30 "the broker to be ready" grep -q "broker ready" "$run/logs/broker.log"
+say "broker ready: dashboard at http://127.0.0.1:$broker_http/ (metrics at /metrics)"
 
 agencies=$(python3 -c 'import tomllib,sys; print(" ".join(a["id"] for a in tomllib.load(open(sys.argv[1],"rb"))["agency"]))' deploy/agencies.toml)
 say "starting one adapter per agency: $agencies"
@@ -71,5 +75,11 @@ done
 
 say "playing the case"
 python3 deploy/demo/play_case.py --adapter "$bin/agency-adapter" --run "$run" --registry deploy/agencies.toml
+
+say "what the operators see (referral-broker status)"
+"$bin/referral-broker" --config "$run/config/broker.toml" status
+
+say "checking the audit log's hash chain"
+"$bin/referral-broker" --config "$run/config/broker.toml" --api "http://127.0.0.1:$broker_http" audit verify
 
 say "done: stopping everything (logs and inboxes stay in .demo/run)"

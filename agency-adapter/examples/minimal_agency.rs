@@ -1,5 +1,5 @@
-//! A minimal agency system on the Rust SDK: sends one referral, then receives until Ctrl-C,
-//! "handing over" each item by logging its ids, and marking it done.
+//! A minimal agency system on the Rust SDK: records a consent, sends one referral under it, then
+//! receives until Ctrl-C, "handing over" each item by logging its ids, and marking it done.
 //!
 //! ```text
 //! cargo run -p yeongye-adapter --example minimal_agency -- cc-haengbok1 hope-support nats://127.0.0.1:4222
@@ -34,27 +34,46 @@ async fn main() -> anyhow::Result<()> {
     let cfg = AdapterConfig::new(&agency, [url], format!(".demo/adapter-{agency}"));
     let adapter = Adapter::connect(cfg).await?;
 
-    // 1. Send a referral. Only ids, codes and the pseudonym are required; personal details go
-    //    in `client` when consent (or a statute) covers them.
+    // 1. Record the client's consent to share with `to_agency`, for case management, their
+    //    identity and household situation.
+    let consent_id = adapter
+        .grant_consent(v1::ConsentGrant {
+            client_pseudonym_id: "p-example-0001".into(),
+            recipient_agencies: vec![to_agency.clone()],
+            purposes: vec![v1::Purpose::CaseManagement as i32],
+            data_categories: vec![
+                v1::DataCategory::Identity as i32,
+                v1::DataCategory::Household as i32,
+            ],
+            form_reference: "signed-form-0001".into(),
+            ..Default::default()
+        })
+        .await?;
+    tracing::info!(%consent_id, "consent recorded");
+
+    // 2. Send a referral under it. The legal basis, the purpose and the categories of the
+    //    personal data it carries are the caller's to state; the broker checks the consent
+    //    covers them (and answers with a rejection if not).
     let referral_id = adapter
         .send(v1::Referral {
             to_agency,
             client: Some(v1::Client {
                 pseudonym_id: "p-example-0001".into(),
+                household: "2인 가구, 월세 체납".into(),
                 ..Default::default()
             }),
             field: v1::FieldOfNeed::Livelihood as i32,
             urgency: v1::Urgency::Priority as i32,
+            purpose: v1::Purpose::CaseManagement as i32,
             reason: "example referral".into(),
-            legal_basis: Some(v1::referral::LegalBasis::ConsentId(
-                "consent-example".into(),
-            )),
+            legal_basis: Some(v1::referral::LegalBasis::ConsentId(consent_id)),
+            data_categories: vec![v1::DataCategory::Household as i32],
             ..Default::default()
         })
         .await?;
     tracing::info!(%referral_id, "referral stored");
 
-    // 2. Receive. Each item is handed over, then marked done (which sends the receipt for a
+    // 3. Receive. Each item is handed over, then marked done (which sends the receipt for a
     //    delivery and acknowledges). Repeats are filtered out by the SDK.
     let mut incoming = adapter.incoming().await?;
     loop {
@@ -89,6 +108,11 @@ async fn main() -> anyhow::Result<()> {
                 detail = %r.detail,
                 "the broker refused a message"
             ),
+            ItemKind::Withdrawal(w) => {
+                // Consent revoked: purge what came with the referral, then confirm.
+                tracing::info!(referral_id = %w.referral_id, "withdrawn: purging");
+                item.confirm_purge().await?;
+            }
             _ => tracing::info!(message_id = item.message_id(), "something new"),
         }
         item.done().await?;

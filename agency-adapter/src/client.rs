@@ -1,29 +1,27 @@
 //! [`Adapter`]: one agency's connection to Yeongye, and the calls its agency system makes —
-//! send a referral, update a referral's status, look a referral up, and read what arrives.
+//! send a referral, update a referral's status, look a referral up, record and revoke consents,
+//! confirm purges, and read what arrives.
 //!
 //! The NATS connection is named after the agency, uses a private inbox prefix
 //! (`_INBOX_<agency>`, so that NATS permissions can give each agency its own reply subjects)
 //! and logs every connection event (permission violations arrive only that way).
 
 mod publish;
+mod query;
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::{ConnectOptions, Event, RequestErrorKind};
-use bytes::Bytes;
-use prost::Message as _;
+use async_nats::{ConnectOptions, Event};
 use tokio::sync::OnceCell;
 use tracing::{Span, error, info, instrument, warn};
-use yeongye_proto::subject;
 use yeongye_proto::v1;
 
 use crate::config::AdapterConfig;
 use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
-use crate::ids;
 use crate::incoming::Incoming;
 use crate::outgoing::{self, Outgoing};
 use publish::Publisher;
@@ -203,40 +201,102 @@ impl Adapter {
     /// referral, or not one of ours) is returned as `Ok`: look at `reply.error`.
     #[instrument(skip_all, fields(agency = %self.agency(), referral_id = %referral_id))]
     pub async fn status(&self, referral_id: &str) -> Result<v1::StatusReply> {
-        outgoing::check_referral_id("referral_id", referral_id)?;
+        outgoing::check_id("referral_id", referral_id)?;
         let query = v1::StatusQuery {
             referral_id: referral_id.to_owned(),
         };
-        let envelope = outgoing::envelope(
+        query::request(
+            &self.inner.client,
             self.agency(),
-            ids::new_id(),
+            self.inner.query_timeout,
             v1::PayloadType::StatusQuery,
-            query.encode_to_vec(),
-        );
-        let subject = subject::query(self.agency());
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(envelope.encode_to_vec()))
-            .timeout(Some(self.inner.query_timeout));
-        let reply = self
-            .inner
-            .client
-            .send_request(subject.clone(), request)
-            .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::TimedOut => Error::Timeout {
-                    subject: subject.clone(),
-                    timeout: self.inner.query_timeout,
-                },
-                RequestErrorKind::NoResponders => Error::Request {
-                    subject: subject.clone(),
-                    detail: "no broker is answering status queries (no responders)".into(),
-                },
-                _ => Error::Request {
-                    subject: subject.clone(),
-                    detail: e.to_string(),
-                },
-            })?;
-        decode_status_reply(&reply.payload)
+            &query,
+            v1::PayloadType::StatusReply,
+        )
+        .await
+    }
+
+    /// Records a consent the client gave this agency and returns its id once JetStream has
+    /// stored the grant. Fills `consent_id` (fresh UUIDv7) and `collected_by` (this agency)
+    /// when empty; a grant naming another agency as its collector is refused. The broker
+    /// answers a grant it cannot record (e.g. an unregistered recipient, an existing id) with a
+    /// `Rejection` on the consumer.
+    #[instrument(skip_all, fields(agency = %self.agency(), consent_id = tracing::field::Empty))]
+    pub async fn grant_consent(&self, grant: v1::ConsentGrant) -> Result<String> {
+        let out = self.prepare_consent_grant(grant)?;
+        Span::current().record("consent_id", out.consent_id());
+        self.publish(&out).await?;
+        Ok(out.consent_id().to_owned())
+    }
+
+    /// Checks a consent grant and builds its message, ids fixed, without sending it.
+    pub fn prepare_consent_grant(&self, grant: v1::ConsentGrant) -> Result<Outgoing> {
+        outgoing::consent_grant(self.agency(), grant)
+    }
+
+    /// Records that the client withdrew a consent (`revoked_at_ms`: when, Unix ms; `None`: when
+    /// the broker records it) and returns the message id once stored. The broker withdraws
+    /// every referral in flight under it and tells their recipients to purge.
+    #[instrument(skip_all, fields(agency = %self.agency(), consent_id = %consent_id))]
+    pub async fn revoke_consent(
+        &self,
+        consent_id: &str,
+        revoked_at_ms: Option<i64>,
+    ) -> Result<String> {
+        let out = Outgoing::consent_revocation(self.agency(), consent_id, revoked_at_ms)?;
+        self.publish(&out).await?;
+        Ok(out.message_id().to_owned())
+    }
+
+    /// Confirms that the data of a withdrawn referral is purged, under a fresh message id, and
+    /// returns it once stored. When answering a withdrawal you received, prefer
+    /// [`Item::confirm_purge`](crate::Item::confirm_purge) or
+    /// [`confirm_purge_of`](Self::confirm_purge_of), whose derived id makes a repeat harmless.
+    #[instrument(skip_all, fields(agency = %self.agency(), referral_id = %referral_id, consent_id = %consent_id))]
+    pub async fn confirm_purge(&self, referral_id: &str, consent_id: &str) -> Result<String> {
+        let out = outgoing::purge_confirmation(self.agency(), referral_id, consent_id, None)?;
+        self.publish(&out).await?;
+        Ok(out.message_id().to_owned())
+    }
+
+    /// Confirms the purge asked for by the withdrawal `withdrawal_message_id`, under the id
+    /// derived from it (`UUIDv5(ns, "<withdrawal message id>/purged")`), so that confirming
+    /// again after a crash is recognised as the same confirmation. Returns the message id.
+    #[instrument(skip_all, fields(agency = %self.agency(), referral_id = %referral_id, consent_id = %consent_id))]
+    pub async fn confirm_purge_of(
+        &self,
+        withdrawal_message_id: &str,
+        referral_id: &str,
+        consent_id: &str,
+    ) -> Result<String> {
+        let out = outgoing::purge_confirmation(
+            self.agency(),
+            referral_id,
+            consent_id,
+            Some(withdrawal_message_id),
+        )?;
+        self.publish(&out).await?;
+        Ok(out.message_id().to_owned())
+    }
+
+    /// Asks the broker about a consent: the grant, whether it is revoked, the referrals it
+    /// withdrew and the purges still outstanding. Answered to the collecting agency and the
+    /// agencies it covers. A reply carrying `error` is returned as `Ok`: look at `reply.error`.
+    #[instrument(skip_all, fields(agency = %self.agency(), consent_id = %consent_id))]
+    pub async fn consent(&self, consent_id: &str) -> Result<v1::ConsentReply> {
+        outgoing::check_id("consent_id", consent_id)?;
+        let query = v1::ConsentQuery {
+            consent_id: consent_id.to_owned(),
+        };
+        query::request(
+            &self.inner.client,
+            self.agency(),
+            self.inner.query_timeout,
+            v1::PayloadType::ConsentQuery,
+            &query,
+            v1::PayloadType::ConsentReply,
+        )
+        .await
     }
 
     /// Starts reading what the broker sends this agency.
@@ -246,16 +306,21 @@ impl Adapter {
     /// does not exist yet (broker not started), waits and retries, logging as it goes. Fails if
     /// another process holds the state directory.
     pub async fn incoming(&self) -> Result<Incoming> {
-        let dedup = self
+        let dedup = self.store().await?;
+        Incoming::bind(self.clone(), dedup).await
+    }
+
+    /// The adapter's durable store under `state_dir` (opened on first use; shared after).
+    pub(crate) async fn store(&self) -> Result<DedupStore> {
+        let store = self
             .inner
             .dedup
             .get_or_try_init(|| async {
                 let cfg = &self.inner.cfg;
                 DedupStore::open(&cfg.dedup_dir(), cfg.dedup_retention_days)
             })
-            .await?
-            .clone();
-        Incoming::bind(self.clone(), dedup).await
+            .await?;
+        Ok(store.clone())
     }
 
     /// Flushes what the client has buffered (acks, publishes) to the server.
@@ -296,6 +361,31 @@ impl Adapter {
         );
         Ok(())
     }
+
+    /// Publishes the purge confirmation for a withdrawal (derived message id) and returns its id.
+    /// The ids are echoed as the broker sent them.
+    pub(crate) async fn send_purge_confirmation(
+        &self,
+        withdrawal_message_id: &str,
+        referral_id: &str,
+        consent_id: &str,
+    ) -> Result<String> {
+        let out = outgoing::purge_confirmation(
+            self.agency(),
+            referral_id,
+            consent_id,
+            Some(withdrawal_message_id),
+        )?;
+        self.inner.publisher.publish(&out).await?;
+        info!(
+            referral_id,
+            consent_id,
+            withdrawal_message_id,
+            purge_message_id = out.message_id(),
+            "purge confirmation stored"
+        );
+        Ok(out.message_id().to_owned())
+    }
 }
 
 impl fmt::Debug for Adapter {
@@ -304,20 +394,6 @@ impl fmt::Debug for Adapter {
             .field("config", &self.inner.cfg)
             .finish_non_exhaustive()
     }
-}
-
-/// Decodes the broker's reply envelope to a status query.
-fn decode_status_reply(bytes: &[u8]) -> Result<v1::StatusReply> {
-    let envelope = v1::Envelope::decode(bytes)
-        .map_err(|e| Error::Protocol(format!("status reply is not an envelope: {e}")))?;
-    if envelope.payload_type != v1::PayloadType::StatusReply as i32 {
-        return Err(Error::Protocol(format!(
-            "status reply has payload type {}, expected PAYLOAD_TYPE_STATUS_REPLY",
-            envelope.payload_type
-        )));
-    }
-    v1::StatusReply::decode(envelope.payload.as_ref())
-        .map_err(|e| Error::Protocol(format!("status reply payload does not decode: {e}")))
 }
 
 fn log_event(agency: &str, event: Event) {
@@ -336,29 +412,5 @@ fn log_event(agency: &str, event: Event) {
             "NATS server error (permission violations are reported only here)"
         ),
         Event::ClientError(e) => warn!(agency = %agency, cause = %e, "NATS client error"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_reply_decoding() {
-        let reply = v1::StatusReply {
-            referral_id: "r-1".into(),
-            state: v1::ReferralState::Received as i32,
-            ..Default::default()
-        };
-        let env = outgoing::envelope(
-            "broker",
-            "m".into(),
-            v1::PayloadType::StatusReply,
-            reply.encode_to_vec(),
-        );
-        assert_eq!(decode_status_reply(&env.encode_to_vec()).unwrap(), reply);
-        let wrong = outgoing::envelope("broker", "m".into(), v1::PayloadType::Rejection, vec![]);
-        assert!(decode_status_reply(&wrong.encode_to_vec()).is_err());
-        assert!(decode_status_reply(b"\xff\xff\xff").is_err());
     }
 }

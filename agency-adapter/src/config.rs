@@ -8,7 +8,12 @@
 //! nats_urls = ["nats://127.0.0.1:4222"]
 //! state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
 //! # dedup_retention_days = 14
+//!
+//! [http]                       # only for `agency-adapter serve`; see `config/http.rs`
+//! token_file = "/etc/yeongye/cc-haengbok1.token"
 //! ```
+
+mod http;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,10 @@ use serde::Deserialize;
 use yeongye_proto::subject;
 
 use crate::error::{Error, Result};
+
+pub use http::{
+    DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
+};
 
 /// Environment variable overriding [`AdapterConfig::agency`].
 pub const ENV_AGENCY: &str = "YEONGYE_AGENCY";
@@ -44,6 +53,9 @@ pub struct AdapterConfig {
     /// How many days handled message ids are remembered (at least 1).
     #[serde(default = "default_retention")]
     pub dedup_retention_days: u32,
+    /// The local HTTP/JSON API (`agency-adapter serve`); absent: not configured.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
 }
 
 fn default_retention() -> u32 {
@@ -63,6 +75,7 @@ impl AdapterConfig {
             nats_urls: nats_urls.into_iter().map(Into::into).collect(),
             state_dir: state_dir.into(),
             dedup_retention_days: DEFAULT_DEDUP_RETENTION_DAYS,
+            http: None,
         }
     }
 
@@ -128,6 +141,9 @@ impl AdapterConfig {
             return Err(Error::Config(
                 "dedup_retention_days must be at least 1 (and should cover the broker's stream retention)".into(),
             ));
+        }
+        if let Some(http) = &self.http {
+            http.validate()?;
         }
         Ok(())
     }
@@ -208,6 +224,7 @@ impl fmt::Debug for AdapterConfig {
             .field("nats_urls", &self.redacted_urls())
             .field("state_dir", &self.state_dir)
             .field("dedup_retention_days", &self.dedup_retention_days)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -297,6 +314,22 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
         let e =
             err("agency = \"cc-1\"\nnats_urls = [\"nats://u:secret@[bad\"]\nstate_dir = \"/t\"");
         assert!(e.contains("nats_urls[0]") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn http_section() {
+        let cfg = AdapterConfig::from_toml_str(&format!(
+            "{GOOD}\n[http]\ntoken_file = \"/etc/t\"\nbind = \"127.0.0.1:9999\"\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let http = cfg.http.as_ref().unwrap();
+        assert_eq!(http.bind.port(), 9999);
+        let e = err(&format!(
+            "{GOOD}\n[http]\ntoken_file = \"/t\"\nbody_limit_bytes = 1\n"
+        ));
+        assert!(e.contains("http.body_limit_bytes"), "{e}");
+        assert!(AdapterConfig::from_toml_str(GOOD).unwrap().http.is_none());
     }
 
     #[test]

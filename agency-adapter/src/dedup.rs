@@ -5,13 +5,20 @@
 //! `by_time` indexes the same entries by `time ++ id`, so that pruning entries older than the
 //! retention is a range scan. Both are written in one transaction.
 //!
+//! The same sled database holds the HTTP bridge's trees (its queue and idempotency keys), so
+//! that the bridge can queue an item and record it as handled in one transaction
+//! ([`DedupStore::db`], [`record_in`]).
+//!
 //! Durability: call [`DedupStore::flush`] before acknowledging anything. sled's flush survives a
 //! killed process, not a power cut (see NATS-NOTES.md); a lost record only means one message is
 //! handed over again, which the idempotent handoff and derived receipt ids absorb.
 
 use std::path::{Path, PathBuf};
 
-use sled::transaction::{ConflictableTransactionResult, TransactionError, Transactional};
+use sled::transaction::{
+    ConflictableTransactionResult, TransactionError, Transactional, TransactionalTree,
+    UnabortableTransactionError,
+};
 
 use crate::error::{Error, Result};
 
@@ -54,6 +61,21 @@ impl DedupStore {
         })
     }
 
+    /// The sled database (for the trees of the HTTP bridge).
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The trees a transaction that records ids must include, for [`record_in`].
+    pub(crate) fn trees(&self) -> (&sled::Tree, &sled::Tree) {
+        (&self.handled, &self.by_time)
+    }
+
+    /// The store's directory (for errors).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Whether `message_id` was recorded (and not yet pruned).
     pub(crate) fn contains(&self, message_id: &str) -> Result<bool> {
         self.handled
@@ -74,14 +96,18 @@ impl DedupStore {
     /// Records `message_id` as handled at `at_ms`. Recording an id twice keeps the first time.
     /// Not durable until [`flush`](Self::flush).
     pub(crate) fn record(&self, message_id: &str, at_ms: i64) -> Result<()> {
-        let id = message_id.as_bytes();
-        let key = time_key(at_ms, id);
+        self.record_all(&[message_id], at_ms)
+    }
+
+    /// Records every id of `message_ids` at `at_ms`, all or none (one transaction: sled's
+    /// background flush cannot persist some without the others). Not durable until
+    /// [`flush`](Self::flush).
+    pub(crate) fn record_all(&self, message_ids: &[&str], at_ms: i64) -> Result<()> {
         (&self.handled, &self.by_time)
             .transaction(
                 |(handled, by_time)| -> ConflictableTransactionResult<(), ()> {
-                    if handled.get(id)?.is_none() {
-                        handled.insert(id, &at_ms.to_be_bytes())?;
-                        by_time.insert(key.as_slice(), &[])?;
+                    for id in message_ids {
+                        record_in(handled, by_time, id.as_bytes(), at_ms)?;
                     }
                     Ok(())
                 },
@@ -142,7 +168,23 @@ impl DedupStore {
     }
 }
 
-fn store_err(path: &Path, source: sled::Error) -> Error {
+/// Records `id` at `at_ms` inside a transaction over the trees of [`DedupStore::trees`], unless
+/// it is recorded already. Returns whether it was new.
+pub(crate) fn record_in(
+    handled: &TransactionalTree,
+    by_time: &TransactionalTree,
+    id: &[u8],
+    at_ms: i64,
+) -> Result<bool, UnabortableTransactionError> {
+    if handled.get(id)?.is_some() {
+        return Ok(false);
+    }
+    handled.insert(id, &at_ms.to_be_bytes())?;
+    by_time.insert(time_key(at_ms, id), &[])?;
+    Ok(true)
+}
+
+pub(crate) fn store_err(path: &Path, source: sled::Error) -> Error {
     Error::Store {
         path: path.to_owned(),
         source,
@@ -195,6 +237,18 @@ mod tests {
         let _first = DedupStore::open(&path, 14).unwrap();
         let e = DedupStore::open(&path, 14).err().unwrap();
         assert!(matches!(e, Error::StateDirInUse { .. }), "{e}");
+    }
+
+    #[test]
+    fn records_several_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DedupStore::open(&dir.path().join("dedup"), 14).unwrap();
+        store.record("a", 5).unwrap();
+        store.record_all(&["a", "b", "c"], 9).unwrap();
+        assert_eq!(store.recorded_at("a").unwrap(), Some(5));
+        assert_eq!(store.recorded_at("b").unwrap(), Some(9));
+        assert_eq!(store.recorded_at("c").unwrap(), Some(9));
+        assert_eq!(store.len(), 3);
     }
 
     #[test]

@@ -19,6 +19,16 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// One field of a message given to the adapter is missing or invalid. Nothing was sent.
+    /// `field` is the field's path in the protobuf message, snake_case (`client.pseudonym_id`);
+    /// `detail` says what is wrong, never with personal data.
+    #[error("invalid input: {field} {detail}")]
+    InvalidField {
+        field: String,
+        issue: FieldIssue,
+        detail: String,
+    },
+
     /// No NATS server could be reached.
     #[error("could not connect to NATS at {urls}: {source}")]
     Connect {
@@ -89,6 +99,16 @@ pub enum Error {
     },
 }
 
+/// How a field of [`Error::InvalidField`] is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FieldIssue {
+    /// A required field is absent or empty.
+    Missing,
+    /// The field is present but its value is not acceptable.
+    Invalid,
+}
+
 /// A stable, matchable classification of [`Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -111,7 +131,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Config(_) => ErrorKind::Config,
-            Error::InvalidInput(_) => ErrorKind::InvalidInput,
+            Error::InvalidInput(_) | Error::InvalidField { .. } => ErrorKind::InvalidInput,
             Error::Connect { .. } => ErrorKind::Connect,
             Error::Publish { .. } => ErrorKind::Publish,
             Error::Timeout { .. } => ErrorKind::Timeout,
@@ -128,6 +148,24 @@ impl Error {
     /// same thing cannot succeed.
     pub fn is_input_error(&self) -> bool {
         matches!(self.kind(), ErrorKind::Config | ErrorKind::InvalidInput)
+    }
+
+    /// A required field is missing.
+    pub(crate) fn missing(field: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::InvalidField {
+            field: field.into(),
+            issue: FieldIssue::Missing,
+            detail: detail.into(),
+        }
+    }
+
+    /// A field has a value that is not acceptable.
+    pub(crate) fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::InvalidField {
+            field: field.into(),
+            issue: FieldIssue::Invalid,
+            detail: detail.into(),
+        }
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
@@ -155,5 +193,12 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Store);
         assert!(!e.is_input_error());
         assert!(e.to_string().contains("in use"));
+        let e = Error::missing("client.pseudonym_id", "is required");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.is_input_error());
+        assert_eq!(
+            e.to_string(),
+            "invalid input: client.pseudonym_id is required"
+        );
     }
 }

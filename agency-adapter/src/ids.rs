@@ -1,8 +1,9 @@
 //! Message and referral ids, and the clock used to stamp envelopes.
 //!
 //! Fresh ids are UUIDv7 in canonical lowercase text. Ids that must come out the same after a
-//! crash (an adapter's receipt for a delivery) are derived as UUIDv5 in the protocol's
-//! namespace (PROTOCOL.md, "Ids, ordering, retries, deduplication").
+//! crash (an adapter's receipt for a delivery, its purge confirmation for a withdrawal) are
+//! derived as UUIDv5 in the protocol's namespace (PROTOCOL.md, "Ids, ordering, retries,
+//! deduplication").
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,6 +24,17 @@ pub fn receipt_message_id(delivery_message_id: &str) -> String {
     Uuid::new_v5(
         &NAMESPACE,
         format!("{delivery_message_id}/received").as_bytes(),
+    )
+    .to_string()
+}
+
+/// The message id of the `PurgeConfirmation` an adapter sends for a withdrawal:
+/// `UUIDv5(NAMESPACE, "<withdrawal message id>/purged")`. The same withdrawal always yields the
+/// same confirmation id, so a confirmation sent again after a crash is recognised as a repeat.
+pub fn purge_message_id(withdrawal_message_id: &str) -> String {
+    Uuid::new_v5(
+        &NAMESPACE,
+        format!("{withdrawal_message_id}/purged").as_bytes(),
     )
     .to_string()
 }
@@ -74,6 +86,16 @@ mod tests {
         assert_eq!(a, "8e9af9e4-8155-5cad-851b-79bedd16512c");
         assert_eq!(a.len(), 36);
         assert_eq!(a, a.to_lowercase());
+    }
+
+    #[test]
+    fn purge_id_is_deterministic() {
+        let w = "0190f5a4-1c2b-7def-8123-456789abcdef";
+        let a = purge_message_id(w);
+        assert_eq!(a, purge_message_id(w));
+        assert_ne!(a, receipt_message_id(w));
+        // Pinned like the receipt id (Python: uuid.uuid5(ns, w + "/purged")).
+        assert_eq!(a, "beda6b7e-f8b6-56fa-b9e9-3bb8c0bcb654");
     }
 
     #[test]

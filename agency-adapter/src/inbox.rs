@@ -4,7 +4,13 @@
 //! <root>/referrals/<referral_id>.json          a delivered Referral (proto3 JSON, pretty)
 //! <root>/notifications/<message_id>.json       a Notification
 //! <root>/rejections/<message_id>.json          a Rejection
+//! <root>/escalations/<message_id>.json         an Escalation
+//! <root>/withdrawals/<message_id>.json         a Withdrawal (ids only)
 //! ```
+//!
+//! Handing over a withdrawal purges: the withdrawn referral's file is removed (and the removal
+//! made durable) before the withdrawal's own file is written, so a withdrawal file means the
+//! purge is done. Both steps are idempotent.
 //!
 //! Each file is written no-replace and crash-safe ([`write_new_file`]): a temporary file in the
 //! same directory is written and fsynced, hard-linked to its final name (which fails if the name
@@ -78,6 +84,9 @@ impl FolderInbox {
     /// Writes the item's file (see the module docs) and returns its path and what happened.
     /// Idempotent: an item handed over again finds its file present.
     pub async fn hand_over(&self, item: &Item) -> Result<(PathBuf, Handoff)> {
+        if let ItemKind::Withdrawal(w) = item.kind() {
+            self.purge(&w.referral_id).await?;
+        }
         let (sub, name, bytes) = render(item.kind(), item.message_id())?;
         let dir = self.root.join(sub);
         let path = dir.join(&name);
@@ -90,6 +99,36 @@ impl FolderInbox {
         }
         Ok((path, result))
     }
+}
+
+impl FolderInbox {
+    /// Removes the file of referral `referral_id`, if there is one, durably. Returns whether
+    /// there was one.
+    pub async fn purge(&self, referral_id: &str) -> Result<bool> {
+        let dir = self.root.join(REFERRALS);
+        let path = dir.join(file_name_for(referral_id));
+        let shown = path.display().to_string();
+        let removed = tokio::task::spawn_blocking(move || remove_durably(&dir, &path))
+            .await
+            .map_err(|e| Error::io("purge task failed", io::Error::other(e)))?
+            .map_err(|e| Error::io(format!("cannot remove {shown}"), e))?;
+        if removed {
+            debug!(path = %shown, "purged");
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes `path` (in `dir`) if it exists and fsyncs `dir`. Returns whether it existed.
+fn remove_durably(dir: &Path, path: &Path) -> io::Result<bool> {
+    let existed = match fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    // Synced even when nothing was there: a removal just before a crash may not be durable yet.
+    File::open(dir)?.sync_all()?;
+    Ok(existed)
 }
 
 /// The sub-folder, file name and contents for an item.
@@ -271,5 +310,35 @@ mod tests {
         let kind = ItemKind::Rejection(v1::Rejection::default());
         let (sub, name, _) = render(&kind, "m-2").unwrap();
         assert_eq!((sub, name.as_str()), (REJECTIONS, "m-2.json"));
+
+        let w = v1::Withdrawal {
+            referral_id: "r-1".into(),
+            consent_id: "c-1".into(),
+            client_pseudonym_id: "p-1".into(),
+            at_ms: 5,
+        };
+        let (sub, name, bytes) = render(&ItemKind::Withdrawal(w.clone()), "m-3").unwrap();
+        assert_eq!((sub, name.as_str()), (WITHDRAWALS, "m-3.json"));
+        let back: v1::Withdrawal = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, w);
+        let kind = ItemKind::Escalation(v1::Escalation::default());
+        let (sub, name, _) = render(&kind, "m-4").unwrap();
+        assert_eq!((sub, name.as_str()), (ESCALATIONS, "m-4.json"));
+    }
+
+    #[tokio::test]
+    async fn purge_removes_the_referral_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = FolderInbox::open(dir.path()).unwrap();
+        let file = dir.path().join(REFERRALS).join("r-1.json");
+        fs::write(&file, b"{}").unwrap();
+        assert!(inbox.purge("r-1").await.unwrap());
+        assert!(!file.exists());
+        assert!(!inbox.purge("r-1").await.unwrap());
+        // A hostile id names a derived file inside the folder, never a path outside it.
+        let outside = dir.path().join("keep.json");
+        fs::write(&outside, b"{}").unwrap();
+        assert!(!inbox.purge("../keep").await.unwrap());
+        assert!(outside.exists());
     }
 }

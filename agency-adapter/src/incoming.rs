@@ -2,11 +2,18 @@
 //! `agency-<agency>` on `YEONGYE_OUT`, with exactly-once effect (PROTOCOL.md, "Receiving").
 //!
 //! [`Incoming::next`] yields each message once: one whose id is in the dedup store is
-//! acknowledged and skipped (a repeated delivery first gets its `RECEIVED` receipt again, since
-//! the first one may have been lost in a crash). The caller hands an [`Item`] to its agency
-//! system durably and then calls [`Item::done`], which records the id (flushed), publishes the
-//! receipt for a delivery, and acknowledges. A crash anywhere in between means the message comes
-//! again, so handing over must be idempotent (keyed by referral or message id).
+//! acknowledged and skipped. The caller hands an [`Item`] to its agency system durably and then
+//! calls [`Item::done`], which records the id (flushed), publishes the receipt for a delivery,
+//! and acknowledges. A crash anywhere in between means the message comes again, so handing over
+//! must be idempotent (keyed by referral or message id).
+//!
+//! Follow-ups — the `RECEIVED` receipt of a delivery, the purge confirmation of a withdrawal —
+//! go out under ids derived from the message they answer, and the store records each one's id
+//! when it is sent. A repeated message whose follow-up was recorded gets it again (the first
+//! may have been lost in a crash, or the broker may have lost it and replayed); one whose
+//! follow-up was not sent yet (the HTTP bridge sends it when the agency system takes the item)
+//! gets nothing. Once a withdrawal for a referral has arrived, a late (re)delivery of that
+//! referral is acknowledged and dropped: its data must not come back after the purge.
 //!
 //! A message that cannot be decoded is logged with its stream sequence, saved to
 //! `<state_dir>/undecodable/<stream_seq>.bin`, acknowledged, and skipped.
@@ -131,8 +138,10 @@ impl Item {
 
     /// Marks the item handled: records its id durably, publishes the `RECEIVED` receipt for a
     /// delivery (awaiting the PubAck), then acknowledges the message. Call it only after the
-    /// agency system durably has the item. On error, the item comes again later (after the
-    /// consumer's ack wait) and is recognised as handled if the record was made.
+    /// agency system durably has the item — and for a [`ItemKind::Withdrawal`], after the
+    /// client's data is purged and [`confirm_purge`](Item::confirm_purge) returned. On error,
+    /// the item comes again later (after the consumer's ack wait) and is recognised as handled
+    /// if the record was made.
     pub async fn done(self) -> Result<()> {
         let span = info_span!(
             "done",
@@ -141,7 +150,14 @@ impl Item {
             kind = self.kind.name(),
         );
         async move {
-            self.dedup.record(&self.message_id, ids::now_ms())?;
+            // The delivery and its receipt are recorded together: a duplicate of a handled
+            // delivery always gets its receipt again (see the module docs).
+            let receipt = ids::receipt_message_id(&self.message_id);
+            let mut handled = vec![self.message_id.as_str()];
+            if matches!(self.kind, ItemKind::Delivery { .. }) {
+                handled.push(&receipt);
+            }
+            self.dedup.record_all(&handled, ids::now_ms())?;
             self.dedup.flush().await?;
             if let ItemKind::Delivery { referral, .. } = &self.kind {
                 self.adapter
@@ -158,6 +174,46 @@ impl Item {
         .instrument(span)
         .await
     }
+}
+
+impl Item {
+    /// For a [`ItemKind::Withdrawal`]: confirms to the broker that the client's data that came
+    /// with the referral is purged, under the id derived from the withdrawal
+    /// (`UUIDv5(ns, "<withdrawal message id>/purged")`), and records that it did so. Call it
+    /// once the purge is done, then [`done`](Item::done). Returns the confirmation's message id.
+    /// Any other kind of item is an input error.
+    pub async fn confirm_purge(&self) -> Result<String> {
+        let ItemKind::Withdrawal(w) = &self.kind else {
+            return Err(Error::InvalidInput(format!(
+                "confirm_purge is for withdrawals; message {} is a {}",
+                self.message_id,
+                self.kind.name()
+            )));
+        };
+        let id = self
+            .adapter
+            .send_purge_confirmation(&self.message_id, &w.referral_id, &w.consent_id)
+            .await?;
+        self.dedup.record(&id, ids::now_ms())?;
+        self.dedup.flush().await?;
+        Ok(id)
+    }
+
+    /// Acknowledges the message without recording it or sending any follow-up: for callers
+    /// that recorded the id themselves, in the same store transaction as their own handoff
+    /// (the HTTP bridge's queue).
+    pub(crate) async fn ack_only(self) -> Result<()> {
+        self.acker.double_ack().await.map_err(|e| Error::Ack {
+            message_id: self.message_id.clone(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// The dedup-store key that marks a referral as withdrawn (not a message id: message ids are
+/// printable ASCII, this starts with a NUL byte).
+pub(crate) fn withdrawn_key(referral_id: &str) -> String {
+    format!("\0withdrawn/{referral_id}")
 }
 
 impl fmt::Debug for Item {
@@ -304,6 +360,25 @@ impl Incoming {
         );
         async {
             if !self.dedup.contains(&decoded.message_id)? {
+                match &decoded.kind {
+                    ItemKind::Withdrawal(w) => {
+                        // Marks the referral so that a late delivery of it is dropped.
+                        self.dedup
+                            .record(&withdrawn_key(&w.referral_id), ids::now_ms())?;
+                    }
+                    ItemKind::Delivery { referral, .. }
+                        if self.dedup.contains(&withdrawn_key(&referral.referral_id))? =>
+                    {
+                        info!(delivered, "delivery of a withdrawn referral; dropped");
+                        self.dedup.record(&decoded.message_id, ids::now_ms())?;
+                        self.dedup.flush().await?;
+                        if let Err(e) = acker.double_ack().await {
+                            warn!(cause = %e, "ack of a dropped delivery failed; it will come again");
+                        }
+                        return Ok(None);
+                    }
+                    _ => {}
+                }
                 debug!(delivered, "new message");
                 return Ok(Some(Item {
                     message_id: decoded.message_id,
@@ -317,11 +392,7 @@ impl Incoming {
                 }));
             }
             info!(delivered, "already handled; acknowledging again");
-            if let ItemKind::Delivery { referral, .. } = &decoded.kind {
-                self.adapter
-                    .send_receipt(&decoded.message_id, &referral.referral_id)
-                    .await?;
-            }
+            self.send_follow_up_again(&decoded).await?;
             if let Err(e) = acker.double_ack().await {
                 warn!(cause = %e, "ack of repeated message failed; it will come again");
             }
@@ -329,6 +400,33 @@ impl Incoming {
         }
         .instrument(span)
         .await
+    }
+
+    /// For a repeated delivery or withdrawal whose receipt or purge confirmation was sent
+    /// before, sends it again (same derived id: harmless if it arrived).
+    async fn send_follow_up_again(&self, decoded: &decode::Decoded) -> Result<()> {
+        match &decoded.kind {
+            ItemKind::Delivery { referral, .. }
+                if self
+                    .dedup
+                    .contains(&ids::receipt_message_id(&decoded.message_id))? =>
+            {
+                self.adapter
+                    .send_receipt(&decoded.message_id, &referral.referral_id)
+                    .await
+            }
+            ItemKind::Withdrawal(w)
+                if self
+                    .dedup
+                    .contains(&ids::purge_message_id(&decoded.message_id))? =>
+            {
+                self.adapter
+                    .send_purge_confirmation(&decoded.message_id, &w.referral_id, &w.consent_id)
+                    .await
+                    .map(|_| ())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Keeps an undecodable message for operators. Never fails: the message also stays in the

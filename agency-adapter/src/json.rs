@@ -1,4 +1,5 @@
-//! Referrals in canonical proto3 JSON, as the command line (and later the HTTP bridge) takes them.
+//! Messages in canonical proto3 JSON, as the command line takes them (referrals, consent
+//! grants), and the pretty rendering of what it prints and hands over.
 //!
 //! The serde impls are pbjson's, generated in `yeongye-proto`: field names in lowerCamelCase
 //! (snake_case accepted too), enums by name (`"URGENCY_CRISIS"`), int64 as strings or numbers,
@@ -15,26 +16,40 @@ pub const MAX_JSON_BYTES: usize = 1024 * 1024;
 
 /// Parses one `Referral` from proto3 JSON bytes. Nothing but whitespace may follow it.
 pub fn parse_referral_json(bytes: &[u8]) -> Result<v1::Referral> {
+    parse_json(bytes, "referral", "Referral")
+}
+
+/// Parses one `ConsentGrant` from proto3 JSON bytes. Nothing but whitespace may follow it.
+pub fn parse_consent_grant_json(bytes: &[u8]) -> Result<v1::ConsentGrant> {
+    parse_json(bytes, "consent grant", "ConsentGrant")
+}
+
+/// Parses one message of type `T` (named `type_name` in errors; `what` in prose).
+fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+    type_name: &str,
+) -> Result<T> {
     if bytes.len() > MAX_JSON_BYTES {
         return Err(Error::InvalidInput(format!(
-            "referral JSON is {} bytes; the limit is {MAX_JSON_BYTES}",
+            "{what} JSON is {} bytes; the limit is {MAX_JSON_BYTES}",
             bytes.len()
         )));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Error::InvalidInput(format!(
-            "referral JSON is not UTF-8 (at byte {})",
+            "{what} JSON is not UTF-8 (at byte {})",
             e.valid_up_to()
         ))
     })?;
-    serde_json::from_str::<v1::Referral>(text).map_err(|e| {
-        let what = match e.classify() {
-            serde_json::error::Category::Syntax => "malformed JSON",
-            serde_json::error::Category::Eof => "JSON ends too early",
-            serde_json::error::Category::Data => "not a valid Referral",
-            serde_json::error::Category::Io => "unreadable",
+    serde_json::from_str::<T>(text).map_err(|e| {
+        let problem = match e.classify() {
+            serde_json::error::Category::Syntax => "malformed JSON".to_owned(),
+            serde_json::error::Category::Eof => "JSON ends too early".to_owned(),
+            serde_json::error::Category::Data => format!("not a valid {type_name}"),
+            serde_json::error::Category::Io => "unreadable".to_owned(),
         };
-        Error::InvalidInput(format!("referral JSON: {what}: {e}"))
+        Error::InvalidInput(format!("{what} JSON: {problem}: {e}"))
     })
 }
 
@@ -45,6 +60,9 @@ pub fn to_pretty_json<T: serde::Serialize>(message: &T) -> Result<Vec<u8>> {
     out.push(b'\n');
     Ok(out)
 }
+
+#[cfg(test)]
+mod roundtrip;
 
 #[cfg(test)]
 mod tests {
@@ -140,6 +158,75 @@ mod tests {
         // Just under the limit is parsed (and left to the publish size check).
         let big = format!(r#"{{"reason": "{}"}}"#, "a".repeat(MAX_JSON_BYTES - 20));
         assert!(parse_referral_json(big.as_bytes()).is_ok());
+    }
+
+    const GRANT: &str = r#"{
+        "clientPseudonymId": "p-7f3a",
+        "recipientAgencies": ["hope-support"],
+        "recipientKinds": ["mental_health_centre"],
+        "purposes": ["PURPOSE_CASE_MANAGEMENT"],
+        "dataCategories": ["DATA_CATEGORY_IDENTITY", "DATA_CATEGORY_HOUSEHOLD"],
+        "validFromMs": "1767225600000",
+        "validUntilMs": 1798761600000,
+        "formReference": "동의서-2025-0042"
+    }"#;
+
+    fn grant_err(json: &str) -> String {
+        let e = parse_consent_grant_json(json.as_bytes()).unwrap_err();
+        assert!(e.is_input_error());
+        e.to_string()
+    }
+
+    #[test]
+    fn consent_grant_good() {
+        let g = parse_consent_grant_json(GRANT.as_bytes()).unwrap();
+        assert_eq!(g.client_pseudonym_id, "p-7f3a");
+        assert_eq!(g.purposes, vec![v1::Purpose::CaseManagement as i32]);
+        assert_eq!(g.data_categories.len(), 2);
+        assert_eq!(g.valid_from_ms, 1_767_225_600_000);
+        assert_eq!(g.valid_until_ms, 1_798_761_600_000);
+        let back = parse_consent_grant_json(&to_pretty_json(&g).unwrap()).unwrap();
+        assert_eq!(back, g);
+        let g =
+            parse_consent_grant_json(br#"{"client_pseudonym_id": "p", "purposes": [1]}"#).unwrap();
+        assert_eq!(g.purposes, vec![1]);
+    }
+
+    #[test]
+    fn consent_grant_hostile() {
+        let e = grant_err(r#"{"clientPseudonymId": "p",}"#);
+        assert!(e.contains("consent grant JSON: malformed JSON"), "{e}");
+        let e = grant_err(r#"{"clientPseudonymId": "p""#);
+        assert!(e.contains("ends too early"), "{e}");
+        let e = grant_err(r#"{"clientName": "홍길동"}"#);
+        assert!(e.contains("unknown field `clientName`"), "{e}");
+        let e = grant_err(r#"{"purposes": "PURPOSE_CASE_MANAGEMENT"}"#);
+        assert!(
+            e.contains("not a valid ConsentGrant") && e.contains("invalid type"),
+            "{e}"
+        );
+        let e = grant_err(r#"{"purposes": ["PURPOSE_WHATEVER"]}"#);
+        assert!(e.contains("PURPOSE_WHATEVER"), "{e}");
+        let e = grant_err(r#"{"validUntilMs": "tomorrow"}"#);
+        assert!(e.contains("not a valid ConsentGrant"), "{e}");
+        let e = grant_err(r#"{"validUntilMs": 1e400}"#);
+        assert!(e.contains("ConsentGrant") || e.contains("number"), "{e}");
+        let e = grant_err(r#"{"recipientAgencies": [1, 2]}"#);
+        assert!(e.contains("invalid type"), "{e}");
+        let e = grant_err(r#"{"consentId": "a", "consentId": "b"}"#);
+        assert!(e.contains("duplicate field"), "{e}");
+        let e = grant_err("[]");
+        assert!(e.contains("invalid type"), "{e}");
+        let e = parse_consent_grant_json(b"{\"formReference\": \"\xc3\"}").unwrap_err();
+        assert!(e.to_string().contains("UTF-8"), "{e}");
+        let huge = format!(r#"{{"formReference": "{}"}}"#, "x".repeat(MAX_JSON_BYTES));
+        assert!(grant_err(&huge).contains("limit"));
+        let deep = format!(
+            r#"{{"purposes": {}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        grant_err(&deep);
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!     .send(v1::Referral {
 //!         to_agency: "hope-support".into(),
 //!         client: Some(v1::Client { pseudonym_id: "p-7f3a".into(), ..Default::default() }),
+//!         field: v1::FieldOfNeed::Housing as i32,
 //!         urgency: v1::Urgency::Crisis as i32,
+//!         purpose: v1::Purpose::CaseManagement as i32,
+//!         legal_basis: Some(v1::referral::LegalBasis::ConsentId("consent-1".into())),
 //!         ..Default::default()
 //!     })
 //!     .await?;
@@ -31,26 +34,33 @@
 //! ```
 //!
 //! # Layout
-//! - [`config`]: [`AdapterConfig`], from TOML and `YEONGYE_*` environment overrides.
-//! - [`client`]: [`Adapter`] (connect, send, update status, status query) and the retrying
-//!   JetStream publish path (`client/publish.rs`).
-//! - `outgoing`: referrals and status updates checked and wrapped in envelopes ([`Outgoing`]).
+//! - [`config`]: [`AdapterConfig`], from TOML and `YEONGYE_*` environment overrides; its
+//!   `[http]` section is [`HttpConfig`] (`config/http.rs`).
+//! - [`client`]: [`Adapter`] (connect, send, update status, status and consent queries, grant
+//!   and revoke consents, confirm purges), the retrying JetStream publish path
+//!   (`client/publish.rs`) and request/reply with the broker (`client/query.rs`).
+//! - `outgoing`: referrals, status updates, consents and purge confirmations checked and wrapped
+//!   in envelopes ([`Outgoing`]); `outgoing/consent.rs` holds the consent messages.
 //! - [`incoming`]: [`Incoming`] and [`Item`], the agency's consumer with exactly-once effect;
 //!   `incoming/decode.rs` checks and decodes what arrives.
-//! - `dedup`: the sled store of handled message ids.
+//! - `dedup`: the sled store of handled message ids (and the database the HTTP bridge's trees
+//!   live in).
 //! - [`inbox`]: [`FolderInbox`], crash-safe no-replace handoff of items to a folder.
+//! - [`http`]: the local HTTP/JSON API (`agency-adapter serve`): handlers, problem documents,
+//!   idempotency keys, the durable webhook/pull queue and its worker.
 //! - [`json`]: referrals in proto3 JSON, with limits.
 //! - [`ids`]: fresh (UUIDv7) and derived (UUIDv5) ids.
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Result`].
 //! - `src/bin/agency-adapter.rs`: the command-line adapter built on all of the above.
 //!
-//! Personal data (client name, birth date, phone, address, household) is never logged:
+//! Personal data (client name, birth date, phone, address, household, notes) is never logged:
 //! logs, errors and `Debug` output carry ids only.
 
 pub mod client;
 pub mod config;
 mod dedup;
 pub mod error;
+pub mod http;
 pub mod ids;
 pub mod inbox;
 pub mod incoming;
@@ -58,9 +68,9 @@ pub mod json;
 mod outgoing;
 
 pub use client::{Adapter, AdapterBuilder};
-pub use config::AdapterConfig;
-pub use error::{Error, ErrorKind, Result};
+pub use config::{AdapterConfig, HttpConfig};
+pub use error::{Error, ErrorKind, FieldIssue, Result};
 pub use inbox::{FolderInbox, Handoff};
 pub use incoming::{Incoming, Item, ItemKind};
-pub use outgoing::{MAX_REFERRAL_ID_LEN, Outgoing};
+pub use outgoing::{MAX_NOTE_CHARS, MAX_REFERRAL_ID_LEN, Outgoing, is_valid_id};
 pub use yeongye_proto::v1;

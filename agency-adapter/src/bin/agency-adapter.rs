@@ -5,6 +5,11 @@
 //! agency-adapter --config adapter.toml update <REFERRAL_ID> <STATUS> [--note TEXT]
 //! agency-adapter --config adapter.toml status <REFERRAL_ID>
 //! agency-adapter --config adapter.toml run [--inbox DIR]
+//! agency-adapter --config adapter.toml serve
+//! agency-adapter --config adapter.toml consent grant <FILE|->
+//! agency-adapter --config adapter.toml consent revoke <CONSENT_ID> [--at-ms N]
+//! agency-adapter --config adapter.toml consent show <CONSENT_ID>
+//! agency-adapter --config adapter.toml purge-confirm <REFERRAL_ID> <CONSENT_ID>
 //! ```
 //!
 //! Results go to stdout as JSON; logs go to stderr (filter with `RUST_LOG`). Exit codes: 0 done,
@@ -14,8 +19,12 @@
 // A crate root's modules resolve next to it (src/bin/), hence the explicit paths.
 #[path = "agency-adapter/commands.rs"]
 mod commands;
+#[path = "agency-adapter/consent.rs"]
+mod consent;
 #[path = "agency-adapter/run.rs"]
 mod run;
+#[path = "agency-adapter/serve.rs"]
+mod serve;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -55,13 +64,47 @@ enum Command {
     },
     /// Print a referral's state and history (exit 1 if the broker answers with an error).
     Status { referral_id: String },
-    /// Receive deliveries, notifications and rejections until SIGINT/SIGTERM, printing one JSON
-    /// line per item.
+    /// Receive deliveries, notifications, rejections, escalations and withdrawals until
+    /// SIGINT/SIGTERM, printing one JSON line per item.
     Run {
-        /// Also hand every item over as a file in DIR/{referrals,notifications,rejections}.
+        /// Also hand every item over as a file in DIR/{referrals,notifications,rejections,
+        /// escalations,withdrawals}; a withdrawal purges the referral's file and is confirmed.
         #[arg(long, value_name = "DIR")]
         inbox: Option<PathBuf>,
     },
+    /// Serve the local HTTP/JSON API (the configuration's `http` section) and deliver incoming
+    /// items by webhook or to the pull inbox, until SIGINT/SIGTERM.
+    Serve,
+    /// Record, revoke or look up a client's consent.
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
+    },
+    /// Confirm to the broker that a withdrawn referral's data is purged; prints the message id.
+    PurgeConfirm {
+        referral_id: String,
+        consent_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsentCommand {
+    /// Record a consent given as a proto3 JSON ConsentGrant in FILE (or on stdin with `-`);
+    /// prints its id.
+    Grant {
+        #[arg(value_name = "FILE|-")]
+        file: PathBuf,
+    },
+    /// Record that the client withdrew a consent; prints the message id.
+    Revoke {
+        consent_id: String,
+        /// When the client withdrew it, Unix ms (default: when the broker records it).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        at_ms: Option<i64>,
+    },
+    /// Print a consent, its revocation and outstanding purges (exit 1 if the broker answers
+    /// with an error).
+    Show { consent_id: String },
 }
 
 /// The statuses an agency may report.
@@ -142,6 +185,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { referral_id } => commands::status(cfg, &referral_id).await,
         Command::Run { inbox } => run::run(cfg, inbox).await,
+        Command::Serve => serve::serve(cfg).await,
+        Command::Consent { command } => match command {
+            ConsentCommand::Grant { file } => consent::grant(cfg, &file).await,
+            ConsentCommand::Revoke { consent_id, at_ms } => {
+                consent::revoke(cfg, &consent_id, at_ms).await
+            }
+            ConsentCommand::Show { consent_id } => consent::show(cfg, &consent_id).await,
+        },
+        Command::PurgeConfirm {
+            referral_id,
+            consent_id,
+        } => consent::purge_confirm(cfg, &referral_id, &consent_id).await,
     }
 }
 

@@ -80,11 +80,29 @@ async fn one_shot_commands() {
     let out = cli(
         &config,
         &["send", "-"],
-        Some(r#"{"toAgency": "hope-support"}"#),
+        Some(
+            r#"{"toAgency": "hope-support", "client": {"pseudonymId": "p"},
+                "field": "FIELD_OF_NEED_HOUSING"}"#,
+        ),
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("urgency"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(
+        &config,
+        &["send", "-"],
+        Some(
+            r#"{"toAgency": "hope-support", "client": {"pseudonymId": "p"},
+                "field": "FIELD_OF_NEED_HOUSING", "urgency": "URGENCY_CRISIS",
+                "purpose": "PURPOSE_CASE_MANAGEMENT"}"#,
+        ),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("legal_basis"),
         "{}",
         text(&out.stderr)
     );
@@ -100,7 +118,9 @@ async fn one_shot_commands() {
         &["send", "-"],
         Some(
             r#"{"toAgency":"hope-support","client":{"pseudonymId":"p-1","name":"홍길동"},
-                "urgency":"URGENCY_CRISIS","consentId":"c-1"}"#,
+                "field":"FIELD_OF_NEED_HOUSING","urgency":"URGENCY_CRISIS",
+                "purpose":"PURPOSE_CASE_MANAGEMENT","consentId":"c-1",
+                "dataCategories":["DATA_CATEGORY_IDENTITY"]}"#,
         ),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -183,6 +203,144 @@ async fn one_shot_commands() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_commands() {
+    let server = NatsServer::start();
+    let broker = Broker::setup(&server, Duration::from_secs(120), Duration::from_secs(30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &server.url());
+
+    // Bad grants: exit 2, nothing sent.
+    for (input, expect) in [
+        (
+            r#"{"clientPseudonymId": "p-1", "clientName": "홍길동"}"#,
+            "unknown field `clientName`",
+        ),
+        (r#"{"clientPseudonymId": "p-1",}"#, "malformed JSON"),
+        (r#"{"purposes": "PURPOSE_CASE_MANAGEMENT"}"#, "invalid type"),
+        (
+            r#"{"clientPseudonymId": "p-1", "recipientAgencies": ["hope-support"],
+                "purposes": ["PURPOSE_CASE_MANAGEMENT"], "dataCategories": ["DATA_CATEGORY_IDENTITY"],
+                "formReference": "f-1", "collectedBy": "hope-support"}"#,
+            "collected_by",
+        ),
+        (r#"{"clientPseudonymId": "p-1"}"#, "recipient"),
+    ] {
+        let out = cli(&config, &["consent", "grant", "-"], Some(input));
+        assert_eq!(out.status.code(), Some(2), "{input}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(expect),
+            "{input}: {}",
+            text(&out.stderr)
+        );
+        assert!(!text(&out.stderr).contains("홍길동"));
+    }
+    let out = cli(&config, &["consent", "revoke", "bad id"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let out = cli(
+        &config,
+        &["consent", "revoke", "c-1", "--at-ms", "-5"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = cli(&config, &["purge-confirm", "r-1", ""], None);
+    assert_eq!(out.status.code(), Some(2));
+    let out = cli(&config, &["consent", "show", "bad id"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(broker.inbound_count().await, 0);
+
+    // grant, revoke, purge-confirm.
+    let grant = dir.path().join("grant.json");
+    std::fs::write(
+        &grant,
+        r#"{"clientPseudonymId": "p-1", "recipientAgencies": ["hope-support"],
+            "purposes": ["PURPOSE_CASE_MANAGEMENT"], "dataCategories": ["DATA_CATEGORY_IDENTITY"],
+            "formReference": "동의서-1"}"#,
+    )
+    .unwrap();
+    let out = cli(
+        &config,
+        &["consent", "grant", grant.to_str().unwrap()],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let consent_id = line["consent_id"].as_str().unwrap().to_owned();
+    let env = v1::Envelope::decode(broker.inbound_message(1).await.payload.as_ref()).unwrap();
+    let g = v1::ConsentGrant::decode(env.payload.as_ref()).unwrap();
+    assert_eq!(
+        (g.consent_id.as_str(), g.collected_by.as_str()),
+        (consent_id.as_str(), ME)
+    );
+
+    let out = cli(
+        &config,
+        &["consent", "revoke", &consent_id, "--at-ms", "1000"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = broker.inbound_message(2).await;
+    assert_eq!(
+        m.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        line["message_id"].as_str().unwrap()
+    );
+    let env = v1::Envelope::decode(m.payload.as_ref()).unwrap();
+    let r = v1::ConsentRevocation::decode(env.payload.as_ref()).unwrap();
+    assert_eq!(
+        (r.consent_id.as_str(), r.revoked_at_ms),
+        (consent_id.as_str(), 1000)
+    );
+
+    let out = cli(&config, &["purge-confirm", "r-1", &consent_id], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let m = broker.inbound_message(3).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.purge");
+
+    // show: an answer, then an error answer (exit 1).
+    let mut queries = broker.client.subscribe(subject::query(ME)).await.unwrap();
+    let responder = broker.client.clone();
+    tokio::spawn(async move {
+        while let Some(q) = queries.next().await {
+            let env = v1::Envelope::decode(q.payload.as_ref()).unwrap();
+            let query = v1::ConsentQuery::decode(env.payload.as_ref()).unwrap();
+            let reply = if query.consent_id == "unknown" {
+                v1::ConsentReply {
+                    error: Some(v1::Rejection {
+                        code: v1::ReasonCode::ConsentUnknown as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            } else {
+                v1::ConsentReply {
+                    revoked: true,
+                    withdrawn_referral_ids: vec!["r-1".into()],
+                    ..Default::default()
+                }
+            };
+            let out = envelope(
+                "broker",
+                "x",
+                v1::PayloadType::ConsentReply,
+                reply.encode_to_vec(),
+            );
+            responder
+                .publish(q.reply.unwrap(), out.encode_to_vec().into())
+                .await
+                .unwrap();
+        }
+    });
+    broker.client.flush().await.unwrap();
+    let out = cli(&config, &["consent", "show", &consent_id], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reply: v1::ConsentReply = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(reply.revoked);
+    let out = cli(&config, &["consent", "show", "unknown"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("REASON_CODE_CONSENT_UNKNOWN"));
 }
 
 #[test]
@@ -310,6 +468,33 @@ async fn run_hands_over_prints_and_receipts() {
     assert_eq!(
         std::fs::read(dir.path().join("state/undecodable/3.bin")).unwrap(),
         vec![0xff; 3]
+    );
+
+    // A withdrawal of r-1: its file is purged, the withdrawal (ids only) is written, the
+    // purge is confirmed under the derived id, and a line is printed.
+    broker
+        .publish_out(
+            OutKind::Withdrawal,
+            withdrawal_bytes("w-1", "r-1", "c-1"),
+            Some("w-1"),
+        )
+        .await;
+    let line = next_line().await;
+    assert_eq!(
+        line,
+        serde_json::json!({"kind": "withdrawal", "message_id": "w-1", "referral_id": "r-1",
+                           "consent_id": "c-1", "at_ms": 77})
+    );
+    assert!(!inbox.join("referrals/r-1.json").exists());
+    let w: v1::Withdrawal =
+        serde_json::from_slice(&std::fs::read(inbox.join("withdrawals/w-1.json")).unwrap())
+            .unwrap();
+    assert_eq!(w.referral_id, "r-1");
+    let m = broker.inbound_message(3).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.purge");
+    assert_eq!(
+        m.headers.get("Nats-Msg-Id").unwrap().as_str(),
+        ids::purge_message_id("w-1")
     );
 
     // SIGTERM: a graceful stop.

@@ -260,3 +260,43 @@ pub(crate) fn status_update_of(
     assert_eq!(env.payload_type, v1::PayloadType::StatusUpdate as i32);
     (id, v1::StatusUpdate::decode(env.payload.as_ref()).unwrap())
 }
+
+pub(crate) fn withdrawal_bytes(message_id: &str, referral_id: &str, consent_id: &str) -> Vec<u8> {
+    let w = v1::Withdrawal {
+        referral_id: referral_id.into(),
+        consent_id: consent_id.into(),
+        client_pseudonym_id: "p-1".into(),
+        at_ms: 77,
+    };
+    envelope(
+        yeongye_proto::BROKER_ID,
+        message_id,
+        v1::PayloadType::Withdrawal,
+        w.encode_to_vec(),
+    )
+    .encode_to_vec()
+}
+
+/// A referral as an agency would send it: with field, purpose and a legal basis.
+pub(crate) fn outgoing_referral(pseudonym: &str) -> v1::Referral {
+    v1::Referral {
+        to_agency: "hope-support".into(),
+        client: Some(v1::Client {
+            pseudonym_id: pseudonym.into(),
+            ..Default::default()
+        }),
+        field: v1::FieldOfNeed::Livelihood as i32,
+        urgency: v1::Urgency::Routine as i32,
+        purpose: v1::Purpose::CaseManagement as i32,
+        legal_basis: Some(v1::referral::LegalBasis::ConsentId("c-1".into())),
+        ..Default::default()
+    }
+}
+
+/// The envelope and `Nats-Msg-Id` of an inbound stream message.
+pub(crate) fn inbound_envelope(m: &jetstream::message::StreamMessage) -> (String, v1::Envelope) {
+    let env = v1::Envelope::decode(m.payload.as_ref()).unwrap();
+    let id = m.headers.get("Nats-Msg-Id").unwrap().to_string();
+    assert_eq!(id, env.message_id);
+    (id, env)
+}

@@ -22,18 +22,7 @@ async fn send_and_update_are_stored_with_their_message_ids() {
         .await
         .unwrap();
 
-    let referral_id = adapter
-        .send(v1::Referral {
-            to_agency: "hope-support".into(),
-            client: Some(v1::Client {
-                pseudonym_id: "p-1".into(),
-                ..Default::default()
-            }),
-            urgency: v1::Urgency::Routine as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let referral_id = adapter.send(outgoing_referral("p-1")).await.unwrap();
     let m = broker.inbound_message(1).await;
     assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.referral");
     let env = v1::Envelope::decode(m.payload.as_ref()).unwrap();
@@ -49,17 +38,7 @@ async fn send_and_update_are_stored_with_their_message_ids() {
     );
 
     // Publishing the same prepared message twice stores it once.
-    let out = adapter
-        .prepare_referral(v1::Referral {
-            to_agency: "hope-support".into(),
-            client: Some(v1::Client {
-                pseudonym_id: "p-2".into(),
-                ..Default::default()
-            }),
-            urgency: v1::Urgency::Crisis as i32,
-            ..Default::default()
-        })
-        .unwrap();
+    let out = adapter.prepare_referral(outgoing_referral("p-2")).unwrap();
     adapter.publish(&out).await.unwrap();
     adapter.publish(&out).await.unwrap();
     assert_eq!(broker.inbound_count().await, 2);
@@ -74,10 +53,244 @@ async fn send_and_update_are_stored_with_their_message_ids() {
     assert_eq!(id, message_id);
     assert_eq!(update.status, v1::Status::Cancelled as i32);
 
-    // Invalid input is refused before anything is sent.
+    // Invalid input is refused before anything is sent: an empty referral, one without a
+    // legal basis, one without a purpose.
     let e = adapter.send(v1::Referral::default()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let mut no_basis = outgoing_referral("p-3");
+    no_basis.legal_basis = None;
+    let e = adapter.send(no_basis).await.unwrap_err();
+    assert!(e.to_string().contains("legal_basis"), "{e}");
+    let mut no_purpose = outgoing_referral("p-3");
+    no_purpose.purpose = 0;
+    let e = adapter.send(no_purpose).await.unwrap_err();
+    assert!(e.to_string().contains("purpose"), "{e}");
     assert_eq!(broker.inbound_count().await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_messages_are_stored_with_their_message_ids() {
+    let server = NatsServer::start();
+    let broker = Broker::setup(&server, Duration::from_secs(120), Duration::from_secs(30)).await;
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+    let grant = v1::ConsentGrant {
+        client_pseudonym_id: "p-1".into(),
+        recipient_agencies: vec!["hope-support".into()],
+        purposes: vec![v1::Purpose::CaseManagement as i32],
+        data_categories: vec![v1::DataCategory::Identity as i32],
+        form_reference: "form-1".into(),
+        ..Default::default()
+    };
+    let consent_id = adapter.grant_consent(grant.clone()).await.unwrap();
+    let (_, env) = inbound_envelope(&broker.inbound_message(1).await);
+    assert_eq!(env.payload_type, v1::PayloadType::ConsentGrant as i32);
+    let g = v1::ConsentGrant::decode(env.payload.as_ref()).unwrap();
+    assert_eq!(
+        (g.consent_id.as_str(), g.collected_by.as_str()),
+        (consent_id.as_str(), ME)
+    );
+
+    let message_id = adapter.revoke_consent(&consent_id, Some(5)).await.unwrap();
+    let m = broker.inbound_message(2).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.consent");
+    let (id, env) = inbound_envelope(&m);
+    assert_eq!(id, message_id);
+    let r = v1::ConsentRevocation::decode(env.payload.as_ref()).unwrap();
+    assert_eq!((r.revoked_at_ms, r.recorded_by.as_str()), (5, ME));
+
+    let fresh = adapter.confirm_purge("r-1", &consent_id).await.unwrap();
+    let derived = adapter
+        .confirm_purge_of("w-1", "r-1", &consent_id)
+        .await
+        .unwrap();
+    assert_eq!(derived, ids::purge_message_id("w-1"));
+    let m = broker.inbound_message(3).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.purge");
+    assert_eq!(inbound_envelope(&m).0, fresh);
+    assert_eq!(
+        inbound_envelope(&broker.inbound_message(4).await).0,
+        derived
+    );
+
+    // A grant naming another collector, a bad id: refused, nothing sent.
+    let mut other = grant.clone();
+    other.collected_by = "hope-support".into();
+    let e = adapter.grant_consent(other).await.unwrap_err();
+    assert!(e.to_string().contains("collected_by"), "{e}");
+    assert!(adapter.revoke_consent("a b", None).await.is_err());
+    assert!(adapter.confirm_purge("", "c").await.is_err());
+    assert_eq!(broker.inbound_count().await, 4);
+
+    // The consent query, answered by the test as the broker.
+    let mut queries = broker.client.subscribe(subject::query(ME)).await.unwrap();
+    let responder = broker.client.clone();
+    tokio::spawn(async move {
+        while let Some(q) = queries.next().await {
+            let env = v1::Envelope::decode(q.payload.as_ref()).unwrap();
+            assert_eq!(env.payload_type, v1::PayloadType::ConsentQuery as i32);
+            let query = v1::ConsentQuery::decode(env.payload.as_ref()).unwrap();
+            let reply = v1::ConsentReply {
+                grant: Some(v1::ConsentGrant {
+                    consent_id: query.consent_id,
+                    ..Default::default()
+                }),
+                revoked: true,
+                pending_purges: vec![v1::PendingPurge {
+                    referral_id: "r-1".into(),
+                    agency: "hope-support".into(),
+                }],
+                ..Default::default()
+            };
+            let out = envelope(
+                "broker",
+                "x",
+                v1::PayloadType::ConsentReply,
+                reply.encode_to_vec(),
+            );
+            responder
+                .publish(q.reply.unwrap(), out.encode_to_vec().into())
+                .await
+                .unwrap();
+        }
+    });
+    broker.client.flush().await.unwrap();
+    let reply = adapter.consent(&consent_id).await.unwrap();
+    assert!(reply.revoked);
+    assert_eq!(reply.grant.unwrap().consent_id, consent_id);
+    assert_eq!(reply.pending_purges.len(), 1);
+}
+
+#[tokio::test]
+async fn withdrawals_are_confirmed_once_purged() {
+    let server = NatsServer::start();
+    let broker = Broker::setup(&server, Duration::from_millis(100), Duration::from_secs(30)).await;
+    let state = tempfile::tempdir().unwrap();
+    let adapter = Adapter::connect(config(&server, state.path()))
+        .await
+        .unwrap();
+    let mut incoming = adapter.incoming().await.unwrap();
+
+    broker
+        .publish_out(OutKind::Delivery, delivery_bytes("d-1", "r-1"), Some("d-1"))
+        .await;
+    incoming
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .done()
+        .await
+        .unwrap();
+    assert_eq!(
+        inbound_envelope(&broker.inbound_message(1).await).0,
+        ids::receipt_message_id("d-1")
+    );
+
+    // The withdrawal: purge (the test's part), confirm, done.
+    broker
+        .publish_out(
+            OutKind::Withdrawal,
+            withdrawal_bytes("w-1", "r-1", "c-1"),
+            Some("w-1"),
+        )
+        .await;
+    let item = incoming.next().await.unwrap().unwrap();
+    let ItemKind::Withdrawal(w) = item.kind() else {
+        panic!("not a withdrawal: {item:?}");
+    };
+    assert_eq!(
+        (w.referral_id.as_str(), w.consent_id.as_str()),
+        ("r-1", "c-1")
+    );
+    let confirmation = item.confirm_purge().await.unwrap();
+    assert_eq!(confirmation, ids::purge_message_id("w-1"));
+    item.done().await.unwrap();
+    let m = broker.inbound_message(2).await;
+    assert_eq!(m.subject.as_str(), "yeongye.in.cc-1.purge");
+    let (id, env) = inbound_envelope(&m);
+    assert_eq!(id, confirmation);
+    let p = v1::PurgeConfirmation::decode(env.payload.as_ref()).unwrap();
+    assert_eq!(
+        (p.referral_id.as_str(), p.consent_id.as_str()),
+        ("r-1", "c-1")
+    );
+
+    // confirm_purge on anything else is an input error.
+    broker
+        .publish_out(
+            OutKind::Notification,
+            notification_bytes("n-1", "r-1"),
+            Some("n-1"),
+        )
+        .await;
+    let item = incoming.next().await.unwrap().unwrap();
+    assert_eq!(
+        item.confirm_purge().await.unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
+    item.done().await.unwrap();
+
+    // A withdrawal handled without confirming (its system has not purged yet) gets no
+    // confirmation when it comes again; a confirmed one gets its confirmation again; a late
+    // delivery of a withdrawn referral is dropped without a receipt.
+    broker
+        .publish_out(
+            OutKind::Withdrawal,
+            withdrawal_bytes("w-2", "r-2", "c-1"),
+            Some("w-2"),
+        )
+        .await;
+    incoming
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .done()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker
+        .publish_out(
+            OutKind::Withdrawal,
+            withdrawal_bytes("w-2", "r-2", "c-1"),
+            None,
+        )
+        .await;
+    broker
+        .publish_out(
+            OutKind::Withdrawal,
+            withdrawal_bytes("w-1", "r-1", "c-1"),
+            None,
+        )
+        .await;
+    broker
+        .publish_out(
+            OutKind::Delivery,
+            delivery_bytes("d-late", "r-2"),
+            Some("d-late"),
+        )
+        .await;
+    broker
+        .publish_out(
+            OutKind::Notification,
+            notification_bytes("n-2", "r-1"),
+            Some("n-2"),
+        )
+        .await;
+    let item = incoming.next().await.unwrap().unwrap();
+    assert_eq!(item.message_id(), "n-2", "{item:?}");
+    item.done().await.unwrap();
+    let m = broker.inbound_message(3).await;
+    assert_eq!(inbound_envelope(&m).0, ids::purge_message_id("w-1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        broker.inbound_count().await,
+        3,
+        "no receipt for the late delivery, no confirmation for w-2"
+    );
 }
 
 #[tokio::test]

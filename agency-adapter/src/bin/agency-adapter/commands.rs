@@ -14,9 +14,10 @@ use crate::{UsageError, print_json};
 
 /// `send <FILE|->`: prints `{"referral_id": ...}` once the referral is stored.
 pub(crate) async fn send(cfg: AdapterConfig, file: &Path) -> anyhow::Result<ExitCode> {
-    let bytes = read_input(file)?;
-    let referral = parse_referral_json(&bytes).with_context(|| describe(file))?;
-    let out = Outgoing::referral(&cfg.agency, referral).with_context(|| describe(file))?;
+    let bytes = read_input(file, "referral")?;
+    let referral = parse_referral_json(&bytes).with_context(|| describe(file, "referral"))?;
+    let out =
+        Outgoing::referral(&cfg.agency, referral).with_context(|| describe(file, "referral"))?;
     let adapter = Adapter::connect(cfg).await?;
     adapter.publish(&out).await?;
     adapter.flush().await.ok();
@@ -45,26 +46,31 @@ pub(crate) async fn status(cfg: AdapterConfig, referral_id: &str) -> anyhow::Res
     let adapter = Adapter::connect(cfg).await?;
     let reply = adapter.status(referral_id).await?;
     print_json(&reply, true)?;
-    if let Some(err) = &reply.error {
-        let code = v1::ReasonCode::try_from(err.code)
-            .map(|c| c.as_str_name().to_owned())
-            .unwrap_or_else(|_| err.code.to_string());
-        eprintln!("error: the broker answered {code}: {}", err.detail);
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(reply_code(reply.error.as_ref()))
 }
 
-fn describe(file: &Path) -> String {
+/// Exit 1 (saying why on stderr) if the broker's reply carries an error, else 0.
+pub(crate) fn reply_code(error: Option<&v1::Rejection>) -> ExitCode {
+    let Some(err) = error else {
+        return ExitCode::SUCCESS;
+    };
+    let code = v1::ReasonCode::try_from(err.code)
+        .map(|c| c.as_str_name().to_owned())
+        .unwrap_or_else(|_| err.code.to_string());
+    eprintln!("error: the broker answered {code}: {}", err.detail);
+    ExitCode::FAILURE
+}
+
+pub(crate) fn describe(file: &Path, what: &str) -> String {
     if file == Path::new("-") {
-        "referral on stdin".to_owned()
+        format!("{what} on stdin")
     } else {
-        format!("referral in {}", file.display())
+        format!("{what} in {}", file.display())
     }
 }
 
 /// Reads FILE (or stdin for `-`), refusing more than [`MAX_JSON_BYTES`].
-fn read_input(file: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_input(file: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     let limit = u64::try_from(MAX_JSON_BYTES).unwrap_or(u64::MAX) + 1;
     let mut bytes = Vec::new();
     let read = if file == Path::new("-") {
@@ -72,11 +78,11 @@ fn read_input(file: &Path) -> anyhow::Result<Vec<u8>> {
     } else {
         std::fs::File::open(file).and_then(|f| f.take(limit).read_to_end(&mut bytes))
     };
-    read.map_err(|e| UsageError(format!("cannot read {}: {e}", describe(file))))?;
+    read.map_err(|e| UsageError(format!("cannot read {}: {e}", describe(file, what))))?;
     if bytes.len() > MAX_JSON_BYTES {
         return Err(UsageError(format!(
             "{} is larger than {MAX_JSON_BYTES} bytes",
-            describe(file)
+            describe(file, what)
         ))
         .into());
     }

@@ -2,6 +2,11 @@
 //! each item, hands it to the `--inbox` folder (if given), prints one JSON line of ids and
 //! states (never personal data) to stdout, then marks it done. A signal lets the item in hand
 //! finish before the adapter drains its connection and exits.
+//!
+//! A withdrawal handed to the inbox purges the referral's file there; the purge is then
+//! confirmed to the broker (derived id) before the item is marked done. Without `--inbox` the
+//! adapter holds no data to purge: the line is printed and the agency confirms with
+//! `purge-confirm` once its system has purged.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +96,15 @@ async fn handle(inbox: Option<&FolderInbox>, item: Item) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
+            if matches!(item.kind(), ItemKind::Withdrawal(_)) {
+                match item.confirm_purge().await {
+                    Ok(id) => info!(purge_message_id = %id, "purged and confirmed"),
+                    Err(e) => {
+                        error!(cause = %e, "purge confirmation failed; the item will come again");
+                        return Ok(());
+                    }
+                }
+            }
         }
         print_json(&summary(&item), false)?;
         if let Err(e) = item.done().await {
@@ -135,6 +149,13 @@ fn summary(item: &Item) -> Value {
             "to_agency": e.to_agency,
             "state": enum_name(e.state, |v| v1::ReferralState::try_from(v).ok().map(|s| s.as_str_name())),
         }),
+        ItemKind::Withdrawal(w) => json!({
+            "kind": "withdrawal",
+            "message_id": item.message_id(),
+            "referral_id": item.referral_id(),
+            "consent_id": w.consent_id,
+            "at_ms": w.at_ms,
+        }),
         other => json!({
             "kind": other.name(),
             "message_id": item.message_id(),
@@ -149,7 +170,7 @@ fn enum_name(value: i32, name: impl Fn(i32) -> Option<&'static str>) -> String {
 }
 
 /// Resolves on SIGINT or SIGTERM, with the signal's name.
-async fn shutdown_signal() -> &'static str {
+pub(crate) async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

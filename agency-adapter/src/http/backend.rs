@@ -1,0 +1,41 @@
+//! [`Backend`]: what the HTTP handlers need from the adapter — publish a prepared message, ask
+//! the broker about a referral or a consent — as a trait, so that the handler layer can be
+//! tested with a stub that records what would be sent.
+
+use std::future::Future;
+
+use yeongye_proto::v1;
+
+use crate::client::Adapter;
+use crate::error::Result;
+use crate::outgoing::Outgoing;
+
+/// The adapter as the HTTP handlers see it.
+pub(crate) trait Backend: Clone + Send + Sync + 'static {
+    /// This agency's id.
+    fn agency(&self) -> &str;
+    /// Publishes a prepared message, returning once JetStream stored it.
+    fn publish(&self, out: &Outgoing) -> impl Future<Output = Result<()>> + Send;
+    /// Asks the broker about a referral.
+    fn status(&self, referral_id: &str) -> impl Future<Output = Result<v1::StatusReply>> + Send;
+    /// Asks the broker about a consent.
+    fn consent(&self, consent_id: &str) -> impl Future<Output = Result<v1::ConsentReply>> + Send;
+}
+
+impl Backend for Adapter {
+    fn agency(&self) -> &str {
+        Adapter::agency(self)
+    }
+
+    async fn publish(&self, out: &Outgoing) -> Result<()> {
+        Adapter::publish(self, out).await
+    }
+
+    async fn status(&self, referral_id: &str) -> Result<v1::StatusReply> {
+        Adapter::status(self, referral_id).await
+    }
+
+    async fn consent(&self, consent_id: &str) -> Result<v1::ConsentReply> {
+        Adapter::consent(self, consent_id).await
+    }
+}

@@ -1,0 +1,253 @@
+//! `yeongye-bench`: end-to-end referral throughput and latency, as a ratio to raw JetStream
+//! measured in the same run, and the broker's scale figures. Not a test: nothing here asserts
+//! a speed. Method and results: `docs/PERFORMANCE.md`.
+//!
+//! ```text
+//! cargo build --release --bins && target/release/yeongye-bench --write-doc docs/PERFORMANCE.md
+//! ```
+//!
+//! For each `sync_interval` (`always`, then the server's default) it starts a nats-server with
+//! JetStream on file storage and runs, in order:
+//! 1. the raw baseline (`baseline`): publish → durable pull consumer → publish → durable pull
+//!    consumer, closed loop, at its maximum;
+//! 2. the real broker and one `agency-adapter run` per agency (`e2e`): referrals at the
+//!    maximum the system sustains (closed loop), then open-loop at a fraction of that for
+//!    latency.
+//!
+//! Then (`scale`) it fills a broker store to 100k and 1M referrals and measures the broker's
+//! resident memory, the store's size on disk and the time from start to ready.
+//!
+//! # Layout
+//! - `yeongye-bench/procs.rs`: nats-server, broker and adapter processes; `/proc` readings.
+//! - `yeongye-bench/load.rs`: the load driver (open/closed loop, HDR histogram, progress bar).
+//! - `yeongye-bench/baseline.rs`, `e2e.rs`, `scale.rs`: the three measurements.
+//! - `yeongye-bench/report.rs`: the JSON result and the generated part of PERFORMANCE.md.
+
+#[path = "yeongye-bench/baseline.rs"]
+mod baseline;
+#[path = "yeongye-bench/e2e.rs"]
+mod e2e;
+#[path = "yeongye-bench/load.rs"]
+mod load;
+#[path = "yeongye-bench/procs.rs"]
+mod procs;
+#[path = "yeongye-bench/report.rs"]
+mod report;
+#[path = "yeongye-bench/scale.rs"]
+mod scale;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use load::{Offer, Plan};
+use procs::Sync;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "yeongye-bench",
+    about = "End-to-end referral throughput and latency as a ratio to raw JetStream; broker scale figures"
+)]
+struct Args {
+    /// JetStream `sync_interval` settings to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "always,default", value_parser = parse_sync)]
+    sync: Vec<Sync>,
+    /// Agencies, each with its `agency-adapter run` process; each sends to the next.
+    #[arg(long, default_value_t = 4)]
+    agencies: usize,
+    /// Size of a referral's envelope on the wire (and of a baseline message), bytes.
+    #[arg(long, default_value_t = 1024)]
+    message_bytes: usize,
+    /// The broker's `batch_size` (and the baseline relay's batch).
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Items in flight in the closed-loop (maximum throughput) phases.
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Offer this many referrals per second instead of finding the maximum (then the
+    /// "maximum" phase is this open-loop rate).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The latency phase's rate, as a fraction of the measured maximum.
+    #[arg(long, default_value_t = 0.5)]
+    fraction: f64,
+    /// Seconds of warm-up before each measurement.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Seconds measured per phase.
+    #[arg(long, default_value_t = 15)]
+    measure: u64,
+    /// Seconds to wait for items still in flight after a phase.
+    #[arg(long, default_value_t = 20)]
+    drain: u64,
+    /// Store sizes for the scale figures, referrals.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    scale: Vec<u64>,
+    /// Skip the scale figures.
+    #[arg(long)]
+    no_scale: bool,
+    /// Skip the throughput phases (scale figures only).
+    #[arg(long)]
+    scale_only: bool,
+    /// Adapters hand each item to an inbox folder (two fsyncs per item) instead of stdout only.
+    #[arg(long)]
+    adapter_inbox: bool,
+    /// Where the JSON result goes.
+    #[arg(long, default_value = "target/yeongye-bench/result.json")]
+    out: PathBuf,
+    /// Regenerate the results block of this Markdown file (docs/PERFORMANCE.md).
+    #[arg(long)]
+    write_doc: Option<PathBuf>,
+    /// Working directory (stores, logs); a fresh temporary one by default, removed at the end.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn parse_sync(s: &str) -> Result<Sync, String> {
+    match s {
+        "always" => Ok(Sync::Always),
+        "default" => Ok(Sync::Default),
+        other => Err(format!("{other:?}: use always or default")),
+    }
+}
+
+fn repo_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("the tests crate has a parent")?
+        .to_path_buf())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let repo = repo_root()?;
+    let nats_bin = procs::nats_server_bin(&repo)?;
+    // Fail early, before minutes of work, if the binaries are missing.
+    procs::workspace_bin("referral-broker")?;
+    procs::workspace_bin("agency-adapter")?;
+
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("yeongye-bench-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    eprintln!("yeongye-bench: working in {}", dir.display());
+
+    let measure = Duration::from_secs(args.measure);
+    let warmup = Duration::from_secs(args.warmup);
+    let drain = Duration::from_secs(args.drain);
+    let offer = match args.rate {
+        Some(rate) => Offer::Open { rate },
+        None => Offer::Closed {
+            window: args.window,
+        },
+    };
+    let plan = Plan {
+        offer,
+        warmup,
+        measure,
+        drain,
+    };
+
+    let mut runs = Vec::new();
+    if !args.scale_only {
+        for sync in &args.sync {
+            let sdir = dir.join(format!("sync-{sync}"));
+            let nats = procs::Nats::start(&nats_bin, &sdir.join("nats"), *sync).await?;
+            eprintln!("sync_interval {sync}: nats-server at {}", nats.url());
+            let baseline = baseline::run(
+                &nats.url(),
+                args.message_bytes,
+                args.batch_size,
+                &[(format!("raw JetStream ({sync})"), plan)],
+            )
+            .await?
+            .into_iter()
+            .next()
+            .context("no baseline result")?;
+            let e2e = e2e::run(e2e::Settings {
+                dir: &sdir,
+                nats_url: &nats.url(),
+                nats_pid: nats.pid(),
+                agencies: args.agencies,
+                message_bytes: args.message_bytes,
+                batch_size: args.batch_size,
+                adapter_inbox: args.adapter_inbox,
+                max: plan,
+                fraction: args.fraction,
+            })
+            .await?;
+            let ratio = e2e.max.throughput / baseline.throughput.max(1e-9);
+            eprintln!(
+                "sync_interval {sync}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
+                e2e.max.throughput,
+                baseline.throughput,
+                ratio * 100.0
+            );
+            runs.push(report::SyncRun {
+                sync: *sync,
+                baseline,
+                e2e,
+                ratio,
+            });
+        }
+    }
+    let scale = if args.no_scale || args.scale.is_empty() {
+        Vec::new()
+    } else {
+        scale::run(&nats_bin, &dir.join("scale"), &args.scale, args.message_bytes).await?
+    };
+
+    let command = std::env::args()
+        .map(|a| {
+            if a.contains(char::is_whitespace) {
+                format!("{a:?}")
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let result = report::Report {
+        date: report::utc_now(),
+        machine: report::machine(&nats_bin),
+        settings: report::Settings {
+            command: command.replace(&format!("{}/", repo.display()), ""),
+            agencies: args.agencies,
+            message_bytes: args.message_bytes,
+            batch_size: args.batch_size,
+            window: args.window,
+            warmup_secs: args.warmup,
+            measure_secs: args.measure,
+            fraction: args.fraction,
+            adapter_inbox: args.adapter_inbox,
+        },
+        runs,
+        scale,
+    };
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)
+        .with_context(|| format!("write {}", args.out.display()))?;
+    let table = report::markdown(&result);
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{table}")?;
+    writeln!(stdout, "JSON: {}", args.out.display())?;
+    if let Some(doc) = &args.write_doc {
+        report::write_doc(doc, &table)?;
+        writeln!(stdout, "updated {}", doc.display())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The raw JetStream baseline, no broker logic: publish (PubAck awaited, with a message id) to
+//! stream `BENCH_A` → a relay reads it through a durable pull consumer in batches, publishes
+//! each message to `BENCH_B` with its PubAcks in flight together, then acknowledges the batch
+//! → a sink reads `BENCH_B` through a durable pull consumer and acknowledges. The same message
+//! size, storage, retention and duplicate window as the broker's streams, on the same server:
+//! what the broker's consume → publish → consume path could do at best.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+
+use crate::load::{self, Plan, PhaseResult, SendFn, Tracker};
+
+const IN: &str = "BENCH_A";
+const OUT: &str = "BENCH_B";
+
+fn stream_config(name: &str, subject: &str) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_secs(24 * 3600),
+        duplicate_window: Duration::from_secs(120),
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+fn pull_config(name: &str, max_ack_pending: i64) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// Runs the baseline phases in `plans` (in order) on the server at `url`.
+pub(crate) async fn run(
+    url: &str,
+    message_bytes: usize,
+    batch: usize,
+    plans: &[(String, Plan)],
+) -> Result<Vec<PhaseResult>> {
+    let client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 16)
+        .connect(url)
+        .await
+        .context("connect")?;
+    let js = jetstream::new(client.clone());
+    let a = js.create_stream(stream_config(IN, "bench.a")).await?;
+    let b = js.create_stream(stream_config(OUT, "bench.b")).await?;
+    // As the broker's consumer: max_ack_pending = 8 batches.
+    let relay_consumer = a
+        .create_consumer(pull_config("relay", i64::try_from(batch * 8)?))
+        .await?;
+    let sink_consumer = b.create_consumer(pull_config("sink", 1000)).await?;
+
+    let tracker = Tracker::new()?;
+    let relay = tokio::spawn(relay(js.clone(), relay_consumer, batch));
+    let sink = {
+        let tracker = Arc::clone(&tracker);
+        tokio::spawn(async move { sink(sink_consumer, &tracker).await })
+    };
+
+    let send: Arc<SendFn> = {
+        let js = js.clone();
+        // Keys (and message ids) stay unique across phases: the duplicate window is 2 minutes.
+        let counter = Arc::new(AtomicU64::new(0));
+        Arc::new(move |_| {
+            let key = format!("b{}", counter.fetch_add(1, Ordering::Relaxed));
+            let mut payload = Vec::with_capacity(message_bytes);
+            payload.extend_from_slice(key.as_bytes());
+            payload.push(b'\n');
+            payload.resize(message_bytes.max(payload.len()), b'x');
+            let js = js.clone();
+            let id = key.clone();
+            let fut = async move {
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(payload))
+                    .message_id(&id);
+                js.send_publish("bench.a", msg).await?.await?;
+                Ok(())
+            };
+            Ok((key, Box::pin(fut) as _))
+        })
+    };
+
+    let mut results = Vec::new();
+    for (name, plan) in plans {
+        results.push(load::run(name, &tracker, *plan, Arc::clone(&send)).await?);
+    }
+    relay.abort();
+    sink.abort();
+    let _ = js.delete_stream(IN).await;
+    let _ = js.delete_stream(OUT).await;
+    Ok(results)
+}
+
+/// Consume a batch → publish each (PubAcks in flight together) → ack the batch.
+async fn relay(js: jetstream::Context, c: consumer::PullConsumer, batch: usize) -> Result<()> {
+    let mut messages = c
+        .stream()
+        .max_messages_per_batch(batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await?;
+    loop {
+        let Some(first) = messages.next().await else {
+            return Ok(());
+        };
+        let mut inbound = vec![first?];
+        while inbound.len() < batch {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => inbound.push(m),
+                _ => break,
+            }
+        }
+        let mut acks = Vec::with_capacity(inbound.len());
+        for m in &inbound {
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(m.payload.clone())
+                .message_id(format!("relay-{seq}"));
+            acks.push(js.send_publish("bench.b", msg).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        for m in &inbound {
+            let _ = m.ack().await;
+        }
+    }
+}
+
+async fn sink(c: consumer::PullConsumer, tracker: &Tracker) -> Result<()> {
+    let mut messages = c
+        .stream()
+        .max_messages_per_batch(256)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await?;
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        if let Some(end) = m.payload.iter().position(|b| *b == b'\n')
+            && let Ok(key) = std::str::from_utf8(&m.payload[..end])
+        {
+            tracker.complete(key);
+        }
+        let _ = m.ack().await;
+    }
+    Ok(())
+}

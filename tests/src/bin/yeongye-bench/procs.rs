@@ -1,0 +1,475 @@
+//! The processes a benchmark run starts: a `nats-server` with JetStream on file storage (either
+//! `sync_interval`), the real `referral-broker`, and `agency-adapter run` per agency; and what
+//! is read from them (readiness, resident memory, CPU time, store size on disk).
+//!
+//! Everything is killed when its handle drops. Logs go to files in the run's directory.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The JetStream `sync_interval` a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Sync {
+    /// `sync_interval: always`: the server fsyncs every write before acknowledging it.
+    Always,
+    /// The server's default (2 minutes): writes reach the OS page cache.
+    Default,
+}
+
+impl fmt::Display for Sync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sync::Always => "always",
+            Sync::Default => "default",
+        })
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub(crate) fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn log_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open log {}", path.display()))
+}
+
+/// The binaries of the workspace: next to this executable (`target/<profile>/`).
+pub(crate) fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    let dir = exe.parent().context("the executable has no directory")?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build the workspace's binaries in the same profile first \
+             (cargo build --release --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The pinned nats-server: `$YEONGYE_NATS_SERVER`, else `<repo>/.tools/nats/bin/nats-server`,
+/// installed with `deploy/install-nats.sh` if missing.
+pub(crate) fn nats_server_bin(repo: &Path) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("YEONGYE_NATS_SERVER").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let path = repo.join(".tools/nats/bin/nats-server");
+    if !path.is_file() {
+        eprintln!("nats-server not installed: running deploy/install-nats.sh");
+        let status = Command::new(repo.join("deploy/install-nats.sh"))
+            .stdout(Stdio::null())
+            .status()
+            .context("run deploy/install-nats.sh")?;
+        if !status.success() || !path.is_file() {
+            bail!("deploy/install-nats.sh failed ({status})");
+        }
+    }
+    Ok(path)
+}
+
+/// Stops a child: SIGTERM (through `kill`, the workspace forbids unsafe code), then SIGKILL
+/// after `grace`.
+fn stop_child(child: &mut Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// What `/proc/<pid>` says about a process.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct ProcStats {
+    /// Resident memory now, bytes (`VmRSS`).
+    pub(crate) rss: u64,
+    /// Peak resident memory, bytes (`VmHWM`).
+    pub(crate) hwm: u64,
+    /// User + system CPU time so far, seconds.
+    pub(crate) cpu_secs: f64,
+}
+
+pub(crate) fn proc_stats(pid: u32) -> Result<ProcStats> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let kb = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ") state".
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let clk = 100.0; // USER_HZ on Linux
+    Ok(ProcStats {
+        rss: kb("VmRSS:"),
+        hwm: kb("VmHWM:"),
+        cpu_secs: (ticks(11) + ticks(12)) as f64 / clk,
+    })
+}
+
+/// Bytes a directory takes on disk (allocated blocks), recursively.
+pub(crate) fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            total += disk_usage(&e.path());
+        } else {
+            total += meta.blocks() * 512;
+        }
+    }
+    total
+}
+
+/// A nats-server with JetStream on file storage, in its own directory.
+pub(crate) struct Nats {
+    child: Child,
+    port: u16,
+}
+
+impl Nats {
+    pub(crate) async fn start(bin: &Path, dir: &Path, sync: Sync) -> Result<Nats> {
+        std::fs::create_dir_all(dir)?;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port()?;
+            let sync_line = match sync {
+                Sync::Always => "  sync_interval: always\n",
+                Sync::Default => "",
+            };
+            let config = format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 1MB\n\
+                 jetstream {{\n  store_dir: \"{}\"\n{sync_line}}}\n",
+                dir.join("js").display()
+            );
+            let conf = dir.join("nats.conf");
+            std::fs::write(&conf, config)?;
+            let log = dir.join("nats.log");
+            let out = log_file(&log)?;
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("spawn {}", bin.display()))?;
+            let mut nats = Nats { child, port };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(status)) = nats.child.try_wait() {
+                    last = format!("exited {status}");
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(nats);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop_child(&mut nats.child, Duration::from_secs(2));
+        }
+        bail!(
+            "nats-server would not start ({last}); see {}",
+            dir.join("nats.log").display()
+        )
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// Writes an agency registry in the format of `deploy/agencies.toml`.
+pub(crate) fn write_registry(path: &Path, agencies: &[String]) -> Result<()> {
+    let mut toml = String::from("# Written by yeongye-bench.\n");
+    for id in agencies {
+        toml.push_str(&format!(
+            "\n[[agency]]\nid = \"{id}\"\nname = \"bench agency {id}\"\nkind = \"community_service_centre\"\n"
+        ));
+    }
+    std::fs::write(path, toml).with_context(|| format!("write {}", path.display()))
+}
+
+/// The real `referral-broker`, run with a configuration written here.
+pub(crate) struct Broker {
+    child: Child,
+    http: String,
+    pub(crate) started: Instant,
+    pub(crate) log: PathBuf,
+}
+
+impl Broker {
+    /// Writes `<dir>/broker.toml` and spawns the broker (it does not wait for readiness).
+    pub(crate) fn spawn(
+        dir: &Path,
+        nats_url: &str,
+        store: &Path,
+        registry: &Path,
+        batch_size: usize,
+    ) -> Result<Broker> {
+        std::fs::create_dir_all(dir)?;
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let config = format!(
+            "nats_urls = [\"{nats_url}\"]\nstore_dir = \"{}\"\nregistry = \"{}\"\n\
+             http_addr = \"{http}\"\nbatch_size = {batch_size}\n",
+            store.display(),
+            registry.display()
+        );
+        let conf = dir.join("broker.toml");
+        std::fs::write(&conf, config)?;
+        let log = dir.join("broker.log");
+        let out = log_file(&log)?;
+        let mut cmd = Command::new(workspace_bin("referral-broker")?);
+        cmd.arg("--config")
+            .arg(&conf)
+            .arg("run")
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("YEONGYE_BENCH_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("REFERRAL_") {
+                cmd.env_remove(key);
+            }
+        }
+        let started = Instant::now();
+        let child = cmd.spawn().context("spawn referral-broker")?;
+        Ok(Broker {
+            child,
+            http,
+            started,
+            log,
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls `/readyz` until it answers 200; returns the time from spawn to ready.
+    pub(crate) async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "referral-broker exited ({status}) before it was ready; see {}",
+                    self.log.display()
+                );
+            }
+            if http_status(&self.http, "/readyz") == Some(200) {
+                return Ok(self.started.elapsed());
+            }
+            if self.started.elapsed() > timeout {
+                bail!(
+                    "referral-broker not ready after {timeout:?}; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGTERM and wait (SIGKILL after 20 s).
+    pub(crate) fn stop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback: the status code, or `None` if nothing answered.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Lines an adapter printed, by kind.
+#[derive(Debug, Default)]
+pub(crate) struct LineCounts {
+    pub(crate) deliveries: AtomicU64,
+    pub(crate) notifications: AtomicU64,
+    pub(crate) rejections: AtomicU64,
+    pub(crate) other: AtomicU64,
+    pub(crate) first_rejection: std::sync::Mutex<Option<String>>,
+}
+
+/// `agency-adapter run` for one agency: its stdout lines are counted by kind.
+pub(crate) struct AdapterProc {
+    child: Child,
+    pub(crate) agency: String,
+    pub(crate) lines: Arc<LineCounts>,
+    pub(crate) log: PathBuf,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AdapterProc {
+    pub(crate) fn spawn(dir: &Path, agency: &str, nats_url: &str, inbox: bool) -> Result<AdapterProc> {
+        std::fs::create_dir_all(dir)?;
+        let conf = dir.join("adapter.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "agency = \"{agency}\"\nnats_urls = [\"{nats_url}\"]\nstate_dir = \"{}\"\n",
+                dir.join("state").display()
+            ),
+        )?;
+        let log = dir.join("adapter.log");
+        let mut cmd = Command::new(workspace_bin("agency-adapter")?);
+        cmd.arg("--config").arg(&conf).arg("run");
+        if inbox {
+            cmd.arg("--inbox").arg(dir.join("inbox"));
+        }
+        cmd.env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("YEONGYE_BENCH_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&log)?);
+        let mut child = cmd.spawn().context("spawn agency-adapter")?;
+        let stdout = child.stdout.take().context("adapter stdout")?;
+        let lines = Arc::new(LineCounts::default());
+        let counts = Arc::clone(&lines);
+        let reader = std::thread::Builder::new()
+            .name(format!("adapter-{agency}"))
+            .spawn(move || count_lines(stdout, &counts))?;
+        Ok(AdapterProc {
+            child,
+            agency: agency.to_owned(),
+            lines,
+            log,
+            reader: Some(reader),
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the adapter's log says it is receiving (its consumer is bound).
+    pub(crate) async fn wait_receiving(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "agency-adapter {} exited ({status}); see {}",
+                    self.agency,
+                    self.log.display()
+                );
+            }
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains("receiving") {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "agency-adapter {} not receiving after {timeout:?}; see {}",
+                    self.agency,
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn count_lines(stdout: impl Read, counts: &LineCounts) {
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let counter = if line.contains("\"kind\":\"delivery\"") {
+            &counts.deliveries
+        } else if line.contains("\"kind\":\"notification\"") {
+            &counts.notifications
+        } else if line.contains("\"kind\":\"rejection\"") {
+            let mut first = counts
+                .first_rejection
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if first.is_none() {
+                *first = Some(line.clone());
+            }
+            &counts.rejections
+        } else {
+            &counts.other
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for AdapterProc {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(5));
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Scale figures: the broker with many referrals stored — resident memory, store size on disk
+//! per referral, and the time from start to ready.
+//!
+//! Pushing a million referrals through NATS would take most of an hour here, so the store is
+//! filled through the broker library instead: each referral is made by the broker's own state
+//! machine (`submit`, then `DeliveryConfirmed`, then the recipient's `RECEIVED`), with the
+//! audit entries (chained by `audit::chain`), applied message ids and deadlines the event loop
+//! would write for it, and committed with `SledStore::commit` in change sets of
+//! [`FILL_BATCH`] referrals. What a referral weighs on disk this way is checked against the
+//! end-to-end run's store, which went through the real broker.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use prost::Message as _;
+use yeongye_broker::audit;
+use yeongye_broker::consent::Basis;
+use yeongye_broker::referral::{self, Effect, Event, NewReferral, Status, Urgency};
+use yeongye_broker::store::{ChangeSet, Deadline, SledStore, Store};
+use yeongye_proto::v1;
+
+use crate::procs::{self, Broker, Nats, Sync};
+
+/// Referrals per store commit while filling.
+const FILL_BATCH: u64 = 2000;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ScalePoint {
+    pub(crate) referrals: u64,
+    pub(crate) store_bytes: u64,
+    pub(crate) store_bytes_per_referral: f64,
+    /// Broker process spawned → `/readyz` answered 200.
+    pub(crate) start_to_ready_secs: f64,
+    /// Resident memory once ready and settled, bytes.
+    pub(crate) rss_bytes: u64,
+    /// Peak resident memory since start, bytes.
+    pub(crate) hwm_bytes: u64,
+    /// How long filling up to this point took (library fill), seconds.
+    pub(crate) fill_secs: f64,
+}
+
+fn uuid_like(n: u64, salt: u64) -> String {
+    // Deterministic, UUID-shaped, unique per (n, salt); the store sees ids like the real ones.
+    let hi = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt;
+    let lo = n ^ salt.rotate_left(17);
+    format!(
+        "{:08x}-{:04x}-7{:03x}-8{:03x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xfff,
+        (lo >> 48) & 0xfff,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
+/// The sender's envelope of referral `id`, about `bytes` long.
+fn envelope(id: &str, message_id: &str, from: &str, to: &str, at: i64, bytes: usize) -> Vec<u8> {
+    let mut r = v1::Referral {
+        referral_id: id.to_owned(),
+        from_agency: from.to_owned(),
+        to_agency: to.to_owned(),
+        client: Some(v1::Client {
+            pseudonym_id: format!("client-{}", &id[id.len() - 12..]),
+            name: "홍길동".to_owned(),
+            birth_date: "1958-03-14".to_owned(),
+            phone: "010-0000-0000".to_owned(),
+            address: "한빛구 한빛로 123, 101동 1001호".to_owned(),
+            household: "1인 가구, 월세 체납 3개월, 기초연금 수급".to_owned(),
+        }),
+        field: v1::FieldOfNeed::Livelihood.into(),
+        urgency: v1::Urgency::Routine.into(),
+        reason: String::new(),
+        legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(v1::StatutoryBasis {
+            statute: v1::Statute::SocialSecurityBenefitsAct.into(),
+            justification: "위기가구 발굴 (benchmark)".to_owned(),
+        })),
+        data_categories: vec![1, 2, 3],
+        purpose: v1::Purpose::CaseManagement.into(),
+        ..Default::default()
+    };
+    let wrap = |r: &v1::Referral| v1::Envelope {
+        message_id: message_id.to_owned(),
+        sender: from.to_owned(),
+        sent_at_ms: at,
+        payload_type: v1::PayloadType::Referral.into(),
+        payload: r.encode_to_vec(),
+        signature: Vec::new(),
+        key_id: String::new(),
+    };
+    let base = wrap(&r).encoded_len();
+    r.reason = ".".repeat(bytes.saturating_sub(base + 3));
+    wrap(&r).encode_to_vec()
+}
+
+/// Adds referrals `from..to` to the store at `dir`, each RECEIVED by its recipient.
+pub(crate) fn fill(dir: &Path, agencies: &[String], from: u64, to: u64, bytes: usize) -> Result<()> {
+    let store = SledStore::open(dir).map_err(|e| anyhow!("open store {}: {e}", dir.display()))?;
+    let mut head = store.audit_head().map_err(|e| anyhow!("{e}"))?;
+    let base_at: i64 = 1_767_225_600_000; // 2026-01-01, in ms
+    let mut n = from;
+    while n < to {
+        let end = (n + FILL_BATCH).min(to);
+        let mut changes = ChangeSet::default();
+        let mut drafts = Vec::new();
+        for i in n..end {
+            let at = base_at + i64::try_from(i)? * 50;
+            let k = usize::try_from(i)? % agencies.len();
+            let (from_agency, to_agency) = (&agencies[k], &agencies[(k + 1) % agencies.len()]);
+            let id = uuid_like(i, 1);
+            let submit_id = uuid_like(i, 2);
+            let receipt_id = uuid_like(i, 3);
+            let new = NewReferral {
+                id: id.clone(),
+                from: from_agency.clone(),
+                to: to_agency.clone(),
+                to_kind: "community_service_centre".to_owned(),
+                client: format!("client-{}", &id[id.len() - 12..]),
+                basis: Basis::Statute {
+                    statute: v1::Statute::SocialSecurityBenefitsAct.into(),
+                    name: v1::Statute::SocialSecurityBenefitsAct
+                        .as_str_name()
+                        .to_owned(),
+                    justification: "위기가구 발굴 (benchmark)".to_owned(),
+                },
+                purpose: v1::Purpose::CaseManagement.into(),
+                categories: vec![1, 2, 3],
+                urgency: Urgency::Routine,
+                receive_by: at + 3 * DAY_MS,
+                accept_within: 10 * DAY_MS,
+                envelope: envelope(&id, &submit_id, from_agency, to_agency, at, bytes),
+            };
+            let basis = new.basis.label();
+            let submitted = referral::submit(new, &submit_id, at);
+            let delivered = referral::apply(&submitted.referral, &Event::DeliveryConfirmed, "", at + 5)
+                .map_err(|e| anyhow!("{e}"))?;
+            let received = referral::apply(
+                &delivered.referral,
+                &Event::Status {
+                    by: to_agency.clone(),
+                    status: Status::Received,
+                    note: String::new(),
+                },
+                &receipt_id,
+                at + 20,
+            )
+            .map_err(|e| anyhow!("{e}"))?;
+            for (t, from_state, to_state, actor, cause, t_at) in [
+                (&submitted, "", "SUBMITTED", from_agency.as_str(), submit_id.as_str(), at),
+                (&delivered, "SUBMITTED", "DELIVERED", "broker", "", at + 5),
+                (&received, "DELIVERED", "RECEIVED", to_agency.as_str(), receipt_id.as_str(), at + 20),
+            ] {
+                let event = if from_state.is_empty() {
+                    "referral.submitted"
+                } else {
+                    "referral.state"
+                };
+                drafts.push(
+                    audit::Entry::draft(event, t_at)
+                        .referral(&id)
+                        .actor(actor)
+                        .agency(to_agency)
+                        .states(from_state, to_state)
+                        .message(cause)
+                        .basis(&basis),
+                );
+                for e in &t.effects {
+                    match e {
+                        Effect::Schedule { kind, at } => changes.deadlines_put.push(Deadline {
+                            at: *at,
+                            kind: *kind,
+                            referral_id: id.clone(),
+                        }),
+                        Effect::Unschedule { kind, at } => {
+                            let d = Deadline {
+                                at: *at,
+                                kind: *kind,
+                                referral_id: id.clone(),
+                            };
+                            changes.deadlines_put.retain(|x| *x != d);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            changes
+                .seen
+                .push((format!("{from_agency}/{submit_id}"), at));
+            changes
+                .seen
+                .push((format!("{to_agency}/{receipt_id}"), at + 20));
+            changes.referrals.push(received.referral);
+        }
+        let (entries, new_head) = audit::chain(head, drafts);
+        changes.audit = entries;
+        head = new_head;
+        store.commit(&changes).map_err(|e| anyhow!("commit: {e}"))?;
+        n = end;
+    }
+    Ok(())
+}
+
+/// Fills a store to each size in `sizes` (ascending) and measures the broker on it.
+pub(crate) async fn run(
+    nats_bin: &Path,
+    dir: &Path,
+    sizes: &[u64],
+    message_bytes: usize,
+) -> Result<Vec<ScalePoint>> {
+    let agencies: Vec<String> = (1..=8).map(|i| format!("bench-{i:02}")).collect();
+    let registry = dir.join("registry.toml");
+    procs::write_registry(&registry, &agencies)?;
+    let store = dir.join("store");
+    let mut points = Vec::new();
+    let mut filled = 0;
+    let mut fill_secs = 0.0;
+    for &size in sizes {
+        let started = Instant::now();
+        eprintln!("scale: filling the store to {size} referrals");
+        let (store_c, agencies_c) = (store.clone(), agencies.clone());
+        tokio::task::spawn_blocking(move || fill(&store_c, &agencies_c, filled, size, message_bytes))
+            .await
+            .context("fill task")??;
+        fill_secs += started.elapsed().as_secs_f64();
+        filled = size;
+        let store_bytes = procs::disk_usage(&store);
+
+        // A fresh nats-server each time: the broker's streams and consumers are created anew,
+        // as on a first start against this store.
+        let nats = Nats::start(nats_bin, &dir.join(format!("nats-{size}")), Sync::Default).await?;
+        let mut broker = Broker::spawn(
+            &dir.join(format!("broker-{size}")),
+            &nats.url(),
+            &store,
+            &registry,
+            256,
+        )?;
+        let ready = broker.wait_ready(Duration::from_secs(300)).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stats = procs::proc_stats(broker.pid())?;
+        broker.stop();
+        drop(nats);
+        let point = ScalePoint {
+            referrals: size,
+            store_bytes,
+            store_bytes_per_referral: store_bytes as f64 / size.max(1) as f64,
+            start_to_ready_secs: ready.as_secs_f64(),
+            rss_bytes: stats.rss,
+            hwm_bytes: stats.hwm,
+            fill_secs,
+        };
+        eprintln!(
+            "scale: {size} referrals: ready in {:.2} s, RSS {:.0} MB (peak {:.0} MB), {:.0} bytes/referral on disk",
+            point.start_to_ready_secs,
+            point.rss_bytes as f64 / 1e6,
+            point.hwm_bytes as f64 / 1e6,
+            point.store_bytes_per_referral
+        );
+        points.push(point);
+    }
+    Ok(points)
+}

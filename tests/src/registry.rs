@@ -1,0 +1,55 @@
+//! Agency registries for tests, in the format of `deploy/agencies.toml` (`[[agency]]` tables with
+//! `id`, `name` and `kind`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// The agencies a [`crate::System`] registers unless told otherwise: a welfare support group, a
+/// community service centre, a mental health centre and a welfare centre.
+pub const DEFAULT_AGENCIES: [&str; 4] = [
+    "hope-support",
+    "cc-haengbok1",
+    "mental-health",
+    "welfare-center",
+];
+
+/// An agency id that is in no registry the harness writes.
+pub const UNREGISTERED: &str = "not-registered";
+
+/// Writes a registry listing `agencies` to `path`.
+pub fn write(path: &Path, agencies: &[&str]) {
+    let mut toml = String::from("# Written by the yeongye test harness.\n");
+    for id in agencies {
+        let (name, kind) = describe(id);
+        write!(
+            toml,
+            "\n[[agency]]\nid = \"{id}\"\nname = \"{name}\"\nkind = \"{kind}\"\n"
+        )
+        .expect("write to String");
+    }
+    std::fs::write(path, toml)
+        .unwrap_or_else(|e| panic!("cannot write registry {}: {e}", path.display()));
+}
+
+/// A plausible name and kind for a test agency id.
+fn describe(id: &str) -> (String, &'static str) {
+    match id {
+        "hope-support" => (
+            "한빛구 희망복지지원단".to_owned(),
+            "hope_welfare_support_group",
+        ),
+        "mental-health" => ("한빛구 정신건강복지센터".to_owned(), "mental_health_centre"),
+        "welfare-center" => ("한빛종합사회복지관".to_owned(), "community_welfare_centre"),
+        "self-sufficiency" => ("한빛지역자활센터".to_owned(), "self_sufficiency_centre"),
+        "elderly-care" => (
+            "한빛 노인맞춤돌봄서비스 수행기관".to_owned(),
+            "elderly_care",
+        ),
+        "dream-start" => ("한빛구 드림스타트".to_owned(), "dream_start"),
+        id if id.starts_with("cc-") => (
+            format!("한빛구 {id} 행정복지센터"),
+            "community_service_centre",
+        ),
+        id => (format!("test agency {id}"), "other"),
+    }
+}

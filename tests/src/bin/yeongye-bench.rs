@@ -92,6 +92,11 @@ struct Args {
     /// Skip the throughput phases (scale figures only).
     #[arg(long)]
     scale_only: bool,
+    /// Who reads the agencies' consumers: `sdk` (agency systems in-process on the SDK, items
+    /// handled concurrently) and/or `processes` (`agency-adapter run` per agency). The first
+    /// gets the latency phase too.
+    #[arg(long, value_delimiter = ',', default_value = "sdk,processes", value_parser = parse_receivers)]
+    receivers: Vec<e2e::Receivers>,
     /// Adapters hand each item to an inbox folder (two fsyncs per item) instead of stdout only.
     #[arg(long)]
     adapter_inbox: bool,
@@ -111,6 +116,14 @@ fn parse_sync(s: &str) -> Result<Sync, String> {
         "always" => Ok(Sync::Always),
         "default" => Ok(Sync::Default),
         other => Err(format!("{other:?}: use always or default")),
+    }
+}
+
+fn parse_receivers(s: &str) -> Result<e2e::Receivers, String> {
+    match s {
+        "sdk" => Ok(e2e::Receivers::Sdk),
+        "processes" => Ok(e2e::Receivers::Processes),
+        other => Err(format!("{other:?}: use sdk or processes")),
     }
 }
 
@@ -176,30 +189,35 @@ async fn main() -> Result<()> {
             .into_iter()
             .next()
             .context("no baseline result")?;
-            let e2e = e2e::run(e2e::Settings {
-                dir: &sdir,
-                nats_url: &nats.url(),
-                nats_pid: nats.pid(),
-                agencies: args.agencies,
-                message_bytes: args.message_bytes,
-                batch_size: args.batch_size,
-                adapter_inbox: args.adapter_inbox,
-                max: plan,
-                fraction: args.fraction,
-            })
-            .await?;
-            let ratio = e2e.max.throughput / baseline.throughput.max(1e-9);
-            eprintln!(
-                "sync_interval {sync}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
-                e2e.max.throughput,
-                baseline.throughput,
-                ratio * 100.0
-            );
+            let mut e2e_runs = Vec::new();
+            for (i, receivers) in args.receivers.iter().enumerate() {
+                let result = e2e::run(e2e::Settings {
+                    receivers: *receivers,
+                    partial: i == 0,
+                    dir: &sdir.join(format!("e2e-{i}")),
+                    nats_url: &nats.url(),
+                    nats_pid: nats.pid(),
+                    agencies: args.agencies,
+                    message_bytes: args.message_bytes,
+                    batch_size: args.batch_size,
+                    adapter_inbox: args.adapter_inbox,
+                    max: plan,
+                    fraction: args.fraction,
+                })
+                .await?;
+                let ratio = result.max.throughput / baseline.throughput.max(1e-9);
+                eprintln!(
+                    "sync_interval {sync}, {receivers}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
+                    result.max.throughput,
+                    baseline.throughput,
+                    ratio * 100.0
+                );
+                e2e_runs.push(report::E2eRun { result, ratio });
+            }
             runs.push(report::SyncRun {
                 sync: *sync,
                 baseline,
-                e2e,
-                ratio,
+                e2e: e2e_runs,
             });
         }
     }

@@ -12,18 +12,47 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use prost::Message as _;
-use yeongye_adapter::{Adapter, AdapterConfig, v1};
+use tokio::sync::Semaphore;
+use yeongye_adapter::{Adapter, AdapterConfig, Incoming, ItemKind, v1};
 
 use crate::load::{self, Offer, PhaseResult, Plan, SendFn, Tracker};
 use crate::procs::{self, AdapterProc, Broker, ProcStats};
 
+/// Who reads the agencies' consumers (takes deliveries, sends receipts, takes notifications).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Receivers {
+    /// One `agency-adapter run` process per agency: what an agency deploys. It hands over one
+    /// item at a time (record, flush, receipt and its PubAck, ack round trip).
+    Processes,
+    /// The agency systems in-process, on the SDK (`Adapter::incoming`), marking up to
+    /// [`SDK_IN_FLIGHT`] items done at once: the broker's limit without the adapter's
+    /// one-at-a-time loop in front of it.
+    Sdk,
+}
+
+impl std::fmt::Display for Receivers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Receivers::Processes => "adapter processes",
+            Receivers::Sdk => "SDK in-process",
+        })
+    }
+}
+
+/// Items an in-process agency system marks done at once.
+pub(crate) const SDK_IN_FLIGHT: usize = 256;
+
 pub(crate) struct Settings<'a> {
+    pub(crate) receivers: Receivers,
+    /// Whether to run the latency phase at a fraction of the maximum.
+    pub(crate) partial: bool,
     pub(crate) dir: &'a Path,
     pub(crate) nats_url: &'a str,
     pub(crate) nats_pid: u32,
@@ -47,9 +76,10 @@ pub(crate) struct CpuPerReferral {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct E2eResult {
+    pub(crate) receivers: Receivers,
     pub(crate) max: PhaseResult,
     pub(crate) max_cpu: CpuPerReferral,
-    pub(crate) partial: PhaseResult,
+    pub(crate) partial: Option<PhaseResult>,
     pub(crate) broker_rss_bytes: u64,
     pub(crate) broker_hwm_bytes: u64,
     /// Store size on disk after the run, per referral stored.
@@ -117,6 +147,7 @@ fn sum_stats(pids: &[u32]) -> f64 {
 
 pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     let agencies: Vec<String> = (1..=s.agencies).map(|i| format!("bench-{i:02}")).collect();
+    std::fs::create_dir_all(s.dir)?;
     let registry = s.dir.join("registry.toml");
     procs::write_registry(&registry, &agencies)?;
     let store = s.dir.join("broker/store");
@@ -130,23 +161,33 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     broker.wait_ready(Duration::from_secs(60)).await?;
 
     let mut adapters = Vec::new();
-    for a in &agencies {
-        adapters.push(AdapterProc::spawn(
-            &s.dir.join("adapters").join(a),
-            a,
-            s.nats_url,
-            s.adapter_inbox,
-        )?);
-    }
-    for a in &mut adapters {
-        a.wait_receiving(Duration::from_secs(60)).await?;
+    if s.receivers == Receivers::Processes {
+        for a in &agencies {
+            adapters.push(AdapterProc::spawn(
+                &s.dir.join("adapters").join(a),
+                a,
+                s.nats_url,
+                s.adapter_inbox,
+            )?);
+        }
+        for a in &mut adapters {
+            a.wait_receiving(Duration::from_secs(60)).await?;
+        }
     }
 
-    // The agency systems' SDK handles (sending only: their state directories are their own).
+    // The agency systems' SDK handles: they send; with `Receivers::Sdk` they also receive.
     let mut senders = Vec::new();
     for a in &agencies {
         let cfg = AdapterConfig::new(a.clone(), [s.nats_url], s.dir.join("sdk").join(a));
         senders.push(Adapter::connect(cfg).await.context("SDK connect")?);
+    }
+    let sdk_deliveries = Arc::new(AtomicU64::new(0));
+    let mut receivers = Vec::new();
+    if s.receivers == Receivers::Sdk {
+        for adapter in &senders {
+            let incoming = adapter.incoming().await.context("SDK incoming")?;
+            receivers.push(tokio::spawn(receive(incoming, Arc::clone(&sdk_deliveries))));
+        }
     }
     let reason = padding_for(&senders[0], &agencies[1 % agencies.len()], s.message_bytes)?;
 
@@ -198,7 +239,13 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         sum_stats(&adapter_pids),
         sum_stats(&[std::process::id()]),
     );
-    let max = load::run("end-to-end max", &tracker, s.max, Arc::clone(&send)).await?;
+    let max = load::run(
+        &format!("end-to-end max, {}", s.receivers),
+        &tracker,
+        s.max,
+        Arc::clone(&send),
+    )
+    .await?;
     let per = |after: f64, before: f64| (after - before) * 1000.0 / (max.completed.max(1) as f64);
     let max_cpu = CpuPerReferral {
         broker_ms: per(sum_stats(&[broker.pid()]), cpu_before.0),
@@ -213,29 +260,39 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
             broker.log.display()
         );
     }
-    let rate = max.throughput * s.fraction;
-    let partial_plan = Plan {
-        offer: Offer::Open { rate },
-        ..s.max
+    let partial = if s.partial {
+        let rate = max.throughput * s.fraction;
+        let partial_plan = Plan {
+            offer: Offer::Open { rate },
+            ..s.max
+        };
+        let name = format!("end-to-end {:.0}%, {}", s.fraction * 100.0, s.receivers);
+        let partial = load::run(&name, &tracker, partial_plan, Arc::clone(&send)).await?;
+        check_rejections(&adapters)?;
+        Some(partial)
+    } else {
+        None
     };
-    let name = format!("end-to-end {:.0}%", s.fraction * 100.0);
-    let partial = load::run(&name, &tracker, partial_plan, Arc::clone(&send)).await?;
-    check_rejections(&adapters)?;
 
     let stats: ProcStats = procs::proc_stats(broker.pid())?;
     tap.abort();
     for a in &senders {
         let _ = a.drain().await;
     }
+    for r in receivers {
+        r.abort();
+    }
     let adapter_deliveries = adapters
         .iter()
         .map(|a| a.lines.deliveries.load(Ordering::Relaxed))
-        .sum();
+        .sum::<u64>()
+        + sdk_deliveries.load(Ordering::Relaxed);
     drop(adapters);
     broker.stop();
-    let referrals_stored = max.sent + partial.sent;
+    let referrals_stored = max.sent + partial.as_ref().map_or(0, |p| p.sent);
     let disk = procs::disk_usage(&store);
     Ok(E2eResult {
+        receivers: s.receivers,
         max,
         max_cpu,
         partial,
@@ -245,6 +302,33 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         referrals_stored,
         adapter_deliveries,
     })
+}
+
+/// An agency system on the SDK: takes each item (holding nothing: the bench keeps no data)
+/// and marks it done, up to [`SDK_IN_FLIGHT`] at once.
+async fn receive(mut incoming: Incoming, deliveries: Arc<AtomicU64>) {
+    let permits = Arc::new(Semaphore::new(SDK_IN_FLIGHT));
+    while let Some(next) = incoming.next().await {
+        let item = match next {
+            Ok(item) => item,
+            Err(e) => {
+                eprintln!("SDK incoming: {e}");
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        if matches!(item.kind(), ItemKind::Delivery { .. }) {
+            deliveries.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::spawn(async move {
+            if let Err(e) = item.done().await {
+                eprintln!("SDK done: {e}");
+            }
+            drop(permit);
+        });
+    }
 }
 
 fn check_rejections(adapters: &[AdapterProc]) -> Result<()> {

@@ -40,7 +40,13 @@ pub(crate) struct Settings {
 pub(crate) struct SyncRun {
     pub(crate) sync: Sync,
     pub(crate) baseline: PhaseResult,
-    pub(crate) e2e: E2eResult,
+    pub(crate) e2e: Vec<E2eRun>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct E2eRun {
+    #[serde(flatten)]
+    pub(crate) result: E2eResult,
     /// End-to-end referrals/s over raw round trips/s.
     pub(crate) ratio: f64,
 }
@@ -144,51 +150,62 @@ pub(crate) fn markdown(r: &Report) -> String {
     );
     if !r.runs.is_empty() {
         out.push_str(
-            "| `sync_interval` | raw JetStream round trip, msgs/s (p50 / p99 ms) | end-to-end to RECEIVED, referrals/s (p50 / p99 ms) | ratio | at the partial rate: referrals/s, p50 / p99 / p99.9 ms | lost |\n",
+            "| `sync_interval` | receivers | raw JetStream round trip, msgs/s (p50 / p99 ms) | end-to-end to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | lost |\n",
         );
-        out.push_str("| --- | --- | --- | --- | --- | --- |\n");
-        for run in &r.runs {
-            let b = &run.baseline;
-            let e = &run.e2e.max;
-            let p = &run.e2e.partial;
-            let _ = writeln!(
-                out,
-                "| {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.0}%** | {:.0}: {:.1} / **{:.1}** / {:.1} | {} |",
-                run.sync,
-                b.throughput,
-                b.latency_ms.p50,
-                b.latency_ms.p99,
-                e.throughput,
-                e.latency_ms.p50,
-                e.latency_ms.p99,
-                run.ratio * 100.0,
-                p.throughput,
-                p.latency_ms.p50,
-                p.latency_ms.p99,
-                p.latency_ms.p999,
-                e.lost + p.lost + b.lost,
-            );
-        }
-        out.push_str(
-            "\nCPU per referral at the maximum (ms of CPU time, all processes of a kind), and the broker afterwards:\n\n",
-        );
-        out.push_str("| `sync_interval` | broker | nats-server | adapters | bench (senders, tap) | broker RSS (peak) | store on disk per referral |\n");
         out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
         for run in &r.runs {
-            let c = &run.e2e.max_cpu;
-            let _ = writeln!(
-                out,
-                "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {} ({}) | {:.0} B ({} referrals) |",
-                run.sync,
-                c.broker_ms,
-                c.nats_ms,
-                c.adapters_ms,
-                c.bench_ms,
-                mb(run.e2e.broker_rss_bytes),
-                mb(run.e2e.broker_hwm_bytes),
-                run.e2e.store_bytes_per_referral,
-                run.e2e.referrals_stored,
-            );
+            let b = &run.baseline;
+            for e2e in &run.e2e {
+                let e = &e2e.result.max;
+                let partial = e2e.result.partial.as_ref().map_or_else(
+                    || "—".to_owned(),
+                    |p| {
+                        format!(
+                            "{:.0}: {:.1} / **{:.1}** / {:.1}",
+                            p.throughput, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.p999
+                        )
+                    },
+                );
+                let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.0}%** | {partial} | {lost} |",
+                    run.sync,
+                    e2e.result.receivers,
+                    b.throughput,
+                    b.latency_ms.p50,
+                    b.latency_ms.p99,
+                    e.throughput,
+                    e.latency_ms.p50,
+                    e.latency_ms.p99,
+                    e2e.ratio * 100.0,
+                );
+            }
+        }
+        out.push_str(
+            "\nCPU time per referral at the maximum (ms, all processes of a kind), and the broker afterwards:\n\n",
+        );
+        out.push_str("| `sync_interval` | receivers | broker | nats-server | adapter processes | bench (SDK senders and receivers, tap) | broker RSS (peak) | store on disk per referral |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        for run in &r.runs {
+            for e2e in &run.e2e {
+                let e = &e2e.result;
+                let c = &e.max_cpu;
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} ({}) | {:.0} B ({} referrals) |",
+                    run.sync,
+                    e.receivers,
+                    c.broker_ms,
+                    c.nats_ms,
+                    c.adapters_ms,
+                    c.bench_ms,
+                    mb(e.broker_rss_bytes),
+                    mb(e.broker_hwm_bytes),
+                    e.store_bytes_per_referral,
+                    e.referrals_stored,
+                );
+            }
         }
     }
     if !r.scale.is_empty() {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use yeongye_proto::signing::{KeyRing, PublicKeyEntry};
 use yeongye_proto::subject::is_valid_agency_id;
 
 use crate::error::{Error, Result};
@@ -18,6 +19,8 @@ pub struct Agency {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     agencies: BTreeMap<String, Agency>,
+    /// Every signer's public keys (agencies, and the broker as `broker`).
+    keys: KeyRing,
 }
 
 #[derive(Deserialize)]
@@ -25,6 +28,7 @@ pub struct Registry {
 struct File {
     #[serde(default)]
     agency: Vec<Entry>,
+    broker: Option<BrokerEntry>,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +37,16 @@ struct Entry {
     id: String,
     name: String,
     kind: String,
+    /// Its Ed25519 public keys (see `referral-broker agency add` and `rotate-key`).
+    #[serde(default)]
+    keys: Vec<PublicKeyEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerEntry {
+    #[serde(default)]
+    keys: Vec<PublicKeyEntry>,
 }
 
 impl Registry {
@@ -48,6 +62,13 @@ impl Registry {
     pub fn from_toml(text: &str) -> std::result::Result<Registry, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut agencies = BTreeMap::new();
+        let mut keys = KeyRing::default();
+        if let Some(b) = &file.broker {
+            for k in &b.keys {
+                keys.add(yeongye_proto::BROKER_ID, k)
+                    .map_err(|e| format!("broker: {e}"))?;
+            }
+        }
         for e in file.agency {
             if !is_valid_agency_id(&e.id) || e.id == yeongye_proto::BROKER_ID {
                 return Err(format!(
@@ -67,7 +88,12 @@ impl Registry {
                 return Err(format!("agency {} is listed twice", e.id));
             }
         }
-        Ok(Registry { agencies })
+        Ok(Registry { agencies, keys })
+    }
+
+    /// Every signer's public keys.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
     }
 
     pub fn get(&self, id: &str) -> Option<&Agency> {

@@ -8,7 +8,9 @@
 //! # Layout
 //! - `v1`: the generated types of package `yeongye.v1`.
 //! - [`subject`]: the subject names, built and parsed in one place.
+//! - [`signing`]: how envelopes are signed, key files, and the registry's key ring.
 
+pub mod signing;
 pub mod subject;
 
 /// Package `yeongye.v1`.

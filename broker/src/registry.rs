@@ -79,6 +79,10 @@ impl Registry {
             if e.name.trim().is_empty() {
                 return Err(format!("agency {} has an empty name", e.id));
             }
+            for k in &e.keys {
+                keys.add(&e.id, k)
+                    .map_err(|err| format!("agency {}: {err}", e.id))?;
+            }
             let agency = Agency {
                 id: e.id.clone(),
                 name: e.name,

@@ -385,12 +385,18 @@ impl EventLoop {
                     .message_id(&e.message_id);
                 acks.push(self.js.send_publish(e.subject.clone(), publish).await);
             }
-            let mut failed = false;
-            for (e, ack) in chunk.iter().zip(acks) {
-                let result = match ack {
+            // Await the window's PubAcks together: each one's timeout starts when it is first
+            // polled, so awaiting them one by one after an outage would add the timeouts up
+            // (5 s for every ack lost) and stall the loop for minutes.
+            let results = futures::future::join_all(acks.into_iter().map(|ack| async move {
+                match ack {
                     Ok(fut) => fut.await.map(|_| ()).map_err(|err| err.to_string()),
                     Err(err) => Err(err.to_string()),
-                };
+                }
+            }))
+            .await;
+            let mut failed = false;
+            for (e, result) in chunk.iter().zip(results) {
                 match result {
                     Ok(()) => {
                         pending.sent.push(e.key);

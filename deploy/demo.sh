@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole local system, start to finish: a pinned nats-server (JetStream, file storage, fsync
-# on every write), the referral broker, and one adapter per agency of the district roster in
-# deploy/agencies.toml. Plays one case (see deploy/demo/play_case.py), prints each referral's
-# timeline as it happens, then stops everything it started. Safe to run again.
+# The whole local system, start to finish: identities for the broker and every agency of the
+# district roster in deploy/agencies.toml (`referral-broker init` and `agency add`: signing keys,
+# NATS credentials, the generated registry and NATS authorization config, all in .demo/run/), a
+# pinned nats-server (JetStream, file storage, fsync on every write) that admits only those users
+# with their per-agency permissions, the referral broker, and one adapter per agency. Plays one
+# case (see deploy/demo/play_case.py), prints each referral's timeline as it happens, then stops
+# everything it started. Safe to run again.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -40,7 +43,23 @@ wait_for() { # wait_for <seconds> <description> <command...>
   exit 1
 }
 
-say "starting nats-server on 127.0.0.1:$port (monitoring on 127.0.0.1:$http_port)"
+registry="$run/registry.toml"
+secrets="$run/secrets"
+onboard=(--registry "$registry" --secrets "$secrets" --nats-conf "$run/config/nats-auth.conf")
+say "creating identities: the broker's, then one per agency of deploy/agencies.toml"
+"$bin/referral-broker" init "${onboard[@]}" > "$run/logs/onboard.log"
+agencies=""
+while IFS=$'\t' read -r id kind name; do
+  "$bin/referral-broker" agency add "$id" --name "$name" --kind "$kind" "${onboard[@]}" >> "$run/logs/onboard.log"
+  agencies="$agencies $id"
+done < <(python3 -c '
+import sys, tomllib
+for a in tomllib.load(open(sys.argv[1], "rb"))["agency"]:
+    print(a["id"], a["kind"], a["name"], sep="\t")
+' deploy/agencies.toml)
+agencies=${agencies# }
+
+say "starting nats-server on 127.0.0.1:$port (monitoring on 127.0.0.1:$http_port), registered users only"
 sed -e "s|@STORE_DIR@|$run/nats-store|" -e "s|@PORT@|$port|" -e "s|@HTTP_PORT@|$http_port|" \
   deploy/nats/nats-server.conf > "$run/config/nats-server.conf"
 "$nats_bin" -c "$run/config/nats-server.conf" > "$run/logs/nats.log" 2>&1 &
@@ -50,8 +69,10 @@ wait_for 10 "nats-server" python3 -c "import socket; socket.create_connection(('
 say "starting referral-broker"
 cat > "$run/config/broker.toml" <<TOML
 nats_urls = ["nats://127.0.0.1:$port"]
+nats_credentials_file = "$secrets/broker/nats.creds"
+signing_key_file = "$secrets/broker/signing.key"
 store_dir = "$run/broker-store"
-registry = "$root/deploy/agencies.toml"
+registry = "$registry"
 coordinator = "hope-support"
 http_addr = "127.0.0.1:$broker_http"
 TOML
@@ -60,12 +81,14 @@ pids+=($!)
 wait_for 30 "the broker to be ready" grep -q "broker ready" "$run/logs/broker.log"
 say "broker ready: dashboard at http://127.0.0.1:$broker_http/ (metrics at /metrics)"
 
-agencies=$(python3 -c 'import tomllib,sys; print(" ".join(a["id"] for a in tomllib.load(open(sys.argv[1],"rb"))["agency"]))' deploy/agencies.toml)
 say "starting one adapter per agency: $agencies"
 for a in $agencies; do
   cat > "$run/config/$a.toml" <<TOML
 agency = "$a"
 nats_urls = ["nats://127.0.0.1:$port"]
+nats_credentials_file = "$secrets/$a/nats.creds"
+signing_key_file = "$secrets/$a/signing.key"
+registry = "$registry"
 state_dir = "$run/adapters/$a"
 TOML
   "$bin/agency-adapter" --config "$run/config/$a.toml" run --inbox "$run/inbox/$a" \

@@ -2,9 +2,11 @@
 //! send a referral, update a referral's status, look a referral up, record and revoke consents,
 //! confirm purges, and read what arrives.
 //!
-//! The NATS connection is named after the agency, uses a private inbox prefix
-//! (`_INBOX_<agency>`, so that NATS permissions can give each agency its own reply subjects)
-//! and logs every connection event (permission violations arrive only that way).
+//! The NATS connection is named after the agency, authenticates with the agency's credentials
+//! file and trusts only the configured CA (TLS required) when those are configured, uses a
+//! private inbox prefix (`_INBOX_<agency>`, so that NATS permissions can give each agency its
+//! own reply subjects) and logs every connection event (permission violations arrive only that
+//! way).
 
 mod publish;
 mod query;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use async_nats::{ConnectOptions, Event};
 use tokio::sync::OnceCell;
 use tracing::{Span, error, info, instrument, warn};
+use yeongye_proto::signing::{KeyRing, PrivateKey};
 use yeongye_proto::v1;
 
 use crate::config::AdapterConfig;
@@ -71,6 +74,25 @@ impl AdapterBuilder {
                 let agency = events_agency.clone();
                 async move { log_event(&agency, event) }
             });
+        if let Some(creds) = self.cfg.credentials()? {
+            if creds.user != agency {
+                return Err(Error::Config(format!(
+                    "the NATS credentials are for user {:?}, not agency {agency:?}: NATS \
+                     permissions would not match",
+                    creds.user
+                )));
+            }
+            options = options.user_and_password(creds.user, creds.password);
+        }
+        if let Some(ca) = &self.cfg.tls_ca_file {
+            if !ca.is_file() {
+                return Err(Error::Config(format!(
+                    "tls_ca_file {} is not a readable file",
+                    ca.display()
+                )));
+            }
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
         if self.retry_on_initial_connect {
             options = options.retry_on_initial_connect();
         }
@@ -81,9 +103,23 @@ impl AdapterBuilder {
                 urls: self.cfg.redacted_urls().join(", "),
                 source,
             })?;
+        let signer = match &self.cfg.signing_key_file {
+            Some(path) => Some(Arc::new(
+                PrivateKey::load(path).map_err(|e| Error::Config(e.to_string()))?,
+            )),
+            None => {
+                warn!(agency = %agency, "no signing_key_file: envelopes go out unsigned");
+                None
+            }
+        };
+        let keys = match &self.cfg.registry {
+            Some(path) => Some(KeyRing::load(path).map_err(|e| Error::Config(e.to_string()))?),
+            None => None,
+        };
         let publisher = Publisher::new(
             async_nats::jetstream::new(client.clone()),
             self.publish_budget,
+            signer,
         );
         info!(
             agency = %agency,
@@ -99,6 +135,7 @@ impl AdapterBuilder {
                 query_timeout: self.query_timeout,
                 dedup: OnceCell::new(),
                 closed: AtomicBool::new(false),
+                keys,
             }),
         })
     }
@@ -119,9 +156,16 @@ struct Inner {
     /// while a long-running adapter holds the store's lock.
     dedup: OnceCell<DedupStore>,
     closed: AtomicBool,
+    /// Senders' public keys, from the registry, to check deliveries' relayed signatures.
+    keys: Option<KeyRing>,
 }
 
 impl Adapter {
+    /// The registry's key ring, when configured (deliveries are then verified).
+    pub(crate) fn keys(&self) -> Option<&KeyRing> {
+        self.inner.keys.as_ref()
+    }
+
     /// Connects with default options (see [`AdapterBuilder`]).
     pub async fn connect(cfg: AdapterConfig) -> Result<Adapter> {
         Adapter::builder(cfg).connect().await
@@ -207,6 +251,7 @@ impl Adapter {
         };
         query::request(
             &self.inner.client,
+            &self.inner.publisher,
             self.agency(),
             self.inner.query_timeout,
             v1::PayloadType::StatusQuery,
@@ -290,6 +335,7 @@ impl Adapter {
         };
         query::request(
             &self.inner.client,
+            &self.inner.publisher,
             self.agency(),
             self.inner.query_timeout,
             v1::PayloadType::ConsentQuery,

@@ -8,11 +8,14 @@
 //! nats_urls = ["nats://127.0.0.1:4222"]
 //! state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
 //! # dedup_retention_days = 14
+//! nats_credentials_file = "/etc/yeongye/secrets/cc-haengbok1/nats.creds"  # `agency add` writes it
+//! tls_ca_file = "/etc/yeongye/nats-ca.pem"     # set: TLS required, only this CA trusted
 //!
 //! [http]                       # only for `agency-adapter serve`; see `config/http.rs`
 //! token_file = "/etc/yeongye/cc-haengbok1.token"
 //! ```
 
+mod credentials;
 mod http;
 
 use std::fmt;
@@ -24,6 +27,7 @@ use yeongye_proto::subject;
 
 use crate::error::{Error, Result};
 
+pub use credentials::Credentials;
 pub use http::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
 };
@@ -53,6 +57,23 @@ pub struct AdapterConfig {
     /// How many days handled message ids are remembered (at least 1).
     #[serde(default = "default_retention")]
     pub dedup_retention_days: u32,
+    /// The agency's NATS credentials file (TOML `user` and `password`; `referral-broker agency
+    /// add` writes `<secrets>/<agency>/nats.creds`). Absent: connect without credentials.
+    #[serde(default)]
+    pub nats_credentials_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the NATS servers' certificates. Set: the connection
+    /// must be TLS and only this CA is trusted.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The agency's Ed25519 signing key file (`referral-broker agency add` writes
+    /// `<secrets>/<agency>/signing.key`): every envelope the adapter sends is signed with it.
+    /// Absent: nothing is signed, and a broker that requires signatures refuses it all.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// The agency registry (public keys only are read): set, every delivery's relayed
+    /// signature is checked against its sender's keys before it is handed over.
+    #[serde(default)]
+    pub registry: Option<PathBuf>,
     /// The local HTTP/JSON API (`agency-adapter serve`); absent: not configured.
     #[serde(default)]
     pub http: Option<HttpConfig>,
@@ -75,6 +96,10 @@ impl AdapterConfig {
             nats_urls: nats_urls.into_iter().map(Into::into).collect(),
             state_dir: state_dir.into(),
             dedup_retention_days: DEFAULT_DEDUP_RETENTION_DAYS,
+            nats_credentials_file: None,
+            tls_ca_file: None,
+            signing_key_file: None,
+            registry: None,
             http: None,
         }
     }
@@ -142,10 +167,27 @@ impl AdapterConfig {
                 "dedup_retention_days must be at least 1 (and should cover the broker's stream retention)".into(),
             ));
         }
+        for (key, path) in [
+            ("nats_credentials_file", &self.nats_credentials_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(Error::Config(format!("{key} is empty")));
+            }
+        }
         if let Some(http) = &self.http {
             http.validate()?;
         }
         Ok(())
+    }
+
+    /// The NATS credentials, read from [`nats_credentials_file`](Self::nats_credentials_file)
+    /// (`None` if not configured).
+    pub fn credentials(&self) -> Result<Option<Credentials>> {
+        self.nats_credentials_file
+            .as_deref()
+            .map(Credentials::load)
+            .transpose()
     }
 
     /// The servers as `async-nats` addresses, one per URL.
@@ -216,7 +258,8 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-/// Shows everything except secrets (URL passwords today; credentials files and keys later).
+/// Shows everything except secrets (URL passwords; the credentials file's path, never its
+/// content).
 impl fmt::Debug for AdapterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdapterConfig")
@@ -224,6 +267,8 @@ impl fmt::Debug for AdapterConfig {
             .field("nats_urls", &self.redacted_urls())
             .field("state_dir", &self.state_dir)
             .field("dedup_retention_days", &self.dedup_retention_days)
+            .field("nats_credentials_file", &self.nats_credentials_file)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("http", &self.http)
             .finish()
     }
@@ -336,6 +381,32 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
     fn zero_retention() {
         let e = err(&format!("{GOOD}dedup_retention_days = 0\n"));
         assert!(e.contains("dedup_retention_days"), "{e}");
+    }
+
+    #[test]
+    fn credentials_and_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("nats.creds");
+        std::fs::write(
+            &creds,
+            "user = \"cc-haengbok1\"\npassword = \"pw-secret\"\n",
+        )
+        .unwrap();
+        let cfg = AdapterConfig::from_toml_str(&format!(
+            "{GOOD}nats_credentials_file = {:?}\ntls_ca_file = \"/etc/ca.pem\"\n",
+            creds.display().to_string()
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let c = cfg.credentials().unwrap().unwrap();
+        assert_eq!(c.user, "cc-haengbok1");
+        assert!(!format!("{cfg:?} {c:?}").contains("pw-secret"));
+        let none = AdapterConfig::from_toml_str(GOOD).unwrap();
+        assert!(none.credentials().unwrap().is_none() && none.tls_ca_file.is_none());
+        let e = err(&format!("{GOOD}tls_ca_file = \"\"\n"));
+        assert!(e.contains("tls_ca_file"), "{e}");
+        let e = err(&format!("{GOOD}nats_credentials_file = \"\"\n"));
+        assert!(e.contains("nats_credentials_file"), "{e}");
     }
 
     #[test]

@@ -340,7 +340,12 @@ impl Incoming {
         let payload = message.payload.clone();
         let (_, acker) = message.split();
 
-        let decoded = match decode::decode(self.adapter.agency(), &subject, &payload) {
+        let decoded = match decode::decode(
+            self.adapter.agency(),
+            &subject,
+            &payload,
+            self.adapter.keys(),
+        ) {
             Ok(d) => d,
             Err(reason) => {
                 self.quarantine(stream_sequence, &subject, payload, &reason)

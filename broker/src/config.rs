@@ -19,6 +19,15 @@ pub struct Config {
     pub store_dir: PathBuf,
     /// The agency registry (see `deploy/agencies.toml`).
     pub registry: PathBuf,
+    /// The broker's NATS credentials: a TOML file with `user` and `password`
+    /// (`referral-broker init` writes `<secrets>/broker/nats.creds`). Absent: no credentials.
+    pub nats_credentials_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the NATS servers' certificates. Set: every
+    /// connection must be TLS, and only this CA is trusted.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), for servers that verify clients; with the key below.
+    pub nats_tls_client_cert_file: Option<PathBuf>,
+    pub nats_tls_client_key_file: Option<PathBuf>,
     /// How long the inbound stream keeps messages (the broker replays from it).
     pub inbound_retention_days: u32,
     pub outbound_retention_days: u32,
@@ -45,6 +54,16 @@ pub struct Config {
     /// Testing only: a file holding milliseconds added to the wall clock, re-read at every
     /// tick, so that tests can move time forward without sleeping. Never set in production.
     pub testing_clock_offset_file: Option<PathBuf>,
+    /// Refuse inbound messages without a valid signature by a key of the sender's in the
+    /// registry. On by default; turn off only for a closed test bench.
+    pub require_signatures: bool,
+    /// The broker's own signing key file (`referral-broker init` writes it): everything the
+    /// broker publishes is signed with it.
+    pub signing_key_file: Option<PathBuf>,
+    /// How far an envelope's `sent_at_ms` may be ahead of its arrival.
+    pub max_clock_skew_secs: u64,
+    /// How long before its arrival an envelope may have been built.
+    pub max_message_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +119,10 @@ impl Default for Config {
             nats_urls: vec!["nats://127.0.0.1:4222".to_owned()],
             store_dir: PathBuf::from("broker-store"),
             registry: PathBuf::from("deploy/agencies.toml"),
+            nats_credentials_file: None,
+            nats_tls_ca_file: None,
+            nats_tls_client_cert_file: None,
+            nats_tls_client_key_file: None,
             inbound_retention_days: 7,
             outbound_retention_days: 7,
             dedup_retention_days: 14,
@@ -129,6 +152,10 @@ impl Default for Config {
             coordinator: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8470)),
             testing_clock_offset_file: None,
+            require_signatures: true,
+            signing_key_file: None,
+            max_clock_skew_secs: 300,
+            max_message_age_secs: DAY,
         }
     }
 }
@@ -182,6 +209,7 @@ impl Config {
     }
 
     /// `REFERRAL_NATS_URLS` (comma-separated), `REFERRAL_STORE_DIR`, `REFERRAL_REGISTRY`,
+    /// `REFERRAL_NATS_CREDENTIALS_FILE`, `REFERRAL_NATS_TLS_CA_FILE`,
     /// `REFERRAL_BATCH_SIZE`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = var("REFERRAL_NATS_URLS") {
@@ -192,6 +220,12 @@ impl Config {
         }
         if let Some(v) = var("REFERRAL_REGISTRY") {
             self.registry = PathBuf::from(v);
+        }
+        if let Some(v) = var("REFERRAL_NATS_CREDENTIALS_FILE") {
+            self.nats_credentials_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("REFERRAL_NATS_TLS_CA_FILE") {
+            self.nats_tls_ca_file = Some(PathBuf::from(v));
         }
         if let Some(v) = var("REFERRAL_BATCH_SIZE") {
             self.batch_size = v.parse().map_err(|_| {
@@ -264,6 +298,21 @@ impl Config {
         {
             return bad(format!("coordinator {c:?} is not a valid agency id"));
         }
+        for (key, path) in [
+            ("nats_credentials_file", &self.nats_credentials_file),
+            ("nats_tls_ca_file", &self.nats_tls_ca_file),
+            ("nats_tls_client_cert_file", &self.nats_tls_client_cert_file),
+            ("nats_tls_client_key_file", &self.nats_tls_client_key_file),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return bad(format!("{key} is empty"));
+            }
+        }
+        if self.nats_tls_client_cert_file.is_some() != self.nats_tls_client_key_file.is_some() {
+            return bad(
+                "nats_tls_client_cert_file and nats_tls_client_key_file go together".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -287,6 +336,8 @@ mod tests {
             batch_size = 10
             coordinator = "hope-support"
             http_addr = "127.0.0.1:0"
+            nats_credentials_file = "/etc/yeongye/secrets/broker/nats.creds"
+            nats_tls_ca_file = "/etc/yeongye/ca.pem"
             [receipt_deadline_secs]
             crisis = 60
             priority = 120
@@ -324,6 +375,8 @@ mod tests {
             "[field_deadline_secs.weather]\nreceipt = 5",
             "[field_deadline_secs.child]\nreceipt = 0",
             "coordinator = \"Hope\"",
+            "nats_credentials_file = \"\"",
+            "nats_tls_client_cert_file = \"c.pem\"",
             "max_message_bytes = 10",
         ] {
             let cfg = Config::from_toml(text).unwrap();

@@ -21,6 +21,17 @@ pub enum Error {
     Nats(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// An onboarding command (`init`, `agency add|remove|rotate-key`) was refused: bad input,
+    /// an agency already (or not) registered, an uninitialised registry, a file in the way.
+    #[error("{0}")]
+    Onboard(String),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// A NATS credentials file is unreadable or malformed (the message never holds the password).
+    #[error("credentials file {path}: {message}")]
+    Credentials { path: PathBuf, message: String },
+    #[error("signing key: {0}")]
+    Key(#[from] yeongye_proto::signing::KeyError),
 }
 
 impl Error {

@@ -6,6 +6,8 @@ use prost::Message;
 use yeongye_proto::subject::{self, InKind};
 use yeongye_proto::v1::{self, ReasonCode};
 
+use yeongye_proto::signing::SignatureError;
+
 use crate::consent::{Basis, Consent};
 use crate::convert;
 use crate::referral::{Millis, NewReferral, Status, Urgency};
@@ -77,6 +79,34 @@ pub struct Limits<'a> {
     pub max_message_bytes: usize,
     /// Receipt and acceptance durations, ms, for an urgency and a `FieldOfNeed` number.
     pub deadlines: &'a dyn Fn(Urgency, i32) -> (Millis, Millis),
+    /// Refuse unsigned messages (a signature that is present is always checked).
+    pub require_signatures: bool,
+    /// How far `sent_at_ms` may be ahead of the arrival, and how long before it.
+    pub max_skew_ms: Millis,
+    pub max_age_ms: Millis,
+}
+
+impl Limits<'_> {
+    /// Limits for tests of pure logic: generous, signatures not required.
+    #[cfg(test)]
+    pub(crate) fn for_tests(deadlines: &dyn Fn(Urgency, i32) -> (Millis, Millis)) -> Limits<'_> {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            deadlines,
+            require_signatures: false,
+            max_skew_ms: Millis::MAX / 4,
+            max_age_ms: Millis::MAX / 4,
+        }
+    }
+}
+
+fn signature_code(e: &SignatureError) -> ReasonCode {
+    match e {
+        SignatureError::Missing => ReasonCode::SignatureMissing,
+        SignatureError::Invalid => ReasonCode::SignatureInvalid,
+        SignatureError::UnknownKey(_) => ReasonCode::SignatureUnknownKey,
+        SignatureError::KeyExpired(_) => ReasonCode::SignatureKeyExpired,
+    }
 }
 
 fn refusal(code: ReasonCode, detail: impl Into<String>, referral_id: &str) -> Refusal {
@@ -198,6 +228,27 @@ pub fn read(
                     .join(" or ")
             ),
         );
+    }
+    // When it was built must be near when it arrived: a message from far in the past is a
+    // replay, one from the future a broken clock or a forgery.
+    if envelope.sent_at_ms > now.saturating_add(limits.max_skew_ms)
+        || envelope.sent_at_ms < now.saturating_sub(limits.max_age_ms)
+    {
+        return reject(
+            origin,
+            ReasonCode::TimestampSkew,
+            format!(
+                "sent_at_ms is {} ms from its arrival: allowed is {} ms ahead, {} ms behind",
+                envelope.sent_at_ms.saturating_sub(now),
+                limits.max_skew_ms,
+                limits.max_age_ms
+            ),
+        );
+    }
+    if (limits.require_signatures || !envelope.signature.is_empty())
+        && let Err(e) = registry.keys().verify(token, &envelope, now)
+    {
+        return reject(origin, signature_code(&e), e.to_string());
     }
     let request = match kind {
         InKind::Referral => read_referral(token, &envelope.payload, bytes, now, registry, limits),

@@ -16,6 +16,9 @@
 //! - [`view`], [`ops`], [`http`]: what operators see — the in-memory view of queues kept by
 //!   the event loop, and the HTTP endpoint (health, metrics, JSON API, dashboard).
 //! - [`operator`]: the operators' command line as a library (API client, offline audit).
+//! - [`onboard`]: `init` and `agency add|remove|rotate-key` — identities (signing keys, NATS
+//!   users), the registry's entries, and the generated NATS authorization config;
+//!   [`credentials`]: the NATS credentials file.
 //! - [`config`], [`registry`], [`clock`], [`error`].
 
 pub mod audit;
@@ -23,10 +26,12 @@ pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod convert;
+pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod ingest;
 pub mod nats;
+pub mod onboard;
 pub mod operator;
 pub mod ops;
 pub mod query;
@@ -87,7 +92,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     };
     let (http_addr, http_task) = http::serve(cfg.http_addr, http_state, token.clone()).await?;
     let queries = tracker.spawn(query::serve(client.clone(), store.clone(), token.clone()));
+    let signer = match &cfg.signing_key_file {
+        Some(path) => Some(Arc::new(
+            yeongye_proto::signing::PrivateKey::load(path)
+                .map_err(|e| Error::InvalidConfig(e.to_string()))?,
+        )),
+        None => {
+            tracing::warn!("no signing_key_file: the broker's messages go out unsigned");
+            None
+        }
+    };
     let event_loop = server::EventLoop {
+        signer,
         store: store.clone(),
         ops,
         js,

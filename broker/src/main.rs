@@ -1,6 +1,7 @@
 //! `referral-broker`: command line, configuration, tracing and signals around
-//! [`yeongye_broker::run`], and the operators' commands (`status`, `referral show`,
-//! `dead-letters`, `consent show`, `purges`, `registry reload`, `audit verify|show`).
+//! [`yeongye_broker::run`], the operators' commands (`status`, `referral show`,
+//! `dead-letters`, `consent show`, `purges`, `registry reload`, `audit verify|show`), and
+//! onboarding (`init`, `agency add|remove|rotate-key`; see [`yeongye_broker::onboard`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use tracing_subscriber::EnvFilter;
 use yeongye_broker::Config;
+use yeongye_broker::onboard;
 use yeongye_broker::operator::{self, Api};
 
 #[derive(Parser)]
@@ -63,6 +65,8 @@ enum Command {
         #[command(subcommand)]
         command: RegistryCommand,
     },
+    #[command(flatten)]
+    Onboard(OnboardCommand),
     /// The hash-chained audit log. Reads the store directly (stop the broker first, or pass
     /// --api to ask a running one).
     Audit {
@@ -71,6 +75,94 @@ enum Command {
         store: Option<PathBuf>,
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+/// Where onboarding reads and writes.
+#[derive(clap::Args)]
+struct OnboardFiles {
+    /// The agency registry file (edited in place, comments kept).
+    #[arg(long)]
+    registry: PathBuf,
+    /// The secrets directory: one private directory per identity.
+    #[arg(long)]
+    secrets: PathBuf,
+    /// The generated NATS authorization config (an include file for nats-server).
+    #[arg(long)]
+    nats_conf: PathBuf,
+}
+
+impl OnboardFiles {
+    fn paths(self) -> onboard::Paths {
+        onboard::Paths {
+            registry: self.registry,
+            secrets: self.secrets,
+            nats_conf: Some(self.nats_conf),
+        }
+    }
+}
+
+/// Identities: `init` and `agency ...`. They need no broker configuration.
+#[derive(Subcommand)]
+enum OnboardCommand {
+    /// Creates the broker's own identity (signing key, NATS user `broker`) in the registry
+    /// (created if absent) and writes the NATS authorization config. Runs once.
+    Init {
+        #[command(flatten)]
+        files: OnboardFiles,
+        /// The NATS server's certificate (PEM): the generated config then requires TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The NATS server's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Onboarding: an agency's signing key and NATS credentials, its registry entry, and the
+    /// NATS authorization config.
+    Agency {
+        #[command(subcommand)]
+        command: AgencyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgencyCommand {
+    /// Registers an agency: generates its signing key and NATS credentials (files 0600, never
+    /// overwritten), adds it to the registry and regenerates the NATS config.
+    Add {
+        /// The agency id: 1-64 of a-z, 0-9 and '-'.
+        id: String,
+        /// Its display name (Korean).
+        #[arg(long)]
+        name: String,
+        /// Its kind (e.g. community_service_centre; see deploy/agencies.toml).
+        #[arg(long)]
+        kind: String,
+        #[command(flatten)]
+        files: OnboardFiles,
+    },
+    /// Removes an agency from the registry and the NATS config (its secrets are left).
+    Remove {
+        id: String,
+        #[command(flatten)]
+        files: OnboardFiles,
+    },
+    /// Gives an agency (or `broker`) a new signing key, accepted at once; the old one is
+    /// accepted for the grace period more.
+    RotateKey {
+        id: String,
+        /// How long the old key is still accepted, seconds.
+        #[arg(long, default_value_t = onboard::DEFAULT_GRACE.as_secs())]
+        grace_secs: u64,
+        /// The agency registry file.
+        #[arg(long)]
+        registry: PathBuf,
+        /// The secrets directory.
+        #[arg(long)]
+        secrets: PathBuf,
+        /// The generated NATS config, regenerated if given.
+        #[arg(long)]
+        nats_conf: Option<PathBuf>,
     },
 }
 
@@ -157,7 +249,63 @@ fn show(json_mode: bool, v: &Value, human: impl FnOnce(&Value) -> String) -> any
     }
 }
 
+/// Runs an onboarding command (they need no broker configuration).
+fn onboarding(json_mode: bool, command: OnboardCommand) -> anyhow::Result<ExitCode> {
+    let report = match command {
+        OnboardCommand::Init {
+            files,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert_file), Some(key_file)) => Some(onboard::ServerTls {
+                    cert_file,
+                    key_file,
+                }),
+                _ => None,
+            };
+            onboard::init(&files.paths(), tls)?
+        }
+        OnboardCommand::Agency { command } => match command {
+            AgencyCommand::Add {
+                id,
+                name,
+                kind,
+                files,
+            } => onboard::add_agency(&files.paths(), &id, &name, &kind)?,
+            AgencyCommand::Remove { id, files } => onboard::remove_agency(&files.paths(), &id)?,
+            AgencyCommand::RotateKey {
+                id,
+                grace_secs,
+                registry,
+                secrets,
+                nats_conf,
+            } => {
+                let paths = onboard::Paths {
+                    registry,
+                    secrets,
+                    nats_conf,
+                };
+                let grace = std::time::Duration::from_secs(grace_secs);
+                onboard::rotate_key(&paths, &id, grace, yeongye_broker::clock::now_ms())?
+            }
+        },
+    };
+    if json_mode {
+        out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({ "ok": true, "report": report.lines }))?
+        ))?;
+    } else {
+        out(&report.to_string())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Onboard(command) = cli.command {
+        return onboarding(cli.json, command);
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     let api = || {
         Api::new(
@@ -168,6 +316,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
     match cli.command {
+        Command::Onboard(command) => return onboarding(cli.json, command),
         Command::CheckConfig => {
             let registry = yeongye_broker::registry::Registry::load(&cfg.registry)?;
             tracing::info!(config = ?cfg, agencies = registry.len(), "configuration is valid");

@@ -1,4 +1,5 @@
-//! The broker's NATS side: connecting, and the streams and consumers it owns.
+//! The broker's NATS side: connecting (as NATS user `broker`, over TLS when configured), and the
+//! streams and consumers it owns.
 //!
 //! The broker creates both streams and every agency's consumer at start-up; agencies never
 //! create them. Its own durable consumer is positioned from the store's checkpoint: if the
@@ -13,6 +14,7 @@ use async_nats::{ConnectOptions, ServerAddr};
 use yeongye_proto::subject;
 
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 
@@ -29,7 +31,8 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
                 .map_err(|e| Error::InvalidConfig(format!("nats url {u:?}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    ConnectOptions::new()
+    let options = ConnectOptions::new();
+    secure(options, cfg)?
         .name("referral-broker")
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -50,6 +53,46 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
         .connect(addrs)
         .await
         .map_err(Error::nats)
+}
+
+/// Adds the configured credentials and TLS to `options`: user and password from
+/// `nats_credentials_file`; with `nats_tls_ca_file`, TLS required and that CA the only one
+/// trusted; a client certificate if configured. Files are checked here, so that a wrong path
+/// fails at start instead of in the background reconnect loop. Never logs the password.
+pub fn secure(mut options: ConnectOptions, cfg: &Config) -> Result<ConnectOptions> {
+    if let Some(path) = &cfg.nats_credentials_file {
+        let creds = Credentials::load(path)?;
+        tracing::info!(user = %creds.user, file = %path.display(), "NATS credentials");
+        options = options.user_and_password(creds.user, creds.password);
+    }
+    if let Some(ca) = &cfg.nats_tls_ca_file {
+        pem_file(ca, "nats_tls_ca_file")?;
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (
+        &cfg.nats_tls_client_cert_file,
+        &cfg.nats_tls_client_key_file,
+    ) {
+        pem_file(cert, "nats_tls_client_cert_file")?;
+        pem_file(key, "nats_tls_client_key_file")?;
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    Ok(options)
+}
+
+/// Fails unless `path` can be read and holds PEM.
+fn pem_file(path: &std::path::Path, key: &str) -> Result<()> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::InvalidConfig(format!("{key} {}: {e}", path.display())))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(Error::InvalidConfig(format!(
+            "{key} {} is not a PEM file",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 pub fn context(client: async_nats::Client) -> jetstream::Context {

@@ -1,4 +1,6 @@
-//! The agency registry: which agencies exist, their Korean display names and kinds.
+//! The agency registry: which agencies exist, their Korean display names and kinds, their
+//! signing keys, and their NATS identities (`nats_password_bcrypt`, from which
+//! `referral-broker agency add` generates the NATS server's authorization config).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +23,8 @@ pub struct Registry {
     agencies: BTreeMap<String, Agency>,
     /// Every signer's public keys (agencies, and the broker as `broker`).
     keys: KeyRing,
+    /// The bcrypt hash of each NATS user's password, by user (agency id, or `broker`).
+    nats_passwords: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +44,9 @@ struct Entry {
     /// Its Ed25519 public keys (see `referral-broker agency add` and `rotate-key`).
     #[serde(default)]
     keys: Vec<PublicKeyEntry>,
+    /// The bcrypt hash of its NATS password (the user is the agency id); absent: the agency has
+    /// no NATS identity yet and cannot connect to a server configured from this registry.
+    nats_password_bcrypt: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -47,6 +54,8 @@ struct Entry {
 struct BrokerEntry {
     #[serde(default)]
     keys: Vec<PublicKeyEntry>,
+    /// The bcrypt hash of the NATS user `broker`'s password.
+    nats_password_bcrypt: Option<String>,
 }
 
 impl Registry {
@@ -63,10 +72,15 @@ impl Registry {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut agencies = BTreeMap::new();
         let mut keys = KeyRing::default();
+        let mut nats_passwords = BTreeMap::new();
         if let Some(b) = &file.broker {
             for k in &b.keys {
                 keys.add(yeongye_proto::BROKER_ID, k)
                     .map_err(|e| format!("broker: {e}"))?;
+            }
+            if let Some(hash) = &b.nats_password_bcrypt {
+                check_bcrypt(hash).map_err(|e| format!("broker: nats_password_bcrypt {e}"))?;
+                nats_passwords.insert(yeongye_proto::BROKER_ID.to_owned(), hash.clone());
             }
         }
         for e in file.agency {
@@ -83,6 +97,11 @@ impl Registry {
                 keys.add(&e.id, k)
                     .map_err(|err| format!("agency {}: {err}", e.id))?;
             }
+            if let Some(hash) = &e.nats_password_bcrypt {
+                check_bcrypt(hash)
+                    .map_err(|err| format!("agency {}: nats_password_bcrypt {err}", e.id))?;
+                nats_passwords.insert(e.id.clone(), hash.clone());
+            }
             let agency = Agency {
                 id: e.id.clone(),
                 name: e.name,
@@ -92,7 +111,17 @@ impl Registry {
                 return Err(format!("agency {} is listed twice", e.id));
             }
         }
-        Ok(Registry { agencies, keys })
+        Ok(Registry {
+            agencies,
+            keys,
+            nats_passwords,
+        })
+    }
+
+    /// The bcrypt hash of a NATS user's password (`user`: an agency id, or `broker`), if the
+    /// registry gives that user a NATS identity.
+    pub fn nats_password_bcrypt(&self, user: &str) -> Option<&str> {
+        self.nats_passwords.get(user).map(String::as_str)
     }
 
     /// Every signer's public keys.
@@ -121,6 +150,28 @@ impl Registry {
     }
 }
 
+/// A bcrypt hash as nats-server reads it: `$2a$`, `$2b$`, `$2x$` or `$2y$`, a two-digit cost,
+/// `$`, then 53 characters of bcrypt's base64 (`./A-Za-z0-9`). Nothing else may reach the
+/// generated NATS configuration.
+fn check_bcrypt(hash: &str) -> std::result::Result<(), String> {
+    let b = hash.as_bytes();
+    let ok = b.len() == 60
+        && b.starts_with(b"$2")
+        && matches!(b[2], b'a' | b'b' | b'x' | b'y')
+        && b[3] == b'$'
+        && b[4].is_ascii_digit()
+        && b[5].is_ascii_digit()
+        && b[6] == b'$'
+        && b[7..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/');
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a bcrypt hash ($2b$<cost>$<53 characters>)".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +182,18 @@ mod tests {
         let r = Registry::load(&path).unwrap();
         assert_eq!(r.len(), 8);
         assert_eq!(r.get("hope-support").unwrap().name, "한빛구 희망복지지원단");
+    }
+
+    #[test]
+    fn nats_identities() {
+        let hash = format!("$2b$11${}", "a".repeat(53));
+        let r = Registry::from_toml(&format!(
+            "[broker]\nnats_password_bcrypt = \"{hash}\"\n[[agency]]\nid = \"a\"\nname = \"x\"\nkind = \"k\"\nnats_password_bcrypt = \"{hash}\"\n[[agency]]\nid = \"b\"\nname = \"y\"\nkind = \"k\"\n"
+        ))
+        .unwrap();
+        assert_eq!(r.nats_password_bcrypt("broker"), Some(hash.as_str()));
+        assert_eq!(r.nats_password_bcrypt("a"), Some(hash.as_str()));
+        assert_eq!(r.nats_password_bcrypt("b"), None);
     }
 
     #[test]
@@ -162,6 +225,15 @@ mod tests {
                 "extra",
             ),
             ("agency = 3", "agency"),
+            (
+                "[[agency]]\nid = \"a\"\nname = \"x\"\nkind = \"k\"\nnats_password_bcrypt = \"pw\"",
+                "bcrypt",
+            ),
+            (
+                "[broker]\nnats_password_bcrypt = \"$2b$11$\\\"}]\\nusers = [\"",
+                "bcrypt",
+            ),
+            ("[broker]\nextra = 1", "extra"),
         ] {
             let err = Registry::from_toml(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");

@@ -43,6 +43,8 @@ pub struct EventLoop {
     pub ops: Arc<Ops>,
     pub js: jetstream::Context,
     pub cfg: Arc<Config>,
+    /// The broker's signing key, if configured.
+    pub signer: Option<Arc<yeongye_proto::signing::PrivateKey>>,
 }
 
 /// What operators ask of the event loop (the only writer).
@@ -214,7 +216,9 @@ impl EventLoop {
         }
         let now = clock::now_ms();
         let registry = self.ops.registry();
-        let mut batch = Batch::new(store).with_coordinator(self.cfg.coordinator.as_deref());
+        let mut batch = Batch::new(store)
+            .with_coordinator(self.cfg.coordinator.as_deref())
+            .with_signer(self.signer.as_deref());
         batch.remove_sent(pending.sent.iter().copied());
         for (id, at) in &pending.confirmed {
             batch.delivery_confirmed(id, *at)?;
@@ -252,9 +256,13 @@ impl EventLoop {
             let d = self.cfg.deadlines(u, field);
             (ms(d.receipt), ms(d.acceptance))
         };
+        let secs = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
         let limits = Limits {
             max_message_bytes: self.cfg.max_message_bytes,
             deadlines: &deadlines,
+            require_signatures: self.cfg.require_signatures,
+            max_skew_ms: secs(self.cfg.max_clock_skew_secs),
+            max_age_ms: secs(self.cfg.max_message_age_secs),
         };
         ingest::read(subject, bytes, seq, at, registry, &limits)
     }
@@ -279,7 +287,9 @@ impl EventLoop {
     ) -> Result<()> {
         let store = self.store.as_ref();
         let registry = self.ops.registry();
-        let mut batch = Batch::new(store).with_coordinator(self.cfg.coordinator.as_deref());
+        let mut batch = Batch::new(store)
+            .with_coordinator(self.cfg.coordinator.as_deref())
+            .with_signer(self.signer.as_deref());
         batch.remove_sent(pending.sent.iter().copied());
         for (id, at) in &pending.confirmed {
             batch.delivery_confirmed(id, *at)?;

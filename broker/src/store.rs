@@ -89,7 +89,8 @@ pub struct OperatorAction {
 pub struct ChangeSet {
     pub referrals: Vec<Referral>,
     /// Dedup keys of applied inbound messages, with the time they were applied.
-    pub seen: Vec<(String, Millis)>,
+    /// With the SHA-256 of the message's bytes, to tell a repeat from a reused id.
+    pub seen: Vec<(String, Millis, [u8; 32])>,
     pub outbox_put: Vec<OutboxEntry>,
     pub outbox_remove: Vec<u64>,
     pub deadlines_put: Vec<Deadline>,
@@ -135,7 +136,12 @@ pub struct StoreStats {
 pub trait Store: Send + Sync + 'static {
     fn referral(&self, id: &str) -> Result<Option<Referral>>;
     /// Whether an inbound message with this dedup key was already applied.
-    fn seen(&self, key: &str) -> Result<bool>;
+    fn seen(&self, key: &str) -> Result<bool> {
+        Ok(self.seen_digest(key)?.is_some())
+    }
+    /// The digest recorded when the inbound message with this dedup key was applied (empty if
+    /// recorded without one), or None if it was never applied.
+    fn seen_digest(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Applies all of `changes` atomically; on return they survive a crash of the process.
     fn commit(&self, changes: &ChangeSet) -> Result<()>;
     /// A fresh, monotonically increasing outbox key.

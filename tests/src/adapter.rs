@@ -105,12 +105,14 @@ fn find<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
     }
 }
 
-/// The adapter's configuration file.
+/// The adapter's configuration file. `extra` holds anything else (credentials, TLS, keys):
+/// it is written last, as given.
 #[derive(Debug, Clone)]
 pub struct AdapterConfig {
     pub agency: String,
     pub nats_urls: Vec<String>,
     pub state_dir: PathBuf,
+    pub extra: toml::Table,
 }
 
 impl AdapterConfig {
@@ -130,6 +132,9 @@ impl AdapterConfig {
             "state_dir".into(),
             toml::Value::String(self.state_dir.display().to_string()),
         );
+        for (key, value) in &self.extra {
+            table.insert(key.clone(), value.clone());
+        }
         toml::to_string(&table).expect("a TOML table serialises")
     }
 }
@@ -190,12 +195,27 @@ impl AdapterProcess {
     /// Writes the config to `<dir>/adapter.toml` (state in `<dir>/state`, inbox in
     /// `<dir>/inbox`) and starts the adapter.
     pub fn start(dir: &Path, agency: &str, nats_urls: &[String]) -> AdapterProcess {
-        std::fs::create_dir_all(dir).expect("create adapter dir");
         let config = AdapterConfig {
             agency: agency.to_owned(),
             nats_urls: nats_urls.to_vec(),
             state_dir: dir.join("state"),
+            extra: toml::Table::new(),
         };
+        AdapterProcess::start_with(dir, config)
+    }
+
+    /// [`AdapterProcess::start`] with a configuration of the caller's.
+    pub fn start_with(dir: &Path, mut config: AdapterConfig) -> AdapterProcess {
+        std::fs::create_dir_all(dir).expect("create adapter dir");
+        if !config.extra.contains_key("signing_key_file") {
+            // Sign as the agency, with its test key (see registry::test_key).
+            let key = dir.join("signing.key");
+            crate::registry::write_test_key(&config.agency, &key);
+            config.extra.insert(
+                "signing_key_file".into(),
+                toml::Value::String(key.display().to_string()),
+            );
+        }
         std::fs::write(dir.join("adapter.toml"), config.to_toml()).expect("write adapter.toml");
         let mut adapter = AdapterProcess {
             dir: dir.to_path_buf(),

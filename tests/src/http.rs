@@ -251,10 +251,14 @@ impl ServeProcess {
         std::fs::write(dir.join("token"), format!("{TOKEN}\n")).expect("write token");
         let port = process::free_port();
         let urls: Vec<String> = nats_urls.iter().map(|u| format!("{u:?}")).collect();
+        // Sign as the agency, with its test key (see registry::test_key).
+        let key = dir.join("signing.key");
+        crate::registry::write_test_key(agency, &key);
         let mut config = format!(
-            "agency = {agency:?}\nnats_urls = [{}]\nstate_dir = {:?}\n\n[http]\nbind = \"127.0.0.1:{port}\"\ntoken_file = {:?}\nwebhook_max_backoff_secs = 1\n",
+            "agency = {agency:?}\nnats_urls = [{}]\nstate_dir = {:?}\nsigning_key_file = {:?}\n\n[http]\nbind = \"127.0.0.1:{port}\"\ntoken_file = {:?}\nwebhook_max_backoff_secs = 1\n",
             urls.join(", "),
             dir.join("state").display().to_string(),
+            key.display().to_string(),
             dir.join("token").display().to_string(),
         );
         match &delivery {

@@ -23,6 +23,9 @@
 //! - [`http`]: the adapter's local HTTP API: [`http::ServeProcess`] (`agency-adapter serve`), a
 //!   raw HTTP client and a webhook endpoint.
 //! - [`process`]: spawning, signalling and log tails shared by the process wrappers.
+//! - [`secure`]: [`secure::SecureSystem`], the same against a nats-server configured by
+//!   `referral-broker init` / `agency add` (credentials, per-agency permissions, TLS), and raw
+//!   connections that record the server's permission violations.
 //! - this file: [`wait_until`] and the paths of the tools.
 
 pub mod adapter;
@@ -32,6 +35,7 @@ pub mod nats;
 pub mod process;
 pub mod registry;
 pub mod sdk;
+pub mod secure;
 pub mod system;
 pub mod wire;
 

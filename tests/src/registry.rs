@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use yeongye_proto::signing::{PrivateKey, SigningKey};
+
 /// The agencies a [`crate::System`] registers unless told otherwise: a welfare support group, a
 /// community service centre, a mental health centre and a welfare centre.
 pub const DEFAULT_AGENCIES: [&str; 4] = [
@@ -16,14 +18,44 @@ pub const DEFAULT_AGENCIES: [&str; 4] = [
 /// An agency id that is in no registry the harness writes.
 pub const UNREGISTERED: &str = "not-registered";
 
-/// Writes a registry listing `agencies` to `path`.
+/// The signing key a test agency uses: derived from its id, so that every part of the harness
+/// (registry, adapter processes, SDK clients, the raw wire client) has the same key without
+/// passing files around. For tests only: a real agency's key comes from
+/// `referral-broker agency add`.
+pub fn test_key(agency: &str) -> PrivateKey {
+    use sha2::Digest;
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("yeongye-test-key/{agency}")).into();
+    PrivateKey {
+        id: format!("{agency}-test"),
+        key: SigningKey::from_bytes(&seed),
+    }
+}
+
+/// Writes `agency`'s test key to `path` (mode 0600) unless a key file is already there.
+pub fn write_test_key(agency: &str, path: &Path) {
+    if path.exists() {
+        return;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create key dir");
+    }
+    test_key(agency)
+        .save(path)
+        .unwrap_or_else(|e| panic!("write test key {}: {e}", path.display()));
+}
+
+/// Writes a registry listing `agencies`, each with its [`test_key`], to `path`.
 pub fn write(path: &Path, agencies: &[&str]) {
     let mut toml = String::from("# Written by the yeongye test harness.\n");
     for id in agencies {
         let (name, kind) = describe(id);
+        let key = test_key(id);
         write!(
             toml,
-            "\n[[agency]]\nid = \"{id}\"\nname = \"{name}\"\nkind = \"{kind}\"\n"
+            "\n[[agency]]\nid = \"{id}\"\nname = \"{name}\"\nkind = \"{kind}\"\n\
+             [[agency.keys]]\nid = \"{}\"\npublic_key = \"{}\"\n",
+            key.id,
+            key.public_b64()
         )
         .expect("write to String");
     }

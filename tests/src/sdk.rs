@@ -15,7 +15,10 @@ use crate::System;
 
 /// Connects the SDK as `agency` to the servers at `url`, with state in `state_dir`.
 pub async fn connect_to(url: &str, agency: &str, state_dir: &Path) -> Adapter {
-    let cfg = AdapterConfig::new(agency, [url], state_dir);
+    let mut cfg = AdapterConfig::new(agency, [url], state_dir);
+    let key = state_dir.with_extension("signing.key");
+    crate::registry::write_test_key(agency, &key);
+    cfg.signing_key_file = Some(key);
     Adapter::connect(cfg)
         .await
         .unwrap_or_else(|e| panic!("SDK connect as {agency} to {url}: {e}"))

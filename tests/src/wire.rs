@@ -34,9 +34,11 @@ pub fn new_id() -> String {
     Uuid::now_v7().to_string()
 }
 
-/// An envelope from `sender` holding `payload`, with a fresh message id.
+/// An envelope from `sender` holding `payload`, with a fresh message id, signed with the
+/// sender's test key (see [`crate::registry::test_key`]). To send it unsigned or tampered,
+/// change it after; to re-sign a change, use [`sign`].
 pub fn envelope(sender: &str, payload_type: v1::PayloadType, payload: Vec<u8>) -> v1::Envelope {
-    v1::Envelope {
+    let mut e = v1::Envelope {
         message_id: new_id(),
         sender: sender.to_owned(),
         sent_at_ms: crate::now_ms(),
@@ -44,7 +46,14 @@ pub fn envelope(sender: &str, payload_type: v1::PayloadType, payload: Vec<u8>) -
         payload,
         signature: Vec::new(),
         key_id: String::new(),
-    }
+    };
+    sign(&mut e);
+    e
+}
+
+/// Signs `e` with its sender's test key (after changing it on purpose).
+pub fn sign(e: &mut v1::Envelope) {
+    crate::registry::test_key(&e.sender).sign(e);
 }
 
 /// One agency's raw connection to NATS.

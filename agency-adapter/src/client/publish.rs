@@ -14,6 +14,11 @@ use prost::Message as _;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
+
+use yeongye_proto::signing::PrivateKey;
+use yeongye_proto::v1;
+
 use crate::outgoing::Outgoing;
 
 /// Total time a publish may take, retries included, by default.
@@ -28,18 +33,36 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub(crate) struct Publisher {
     js: jetstream::Context,
     budget: Duration,
+    signer: Option<Arc<PrivateKey>>,
 }
 
 impl Publisher {
-    pub(crate) fn new(mut js: jetstream::Context, budget: Duration) -> Publisher {
+    pub(crate) fn new(
+        mut js: jetstream::Context,
+        budget: Duration,
+        signer: Option<Arc<PrivateKey>>,
+    ) -> Publisher {
         js.set_timeout(ATTEMPT_TIMEOUT.min(budget));
-        Publisher { js, budget }
+        Publisher { js, budget, signer }
+    }
+
+    /// The envelope's bytes as sent: signed with the agency's key when it has one. Ed25519
+    /// is deterministic, so a retry sends the very same bytes.
+    pub(crate) fn encode(&self, envelope: &v1::Envelope) -> Bytes {
+        match &self.signer {
+            Some(key) => {
+                let mut signed = envelope.clone();
+                key.sign(&mut signed);
+                Bytes::from(signed.encode_to_vec())
+            }
+            None => Bytes::from(envelope.encode_to_vec()),
+        }
     }
 
     /// Publishes `out` and returns once JetStream has stored it (or already had it: a repeat
     /// inside the duplicate window is acknowledged as a duplicate, which is success here).
     pub(crate) async fn publish(&self, out: &Outgoing) -> Result<()> {
-        let payload = Bytes::from(out.envelope().encode_to_vec());
+        let payload = self.encode(out.envelope());
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;

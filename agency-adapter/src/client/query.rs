@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use async_nats::RequestErrorKind;
-use bytes::Bytes;
 use prost::Message;
 use yeongye_proto::subject;
 use yeongye_proto::v1;
@@ -18,6 +17,7 @@ use crate::outgoing;
 /// in an envelope of `reply_type`.
 pub(crate) async fn request<Q: Message, R: Message + Default>(
     client: &async_nats::Client,
+    publisher: &super::Publisher,
     agency: &str,
     timeout: Duration,
     query_type: v1::PayloadType,
@@ -27,7 +27,7 @@ pub(crate) async fn request<Q: Message, R: Message + Default>(
     let envelope = outgoing::envelope(agency, ids::new_id(), query_type, query.encode_to_vec());
     let subject = subject::query(agency);
     let request = async_nats::Request::new()
-        .payload(Bytes::from(envelope.encode_to_vec()))
+        .payload(publisher.encode(&envelope))
         .timeout(Some(timeout));
     let reply = client
         .send_request(subject.clone(), request)

@@ -5,6 +5,7 @@
 //! decodes. Reasons for refusal name fields and types, never content.
 
 use prost::Message as _;
+use yeongye_proto::signing::KeyRing;
 use yeongye_proto::subject::{self, OutKind};
 use yeongye_proto::{BROKER_ID, v1};
 
@@ -22,7 +23,12 @@ pub(crate) struct Decoded {
 const MAX_MESSAGE_ID_LEN: usize = 128;
 
 /// Decodes a message that arrived on `subject` for agency `me`.
-pub(crate) fn decode(me: &str, subject: &str, bytes: &[u8]) -> Result<Decoded, String> {
+pub(crate) fn decode(
+    me: &str,
+    subject: &str,
+    bytes: &[u8],
+    keys: Option<&KeyRing>,
+) -> Result<Decoded, String> {
     let envelope =
         v1::Envelope::decode(bytes).map_err(|e| format!("not a yeongye.v1.Envelope: {e}"))?;
     let message_id = envelope.message_id.clone();
@@ -61,7 +67,18 @@ pub(crate) fn decode(me: &str, subject: &str, bytes: &[u8]) -> Result<Decoded, S
     }
     let payload = envelope.payload.as_ref();
     let (referral_id, kind) = match out_kind {
-        OutKind::Delivery => decode_delivery(me, payload)?,
+        OutKind::Delivery => {
+            let decoded = decode_delivery(me, payload)?;
+            // The sender's own signature, relayed unchanged by the broker: the recipient checks
+            // origin itself, judged at the time the broker applied the referral.
+            if let (Some(keys), ItemKind::Delivery { original, .. }) = (keys, &decoded.1) {
+                keys.verify(&original.sender, original, envelope.sent_at_ms)
+                    .map_err(|e| {
+                        format!("the delivery's relayed signature does not verify: {e}")
+                    })?;
+            }
+            decoded
+        }
         OutKind::Notification => {
             let n = v1::Notification::decode(payload)
                 .map_err(|e| format!("Notification payload does not decode: {e}"))?;
@@ -173,7 +190,7 @@ mod tests {
     fn delivery() {
         let sent = referral_envelope();
         let bytes = delivery_bytes(Some(sent.clone()), "r-1");
-        let d = decode(ME, &subj(OutKind::Delivery), &bytes).unwrap();
+        let d = decode(ME, &subj(OutKind::Delivery), &bytes, None).unwrap();
         assert_eq!(d.message_id, "m-1");
         assert_eq!(d.referral_id.as_deref(), Some("r-1"));
         let ItemKind::Delivery { referral, original } = d.kind else {
@@ -197,7 +214,7 @@ mod tests {
             n.encode_to_vec(),
         )
         .encode_to_vec();
-        let d = decode(ME, &subj(OutKind::Notification), &bytes).unwrap();
+        let d = decode(ME, &subj(OutKind::Notification), &bytes, None).unwrap();
         assert_eq!(d.referral_id.as_deref(), Some("r-2"));
         assert!(matches!(d.kind, ItemKind::Notification(_)));
 
@@ -212,7 +229,7 @@ mod tests {
             r.encode_to_vec(),
         )
         .encode_to_vec();
-        let d = decode(ME, &subj(OutKind::Rejection), &bytes).unwrap();
+        let d = decode(ME, &subj(OutKind::Rejection), &bytes, None).unwrap();
         assert_eq!(d.referral_id, None);
         assert!(matches!(d.kind, ItemKind::Rejection(_)));
     }
@@ -272,7 +289,7 @@ mod tests {
             ),
         ];
         for (bytes, subject, reason) in cases {
-            let e = decode(ME, &subject, &bytes).unwrap_err();
+            let e = decode(ME, &subject, &bytes, None).unwrap_err();
             assert!(e.contains(reason), "{reason}: {e}");
         }
     }

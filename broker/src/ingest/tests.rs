@@ -9,10 +9,7 @@ fn registry() -> Registry {
 }
 
 fn limits() -> Limits<'static> {
-    Limits {
-        max_message_bytes: 64 * 1024,
-        deadlines: &|_, _| (1000, 5000),
-    }
+    Limits::for_tests(&|_, _| (1000, 5000))
 }
 
 fn envelope(sender: &str, ty: v1::PayloadType, payload: Vec<u8>) -> Vec<u8> {
@@ -229,4 +226,130 @@ fn status_updates() {
         code(&upd(2, "가".repeat(MAX_NOTE_CHARS + 1))),
         Some(ReasonCode::InvalidField)
     );
+}
+
+mod authenticity {
+    use proptest::prelude::*;
+    use yeongye_proto::signing::PrivateKey;
+
+    use super::*;
+
+    fn signed_registry(key: &PrivateKey, not_after_ms: i64) -> Registry {
+        Registry::from_toml(&format!(
+            "[[agency]]\nid = \"a\"\nname = \"에이\"\nkind = \"k\"\n\
+             [[agency.keys]]\nid = \"{}\"\npublic_key = \"{}\"\nnot_after_ms = {not_after_ms}\n\
+             [[agency]]\nid = \"b\"\nname = \"비\"\nkind = \"k\"\n",
+            key.id,
+            key.public_b64()
+        ))
+        .unwrap()
+    }
+
+    fn strict() -> Limits<'static> {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            deadlines: &|_, _| (1000, 5000),
+            require_signatures: true,
+            max_skew_ms: 300_000,
+            max_age_ms: 86_400_000,
+        }
+    }
+
+    fn signed(key: &PrivateKey, sent_at: i64, tamper: impl FnOnce(&mut v1::Envelope)) -> Vec<u8> {
+        let mut e = v1::Envelope {
+            message_id: "m-1".into(),
+            sender: "a".into(),
+            sent_at_ms: sent_at,
+            payload_type: v1::PayloadType::Referral as i32,
+            payload: referral().encode_to_vec(),
+            ..Default::default()
+        };
+        key.sign(&mut e);
+        tamper(&mut e);
+        e.encode_to_vec()
+    }
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn read_at(reg: &Registry, bytes: &[u8], now: i64) -> Inbound {
+        read("yeongye.in.a.referral", bytes, 1, now, reg, &strict())
+    }
+
+    #[test]
+    fn each_authenticity_check_has_its_code() {
+        let key = PrivateKey::generate("a-1").unwrap();
+        let other = PrivateKey::generate("a-1").unwrap();
+        let reg = signed_registry(&key, 0);
+        assert!(matches!(
+            read_at(&reg, &signed(&key, NOW, |_| {}), NOW).request,
+            Request::Submit(_)
+        ));
+        let cases: Vec<(Vec<u8>, ReasonCode)> = vec![
+            (
+                signed(&key, NOW, |e| e.signature.clear()),
+                ReasonCode::SignatureMissing,
+            ),
+            (
+                signed(&key, NOW, |e| e.payload[3] ^= 1),
+                ReasonCode::SignatureInvalid,
+            ),
+            (signed(&other, NOW, |_| {}), ReasonCode::SignatureInvalid),
+            (
+                signed(&key, NOW, |e| e.key_id = "a-9".into()),
+                ReasonCode::SignatureUnknownKey,
+            ),
+            (
+                signed(&key, NOW, |e| e.signature.truncate(10)),
+                ReasonCode::SignatureInvalid,
+            ),
+            (
+                signed(&key, NOW + 600_000, |_| {}),
+                ReasonCode::TimestampSkew,
+            ),
+            (
+                signed(&key, NOW - 2 * 86_400_000, |_| {}),
+                ReasonCode::TimestampSkew,
+            ),
+        ];
+        for (i, (bytes, want)) in cases.into_iter().enumerate() {
+            assert_eq!(code(&read_at(&reg, &bytes, NOW)), Some(want), "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_rotated_out_key_holds_until_its_cutoff_only() {
+        let old = PrivateKey::generate("a-1").unwrap();
+        let reg = signed_registry(&old, NOW + 1000);
+        let msg = |at| signed(&old, at, |_| {});
+        assert!(matches!(
+            read_at(&reg, &msg(NOW + 1000), NOW + 1000).request,
+            Request::Submit(_)
+        ));
+        assert_eq!(
+            code(&read_at(&reg, &msg(NOW + 1001), NOW + 1001)),
+            Some(ReasonCode::SignatureKeyExpired)
+        );
+    }
+
+    proptest! {
+        /// Whatever bytes arrive, reading never panics and anything refused has a reason; the
+        /// same for an envelope whose payload is random.
+        #[test]
+        fn random_bytes_get_a_reason_never_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ty in 0i32..20) {
+            let key = PrivateKey::generate("a-1").unwrap();
+            let reg = signed_registry(&key, 0);
+            for subject in ["yeongye.in.a.referral", "yeongye.in.a.status", "yeongye.in.a.consent", "yeongye.in.a.purge", "yeongye.in.a"] {
+                let i = read(subject, &bytes, 1, NOW, &reg, &strict());
+                if let Request::Reject(r) = &i.request {
+                    prop_assert!(r.code != ReasonCode::Unspecified);
+                }
+                let mut e = v1::Envelope { message_id: "m".into(), sender: "a".into(), sent_at_ms: NOW, payload_type: ty, payload: bytes.clone(), ..Default::default() };
+                key.sign(&mut e);
+                let i = read(subject, &e.encode_to_vec(), 1, NOW, &reg, &strict());
+                if let Request::Reject(r) | Request::Refuse(_, r) = &i.request {
+                    prop_assert!(r.code != ReasonCode::Unspecified);
+                }
+            }
+        }
+    }
 }

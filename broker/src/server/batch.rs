@@ -2,7 +2,10 @@
 //! in, one [`ChangeSet`] out. Reads the store, writes nothing: the event loop commits the
 //! change set and only then publishes what it put in the outbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+use yeongye_proto::signing::PrivateKey;
 
 use yeongye_proto::subject::{self, OutKind};
 use yeongye_proto::v1::{self, PayloadType, ReasonCode};
@@ -33,6 +36,8 @@ pub struct Batch<'a> {
     store: &'a dyn Store,
     /// The agency told of every escalation besides the sender.
     coordinator: Option<&'a str>,
+    /// The broker's own key: everything it publishes is signed with it.
+    signer: Option<&'a PrivateKey>,
     changes: ChangeSet,
     /// Referrals changed in this batch, newer than the store's copy.
     touched: HashMap<String, Referral>,
@@ -42,7 +47,8 @@ pub struct Batch<'a> {
     consents: HashMap<String, Consent>,
     /// Audit entries of this batch, chained at `finish`.
     audit: Vec<audit::Entry>,
-    seen: HashSet<String>,
+    /// Dedup keys applied in this batch, with their messages' digests.
+    seen: HashMap<String, [u8; 32]>,
 }
 
 /// A referral's summary before and after a batch, for the operators' view.
@@ -53,16 +59,23 @@ impl<'a> Batch<'a> {
         Batch {
             store,
             coordinator: None,
+            signer: None,
             changes: ChangeSet::default(),
             touched: HashMap::new(),
             before: HashMap::new(),
             consents: HashMap::new(),
             audit: Vec::new(),
-            seen: HashSet::new(),
+            seen: HashMap::new(),
         }
     }
 
     /// Escalations also go to `coordinator` (the district's Hope Welfare Support Group).
+    /// Signs what the batch publishes with the broker's key.
+    pub fn with_signer(mut self, signer: Option<&'a PrivateKey>) -> Batch<'a> {
+        self.signer = signer;
+        self
+    }
+
     pub fn with_coordinator(mut self, coordinator: Option<&'a str>) -> Batch<'a> {
         self.coordinator = coordinator;
         self
@@ -92,11 +105,28 @@ impl<'a> Batch<'a> {
     ) -> Result<Outcome> {
         let Inbound { origin, request } = inbound;
         self.changes.checkpoint = Some(self.changes.checkpoint.map_or(seq, |c| c.max(seq)));
-        if self.seen.contains(&origin.dedup_key) || self.store.seen(&origin.dedup_key)? {
-            return Ok(Outcome::Duplicate);
+        let digest: [u8; 32] = Sha256::digest(raw).into();
+        let earlier = match self.seen.get(&origin.dedup_key) {
+            Some(d) => Some(d.to_vec()),
+            None => self.store.seen_digest(&origin.dedup_key)?,
+        };
+        if let Some(earlier) = earlier {
+            // The same bytes again: a redelivery or a retry. Other bytes under an id already
+            // used: a replay (or a sender reusing ids), refused with its reason.
+            if earlier.is_empty() || earlier == digest || origin.message_id.is_empty() {
+                return Ok(Outcome::Duplicate);
+            }
+            let r = Refusal {
+                code: ReasonCode::ReplayedMessageId,
+                detail: "this message id was already used for a different message".into(),
+                referral_id: String::new(),
+            };
+            return Ok(self.reject(&origin, r, seq, at, raw));
         }
-        self.seen.insert(origin.dedup_key.clone());
-        self.changes.seen.push((origin.dedup_key.clone(), at));
+        self.seen.insert(origin.dedup_key.clone(), digest);
+        self.changes
+            .seen
+            .push((origin.dedup_key.clone(), at, digest));
 
         let span = tracing::info_span!("inbound", seq, referral_id = tracing::field::Empty);
         let _enter = span.enter();
@@ -514,7 +544,10 @@ impl<'a> Batch<'a> {
         payload: Vec<u8>,
         confirms: Option<&str>,
     ) {
-        let envelope = convert::broker_envelope(message_id.clone(), at, ty, payload);
+        let mut envelope = convert::broker_envelope(message_id.clone(), at, ty, payload);
+        if let Some(key) = self.signer {
+            key.sign(&mut envelope);
+        }
         let key = match self.store.next_outbox_key() {
             Ok(k) => k,
             Err(e) => {
@@ -589,7 +622,7 @@ impl<'a> Batch<'a> {
                 referral_id: r.referral_id,
                 subject: origin.subject.clone(),
             };
-            let id = derive_id(&format!("{}/rejection", origin.dedup_key), 0);
+            let id = derive_id(&format!("{}/rejection/{seq}", origin.dedup_key), 0);
             let payload = prost::Message::encode_to_vec(&rejection);
             self.publish(
                 to,

@@ -107,8 +107,12 @@ impl Store for SledStore {
         }
     }
 
-    fn seen(&self, dedup_key: &str) -> Result<bool> {
-        Ok(self.db.contains_key(key(b"s/", dedup_key.as_bytes()))?)
+    fn seen_digest(&self, dedup_key: &str) -> Result<Option<Vec<u8>>> {
+        // The value is the applied-at time (8 bytes), then the digest.
+        Ok(self
+            .db
+            .get(key(b"s/", dedup_key.as_bytes()))?
+            .map(|v| v.get(8..).unwrap_or_default().to_vec()))
     }
 
     fn commit(&self, c: &ChangeSet) -> Result<()> {
@@ -119,8 +123,10 @@ impl Store for SledStore {
         for r in &c.referrals {
             b.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r));
         }
-        for (k, at) in &c.seen {
-            b.insert(key(b"s/", k.as_bytes()), time_be(*at).to_vec());
+        for (k, at, digest) in &c.seen {
+            let mut value = time_be(*at).to_vec();
+            value.extend_from_slice(digest);
+            b.insert(key(b"s/", k.as_bytes()), value);
             let mut by_time = key(b"S/", &time_be(*at));
             by_time.extend_from_slice(k.as_bytes());
             b.insert(by_time, &[]);
@@ -364,7 +370,7 @@ mod tests {
             let k = s.next_outbox_key().unwrap();
             let c = ChangeSet {
                 referrals: vec![referral("r1")],
-                seen: vec![("a/m1".into(), 5)],
+                seen: vec![("a/m1".into(), 5, [7; 32])],
                 outbox_put: vec![OutboxEntry {
                     key: k,
                     subject: "yeongye.out.b.delivery".into(),
@@ -386,6 +392,7 @@ mod tests {
         assert_eq!(s.referral("r1").unwrap(), Some(referral("r1")));
         assert!(s.seen("a/m1").unwrap());
         assert!(!s.seen("a/m2").unwrap());
+        assert_eq!(s.seen_digest("a/m1").unwrap(), Some(vec![7; 32]));
         assert_eq!(s.outbox().unwrap().len(), 1);
         assert_eq!(s.checkpoint().unwrap(), 7);
         assert!(s.due(99, 10).unwrap().is_empty());
@@ -399,7 +406,7 @@ mod tests {
         let s = SledStore::temporary().unwrap();
         s.commit(&ChangeSet {
             checkpoint: Some(10),
-            seen: vec![("old".into(), 1), ("new".into(), 50)],
+            seen: vec![("old".into(), 1, [0; 32]), ("new".into(), 50, [0; 32])],
             ..Default::default()
         })
         .unwrap();

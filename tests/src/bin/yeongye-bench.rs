@@ -92,10 +92,10 @@ struct Args {
     /// Skip the throughput phases (scale figures only).
     #[arg(long)]
     scale_only: bool,
-    /// Who reads the agencies' consumers: `sdk` (agency systems in-process on the SDK, items
-    /// handled concurrently) and/or `processes` (`agency-adapter run` per agency). The first
+    /// Who reads the agencies' consumers: `wire` (the protocol in-process, batched: the
+    /// broker's own limit) and/or `processes` (`agency-adapter run` per agency). The first
     /// gets the latency phase too.
-    #[arg(long, value_delimiter = ',', default_value = "sdk,processes", value_parser = parse_receivers)]
+    #[arg(long, value_delimiter = ',', default_value = "wire,processes", value_parser = parse_receivers)]
     receivers: Vec<e2e::Receivers>,
     /// Adapters hand each item to an inbox folder (two fsyncs per item) instead of stdout only.
     #[arg(long)]
@@ -121,9 +121,9 @@ fn parse_sync(s: &str) -> Result<Sync, String> {
 
 fn parse_receivers(s: &str) -> Result<e2e::Receivers, String> {
     match s {
-        "sdk" => Ok(e2e::Receivers::Sdk),
+        "wire" => Ok(e2e::Receivers::Wire),
         "processes" => Ok(e2e::Receivers::Processes),
-        other => Err(format!("{other:?}: use sdk or processes")),
+        other => Err(format!("{other:?}: use wire or processes")),
     }
 }
 
@@ -138,6 +138,16 @@ fn repo_root() -> Result<PathBuf> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // On a signal the run's future is dropped, and with it every process it started.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = run(args) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = term.recv() => anyhow::bail!("terminated"),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
     let repo = repo_root()?;
     let nats_bin = procs::nats_server_bin(&repo)?;
     // Fail early, before minutes of work, if the binaries are missing.
@@ -151,7 +161,9 @@ async fn main() -> Result<()> {
             d.clone()
         }
         None => {
-            temp = tempfile::Builder::new().prefix("yeongye-bench-").tempdir()?;
+            temp = tempfile::Builder::new()
+                .prefix("yeongye-bench-")
+                .tempdir()?;
             temp.path().to_path_buf()
         }
     };
@@ -224,7 +236,13 @@ async fn main() -> Result<()> {
     let scale = if args.no_scale || args.scale.is_empty() {
         Vec::new()
     } else {
-        scale::run(&nats_bin, &dir.join("scale"), &args.scale, args.message_bytes).await?
+        scale::run(
+            &nats_bin,
+            &dir.join("scale"),
+            &args.scale,
+            args.message_bytes,
+        )
+        .await?
     };
 
     let command = std::env::args()

@@ -104,6 +104,8 @@ async fn malformed_messages_are_rejected_with_a_reason_and_good_ones_still_flow(
     // A whole envelope whose payload is a Referral cut inside its first field.
     let mut truncated_payload = centre.referral_envelope(&referral);
     truncated_payload.payload.truncate(12);
+    // Signed as sent, so that what is tested is the payload check, not the signature's.
+    yeongye_tests::wire::sign(&mut truncated_payload);
     let status_on_referral_subject =
         centre.status_envelope(&referral.referral_id, v1::Status::Cancelled, "");
     let mut spoofed = centre.referral_envelope(&referral);

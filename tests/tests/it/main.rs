@@ -14,6 +14,7 @@ mod http_api;
 mod lifecycle;
 mod restart;
 mod sdk;
+mod security;
 
 use std::time::Duration;
 

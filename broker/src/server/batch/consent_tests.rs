@@ -121,10 +121,7 @@ fn status(by: &str, id: &str, msg: &str, s: v1::Status) -> Msg {
 /// event loop does after the PubAcks). Returns outcomes and what went out.
 fn run(s: &SledStore, msgs: &[Msg], seq: u64, at: i64) -> (Vec<Outcome>, Vec<OutboxEntry>) {
     let reg = Registry::from_toml(REGISTRY).unwrap();
-    let limits = Limits {
-        max_message_bytes: 65536,
-        deadlines: &|_, _| (3_600_000, 86_400_000),
-    };
+    let limits = Limits::for_tests(&|_, _| (3_600_000, 86_400_000));
     let mut b = Batch::new(s);
     let mut out = Vec::new();
     for (i, (subject, bytes)) in msgs.iter().enumerate() {

@@ -74,10 +74,7 @@ fn run(
     at: Millis,
 ) -> (Vec<Outcome>, ChangeSet) {
     let reg = registry();
-    let limits = Limits {
-        max_message_bytes: 65536,
-        deadlines: &|_, _| (1000, 5000),
-    };
+    let limits = Limits::for_tests(&|_, _| (1000, 5000));
     let mut b = Batch::new(store);
     let mut out = Vec::new();
     for (i, (subject, bytes)) in msgs.iter().enumerate() {
@@ -300,10 +297,7 @@ fn an_operator_replays_a_refused_referral_once_its_cause_is_fixed() {
     // "b" is not registered yet.
     let only_a =
         Registry::from_toml("[[agency]]\nid = \"a\"\nname = \"가\"\nkind = \"k\"").unwrap();
-    let limits = Limits {
-        max_message_bytes: 65536,
-        deadlines: &|_, _| (1000, 5000),
-    };
+    let limits = Limits::for_tests(&|_, _| (1000, 5000));
     let (subject, bytes) = referral_msg("r1", "m1");
     let mut b = Batch::new(&s);
     let read = ingest::read(&subject, &bytes, 1, 100, &only_a, &limits);
@@ -391,4 +385,37 @@ fn replaying_into_an_empty_store_reproduces_the_same_messages() {
     let first = run(&SledStore::temporary().unwrap(), &msgs, 1, 100).1;
     let again = run(&SledStore::temporary().unwrap(), &msgs, 1, 100).1;
     assert_eq!(ids(&first), ids(&again));
+}
+
+#[test]
+fn a_reused_message_id_with_other_bytes_is_refused_as_a_replay() {
+    let s = SledStore::temporary().unwrap();
+    let (out, _) = run(&s, &[referral_msg("r1", "m1")], 1, 100);
+    assert_eq!(out, [Outcome::Applied]);
+    // The same id, different content (another referral): not a repeat, a replay.
+    let (out, c) = run(&s, &[referral_msg("r2", "m1")], 2, 200);
+    assert_eq!(out, [Outcome::Rejected(ReasonCode::ReplayedMessageId)]);
+    assert_eq!(rejection(&c).code, ReasonCode::ReplayedMessageId as i32);
+    assert!(
+        s.referral("r2").unwrap().is_none(),
+        "the replayed message changed nothing"
+    );
+    // The same bytes again are still a plain repeat.
+    let (out, c) = run(&s, &[referral_msg("r1", "m1")], 3, 300);
+    assert_eq!(out, [Outcome::Duplicate]);
+    assert!(c.outbox_put.is_empty());
+    // Within one batch too.
+    let (out, _) = run(
+        &s,
+        &[referral_msg("r3", "m3"), referral_msg("r4", "m3")],
+        4,
+        400,
+    );
+    assert_eq!(
+        out,
+        [
+            Outcome::Applied,
+            Outcome::Rejected(ReasonCode::ReplayedMessageId)
+        ]
+    );
 }

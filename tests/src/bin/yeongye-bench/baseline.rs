@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 
-use crate::load::{self, Plan, PhaseResult, SendFn, Tracker};
+use crate::load::{self, PhaseResult, Plan, SendFn, Tracker};
 
 const IN: &str = "BENCH_A";
 const OUT: &str = "BENCH_B";

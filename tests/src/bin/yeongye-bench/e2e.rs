@@ -1,53 +1,63 @@
-//! The end-to-end run: the real `referral-broker` and one `agency-adapter run` process per
-//! agency, on the same nats-server as the baseline. Each agency system sends referrals to the
-//! next agency through the adapter SDK in-process (`Adapter::prepare_referral` + `publish`:
-//! the PubAck is awaited, as the SDK does); the recipient's adapter process takes the delivery,
-//! records it and sends the `RECEIVED` receipt; the broker records `RECEIVED` and notifies the
-//! sender. A referral counts as done when that `RECEIVED` notification is published, seen by
-//! a core-NATS tap on `yeongye.out.*.notification` (it does not consume anything).
+//! The end-to-end run: the real `referral-broker` (signatures required, its own signing key,
+//! as in production) on the same nats-server as the baseline. Each agency system sends
+//! referrals to the next agency through the adapter SDK in-process (`Adapter::prepare_referral`
+//! + `publish`: signed, PubAck awaited, as the SDK does); the recipient takes the delivery and
+//! sends the signed `RECEIVED` receipt; the broker records `RECEIVED` and notifies the sender.
+//! A referral counts as done when that `RECEIVED` notification is published, seen by a
+//! core-NATS tap on `yeongye.out.*.notification` (it consumes nothing).
 //!
-//! Why the SDK in-process for sending: `agency-adapter` has no long-running send mode (its
-//! `send` command is one process per referral), so an agency system that sends at a rate uses
-//! the SDK; receiving goes through the real adapter processes.
+//! Two kinds of recipients ([`Receivers`]):
+//! - `agency-adapter run` processes, one per agency: what an agency deploys. Each handles one
+//!   item at a time (dedup record in sled, flush, receipt with its PubAck, ack round trip), so
+//!   it caps the rate well below what the broker does; the figure says what a district gets
+//!   with today's adapter.
+//! - the wire protocol spoken in-process (`docs/PROTOCOL.md`, "Receiving"), batched like the
+//!   baseline's relay: a batch from the agency's durable consumer, the receipts of its
+//!   deliveries published with their PubAcks in flight together, then the batch acknowledged.
+//!   The bench's agency system keeps nothing, so it records nothing. This is the broker's own
+//!   limit, and the figure compared with the baseline.
+//!
+//! Why not the SDK for receiving: `Item::done` calls on one `Incoming` that run concurrently
+//! deadlock inside sled (a multi-tree transaction against `flush_async`; seen here with 8 at
+//! once), and one at a time the SDK is the adapter process's loop again. The SDK sends.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
+use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage};
+use futures::{FutureExt, StreamExt};
 use prost::Message as _;
-use tokio::sync::Semaphore;
-use yeongye_adapter::{Adapter, AdapterConfig, Incoming, ItemKind, v1};
+use yeongye_adapter::{Adapter, AdapterConfig, v1};
+use yeongye_proto::signing::PrivateKey;
+use yeongye_proto::subject::{self, InKind};
 
 use crate::load::{self, Offer, PhaseResult, Plan, SendFn, Tracker};
-use crate::procs::{self, AdapterProc, Broker, ProcStats};
+use crate::procs::{self, AdapterProc, Broker, Keys, LineCounts, ProcStats};
 
 /// Who reads the agencies' consumers (takes deliveries, sends receipts, takes notifications).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Receivers {
-    /// One `agency-adapter run` process per agency: what an agency deploys. It hands over one
-    /// item at a time (record, flush, receipt and its PubAck, ack round trip).
+    /// One `agency-adapter run` process per agency.
     Processes,
-    /// The agency systems in-process, on the SDK (`Adapter::incoming`), marking up to
-    /// [`SDK_IN_FLIGHT`] items done at once: the broker's limit without the adapter's
-    /// one-at-a-time loop in front of it.
-    Sdk,
+    /// The wire protocol in-process, batched.
+    Wire,
 }
 
 impl std::fmt::Display for Receivers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Receivers::Processes => "adapter processes",
-            Receivers::Sdk => "SDK in-process",
+            Receivers::Wire => "batched wire",
         })
     }
 }
 
-/// Items an in-process agency system marks done at once.
-pub(crate) const SDK_IN_FLIGHT: usize = 256;
+/// Largest batch a wire recipient reads and answers at once.
+const WIRE_BATCH: usize = 256;
 
 pub(crate) struct Settings<'a> {
     pub(crate) receivers: Receivers,
@@ -85,13 +95,12 @@ pub(crate) struct E2eResult {
     /// Store size on disk after the run, per referral stored.
     pub(crate) store_bytes_per_referral: f64,
     pub(crate) referrals_stored: u64,
-    /// Deliveries the recipients' adapters printed (a cross-check of the tap).
-    pub(crate) adapter_deliveries: u64,
+    /// Deliveries the recipients took (a cross-check of the tap).
+    pub(crate) deliveries: u64,
 }
 
-/// A referral of about `bytes` bytes on the wire (the envelope), under the Social Security
-/// Benefits Act (no consent record needed), for case management, declaring exactly the data
-/// categories its client fields carry.
+/// A referral under the Social Security Benefits Act (no consent record needed), for case
+/// management, declaring exactly the data categories its client fields carry.
 fn referral(to: &str, reason: &str) -> v1::Referral {
     v1::Referral {
         to_agency: to.to_owned(),
@@ -106,10 +115,12 @@ fn referral(to: &str, reason: &str) -> v1::Referral {
         field: v1::FieldOfNeed::Livelihood.into(),
         urgency: v1::Urgency::Routine.into(),
         reason: reason.to_owned(),
-        legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(v1::StatutoryBasis {
-            statute: v1::Statute::SocialSecurityBenefitsAct.into(),
-            justification: "위기가구 발굴 (benchmark)".to_owned(),
-        })),
+        legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(
+            v1::StatutoryBasis {
+                statute: v1::Statute::SocialSecurityBenefitsAct.into(),
+                justification: "위기가구 발굴 (benchmark)".to_owned(),
+            },
+        )),
         data_categories: vec![
             v1::DataCategory::Identity.into(),
             v1::DataCategory::Contact.into(),
@@ -120,7 +131,7 @@ fn referral(to: &str, reason: &str) -> v1::Referral {
     }
 }
 
-/// The reason text that makes a referral's envelope `bytes` long.
+/// The reason text that makes a referral's signed envelope `bytes` long.
 fn padding_for(adapter: &Adapter, to: &str, bytes: usize) -> Result<String> {
     let size = |reason: &str| -> Result<usize> {
         let out = adapter.prepare_referral(referral(to, reason))?;
@@ -138,7 +149,7 @@ fn padding_for(adapter: &Adapter, to: &str, bytes: usize) -> Result<String> {
     Ok(reason)
 }
 
-fn sum_stats(pids: &[u32]) -> f64 {
+fn cpu_secs(pids: &[u32]) -> f64 {
     pids.iter()
         .filter_map(|p| procs::proc_stats(*p).ok())
         .map(|s| s.cpu_secs)
@@ -146,48 +157,66 @@ fn sum_stats(pids: &[u32]) -> f64 {
 }
 
 pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
-    let agencies: Vec<String> = (1..=s.agencies).map(|i| format!("bench-{i:02}")).collect();
     std::fs::create_dir_all(s.dir)?;
+    let agencies: Vec<String> = (1..=s.agencies).map(|i| format!("bench-{i:02}")).collect();
+    let keys = Keys::generate(&s.dir.join("keys"), &agencies)?;
     let registry = s.dir.join("registry.toml");
-    procs::write_registry(&registry, &agencies)?;
+    keys.write_registry(&registry)?;
     let store = s.dir.join("broker/store");
     let mut broker = Broker::spawn(
         &s.dir.join("broker"),
         s.nats_url,
         &store,
         &registry,
+        &keys.broker,
         s.batch_size,
     )?;
     broker.wait_ready(Duration::from_secs(60)).await?;
 
     let mut adapters = Vec::new();
-    if s.receivers == Receivers::Processes {
-        for a in &agencies {
-            adapters.push(AdapterProc::spawn(
-                &s.dir.join("adapters").join(a),
-                a,
-                s.nats_url,
-                s.adapter_inbox,
-            )?);
+    let wire_counts = Arc::new(LineCounts::default());
+    let mut receivers = Vec::new();
+    match s.receivers {
+        Receivers::Processes => {
+            for (a, _, key) in &keys.agencies {
+                adapters.push(AdapterProc::spawn(
+                    &s.dir.join("adapters").join(a),
+                    a,
+                    s.nats_url,
+                    key,
+                    &registry,
+                    s.adapter_inbox,
+                )?);
+            }
+            for a in &mut adapters {
+                a.wait_receiving(Duration::from_secs(60)).await?;
+            }
         }
-        for a in &mut adapters {
-            a.wait_receiving(Duration::from_secs(60)).await?;
+        Receivers::Wire => {
+            let client = async_nats::connect(s.nats_url).await?;
+            let js = jetstream::new(client);
+            for (a, key, _) in &keys.agencies {
+                let consumer: PullConsumer = js
+                    .get_consumer_from_stream(subject::agency_consumer(a), subject::OUT_STREAM)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("consumer of {a}: {e}"))?;
+                receivers.push(tokio::spawn(wire_recipient(
+                    js.clone(),
+                    consumer,
+                    a.clone(),
+                    key.clone(),
+                    Arc::clone(&wire_counts),
+                )));
+            }
         }
     }
 
-    // The agency systems' SDK handles: they send; with `Receivers::Sdk` they also receive.
+    // The agency systems' SDK handles, for sending (signed with each agency's key).
     let mut senders = Vec::new();
     for a in &agencies {
-        let cfg = AdapterConfig::new(a.clone(), [s.nats_url], s.dir.join("sdk").join(a));
+        let mut cfg = AdapterConfig::new(a.clone(), [s.nats_url], s.dir.join("sdk").join(a));
+        cfg.signing_key_file = keys.of(a).map(|(_, _, path)| path.clone());
         senders.push(Adapter::connect(cfg).await.context("SDK connect")?);
-    }
-    let sdk_deliveries = Arc::new(AtomicU64::new(0));
-    let mut receivers = Vec::new();
-    if s.receivers == Receivers::Sdk {
-        for adapter in &senders {
-            let incoming = adapter.incoming().await.context("SDK incoming")?;
-            receivers.push(tokio::spawn(receive(incoming, Arc::clone(&sdk_deliveries))));
-        }
     }
     let reason = padding_for(&senders[0], &agencies[1 % agencies.len()], s.message_bytes)?;
 
@@ -233,11 +262,12 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     };
 
     let adapter_pids: Vec<u32> = adapters.iter().map(AdapterProc::pid).collect();
-    let cpu_before = (
-        sum_stats(&[broker.pid()]),
-        sum_stats(&[s.nats_pid]),
-        sum_stats(&adapter_pids),
-        sum_stats(&[std::process::id()]),
+    let me = std::process::id();
+    let before = (
+        cpu_secs(&[broker.pid()]),
+        cpu_secs(&[s.nats_pid]),
+        cpu_secs(&adapter_pids),
+        cpu_secs(&[me]),
     );
     let max = load::run(
         &format!("end-to-end max, {}", s.receivers),
@@ -248,27 +278,24 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     .await?;
     let per = |after: f64, before: f64| (after - before) * 1000.0 / (max.completed.max(1) as f64);
     let max_cpu = CpuPerReferral {
-        broker_ms: per(sum_stats(&[broker.pid()]), cpu_before.0),
-        nats_ms: per(sum_stats(&[s.nats_pid]), cpu_before.1),
-        adapters_ms: per(sum_stats(&adapter_pids), cpu_before.2),
-        bench_ms: per(sum_stats(&[std::process::id()]), cpu_before.3),
+        broker_ms: per(cpu_secs(&[broker.pid()]), before.0),
+        nats_ms: per(cpu_secs(&[s.nats_pid]), before.1),
+        adapters_ms: per(cpu_secs(&adapter_pids), before.2),
+        bench_ms: per(cpu_secs(&[me]), before.3),
     };
-    check_rejections(&adapters)?;
+    check_rejections(&adapters, &wire_counts)?;
     if max.throughput < 1.0 {
-        bail!(
-            "no referral reached RECEIVED; see {}",
-            broker.log.display()
-        );
+        bail!("no referral reached RECEIVED; see {}", broker.log.display());
     }
     let partial = if s.partial {
         let rate = max.throughput * s.fraction;
-        let partial_plan = Plan {
+        let plan = Plan {
             offer: Offer::Open { rate },
             ..s.max
         };
         let name = format!("end-to-end {:.0}%, {}", s.fraction * 100.0, s.receivers);
-        let partial = load::run(&name, &tracker, partial_plan, Arc::clone(&send)).await?;
-        check_rejections(&adapters)?;
+        let partial = load::run(&name, &tracker, plan, Arc::clone(&send)).await?;
+        check_rejections(&adapters, &wire_counts)?;
         Some(partial)
     } else {
         None
@@ -276,17 +303,17 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
 
     let stats: ProcStats = procs::proc_stats(broker.pid())?;
     tap.abort();
-    for a in &senders {
-        let _ = a.drain().await;
-    }
     for r in receivers {
         r.abort();
     }
-    let adapter_deliveries = adapters
+    for a in &senders {
+        let _ = a.drain().await;
+    }
+    let deliveries = adapters
         .iter()
         .map(|a| a.lines.deliveries.load(Ordering::Relaxed))
         .sum::<u64>()
-        + sdk_deliveries.load(Ordering::Relaxed);
+        + wire_counts.deliveries.load(Ordering::Relaxed);
     drop(adapters);
     broker.stop();
     let referrals_stored = max.sent + partial.as_ref().map_or(0, |p| p.sent);
@@ -300,52 +327,106 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         broker_hwm_bytes: stats.hwm,
         store_bytes_per_referral: disk as f64 / referrals_stored.max(1) as f64,
         referrals_stored,
-        adapter_deliveries,
+        deliveries,
     })
 }
 
-/// An agency system on the SDK: takes each item (holding nothing: the bench keeps no data)
-/// and marks it done, up to [`SDK_IN_FLIGHT`] at once.
-async fn receive(mut incoming: Incoming, deliveries: Arc<AtomicU64>) {
-    let permits = Arc::new(Semaphore::new(SDK_IN_FLIGHT));
-    while let Some(next) = incoming.next().await {
-        let item = match next {
-            Ok(item) => item,
-            Err(e) => {
-                eprintln!("SDK incoming: {e}");
+/// One agency's system speaking the wire protocol: read a batch from its consumer, publish the
+/// signed `RECEIVED` receipt of each delivery (message id derived from the delivery's, as the
+/// protocol requires) with the PubAcks in flight together, then acknowledge the batch.
+async fn wire_recipient(
+    js: jetstream::Context,
+    consumer: PullConsumer,
+    agency: String,
+    key: PrivateKey,
+    counts: Arc<LineCounts>,
+) -> Result<()> {
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(WIRE_BATCH)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await?;
+    let status_subject = subject::inbound(&agency, InKind::Status);
+    loop {
+        let Some(first) = messages.next().await else {
+            return Ok(());
+        };
+        let mut batch = vec![first?];
+        while batch.len() < WIRE_BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut acks = Vec::new();
+        for m in &batch {
+            let Ok(env) = v1::Envelope::decode(m.payload.as_ref()) else {
+                continue;
+            };
+            if env.payload_type == v1::PayloadType::Rejection as i32 {
+                if counts.rejections.fetch_add(1, Ordering::Relaxed) == 0 {
+                    let r = v1::Rejection::decode(env.payload.as_slice()).unwrap_or_default();
+                    *counts
+                        .first_rejection
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(format!("{} {}", r.code().as_str_name(), r.detail));
+                }
                 continue;
             }
-        };
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        if matches!(item.kind(), ItemKind::Delivery { .. }) {
-            deliveries.fetch_add(1, Ordering::Relaxed);
-        }
-        tokio::spawn(async move {
-            if let Err(e) = item.done().await {
-                eprintln!("SDK done: {e}");
+            if env.payload_type != v1::PayloadType::Delivery as i32 {
+                continue;
             }
-            drop(permit);
-        });
+            let Ok(delivery) = v1::Delivery::decode(env.payload.as_slice()) else {
+                continue;
+            };
+            counts.deliveries.fetch_add(1, Ordering::Relaxed);
+            let update = v1::StatusUpdate {
+                referral_id: delivery.referral_id,
+                status: v1::Status::Received.into(),
+                note: String::new(),
+            };
+            let mut receipt = v1::Envelope {
+                message_id: yeongye_adapter::ids::receipt_message_id(&env.message_id),
+                sender: agency.clone(),
+                sent_at_ms: yeongye_adapter::ids::now_ms(),
+                payload_type: v1::PayloadType::StatusUpdate.into(),
+                payload: update.encode_to_vec(),
+                signature: Vec::new(),
+                key_id: String::new(),
+            };
+            key.sign(&mut receipt);
+            let publish = PublishMessage::build()
+                .payload(receipt.encode_to_vec().into())
+                .message_id(&receipt.message_id);
+            acks.push(js.send_publish(status_subject.clone(), publish).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        for m in &batch {
+            let _ = m.ack().await;
+        }
     }
 }
 
-fn check_rejections(adapters: &[AdapterProc]) -> Result<()> {
-    for a in adapters {
-        let n = a.lines.rejections.load(Ordering::Relaxed);
+fn check_rejections(adapters: &[AdapterProc], wire: &LineCounts) -> Result<()> {
+    let all = adapters
+        .iter()
+        .map(|a| (a.agency.as_str(), a.lines.as_ref()))
+        .chain([("the wire recipients", wire)]);
+    for (agency, lines) in all {
+        let n = lines.rejections.load(Ordering::Relaxed);
         if n > 0 {
-            let first = a
-                .lines
+            let first = lines
                 .first_rejection
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone()
                 .unwrap_or_default();
-            bail!(
-                "the broker rejected {n} message(s) of {}: {first}",
-                a.agency
-            );
+            bail!("the broker rejected {n} message(s) of {agency}: {first}");
         }
     }
     Ok(())

@@ -175,7 +175,6 @@ impl Tracker {
     pub(crate) fn in_flight(&self) -> usize {
         lock(&self.pending).len()
     }
-
 }
 
 /// Sends one item: returns its key (what [`Tracker::complete`] will be called with) and the
@@ -184,7 +183,12 @@ pub(crate) type SendFn =
     dyn Fn(u64) -> Result<(String, Pin<Box<dyn Future<Output = Result<()>> + Send>>)> + Send + Sync;
 
 /// Runs one phase: warm-up, measurement, drain.
-pub(crate) async fn run(name: &str, tracker: &Arc<Tracker>, plan: Plan, send: Arc<SendFn>) -> Result<PhaseResult> {
+pub(crate) async fn run(
+    name: &str,
+    tracker: &Arc<Tracker>,
+    plan: Plan,
+    send: Arc<SendFn>,
+) -> Result<PhaseResult> {
     let closed = matches!(plan.offer, Offer::Closed { .. });
     tracker.closed_loop.store(closed, Ordering::Relaxed);
     if let Offer::Closed { window } = plan.offer {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use yeongye_proto::signing::PrivateKey;
 
 /// The JetStream `sync_interval` a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -232,15 +233,59 @@ impl Drop for Nats {
     }
 }
 
-/// Writes an agency registry in the format of `deploy/agencies.toml`.
-pub(crate) fn write_registry(path: &Path, agencies: &[String]) -> Result<()> {
-    let mut toml = String::from("# Written by yeongye-bench.\n");
-    for id in agencies {
-        toml.push_str(&format!(
-            "\n[[agency]]\nid = \"{id}\"\nname = \"bench agency {id}\"\nkind = \"community_service_centre\"\n"
-        ));
+/// The signing keys of a run: the broker's and each agency's, saved as key files (0600) in
+/// `dir`, as `referral-broker init` and `agency add` would.
+pub(crate) struct Keys {
+    pub(crate) broker: PathBuf,
+    pub(crate) agencies: Vec<(String, PrivateKey, PathBuf)>,
+    broker_key: PrivateKey,
+}
+
+impl Keys {
+    pub(crate) fn generate(dir: &Path, agencies: &[String]) -> Result<Keys> {
+        std::fs::create_dir_all(dir)?;
+        let save = |id: &str, key_id: &str| -> Result<(PrivateKey, PathBuf)> {
+            let key = PrivateKey::generate(key_id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let path = dir.join(format!("{id}.key"));
+            key.save(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((key, path))
+        };
+        let (broker_key, broker) = save("broker", "broker-1")?;
+        let mut list = Vec::new();
+        for a in agencies {
+            let (key, path) = save(a, &format!("{a}-1"))?;
+            list.push((a.clone(), key, path));
+        }
+        Ok(Keys {
+            broker,
+            agencies: list,
+            broker_key,
+        })
     }
-    std::fs::write(path, toml).with_context(|| format!("write {}", path.display()))
+
+    /// The key of `agency`.
+    pub(crate) fn of(&self, agency: &str) -> Option<&(String, PrivateKey, PathBuf)> {
+        self.agencies.iter().find(|(a, _, _)| a == agency)
+    }
+
+    /// Writes the agency registry (`deploy/agencies.toml` format) with every public key.
+    pub(crate) fn write_registry(&self, path: &Path) -> Result<()> {
+        let mut toml = format!(
+            "# Written by yeongye-bench.\n[broker]\n[[broker.keys]]\nid = \"{}\"\npublic_key = \"{}\"\n",
+            self.broker_key.id,
+            self.broker_key.public_b64()
+        );
+        for (id, key, _) in &self.agencies {
+            toml.push_str(&format!(
+                "\n[[agency]]\nid = \"{id}\"\nname = \"bench agency {id}\"\n\
+                 kind = \"community_service_centre\"\n[[agency.keys]]\nid = \"{}\"\n\
+                 public_key = \"{}\"\n",
+                key.id,
+                key.public_b64()
+            ));
+        }
+        std::fs::write(path, toml).with_context(|| format!("write {}", path.display()))
+    }
 }
 
 /// The real `referral-broker`, run with a configuration written here.
@@ -258,15 +303,17 @@ impl Broker {
         nats_url: &str,
         store: &Path,
         registry: &Path,
+        signing_key: &Path,
         batch_size: usize,
     ) -> Result<Broker> {
         std::fs::create_dir_all(dir)?;
         let http = format!("127.0.0.1:{}", free_port()?);
         let config = format!(
             "nats_urls = [\"{nats_url}\"]\nstore_dir = \"{}\"\nregistry = \"{}\"\n\
-             http_addr = \"{http}\"\nbatch_size = {batch_size}\n",
+             signing_key_file = \"{}\"\nhttp_addr = \"{http}\"\nbatch_size = {batch_size}\n",
             store.display(),
-            registry.display()
+            registry.display(),
+            signing_key.display()
         );
         let conf = dir.join("broker.toml");
         std::fs::write(&conf, config)?;
@@ -371,14 +418,24 @@ pub(crate) struct AdapterProc {
 }
 
 impl AdapterProc {
-    pub(crate) fn spawn(dir: &Path, agency: &str, nats_url: &str, inbox: bool) -> Result<AdapterProc> {
+    pub(crate) fn spawn(
+        dir: &Path,
+        agency: &str,
+        nats_url: &str,
+        key: &Path,
+        registry: &Path,
+        inbox: bool,
+    ) -> Result<AdapterProc> {
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("adapter.toml");
         std::fs::write(
             &conf,
             format!(
-                "agency = \"{agency}\"\nnats_urls = [\"{nats_url}\"]\nstate_dir = \"{}\"\n",
-                dir.join("state").display()
+                "agency = \"{agency}\"\nnats_urls = [\"{nats_url}\"]\nstate_dir = \"{}\"\n\
+                 signing_key_file = \"{}\"\nregistry = \"{}\"\n",
+                dir.join("state").display(),
+                key.display(),
+                registry.display()
             ),
         )?;
         let log = dir.join("adapter.log");

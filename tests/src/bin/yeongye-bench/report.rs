@@ -139,7 +139,11 @@ pub(crate) fn markdown(r: &Report) -> String {
          `batch_size` {}, closed loop of {} in flight for the maximum, open loop at {:.0}% of \
          it for latency, {} s warm-up + {} s measured per phase. Command: `{}`.\n",
         s.agencies,
-        if s.adapter_inbox { ", with `--inbox`" } else { ", no inbox" },
+        if s.adapter_inbox {
+            ", with `--inbox`"
+        } else {
+            ", no inbox"
+        },
         s.message_bytes,
         s.batch_size,
         s.window,
@@ -232,10 +236,16 @@ pub(crate) fn markdown(r: &Report) -> String {
 pub(crate) fn write_doc(doc: &Path, block: &str) -> Result<()> {
     let text = std::fs::read_to_string(doc).with_context(|| format!("read {}", doc.display()))?;
     let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
-        bail!("{} has no generated block ({BEGIN} ... {END})", doc.display());
+        bail!(
+            "{} has no generated block ({BEGIN} ... {END})",
+            doc.display()
+        );
     };
     if e < b {
-        bail!("{}: the end marker comes before the begin marker", doc.display());
+        bail!(
+            "{}: the end marker comes before the begin marker",
+            doc.display()
+        );
     }
     let mut new = String::with_capacity(text.len() + block.len());
     new.push_str(&text[..b + BEGIN.len()]);

@@ -20,7 +20,7 @@ use yeongye_broker::referral::{self, Effect, Event, NewReferral, Status, Urgency
 use yeongye_broker::store::{ChangeSet, Deadline, SledStore, Store};
 use yeongye_proto::v1;
 
-use crate::procs::{self, Broker, Nats, Sync};
+use crate::procs::{self, Broker, Keys, Nats, Sync};
 
 /// Referrals per store commit while filling.
 const FILL_BATCH: u64 = 2000;
@@ -72,10 +72,12 @@ fn envelope(id: &str, message_id: &str, from: &str, to: &str, at: i64, bytes: us
         field: v1::FieldOfNeed::Livelihood.into(),
         urgency: v1::Urgency::Routine.into(),
         reason: String::new(),
-        legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(v1::StatutoryBasis {
-            statute: v1::Statute::SocialSecurityBenefitsAct.into(),
-            justification: "위기가구 발굴 (benchmark)".to_owned(),
-        })),
+        legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(
+            v1::StatutoryBasis {
+                statute: v1::Statute::SocialSecurityBenefitsAct.into(),
+                justification: "위기가구 발굴 (benchmark)".to_owned(),
+            },
+        )),
         data_categories: vec![1, 2, 3],
         purpose: v1::Purpose::CaseManagement.into(),
         ..Default::default()
@@ -95,7 +97,13 @@ fn envelope(id: &str, message_id: &str, from: &str, to: &str, at: i64, bytes: us
 }
 
 /// Adds referrals `from..to` to the store at `dir`, each RECEIVED by its recipient.
-pub(crate) fn fill(dir: &Path, agencies: &[String], from: u64, to: u64, bytes: usize) -> Result<()> {
+pub(crate) fn fill(
+    dir: &Path,
+    agencies: &[String],
+    from: u64,
+    to: u64,
+    bytes: usize,
+) -> Result<()> {
     let store = SledStore::open(dir).map_err(|e| anyhow!("open store {}: {e}", dir.display()))?;
     let mut head = store.audit_head().map_err(|e| anyhow!("{e}"))?;
     let base_at: i64 = 1_767_225_600_000; // 2026-01-01, in ms
@@ -133,8 +141,9 @@ pub(crate) fn fill(dir: &Path, agencies: &[String], from: u64, to: u64, bytes: u
             };
             let basis = new.basis.label();
             let submitted = referral::submit(new, &submit_id, at);
-            let delivered = referral::apply(&submitted.referral, &Event::DeliveryConfirmed, "", at + 5)
-                .map_err(|e| anyhow!("{e}"))?;
+            let delivered =
+                referral::apply(&submitted.referral, &Event::DeliveryConfirmed, "", at + 5)
+                    .map_err(|e| anyhow!("{e}"))?;
             let received = referral::apply(
                 &delivered.referral,
                 &Event::Status {
@@ -147,9 +156,23 @@ pub(crate) fn fill(dir: &Path, agencies: &[String], from: u64, to: u64, bytes: u
             )
             .map_err(|e| anyhow!("{e}"))?;
             for (t, from_state, to_state, actor, cause, t_at) in [
-                (&submitted, "", "SUBMITTED", from_agency.as_str(), submit_id.as_str(), at),
+                (
+                    &submitted,
+                    "",
+                    "SUBMITTED",
+                    from_agency.as_str(),
+                    submit_id.as_str(),
+                    at,
+                ),
                 (&delivered, "SUBMITTED", "DELIVERED", "broker", "", at + 5),
-                (&received, "DELIVERED", "RECEIVED", to_agency.as_str(), receipt_id.as_str(), at + 20),
+                (
+                    &received,
+                    "DELIVERED",
+                    "RECEIVED",
+                    to_agency.as_str(),
+                    receipt_id.as_str(),
+                    at + 20,
+                ),
             ] {
                 let event = if from_state.is_empty() {
                     "referral.submitted"
@@ -186,10 +209,10 @@ pub(crate) fn fill(dir: &Path, agencies: &[String], from: u64, to: u64, bytes: u
             }
             changes
                 .seen
-                .push((format!("{from_agency}/{submit_id}"), at));
+                .push((format!("{from_agency}/{submit_id}"), at, [0; 32]));
             changes
                 .seen
-                .push((format!("{to_agency}/{receipt_id}"), at + 20));
+                .push((format!("{to_agency}/{receipt_id}"), at + 20, [0; 32]));
             changes.referrals.push(received.referral);
         }
         let (entries, new_head) = audit::chain(head, drafts);
@@ -209,8 +232,9 @@ pub(crate) async fn run(
     message_bytes: usize,
 ) -> Result<Vec<ScalePoint>> {
     let agencies: Vec<String> = (1..=8).map(|i| format!("bench-{i:02}")).collect();
+    let keys = Keys::generate(&dir.join("keys"), &agencies)?;
     let registry = dir.join("registry.toml");
-    procs::write_registry(&registry, &agencies)?;
+    keys.write_registry(&registry)?;
     let store = dir.join("store");
     let mut points = Vec::new();
     let mut filled = 0;
@@ -219,9 +243,11 @@ pub(crate) async fn run(
         let started = Instant::now();
         eprintln!("scale: filling the store to {size} referrals");
         let (store_c, agencies_c) = (store.clone(), agencies.clone());
-        tokio::task::spawn_blocking(move || fill(&store_c, &agencies_c, filled, size, message_bytes))
-            .await
-            .context("fill task")??;
+        tokio::task::spawn_blocking(move || {
+            fill(&store_c, &agencies_c, filled, size, message_bytes)
+        })
+        .await
+        .context("fill task")??;
         fill_secs += started.elapsed().as_secs_f64();
         filled = size;
         let store_bytes = procs::disk_usage(&store);
@@ -234,6 +260,7 @@ pub(crate) async fn run(
             &nats.url(),
             &store,
             &registry,
+            &keys.broker,
             256,
         )?;
         let ready = broker.wait_ready(Duration::from_secs(300)).await?;

@@ -106,7 +106,7 @@ pub enum NotCovered {
     Recipient,
     #[error("the consent does not cover the purpose")]
     Purpose,
-    #[error("the consent does not cover data category {0}")]
+    #[error("the consent does not cover data category {}", category_name(*.0))]
     Category(i32),
     #[error("the consent has expired")]
     Expired,
@@ -114,6 +114,11 @@ pub enum NotCovered {
     NotYetValid,
     #[error("the consent was revoked")]
     Revoked,
+}
+
+fn category_name(c: i32) -> String {
+    yeongye_proto::v1::DataCategory::try_from(c)
+        .map_or_else(|_| c.to_string(), |d| d.as_str_name().to_owned())
 }
 
 /// Whether `consent` covers `ask` at `now`. Checks run in a fixed order, so that the reason

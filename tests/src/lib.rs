@@ -22,6 +22,8 @@
 //! - [`system`]: [`System`], all of the above wired together.
 //! - [`http`]: the adapter's local HTTP API: [`http::ServeProcess`] (`agency-adapter serve`), a
 //!   raw HTTP client and a webhook endpoint.
+//! - [`ops`]: the broker's operator side: [`ops::OpsHttp`] (`/readyz`, `/metrics`, `/api/v1`),
+//!   the `referral-broker` operator commands, Chromium and promtool.
 //! - [`process`]: spawning, signalling and log tails shared by the process wrappers.
 //! - [`secure`]: [`secure::SecureSystem`], the same against a nats-server configured by
 //!   `referral-broker init` / `agency add` (credentials, per-agency permissions, TLS), and raw
@@ -32,6 +34,7 @@ pub mod adapter;
 pub mod broker;
 pub mod http;
 pub mod nats;
+pub mod ops;
 pub mod process;
 pub mod registry;
 pub mod sdk;

@@ -143,7 +143,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info"))
+                // At trace level the NATS client logs whole message payloads, which carry
+                // personal data: it never goes below debug, whatever RUST_LOG says.
+                .add_directive("async_nats=debug".parse().unwrap_or_else(|_| {
+                    tracing_subscriber::filter::Directive::from(tracing::Level::DEBUG)
+                })),
         )
         .init();
 

@@ -63,7 +63,9 @@ pub(crate) fn queues_now(state: &AppState) -> Queues {
     let view = state.ops.view();
     let registry = state.ops.registry();
     let now = clock::now_ms();
-    let mut agencies: Vec<QueueRow> = registry
+    // Registered agencies only: a referral refused for an unknown recipient must not let a
+    // sender add rows at will.
+    let agencies: Vec<QueueRow> = registry
         .iter()
         .map(|a| QueueRow {
             id: a.id.clone(),
@@ -73,18 +75,6 @@ pub(crate) fn queues_now(state: &AppState) -> Queues {
             oldest_unacknowledged_age_ms: view.oldest_unacked(&a.id).map(|at| (now - at).max(0)),
         })
         .collect();
-    // Agencies that have referrals but have left the registry still show.
-    for (id, q) in view.agencies() {
-        if !registry.contains(id) {
-            agencies.push(QueueRow {
-                id: id.clone(),
-                name: String::new(),
-                kind: String::new(),
-                queue: q.clone(),
-                oldest_unacknowledged_age_ms: view.oldest_unacked(id).map(|at| (now - at).max(0)),
-            });
-        }
-    }
     Queues {
         at_ms: now,
         agencies,

@@ -76,11 +76,9 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
         "Age of the oldest referral to an agency that is not yet RECEIVED (0: none)",
     );
     let now = clock::now_ms();
-    // Every registered agency gets a row, also with nothing in it.
-    let mut ids: Vec<String> = registry.iter().map(|a| a.id.clone()).collect();
-    ids.extend(view.agencies().keys().cloned());
-    ids.sort();
-    ids.dedup();
+    // Every registered agency gets a row, also with nothing in it — and only registered ones:
+    // a referral refused for an unknown recipient must not let a sender mint label values.
+    let ids: Vec<String> = registry.iter().map(|a| a.id.clone()).collect();
     for id in ids {
         let q = view.queue(&id);
         let l = vec![("agency", id.clone())];

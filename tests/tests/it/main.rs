@@ -6,12 +6,15 @@
 //! that may depend on a redelivery use [`REDELIVERY`].
 
 mod bad_input;
+mod consent;
 mod crash;
 mod deadline;
 mod dedup;
 mod harness;
+mod hostile;
 mod http_api;
 mod lifecycle;
+mod operators;
 mod restart;
 mod sdk;
 mod security;

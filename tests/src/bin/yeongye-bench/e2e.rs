@@ -1,7 +1,7 @@
 //! The end-to-end run: the real `referral-broker` (signatures required, its own signing key,
 //! as in production) on the same nats-server as the baseline. Each agency system sends
 //! referrals to the next agency through the adapter SDK in-process (`Adapter::prepare_referral`
-//! + `publish`: signed, PubAck awaited, as the SDK does); the recipient takes the delivery and
+//! and `publish`: signed, PubAck awaited, as the SDK does); the recipient takes the delivery and
 //! sends the signed `RECEIVED` receipt; the broker records `RECEIVED` and notifies the sender.
 //! A referral counts as done when that `RECEIVED` notification is published, seen by a
 //! core-NATS tap on `yeongye.out.*.notification` (it consumes nothing).

@@ -1,5 +1,5 @@
 //! The fuzz targets' bodies, shared by the libFuzzer targets (`fuzz_targets/`, run with
-//! `cargo fuzz` on nightly) and the stable-toolchain runner (`src/bin/fuzz-stable.rs`).
+//! `cargo fuzz` on nightly) and the stable-toolchain runner (`examples/fuzz-stable.rs`).
 //! See `docs/FUZZING.md`.
 //!
 //! - [`envelope`]: arbitrary bytes as an inbound message, through the broker's pure reader
@@ -148,8 +148,14 @@ pub fn envelope_seeds() -> Vec<Vec<u8>> {
 /// One input for `ingest::read`: the first byte picks the subject and flags, the rest is the
 /// message (or, with [`WRAP_PAYLOAD`], the payload of a correctly signed envelope).
 pub fn envelope(data: &[u8]) {
+    envelope_outcome(data);
+}
+
+/// [`envelope`], saying how far the input got: `empty`, `rejected` (at the envelope or the
+/// payload), `refused` (a referral recorded as REFUSED) or `applied` (a request for the loop).
+pub fn envelope_outcome(data: &[u8]) -> &'static str {
     let Some((&selector, rest)) = data.split_first() else {
-        return;
+        return "empty";
     };
     let subject = SUBJECTS[usize::from(selector) % SUBJECTS.len()];
     let bytes = if selector & WRAP_PAYLOAD != 0 {
@@ -158,7 +164,7 @@ pub fn envelope(data: &[u8]) {
         rest.to_vec()
     };
     let require_signatures = selector & REQUIRE_SIGNATURES != 0;
-    let deadlines = |_: Urgency, _: i32| (3_600_000, 86_400_000);
+    let deadlines = |_: Urgency, _: i32| -> (Millis, Millis) { (3_600_000, 86_400_000) };
     let limits = Limits {
         max_message_bytes: 64 * 1024,
         deadlines: &deadlines,
@@ -195,7 +201,7 @@ pub fn envelope(data: &[u8]) {
         );
     }
     if matches!(inbound.request, Request::Reject(_)) {
-        return;
+        return "rejected";
     }
     // Whatever goes further came from a registered agency, as itself, and (when required)
     // signed by it.
@@ -217,6 +223,11 @@ pub fn envelope(data: &[u8]) {
             Ok(()),
             "an unsigned or badly signed message went further"
         );
+    }
+    if matches!(inbound.request, Request::Refuse(..)) {
+        "refused"
+    } else {
+        "applied"
     }
 }
 

@@ -3,7 +3,7 @@
 //! so it finds less than `cargo fuzz`, but it runs anywhere.
 //!
 //! ```text
-//! cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --bin fuzz-stable -- [envelope|state_machine|all] [seconds]
+//! cargo run --release --manifest-path fuzz/Cargo.toml --no-default-features --example fuzz-stable -- [envelope|state_machine|all] [seconds]
 //! ```
 //! `FUZZ_SEED=<n>` replays a run. On a failure it prints the target, the seed and the input
 //! (hex), and exits 1.
@@ -66,10 +66,17 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     out
 }
 
-fn run(name: &str, target: fn(&[u8]), seeds: &[Vec<u8>], budget: Duration, seed: u64) -> u64 {
+fn run(
+    name: &str,
+    target: fn(&[u8]) -> &'static str,
+    seeds: &[Vec<u8>],
+    budget: Duration,
+    seed: u64,
+) -> u64 {
     let mut rng = Rng(seed | 1);
     let start = Instant::now();
     let mut runs = 0u64;
+    let mut outcomes = std::collections::BTreeMap::<&str, u64>::new();
     while start.elapsed() < budget {
         let input = if !seeds.is_empty() && rng.below(2) == 0 {
             let base = &seeds[rng.below(seeds.len())];
@@ -78,18 +85,19 @@ fn run(name: &str, target: fn(&[u8]), seeds: &[Vec<u8>], budget: Duration, seed:
             let len = rng.below(512);
             rng.bytes(len)
         };
-        if catch_unwind(AssertUnwindSafe(|| target(&input))).is_err() {
+        let Ok(outcome) = catch_unwind(AssertUnwindSafe(|| target(&input))) else {
             let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
             eprintln!(
                 "{name}: FAILED after {runs} runs (FUZZ_SEED={seed}); input ({} bytes): {hex}",
                 input.len()
             );
             std::process::exit(1);
-        }
+        };
+        *outcomes.entry(outcome).or_default() += 1;
         runs += 1;
     }
     println!(
-        "{name}: {runs} inputs in {:?}, no failure (FUZZ_SEED={seed})",
+        "{name}: {runs} inputs in {:?}, no failure (FUZZ_SEED={seed}); outcomes {outcomes:?}",
         start.elapsed()
     );
     runs
@@ -110,13 +118,20 @@ fn main() {
         });
     // Panics are caught and reported with the input; the default hook's message still shows
     // what failed.
-    let targets: Vec<(&str, fn(&[u8]), Vec<Vec<u8>>)> = vec![
+    let targets: Vec<(&str, fn(&[u8]) -> &'static str, Vec<Vec<u8>>)> = vec![
         (
             "envelope",
-            yeongye_fuzz::envelope,
+            yeongye_fuzz::envelope_outcome,
             yeongye_fuzz::envelope_seeds(),
         ),
-        ("state_machine", yeongye_fuzz::state_machine, Vec::new()),
+        (
+            "state_machine",
+            |data| {
+                yeongye_fuzz::state_machine(data);
+                "ok"
+            },
+            Vec::new(),
+        ),
     ];
     let chosen: Vec<_> = targets
         .into_iter()
@@ -125,6 +140,11 @@ fn main() {
     if chosen.is_empty() {
         eprintln!("usage: fuzz-stable [envelope|state_machine|all] [seconds]");
         std::process::exit(2);
+    }
+    // The well-formed seeds must get past the envelope checks, or mutating them is pointless.
+    for seed in yeongye_fuzz::envelope_seeds() {
+        let outcome = yeongye_fuzz::envelope_outcome(&seed);
+        assert_eq!(outcome, "applied", "a seed input is not applied");
     }
     let budget = Duration::from_secs(secs) / u32::try_from(chosen.len()).unwrap_or(1);
     for (name, target, seeds) in &chosen {

@@ -69,10 +69,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         nats = ?cfg.nats_urls,
         "starting"
     );
+    // From the referrals' summaries, not the referrals: with millions stored, decoding every
+    // record (its envelope and history) would take most of the start-up time and memory.
     let view = {
-        let referrals = store.referrals()?;
-        let dead = store.dead_letters()?;
-        view::View::build(&referrals, &dead)
+        let mut v = view::View::default();
+        for summary in store.summaries()? {
+            v.change(None, &summary);
+        }
+        v.add_dead_letters(&store.dead_letters()?);
+        v
     };
     let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
 

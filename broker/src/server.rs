@@ -1,20 +1,28 @@
 //! The broker's event loop: one task that owns every write.
 //!
 //! Each turn: take a batch of inbound messages (and the broker's own events: delivery
-//! confirmations from the last turn, due deadlines) → [`batch::Batch`] decides → one store
+//! confirmations from earlier turns, due deadlines) → [`batch::Batch`] decides → one store
 //! commit, flushed → publish the new outbox entries, PubAcks in flight together → acknowledge
-//! the inbound messages. A crash anywhere is repaired on restart: the outbox is published again
-//! (same message ids, so repeats are dropped downstream) and unacknowledged inbound messages are
-//! redelivered and recognised by their dedup key.
+//! the inbound messages once their PubAcks are all in. A crash anywhere is repaired on restart:
+//! the outbox is published again (same message ids, so repeats are dropped downstream) and
+//! unacknowledged inbound messages are redelivered and recognised by their dedup key.
+//!
+//! Turns are pipelined: a turn's publishes are a *flight* whose PubAcks are awaited by a task
+//! of their own, while the loop goes on to the next turn (at most [`MAX_FLIGHTS`] at once).
+//! What a flight brings back — entries acknowledged (removed from the store by the next
+//! commit), deliveries confirmed (`DELIVERED` in the next batch), the inbound messages to
+//! acknowledge — is taken in by the loop. Each turn's inbound messages wait for their own
+//! flight only: their state and outbox were committed before it left.
 
 pub mod batch;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -33,8 +41,15 @@ use batch::{Batch, Outcome};
 
 /// How often the loop wakes with nothing to read, to fire deadlines.
 const TICK: Duration = Duration::from_millis(250);
-/// Publishes in flight at once.
+/// Publishes in flight at once (outside the pipelined main loop: at start and for operator
+/// actions).
 const PUBLISH_WINDOW: usize = 512;
+/// Turns whose publishes may await their PubAcks at once while the loop goes on.
+const MAX_FLIGHTS: usize = 4;
+/// Fewest inbound messages worth reading (signature checks) on two threads.
+const PARALLEL_READS: usize = 8;
+/// How long a stopping loop waits for the flights still out.
+const LANDING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often applied message ids older than the retention are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -70,8 +85,10 @@ pub enum DeadLetterAction {
 }
 
 struct Pending {
-    /// Outbox entries not yet acknowledged by the stream, in key order.
+    /// Outbox entries not yet published, in key order.
     outbox: VecDeque<OutboxEntry>,
+    /// Keys of outbox entries published and awaiting their PubAck (in a flight).
+    in_flight: HashSet<u64>,
     /// Outbox keys whose PubAck was seen: removed by the next commit.
     sent: Vec<u64>,
     /// Deliveries the stream acknowledged: `DELIVERED` in the next batch.
@@ -79,6 +96,20 @@ struct Pending {
 }
 
 type Messages = async_nats::jetstream::consumer::pull::Stream;
+
+/// What a flight (one turn's publishes) brought back.
+struct Landed {
+    /// Entries the stream acknowledged, with when.
+    acked: Vec<(OutboxEntry, Millis)>,
+    /// Entries not acknowledged: sent again (same message id) by a later turn.
+    failed: Vec<OutboxEntry>,
+    /// The first error among the failed.
+    error: Option<String>,
+    /// The turn's inbound messages: acknowledged only if nothing failed.
+    inbound: Vec<jetstream::Message>,
+}
+
+type Flights = FuturesUnordered<tokio::task::JoinHandle<Landed>>;
 
 impl EventLoop {
     pub async fn run(
@@ -89,6 +120,7 @@ impl EventLoop {
     ) -> Result<()> {
         let mut pending = Pending {
             outbox: self.store.outbox()?.into(),
+            in_flight: HashSet::new(),
             sent: Vec::new(),
             confirmed: Vec::new(),
         };
@@ -101,19 +133,29 @@ impl EventLoop {
         self.publish(&mut pending).await;
 
         let mut messages = self.messages(&consumer).await?;
+        let mut flights = Flights::new();
         let mut caught_up = false;
         let mut last_prune = Instant::now() - PRUNE_EVERY;
         loop {
+            // Take in the flights that have landed.
+            while let Some(Some(landed)) = flights.next().now_or_never() {
+                self.landed(landed, &mut pending, true).await;
+            }
             let idle = pending.sent.is_empty() && pending.confirmed.is_empty();
             let wait = if idle { TICK } else { Duration::ZERO };
+            let room = flights.len() < MAX_FLIGHTS;
             let first = tokio::select! {
                 _ = token.cancelled() => break,
                 Some(cmd) = commands.recv() => {
                     self.command(cmd, &mut pending).await?;
                     continue;
                 }
-                m = messages.next() => Some(m),
-                _ = tokio::time::sleep(wait) => None,
+                Some(landed) = flights.next(), if !flights.is_empty() => {
+                    self.landed(landed, &mut pending, true).await;
+                    continue;
+                }
+                m = messages.next(), if room => Some(m),
+                _ = tokio::time::sleep(wait), if room => None,
             };
             let mut inbound = Vec::new();
             match first {
@@ -126,13 +168,22 @@ impl EventLoop {
                 }
                 None => caught_up = true,
             }
-            while inbound.len() < self.cfg.batch_size {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => inbound.push(m),
-                    Some(Some(Err(e))) => tracing::warn!(cause = %e, "reading the inbound stream"),
-                    _ => break,
+            // Everything already received, up to a batch. Unconstrained: tokio's cooperative
+            // budget (128 operations per task poll, spent also on the acks above) would
+            // otherwise report the stream empty after a few dozen messages, and batches would
+            // stay small however long the backlog.
+            tokio::task::unconstrained(async {
+                while inbound.len() < self.cfg.batch_size {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(m))) => inbound.push(m),
+                        Some(Some(Err(e))) => {
+                            tracing::warn!(cause = %e, "reading the inbound stream")
+                        }
+                        _ => break,
+                    }
                 }
-            }
+            })
+            .await;
             if let Some(last) = inbound.last() {
                 let backlog = last.info().map(|i| i.pending).unwrap_or(u64::MAX);
                 self.ops.backlog.store(backlog, Ordering::Relaxed);
@@ -141,26 +192,156 @@ impl EventLoop {
                 self.ops.backlog.store(0, Ordering::Relaxed);
             }
 
-            self.turn(&inbound, &mut pending, caught_up)?;
-            let all_published = self.publish(&mut pending).await;
-            if all_published {
-                for m in &inbound {
-                    if let Err(e) = m.ack().await {
-                        tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
-                    }
-                }
-            } else {
-                // NATS is unreachable or refusing: leave the inbound unacknowledged (it is
-                // redelivered and deduplicated) and back off.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            // The whole turn is synchronous work (checks, signatures, decisions, the store
+            // commit): off the runtime's worker, so that the NATS connection's task is not
+            // stuck behind it (tokio does not steal a task from a busy worker's LIFO slot, and
+            // the connection task is woken by this one) and keeps reading the next batch.
+            let started = Instant::now();
+            tokio::task::block_in_place(|| self.turn(&inbound, &mut pending, caught_up))?;
+            tracing::debug!(
+                inbound = inbound.len(),
+                backlog = self.ops.backlog.load(Ordering::Relaxed),
+                flights = flights.len(),
+                turn_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "turn time"
+            );
+            self.launch(inbound, &mut pending, &mut flights).await;
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
                 self.prune();
             }
         }
+        // Let the flights still out land, so that their inbound messages are acknowledged.
+        let landing = async {
+            while let Some(landed) = flights.next().await {
+                self.landed(landed, &mut pending, false).await;
+            }
+        };
+        if tokio::time::timeout(LANDING_TIMEOUT, landing)
+            .await
+            .is_err()
+        {
+            tracing::warn!("publishes still unacknowledged at stop: they are sent again at start");
+        }
         tracing::info!(outbox = pending.outbox.len(), "event loop stopped");
         Ok(())
+    }
+
+    /// Publishes the pending outbox (in key order) as a flight: its PubAcks are awaited, all
+    /// together, by a task of its own, which then hands back what came of them and the turn's
+    /// inbound messages to acknowledge.
+    async fn launch(
+        &self,
+        inbound: Vec<jetstream::Message>,
+        pending: &mut Pending,
+        flights: &mut Flights,
+    ) {
+        if pending.outbox.is_empty() {
+            // Nothing of this turn's is left to publish (its effects, if any, were cancelled).
+            for m in &inbound {
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
+                }
+            }
+            return;
+        }
+        let entries: Vec<OutboxEntry> = pending.outbox.drain(..).collect();
+        let mut acks = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(e.payload.clone().into())
+                .message_id(&e.message_id);
+            acks.push(self.js.send_publish(e.subject.clone(), publish).await);
+            pending.in_flight.insert(e.key);
+        }
+        flights.push(tokio::spawn(async move {
+            // Together: each PubAck's timeout starts when it is first polled.
+            let results = futures::future::join_all(acks.into_iter().map(|ack| async move {
+                match ack {
+                    Ok(fut) => fut
+                        .await
+                        .map(|_| clock::now_ms())
+                        .map_err(|err| err.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            }))
+            .await;
+            let mut landed = Landed {
+                acked: Vec::with_capacity(entries.len()),
+                failed: Vec::new(),
+                error: None,
+                inbound,
+            };
+            for (e, result) in entries.into_iter().zip(results) {
+                match result {
+                    Ok(at) => landed.acked.push((e, at)),
+                    Err(err) => {
+                        landed.error.get_or_insert(err);
+                        landed.failed.push(e);
+                    }
+                }
+            }
+            landed
+        }));
+        self.ops.outbox.store(
+            (pending.outbox.len() + pending.in_flight.len()) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Takes in a landed flight: acknowledged entries are removed by the next commit and
+    /// deliveries among them confirmed; the turn's inbound messages are acknowledged if
+    /// nothing failed. What failed goes back to the outbox (in key order) to be sent again
+    /// with the same ids, and the inbound stays unacknowledged (redelivered later and
+    /// recognised as applied); with `backoff`, the loop then pauses for a second.
+    async fn landed(
+        &self,
+        landed: std::result::Result<Landed, tokio::task::JoinError>,
+        pending: &mut Pending,
+        backoff: bool,
+    ) {
+        let landed = match landed {
+            Ok(l) => l,
+            Err(e) => {
+                // The task cannot fail; if it ever does, its entries stay in the stored
+                // outbox and are published again at the next start.
+                tracing::error!(cause = %e, "a publish task was lost");
+                return;
+            }
+        };
+        for (e, at) in &landed.acked {
+            pending.in_flight.remove(&e.key);
+            pending.sent.push(e.key);
+            if let Some(id) = &e.confirms {
+                pending.confirmed.push((id.clone(), *at));
+            }
+        }
+        if landed.failed.is_empty() {
+            for m in &landed.inbound {
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
+                }
+            }
+        } else {
+            if let (Some(err), Some(e)) = (&landed.error, landed.failed.first()) {
+                tracing::warn!(cause = %err, subject = %e.subject, failed = landed.failed.len(), "publish failed; will retry with the same id");
+            }
+            for e in &landed.failed {
+                pending.in_flight.remove(&e.key);
+            }
+            let mut back: Vec<OutboxEntry> = landed.failed;
+            back.extend(pending.outbox.drain(..));
+            back.sort_by_key(|e| e.key);
+            pending.outbox = back.into();
+            if backoff {
+                // NATS is unreachable or refusing: back off.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        self.ops.outbox.store(
+            (pending.outbox.len() + pending.in_flight.len()) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     async fn command(&self, cmd: Command, pending: &mut Pending) -> Result<()> {
@@ -220,6 +401,7 @@ impl EventLoop {
             .with_coordinator(self.cfg.coordinator.as_deref())
             .with_signer(self.signer.as_deref());
         batch.remove_sent(pending.sent.iter().copied());
+        batch.published(pending.sent.iter().chain(&pending.in_flight).copied());
         for (id, at) in &pending.confirmed {
             batch.delivery_confirmed(id, *at)?;
         }
@@ -267,6 +449,47 @@ impl EventLoop {
         ingest::read(subject, bytes, seq, at, registry, &limits)
     }
 
+    /// Reads every inbound message of a batch (envelope and signature checks: pure, and most
+    /// of a turn's CPU after the store), on two threads for a large batch. In order; `None`
+    /// for a message without stream info (skipped).
+    fn read_all(
+        &self,
+        inbound: &[jetstream::Message],
+        registry: &Registry,
+    ) -> Vec<Option<(u64, Millis, ingest::Inbound)>> {
+        let read = |m: &jetstream::Message| {
+            let (seq, at) = match m.info() {
+                Ok(info) => (
+                    info.stream_sequence,
+                    (info.published.unix_timestamp_nanos() / 1_000_000) as Millis,
+                ),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "inbound message without stream info; skipped");
+                    return None;
+                }
+            };
+            Some((
+                seq,
+                at,
+                self.read(m.subject.as_str(), &m.payload, seq, at, registry),
+            ))
+        };
+        if inbound.len() < PARALLEL_READS {
+            return inbound.iter().map(read).collect();
+        }
+        let (first, second) = inbound.split_at(inbound.len() / 2);
+        let (mut out, rest) = std::thread::scope(|s| {
+            let helper = s.spawn(|| second.iter().map(read).collect::<Vec<_>>());
+            let out: Vec<_> = first.iter().map(read).collect();
+            (out, helper.join().ok())
+        });
+        match rest {
+            Some(rest) => out.extend(rest),
+            None => out.extend(second.iter().map(read)),
+        }
+        out
+    }
+
     async fn messages(&self, consumer: &PullConsumer) -> Result<Messages> {
         consumer
             .stream()
@@ -291,23 +514,16 @@ impl EventLoop {
             .with_coordinator(self.cfg.coordinator.as_deref())
             .with_signer(self.signer.as_deref());
         batch.remove_sent(pending.sent.iter().copied());
+        batch.published(pending.sent.iter().chain(&pending.in_flight).copied());
         for (id, at) in &pending.confirmed {
             batch.delivery_confirmed(id, *at)?;
         }
         let (mut applied, mut rejected, mut duplicates) = (0u32, 0u32, 0u32);
         let mut arrivals = Vec::with_capacity(inbound.len());
-        for m in inbound {
-            let (seq, at) = match m.info() {
-                Ok(info) => (
-                    info.stream_sequence,
-                    (info.published.unix_timestamp_nanos() / 1_000_000) as Millis,
-                ),
-                Err(e) => {
-                    tracing::warn!(cause = %e, "inbound message without stream info; skipped");
-                    continue;
-                }
+        for (m, read) in inbound.iter().zip(self.read_all(inbound, &registry)) {
+            let Some((seq, at, read)) = read else {
+                continue;
             };
-            let read = self.read(m.subject.as_str(), &m.payload, seq, at, &registry);
             arrivals.push(at);
             match batch.inbound(read, seq, at, &m.payload)? {
                 Outcome::Applied => applied += 1,
@@ -341,7 +557,13 @@ impl EventLoop {
             self.ops.turned(clock::now_ms());
             return Ok(false);
         }
+        let started = Instant::now();
         let committed = tokio::task::block_in_place(|| self.store.commit(&changes));
+        tracing::debug!(
+            commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            referrals = changes.referrals.len(),
+            "store commit"
+        );
         self.ops
             .store_ok
             .store(committed.is_ok(), Ordering::Relaxed);
@@ -375,9 +597,10 @@ impl EventLoop {
             pending.outbox.retain(|e| !removed.contains(&e.key));
         }
         pending.outbox.extend(changes.outbox_put);
-        self.ops
-            .outbox
-            .store(pending.outbox.len() as u64, Ordering::Relaxed);
+        self.ops.outbox.store(
+            (pending.outbox.len() + pending.in_flight.len()) as u64,
+            Ordering::Relaxed,
+        );
         Ok(true)
     }
 

@@ -15,6 +15,7 @@ use crate::audit;
 use crate::consent::Consent;
 use crate::error::Result;
 use crate::referral::{DeadlineKind, Millis, Referral};
+use crate::view::Summary;
 
 /// A message the broker must publish: kept until its PubAck has been seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +157,12 @@ pub trait Store: Send + Sync + 'static {
     fn prune_seen(&self, before: Millis) -> Result<usize>;
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
+    /// What the operators' view keeps of every referral, in id order: all that is read at
+    /// start, so it must stay cheap with millions stored (the sled store keeps a small summary
+    /// record beside each referral rather than decoding the referrals).
+    fn summaries(&self) -> Result<Vec<Summary>> {
+        Ok(self.referrals()?.iter().map(Summary::of).collect())
+    }
     fn dead_letters(&self) -> Result<Vec<DeadLetter>>;
     fn dead_letter(&self, stream_seq: u64) -> Result<Option<DeadLetter>>;
     fn stats(&self) -> Result<StoreStats>;

@@ -2,7 +2,7 @@
 //! in, one [`ChangeSet`] out. Reads the store, writes nothing: the event loop commits the
 //! change set and only then publishes what it put in the outbox.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 use yeongye_proto::signing::PrivateKey;
@@ -23,6 +23,8 @@ use crate::view::Summary;
 
 /// Longest part of a rejected message kept in its dead letter.
 const MAX_DEAD_LETTER_BYTES: usize = 64 * 1024;
+/// Fewest envelopes worth signing on two threads.
+const PARALLEL_SIGNING: usize = 16;
 
 /// What became of one inbound message (for logs and counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,13 @@ pub struct Batch<'a> {
     audit: Vec<audit::Entry>,
     /// Dedup keys applied in this batch, with their messages' digests.
     seen: HashMap<String, [u8; 32]>,
+    /// The envelopes of this batch's outbox entries, by outbox key: signed and encoded into
+    /// the entries' payloads at `finish` (all at once, on two threads), so that an entry
+    /// cancelled in the same batch is never signed.
+    unsigned: HashMap<u64, v1::Envelope>,
+    /// Outbox keys whose message has left the broker (published; removed from the stored
+    /// outbox once acknowledged): not to be cancelled.
+    pub(super) left: HashSet<u64>,
 }
 
 /// A referral's summary before and after a batch, for the operators' view.
@@ -66,7 +75,15 @@ impl<'a> Batch<'a> {
             consents: HashMap::new(),
             audit: Vec::new(),
             seen: HashMap::new(),
+            unsigned: HashMap::new(),
+            left: HashSet::new(),
         }
+    }
+
+    /// Outbox entries already published (in flight, or acknowledged and not yet removed from
+    /// the store): a consent revocation must not count their deliveries as cancelled.
+    pub fn published(&mut self, keys: impl IntoIterator<Item = u64>) {
+        self.left.extend(keys);
     }
 
     /// Escalations also go to `coordinator` (the district's Hope Welfare Support Group).
@@ -400,6 +417,7 @@ impl<'a> Batch<'a> {
     /// The change set to commit, and how each touched referral's summary changed.
     pub fn finish(self) -> (ChangeSet, Vec<ViewChange>) {
         let mut changes = self.changes;
+        seal(self.signer, &mut changes.outbox_put, self.unsigned);
         let mut before = self.before;
         let view = self
             .touched
@@ -421,14 +439,15 @@ impl<'a> Batch<'a> {
 
     fn transition(&mut self, t: Transition, cause: &str, at: Millis) {
         let Transition { referral, effects } = t;
-        let previous = match self.touched.get(&referral.id) {
-            Some(r) => Some(r.state),
-            None => self
-                .store
-                .referral(&referral.id)
-                .ok()
-                .flatten()
-                .map(|r| r.state),
+        // Not touched yet in this batch: what the store holds is the "before" (read once).
+        let stored = match self.touched.get(&referral.id) {
+            Some(_) => None,
+            None => Some(self.store.referral(&referral.id)),
+        };
+        let previous = match (self.touched.get(&referral.id), &stored) {
+            (Some(r), _) => Some(r.state),
+            (None, Some(Ok(Some(r)))) => Some(r.state),
+            (None, _) => None,
         };
         if let Some(last) = referral.history.last() {
             let event = if previous.is_none() {
@@ -450,13 +469,13 @@ impl<'a> Batch<'a> {
             );
         }
         if !self.before.contains_key(&referral.id) {
-            // Not touched yet in this batch: what the store holds is the "before".
-            let old = match self.store.referral(&referral.id) {
-                Ok(old) => old.as_ref().map(Summary::of),
-                Err(e) => {
+            let old = match stored {
+                Some(Ok(old)) => old.as_ref().map(Summary::of),
+                Some(Err(e)) => {
                     tracing::error!(cause = %e, "reading a referral's previous state");
                     None
                 }
+                None => None,
             };
             self.before.insert(referral.id.clone(), old);
         }
@@ -544,10 +563,7 @@ impl<'a> Batch<'a> {
         payload: Vec<u8>,
         confirms: Option<&str>,
     ) {
-        let mut envelope = convert::broker_envelope(message_id.clone(), at, ty, payload);
-        if let Some(key) = self.signer {
-            key.sign(&mut envelope);
-        }
+        let envelope = convert::broker_envelope(message_id.clone(), at, ty, payload);
         let key = match self.store.next_outbox_key() {
             Ok(k) => k,
             Err(e) => {
@@ -556,11 +572,13 @@ impl<'a> Batch<'a> {
                 return;
             }
         };
+        // The payload is the envelope, signed and encoded at `finish`.
+        self.unsigned.insert(key, envelope);
         self.changes.outbox_put.push(OutboxEntry {
             key,
             subject: subject::outbound(to, kind),
             message_id,
-            payload: prost::Message::encode_to_vec(&envelope),
+            payload: Vec::new(),
             confirms: confirms.map(str::to_owned),
         });
     }
@@ -635,6 +653,42 @@ impl<'a> Batch<'a> {
             );
         }
         Outcome::Rejected(r.code)
+    }
+}
+
+/// Signs (with `signer`, if any) and encodes the envelope of every entry of `outbox` into its
+/// payload. Ed25519 signing is most of a batch's CPU after the store: a large batch is signed
+/// on two threads. Signatures are deterministic, so where it happens changes no byte.
+fn seal(
+    signer: Option<&PrivateKey>,
+    outbox: &mut [OutboxEntry],
+    mut unsigned: HashMap<u64, v1::Envelope>,
+) {
+    // Every entry of the outbox was made by `publish`, with its envelope kept here.
+    let mut envelopes: Vec<Option<v1::Envelope>> =
+        outbox.iter().map(|e| unsigned.remove(&e.key)).collect();
+    if let Some(key) = signer {
+        let sign =
+            |part: &mut [Option<v1::Envelope>]| part.iter_mut().flatten().for_each(|e| key.sign(e));
+        if envelopes.len() < PARALLEL_SIGNING {
+            sign(&mut envelopes);
+        } else {
+            let mid = envelopes.len() / 2;
+            let (first, second) = envelopes.split_at_mut(mid);
+            let helped = std::thread::scope(|s| {
+                let helper = s.spawn(|| sign(second));
+                sign(first);
+                helper.join().is_ok()
+            });
+            if !helped {
+                sign(&mut envelopes[mid..]);
+            }
+        }
+    }
+    for (entry, envelope) in outbox.iter_mut().zip(&envelopes) {
+        if let Some(envelope) = envelope {
+            entry.payload = prost::Message::encode_to_vec(envelope);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! Keys:
 //! ```text
 //! r/<referral id>                       referral record
+//! v/<referral id>                       its summary for the operators' view (read at start)
 //! s/<dedup key>                         applied inbound message -> applied-at (i64 BE)
 //! S/<applied-at BE><dedup key>          the same, by time, for pruning
 //! o/<u64 BE>                            outbox entry
@@ -13,7 +14,10 @@
 //! a/<u64 BE>                            audit entry (hash-chained)
 //! m/audit-head                          last audit sequence (u64 BE) + hash (32 bytes)
 //! m/checkpoint                          highest applied inbound stream sequence (u64 BE)
+//! m/summaries                           present once every referral has its `v/` summary
 //! ```
+//! sled's page cache is capped at [`CACHE_BYTES`]: the working set is the referrals in flight
+//! and the recent log, not the millions that have ended (sled's default is 1 GB).
 //! sled's `flush` writes and `sync_file_range`s but does not fsync (see NATS-NOTES.md): a
 //! flushed commit survives a killed process, not a power cut. What a power cut loses is
 //! rebuilt from the inbound stream, from the checkpoint on.
@@ -26,9 +30,15 @@ use crate::audit;
 use crate::consent::Consent;
 use crate::error::{Error, Result};
 use crate::referral::{DeadlineKind, Millis, Referral};
+use crate::view::Summary;
 
 const CHECKPOINT: &[u8] = b"m/checkpoint";
 const AUDIT_HEAD: &[u8] = b"m/audit-head";
+const SUMMARIES: &[u8] = b"m/summaries";
+/// sled's page cache, bytes.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Referrals given their summary per batch when an older store is opened.
+const MIGRATE_BATCH: usize = 10_000;
 
 pub struct SledStore {
     db: sled::Db,
@@ -36,14 +46,54 @@ pub struct SledStore {
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<SledStore> {
-        let db = sled::Config::new().path(dir).open()?;
-        Ok(SledStore { db })
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
+        let store = SledStore { db };
+        store.add_missing_summaries()?;
+        Ok(store)
+    }
+
+    /// A store written before summaries existed gets one per referral, once.
+    fn add_missing_summaries(&self) -> Result<()> {
+        if self.db.contains_key(SUMMARIES)? {
+            return Ok(());
+        }
+        let mut added = 0usize;
+        let mut b = sled::Batch::default();
+        let mut in_batch = 0;
+        for kv in self.db.scan_prefix(b"r/") {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[2..]).into_owned();
+            let r = codec::decode_referral(&id, &v)?;
+            b.insert(key(b"v/", id.as_bytes()), codec::encode_summary(&r));
+            in_batch += 1;
+            if in_batch == MIGRATE_BATCH {
+                self.db.apply_batch(std::mem::take(&mut b))?;
+                added += in_batch;
+                in_batch = 0;
+            }
+        }
+        added += in_batch;
+        b.insert(SUMMARIES, &[1u8]);
+        self.db.apply_batch(b)?;
+        self.db.flush()?;
+        if added > 0 {
+            tracing::info!(
+                referrals = added,
+                "added the operators' summary of every stored referral"
+            );
+        }
+        Ok(())
     }
 
     /// A store in a temporary directory, removed on drop: for tests.
     pub fn temporary() -> Result<SledStore> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(SledStore { db })
+        let store = SledStore { db };
+        store.add_missing_summaries()?;
+        Ok(store)
     }
 
     /// Bytes the database takes on disk.
@@ -122,6 +172,7 @@ impl Store for SledStore {
         let mut b = sled::Batch::default();
         for r in &c.referrals {
             b.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r));
+            b.insert(key(b"v/", r.id.as_bytes()), codec::encode_summary(r));
         }
         for (k, at, digest) in &c.seen {
             let mut value = time_be(*at).to_vec();
@@ -249,6 +300,16 @@ impl Store for SledStore {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]).into_owned();
             out.push(codec::decode_referral(&id, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn summaries(&self) -> Result<Vec<Summary>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"v/") {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[2..]);
+            out.push(codec::decode_summary(&id, &v)?);
         }
         Ok(out)
     }
@@ -447,5 +508,42 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.due(1000, 1).unwrap()[0].referral_id, "b");
+    }
+
+    #[test]
+    fn summaries_follow_commits_and_an_older_store_gets_them_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r1 = referral("r1");
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.commit(&ChangeSet {
+                referrals: vec![r1.clone(), referral("r2")],
+                ..Default::default()
+            })
+            .unwrap();
+            r1.state = crate::referral::State::Received;
+            r1.overdue = true;
+            s.commit(&ChangeSet {
+                referrals: vec![r1.clone()],
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(
+                s.summaries().unwrap(),
+                vec![Summary::of(&r1), Summary::of(&referral("r2"))]
+            );
+            // As a store written before summaries existed.
+            for k in s.db.scan_prefix(b"v/").keys() {
+                s.db.remove(k.unwrap()).unwrap();
+            }
+            s.db.remove(SUMMARIES).unwrap();
+            s.db.flush().unwrap();
+            assert!(s.summaries().unwrap().is_empty());
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.summaries().unwrap(),
+            vec![Summary::of(&r1), Summary::of(&referral("r2"))]
+        );
     }
 }

@@ -86,23 +86,26 @@ struct Args {
     /// Store sizes for the scale figures, referrals.
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     scale: Vec<u64>,
-    /// Skip the scale figures.
-    #[arg(long)]
-    no_scale: bool,
-    /// Skip the throughput phases (scale figures only).
-    #[arg(long)]
+    /// The scale figures only (filling a million referrals takes several minutes).
+    #[arg(long, conflicts_with = "with_scale")]
     scale_only: bool,
+    /// The throughput phases, then the scale figures.
+    #[arg(long)]
+    with_scale: bool,
     /// Who reads the agencies' consumers: `wire` (the protocol in-process, batched: the
     /// broker's own limit) and/or `processes` (`agency-adapter run` per agency). The first
     /// gets the latency phase too.
-    #[arg(long, value_delimiter = ',', default_value = "wire,processes", value_parser = parse_receivers)]
-    receivers: Vec<e2e::Receivers>,
+    #[arg(long, value_delimiter = ',', default_value = "wire,processes", value_parser = parse_recipients)]
+    recipients: Vec<e2e::Recipients>,
     /// Adapters hand each item to an inbox folder (two fsyncs per item) instead of stdout only.
     #[arg(long)]
     adapter_inbox: bool,
     /// Where the JSON result goes.
     #[arg(long, default_value = "target/yeongye-bench/result.json")]
     out: PathBuf,
+    /// Open this broker store, say what a start costs, and exit (for investigating).
+    #[arg(long, hide = true)]
+    probe_store: Option<PathBuf>,
     /// Regenerate the results block of this Markdown file (docs/PERFORMANCE.md).
     #[arg(long)]
     write_doc: Option<PathBuf>,
@@ -119,10 +122,10 @@ fn parse_sync(s: &str) -> Result<Sync, String> {
     }
 }
 
-fn parse_receivers(s: &str) -> Result<e2e::Receivers, String> {
+fn parse_recipients(s: &str) -> Result<e2e::Recipients, String> {
     match s {
-        "wire" => Ok(e2e::Receivers::Wire),
-        "processes" => Ok(e2e::Receivers::Processes),
+        "wire" => Ok(e2e::Recipients::Wire),
+        "processes" => Ok(e2e::Recipients::Processes),
         other => Err(format!("{other:?}: use wire or processes")),
     }
 }
@@ -140,14 +143,19 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     // On a signal the run's future is dropped, and with it every process it started.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = run(args) => r,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-        _ = term.recv() => anyhow::bail!("terminated"),
-    }
+    let stopped = tokio::select! {
+        r = run(args) => return r,
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+    };
+    scale::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    anyhow::bail!(stopped)
 }
 
 async fn run(args: Args) -> Result<()> {
+    if let Some(dir) = &args.probe_store {
+        return scale::probe(dir);
+    }
     let repo = repo_root()?;
     let nats_bin = procs::nats_server_bin(&repo)?;
     // Fail early, before minutes of work, if the binaries are missing.
@@ -202,9 +210,9 @@ async fn run(args: Args) -> Result<()> {
             .next()
             .context("no baseline result")?;
             let mut e2e_runs = Vec::new();
-            for (i, receivers) in args.receivers.iter().enumerate() {
+            for (i, recipients) in args.recipients.iter().enumerate() {
                 let result = e2e::run(e2e::Settings {
-                    receivers: *receivers,
+                    recipients: *recipients,
                     partial: i == 0,
                     dir: &sdir.join(format!("e2e-{i}")),
                     nats_url: &nats.url(),
@@ -219,7 +227,7 @@ async fn run(args: Args) -> Result<()> {
                 .await?;
                 let ratio = result.max.throughput / baseline.throughput.max(1e-9);
                 eprintln!(
-                    "sync_interval {sync}, {receivers}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
+                    "sync_interval {sync}, {recipients}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
                     result.max.throughput,
                     baseline.throughput,
                     ratio * 100.0
@@ -233,7 +241,7 @@ async fn run(args: Args) -> Result<()> {
             });
         }
     }
-    let scale = if args.no_scale || args.scale.is_empty() {
+    let scale = if !(args.scale_only || args.with_scale) || args.scale.is_empty() {
         Vec::new()
     } else {
         scale::run(
@@ -277,12 +285,23 @@ async fn run(args: Args) -> Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("write {}", args.out.display()))?;
-    let table = report::markdown(&result);
+    let throughput = report::markdown_throughput(&result);
+    let scale = report::markdown_scale(&result);
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{table}")?;
+    writeln!(
+        stdout,
+        "{}{}",
+        throughput.as_deref().unwrap_or(""),
+        scale.as_deref().unwrap_or("")
+    )?;
     writeln!(stdout, "JSON: {}", args.out.display())?;
     if let Some(doc) = &args.write_doc {
-        report::write_doc(doc, &table)?;
+        if let Some(block) = &throughput {
+            report::write_doc(doc, report::THROUGHPUT, block)?;
+        }
+        if let Some(block) = &scale {
+            report::write_doc(doc, report::SCALE, block)?;
+        }
         writeln!(stdout, "updated {}", doc.display())?;
     }
     Ok(())

@@ -140,9 +140,12 @@ impl Batch<'_> {
         };
         let cancelled_stored = match self.store.outbox() {
             Ok(stored) => {
+                // A delivery already published has left, even if its removal from the
+                // stored outbox is still to come.
                 let keys: Vec<u64> = stored
                     .iter()
                     .filter(|e| e.confirms.as_deref() == Some(r.id.as_str()))
+                    .filter(|e| !self.left.contains(&e.key))
                     .map(|e| e.key)
                     .collect();
                 let any = !keys.is_empty();

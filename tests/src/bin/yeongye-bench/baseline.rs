@@ -118,12 +118,16 @@ async fn relay(js: jetstream::Context, c: consumer::PullConsumer, batch: usize) 
             return Ok(());
         };
         let mut inbound = vec![first?];
-        while inbound.len() < batch {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => inbound.push(m),
-                _ => break,
+        // Unconstrained by tokio's cooperative budget, as the broker's loop.
+        tokio::task::unconstrained(async {
+            while inbound.len() < batch {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => inbound.push(m),
+                    _ => break,
+                }
             }
-        }
+        })
+        .await;
         let mut acks = Vec::with_capacity(inbound.len());
         for m in &inbound {
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();

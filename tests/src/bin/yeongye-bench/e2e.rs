@@ -1,12 +1,12 @@
 //! The end-to-end run: the real `referral-broker` (signatures required, its own signing key,
 //! as in production) on the same nats-server as the baseline. Each agency system sends
-//! referrals to the next agency through the adapter SDK in-process (`Adapter::prepare_referral`
-//! and `publish`: signed, PubAck awaited, as the SDK does); the recipient takes the delivery and
+//! referrals to the next agency through the adapter SDK in-process (`Adapter::prepare_referral`,
+//! then `publish`: signed, PubAck awaited, as the SDK does); the recipient takes the delivery and
 //! sends the signed `RECEIVED` receipt; the broker records `RECEIVED` and notifies the sender.
 //! A referral counts as done when that `RECEIVED` notification is published, seen by a
 //! core-NATS tap on `yeongye.out.*.notification` (it consumes nothing).
 //!
-//! Two kinds of recipients ([`Receivers`]):
+//! Two kinds of recipients ([`Recipients`]):
 //! - `agency-adapter run` processes, one per agency: what an agency deploys. Each handles one
 //!   item at a time (dedup record in sled, flush, receipt with its PubAck, ack round trip), so
 //!   it caps the rate well below what the broker does; the figure says what a district gets
@@ -40,18 +40,18 @@ use crate::procs::{self, AdapterProc, Broker, Keys, LineCounts, ProcStats};
 /// Who reads the agencies' consumers (takes deliveries, sends receipts, takes notifications).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum Receivers {
+pub(crate) enum Recipients {
     /// One `agency-adapter run` process per agency.
     Processes,
     /// The wire protocol in-process, batched.
     Wire,
 }
 
-impl std::fmt::Display for Receivers {
+impl std::fmt::Display for Recipients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Receivers::Processes => "adapter processes",
-            Receivers::Wire => "batched wire",
+            Recipients::Processes => "adapter processes",
+            Recipients::Wire => "batched wire",
         })
     }
 }
@@ -60,7 +60,7 @@ impl std::fmt::Display for Receivers {
 const WIRE_BATCH: usize = 256;
 
 pub(crate) struct Settings<'a> {
-    pub(crate) receivers: Receivers,
+    pub(crate) recipients: Recipients,
     /// Whether to run the latency phase at a fraction of the maximum.
     pub(crate) partial: bool,
     pub(crate) dir: &'a Path,
@@ -86,7 +86,7 @@ pub(crate) struct CpuPerReferral {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct E2eResult {
-    pub(crate) receivers: Receivers,
+    pub(crate) recipients: Recipients,
     pub(crate) max: PhaseResult,
     pub(crate) max_cpu: CpuPerReferral,
     pub(crate) partial: Option<PhaseResult>,
@@ -175,9 +175,9 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
 
     let mut adapters = Vec::new();
     let wire_counts = Arc::new(LineCounts::default());
-    let mut receivers = Vec::new();
-    match s.receivers {
-        Receivers::Processes => {
+    let mut recipients = Vec::new();
+    match s.recipients {
+        Recipients::Processes => {
             for (a, _, key) in &keys.agencies {
                 adapters.push(AdapterProc::spawn(
                     &s.dir.join("adapters").join(a),
@@ -192,7 +192,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
                 a.wait_receiving(Duration::from_secs(60)).await?;
             }
         }
-        Receivers::Wire => {
+        Recipients::Wire => {
             let client = async_nats::connect(s.nats_url).await?;
             let js = jetstream::new(client);
             for (a, key, _) in &keys.agencies {
@@ -200,7 +200,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
                     .get_consumer_from_stream(subject::agency_consumer(a), subject::OUT_STREAM)
                     .await
                     .map_err(|e| anyhow::anyhow!("consumer of {a}: {e}"))?;
-                receivers.push(tokio::spawn(wire_recipient(
+                recipients.push(tokio::spawn(wire_recipient(
                     js.clone(),
                     consumer,
                     a.clone(),
@@ -270,7 +270,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         cpu_secs(&[me]),
     );
     let max = load::run(
-        &format!("end-to-end max, {}", s.receivers),
+        &format!("end-to-end max, {}", s.recipients),
         &tracker,
         s.max,
         Arc::clone(&send),
@@ -293,7 +293,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
             offer: Offer::Open { rate },
             ..s.max
         };
-        let name = format!("end-to-end {:.0}%, {}", s.fraction * 100.0, s.receivers);
+        let name = format!("end-to-end {:.0}%, {}", s.fraction * 100.0, s.recipients);
         let partial = load::run(&name, &tracker, plan, Arc::clone(&send)).await?;
         check_rejections(&adapters, &wire_counts)?;
         Some(partial)
@@ -303,7 +303,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
 
     let stats: ProcStats = procs::proc_stats(broker.pid())?;
     tap.abort();
-    for r in receivers {
+    for r in recipients {
         r.abort();
     }
     for a in &senders {
@@ -316,10 +316,18 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         + wire_counts.deliveries.load(Ordering::Relaxed);
     drop(adapters);
     broker.stop();
+    // The next run on this server starts from empty streams (a new broker store with the old
+    // streams would replay them).
+    if let Ok(client) = async_nats::connect(s.nats_url).await {
+        let js = jetstream::new(client);
+        for stream in [subject::IN_STREAM, subject::OUT_STREAM] {
+            let _ = js.delete_stream(stream).await;
+        }
+    }
     let referrals_stored = max.sent + partial.as_ref().map_or(0, |p| p.sent);
     let disk = procs::disk_usage(&store);
     Ok(E2eResult {
-        receivers: s.receivers,
+        recipients: s.recipients,
         max,
         max_cpu,
         partial,
@@ -354,12 +362,15 @@ async fn wire_recipient(
             return Ok(());
         };
         let mut batch = vec![first?];
-        while batch.len() < WIRE_BATCH {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                _ => break,
+        tokio::task::unconstrained(async {
+            while batch.len() < WIRE_BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    _ => break,
+                }
             }
-        }
+        })
+        .await;
         let mut acks = Vec::new();
         for m in &batch {
             let Ok(env) = v1::Envelope::decode(m.payload.as_ref()) else {

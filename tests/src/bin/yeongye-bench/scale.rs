@@ -23,8 +23,14 @@ use yeongye_proto::v1;
 use crate::procs::{self, Broker, Keys, Nats, Sync};
 
 /// Referrals per store commit while filling.
-const FILL_BATCH: u64 = 2000;
+const FILL_BATCH: u64 = 500;
+/// Set on a signal: the fill (a blocking task the runtime would wait for) stops at its next
+/// change set.
+pub(crate) static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 const DAY_MS: i64 = 24 * 3600 * 1000;
+/// Time between two filled referrals: a million end a few hours before the run, so that their
+/// acceptance deadlines (10 days) are all still ahead, as in a store in steady use.
+const STEP_MS: i64 = 20;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct ScalePoint {
@@ -41,12 +47,19 @@ pub(crate) struct ScalePoint {
     pub(crate) fill_secs: f64,
 }
 
-fn uuid_like(n: u64, salt: u64) -> String {
-    // Deterministic, UUID-shaped, unique per (n, salt); the store sees ids like the real ones.
-    let hi = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt;
-    let lo = n ^ salt.rotate_left(17);
+/// A UUID-shaped id, unique per (n, salt). With `at` (Unix ms), laid out as a UUIDv7 (time
+/// first, so ids made later sort later, as the agencies' UUIDv7 referral and message ids do);
+/// without, as scattered as a UUIDv5 (the derived receipt ids).
+fn uuid_like(at: Option<i64>, n: u64, salt: u64) -> String {
+    let mix = (n ^ salt.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let hi = match at {
+        Some(ms) => (u64::try_from(ms).unwrap_or(0) << 16) | (n & 0xfff),
+        None => mix,
+    };
+    let lo = mix.rotate_left(17) ^ n;
+    let version = if at.is_some() { 7 } else { 5 };
     format!(
-        "{:08x}-{:04x}-7{:03x}-8{:03x}-{:012x}",
+        "{:08x}-{:04x}-{version}{:03x}-8{:03x}-{:012x}",
         hi >> 32,
         (hi >> 16) & 0xffff,
         hi & 0xfff,
@@ -96,29 +109,32 @@ fn envelope(id: &str, message_id: &str, from: &str, to: &str, at: i64, bytes: us
     wrap(&r).encode_to_vec()
 }
 
-/// Adds referrals `from..to` to the store at `dir`, each RECEIVED by its recipient.
+/// Adds referrals `from..to` to the store at `dir`, each RECEIVED by its recipient, the `i`th
+/// submitted at `base_at + i * STEP_MS`.
 pub(crate) fn fill(
     dir: &Path,
     agencies: &[String],
-    from: u64,
-    to: u64,
+    (from, to): (u64, u64),
+    base_at: i64,
     bytes: usize,
 ) -> Result<()> {
     let store = SledStore::open(dir).map_err(|e| anyhow!("open store {}: {e}", dir.display()))?;
     let mut head = store.audit_head().map_err(|e| anyhow!("{e}"))?;
-    let base_at: i64 = 1_767_225_600_000; // 2026-01-01, in ms
     let mut n = from;
     while n < to {
+        if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            anyhow::bail!("stopped");
+        }
         let end = (n + FILL_BATCH).min(to);
         let mut changes = ChangeSet::default();
         let mut drafts = Vec::new();
         for i in n..end {
-            let at = base_at + i64::try_from(i)? * 50;
+            let at = base_at + i64::try_from(i)? * STEP_MS;
             let k = usize::try_from(i)? % agencies.len();
             let (from_agency, to_agency) = (&agencies[k], &agencies[(k + 1) % agencies.len()]);
-            let id = uuid_like(i, 1);
-            let submit_id = uuid_like(i, 2);
-            let receipt_id = uuid_like(i, 3);
+            let id = uuid_like(Some(at), i, 1);
+            let submit_id = uuid_like(Some(at), i, 2);
+            let receipt_id = uuid_like(None, i, 3);
             let new = NewReferral {
                 id: id.clone(),
                 from: from_agency.clone(),
@@ -238,13 +254,21 @@ pub(crate) async fn run(
     let store = dir.join("store");
     let mut points = Vec::new();
     let mut filled = 0;
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let base_at = yeongye_adapter::ids::now_ms() - i64::try_from(largest)? * STEP_MS;
     let mut fill_secs = 0.0;
     for &size in sizes {
         let started = Instant::now();
         eprintln!("scale: filling the store to {size} referrals");
         let (store_c, agencies_c) = (store.clone(), agencies.clone());
         tokio::task::spawn_blocking(move || {
-            fill(&store_c, &agencies_c, filled, size, message_bytes)
+            fill(
+                &store_c,
+                &agencies_c,
+                (filled, size),
+                base_at,
+                message_bytes,
+            )
         })
         .await
         .context("fill task")??;
@@ -287,4 +311,41 @@ pub(crate) async fn run(
         points.push(point);
     }
     Ok(points)
+}
+
+/// Opens the store at `dir` in this process and says what each step of a broker's start costs
+/// in time and resident memory (for looking into the scale figures).
+pub(crate) fn probe(dir: &Path) -> Result<()> {
+    let rss = || procs::proc_stats(std::process::id()).map_or(0, |s| s.rss) as f64 / 1e6;
+    let t = Instant::now();
+    eprintln!("probe: before open: RSS {:.0} MB", rss());
+    let store = SledStore::open(dir).map_err(|e| anyhow!("open: {e}"))?;
+    eprintln!(
+        "probe: open: {:.2} s, RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        rss()
+    );
+    let t = Instant::now();
+    let n = store.summaries().map_err(|e| anyhow!("{e}"))?.len();
+    eprintln!(
+        "probe: {n} summaries: {:.2} s, RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        rss()
+    );
+    let t = Instant::now();
+    let n = store.referrals().map_err(|e| anyhow!("{e}"))?.len();
+    eprintln!(
+        "probe: {n} referrals decoded whole (the start before summaries): {:.2} s, RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        rss()
+    );
+    let t = Instant::now();
+    let d = store.dead_letters().map_err(|e| anyhow!("{e}"))?.len();
+    let o = store.outbox().map_err(|e| anyhow!("{e}"))?.len();
+    eprintln!(
+        "probe: {d} dead letters, {o} outbox: {:.2} s, RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        rss()
+    );
+    Ok(())
 }

@@ -216,6 +216,11 @@ enum AuditCommand {
     Show { referral_id: String },
 }
 
+/// sled allocates and frees per write, the NATS client per message: glibc's malloc took about
+/// an eighth of the broker's CPU under load (docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

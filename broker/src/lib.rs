@@ -73,9 +73,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     // record (its envelope and history) would take most of the start-up time and memory.
     let view = {
         let mut v = view::View::default();
-        for summary in store.summaries()? {
-            v.change(None, &summary);
-        }
+        store.for_each_summary(&mut |summary| v.change(None, &summary))?;
         v.add_dead_letters(&store.dead_letters()?);
         v
     };

@@ -157,11 +157,19 @@ pub trait Store: Send + Sync + 'static {
     fn prune_seen(&self, before: Millis) -> Result<usize>;
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
-    /// What the operators' view keeps of every referral, in id order: all that is read at
-    /// start, so it must stay cheap with millions stored (the sled store keeps a small summary
-    /// record beside each referral rather than decoding the referrals).
+    /// What the operators' view keeps of every referral, in id order, one at a time: all that
+    /// is read at start, so it must stay cheap with millions stored (the sled store keeps a
+    /// small summary record beside each referral rather than decoding the referrals).
+    fn for_each_summary(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
+        self.referrals()?.iter().map(Summary::of).for_each(f);
+        Ok(())
+    }
+    /// [`Store::for_each_summary`], collected (for tests and small stores: a million
+    /// summaries held at once are a few hundred MB).
     fn summaries(&self) -> Result<Vec<Summary>> {
-        Ok(self.referrals()?.iter().map(Summary::of).collect())
+        let mut out = Vec::new();
+        self.for_each_summary(&mut |s| out.push(s))?;
+        Ok(out)
     }
     fn dead_letters(&self) -> Result<Vec<DeadLetter>>;
     fn dead_letter(&self, stream_seq: u64) -> Result<Option<DeadLetter>>;

@@ -304,14 +304,13 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn summaries(&self) -> Result<Vec<Summary>> {
-        let mut out = Vec::new();
+    fn for_each_summary(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
         for kv in self.db.scan_prefix(b"v/") {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]);
-            out.push(codec::decode_summary(&id, &v)?);
+            f(codec::decode_summary(&id, &v)?);
         }
-        Ok(out)
+        Ok(())
     }
 
     fn dead_letters(&self) -> Result<Vec<DeadLetter>> {

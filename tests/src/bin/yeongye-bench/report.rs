@@ -235,18 +235,20 @@ pub(crate) fn markdown_scale(r: &Report) -> Option<String> {
     }
     let mut out = run_line(r);
     let _ = writeln!(out, "Command: `{}`.\n", r.settings.command);
-    out.push_str("| referrals stored | store on disk | per referral | start → ready | broker RSS when ready | peak RSS | fill (library) |\n");
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| referrals stored | store on disk | per referral | first start → ready | broker RSS when ready | peak RSS | restart → ready | RSS after restart | fill (library) |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for p in &r.scale {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} B | **{:.2} s** | **{}** | {} | {:.0} s |",
+            "| {} | {} | {:.0} B | **{:.2} s** | **{}** | {} | **{:.2} s** | **{}** | {:.0} s |",
             p.referrals,
             mb(p.store_bytes),
             p.store_bytes_per_referral,
             p.start_to_ready_secs,
             mb(p.rss_bytes),
             mb(p.hwm_bytes),
+            p.restart_to_ready_secs,
+            mb(p.restart_rss_bytes),
             p.fill_secs,
         );
     }

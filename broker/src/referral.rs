@@ -58,12 +58,11 @@ pub fn submit(new: NewReferral, cause: &str, now: Millis) -> Transition {
         }],
     };
     Transition {
+        // No notification to the sender yet: the delivery and a `SUBMITTED` notification
+        // would leave in the same flight to the same stream, so the `DELIVERED` that follows
+        // one turn later tells the sender as much, for one stream write less per referral.
         effects: vec![
             Effect::Deliver { to },
-            Effect::Notify {
-                to: from,
-                previous: State::Submitted,
-            },
             Effect::Schedule {
                 kind: DeadlineKind::Receipt,
                 at: receive_by,

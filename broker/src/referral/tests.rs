@@ -539,20 +539,29 @@ fn transition_table() {
 }
 
 #[test]
-fn submit_delivers_notifies_and_schedules_the_receipt_deadline() {
+fn submit_delivers_and_schedules_the_receipt_deadline_and_tells_the_sender_at_delivered() {
     let t = submit(new_referral(), "m-submit", T0);
-    expect![
-        "-> SUBMITTED by sender [deliver(recipient), notify(sender), schedule(receipt @T0+3600000)]"
-    ]
-    .assert_eq(&render_new(&t));
+    expect!["-> SUBMITTED by sender [deliver(recipient), schedule(receipt @T0+3600000)]"]
+        .assert_eq(&render_new(&t));
     let entry = &t.referral.history[0];
     assert_eq!((entry.at, entry.cause.as_str()), (T0, "m-submit"));
     assert_eq!(t.referral.created_at, T0);
     assert_eq!(t.referral.envelope, new_referral().envelope);
-    assert!(t.effects.contains(&Effect::Notify {
-        to: SENDER.to_owned(),
-        previous: State::Submitted,
-    }));
+    // The sender hears of it once the delivery is in the recipient's stream.
+    let delivered = apply(
+        &t.referral,
+        &Event::DeliveryConfirmed,
+        "r/delivered",
+        T0 + 1,
+    )
+    .expect("SUBMITTED -> DELIVERED");
+    assert_eq!(
+        delivered.effects,
+        [Effect::Notify {
+            to: SENDER.to_owned(),
+            previous: State::Submitted,
+        }]
+    );
 }
 
 #[test]
@@ -629,7 +638,7 @@ fn only_a_refused_referral_can_be_resubmitted() {
         DECLINED -> error not replayable
         CANCELLED -> error not replayable
         EXPIRED -> error not replayable
-        REFUSED -> SUBMITTED history REFUSED,SUBMITTED [deliver(recipient), notify(sender), schedule(receipt @T0+3600000)]
+        REFUSED -> SUBMITTED history REFUSED,SUBMITTED [deliver(recipient), schedule(receipt @T0+3600000)]
         WITHDRAWN -> error not replayable
     "#]].assert_eq(&table);
 }

@@ -100,6 +100,19 @@ impl SledStore {
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
     }
+
+    /// Every key's prefix (up to its first `/`) with the bytes of key and value, for sizing
+    /// investigations (`yeongye-bench --probe-store`). Reads the whole store.
+    pub fn key_census(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.db.iter() {
+            let (k, v) = kv?;
+            let end = k.iter().position(|&b| b == b'/').map_or(k.len(), |i| i + 1);
+            let prefix = String::from_utf8_lossy(&k[..end]).into_owned();
+            out.push((prefix, (k.len() + v.len()) as u64));
+        }
+        Ok(out)
+    }
 }
 
 fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {

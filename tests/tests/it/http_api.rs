@@ -135,7 +135,7 @@ async fn referral_lifecycle_over_http_only() {
     assert_eq!(delivery.body["item"]["reason"], body["reason"]);
     assert_eq!(delivery.body["item"]["client"], body["client"]);
 
-    // The sender sees SUBMITTED, DELIVERED, RECEIVED (sent once the webhook said 2xx).
+    // The sender sees DELIVERED, RECEIVED (sent once the webhook said 2xx).
     let mut seen = Vec::new();
     pull_until(&centre, &mut seen, "RECEIVED", |s| {
         notified(s, &rid).contains(&"RECEIVED".to_owned())
@@ -165,7 +165,6 @@ async fn referral_lifecycle_over_http_only() {
     assert_eq!(
         notified(&seen, &rid),
         [
-            "SUBMITTED",
             "DELIVERED",
             "RECEIVED",
             "ACCEPTED",
@@ -325,7 +324,7 @@ async fn retried_post_with_the_same_idempotency_key_creates_one_referral() {
         "urn:yeongye:problem:idempotency-key-reused"
     );
 
-    // One referral: one delivery at the recipient, one SUBMITTED at the sender.
+    // One referral: one delivery at the recipient, one DELIVERED at the sender.
     let rid = first.json()["referral_id"].as_str().expect("id").to_owned();
     let (_, barrier) = referral_json(CENTRE, HOPE);
     let barrier_id = barrier["referralId"].as_str().expect("id").to_owned();
@@ -352,10 +351,10 @@ async fn retried_post_with_the_same_idempotency_key_creates_one_referral() {
     pull_within(
         &centre,
         &mut at_centre,
-        "SUBMITTED of the referral and RECEIVED of the barrier",
+        "DELIVERED of the referral and RECEIVED of the barrier",
         REDELIVERY,
         |s| {
-            notified(s, &rid).contains(&"SUBMITTED".to_owned())
+            notified(s, &rid).contains(&"DELIVERED".to_owned())
                 && notified(s, &barrier_id).contains(&"RECEIVED".to_owned())
         },
     )
@@ -363,7 +362,7 @@ async fn retried_post_with_the_same_idempotency_key_creates_one_referral() {
     assert_eq!(
         notified(&at_centre, &rid)
             .iter()
-            .filter(|s| *s == "SUBMITTED")
+            .filter(|s| *s == "DELIVERED")
             .count(),
         1
     );

@@ -277,8 +277,11 @@ fn a_statutory_basis_passes_and_is_marked_everywhere() {
             },
         ))
     });
-    let (out, sent) = run(&s, &[msg], 1, 100);
+    let (out, _) = run(&s, &[msg], 1, 100);
     assert_eq!(out, [Outcome::Applied]);
+    // The sender's first notification: DELIVERED.
+    delivered(&s, "r1");
+    let sent = s.outbox().unwrap();
     let note = sent
         .iter()
         .find(|e| e.subject.ends_with(".notification"))

@@ -102,14 +102,12 @@ fn rejection(c: &ChangeSet) -> v1::Rejection {
 }
 
 #[test]
-fn a_referral_is_delivered_notified_and_scheduled() {
+fn a_referral_is_delivered_and_scheduled() {
     let s = SledStore::temporary().unwrap();
     let (out, c) = run(&s, &[referral_msg("r1", "m1")], 1, 100);
     assert_eq!(out, [Outcome::Applied]);
-    assert_eq!(
-        subjects(&c),
-        ["yeongye.out.b.delivery", "yeongye.out.a.notification"]
-    );
+    // The sender is notified at DELIVERED, not now.
+    assert_eq!(subjects(&c), ["yeongye.out.b.delivery"]);
     assert_eq!(c.outbox_put[0].confirms.as_deref(), Some("r1"));
     assert_eq!(c.deadlines_put[0].at, 1100);
     assert_eq!(c.checkpoint, Some(1));
@@ -129,7 +127,7 @@ fn repeats_have_one_effect_within_and_across_batches() {
     let m = referral_msg("r1", "m1");
     let (out, c) = run(&s, &[m.clone(), m.clone()], 1, 100);
     assert_eq!(out, [Outcome::Applied, Outcome::Duplicate]);
-    assert_eq!(c.outbox_put.len(), 2);
+    assert_eq!(c.outbox_put.len(), 1);
     let (out, c) = run(&s, &[m], 3, 200);
     assert_eq!(out, [Outcome::Duplicate]);
     assert!(c.outbox_put.is_empty() && c.referrals.is_empty());
@@ -329,10 +327,7 @@ fn an_operator_replays_a_refused_referral_once_its_cause_is_fixed() {
         .unwrap();
     let (c, _) = b.finish();
     s.commit(&c).unwrap();
-    assert_eq!(
-        subjects(&c),
-        ["yeongye.out.b.delivery", "yeongye.out.a.notification"]
-    );
+    assert_eq!(subjects(&c), ["yeongye.out.b.delivery"]);
     let r = s.referral("r1").unwrap().unwrap();
     let states: Vec<_> = r.history.iter().map(|h| h.state).collect();
     assert_eq!(states, [State::Refused, State::Submitted]);

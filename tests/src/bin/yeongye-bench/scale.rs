@@ -366,6 +366,17 @@ pub(crate) fn probe(dir: &Path) -> Result<()> {
         rss()
     );
     let t = Instant::now();
+    let mut by_prefix = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for (prefix, len) in store.key_census().map_err(|e| anyhow!("{e}"))? {
+        let e = by_prefix.entry(prefix).or_default();
+        e.0 += 1;
+        e.1 += len;
+    }
+    for (prefix, (n, bytes)) in &by_prefix {
+        eprintln!("probe: {prefix:>4} {n:>9} keys, {bytes:>11} bytes of keys and values");
+    }
+    eprintln!("probe: census {:.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
     let d = store.dead_letters().map_err(|e| anyhow!("{e}"))?.len();
     let o = store.outbox().map_err(|e| anyhow!("{e}"))?.len();
     eprintln!(

@@ -5,11 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each step says how long it took (CI's budget is watched: see the closing notes).
+step() {
+    local started=$SECONDS
+    "$@"
+    echo "tests/run.sh: '$*' took $((SECONDS - started)) s" >&2
+}
+
 nats=$(./deploy/install-nats.sh)
 export YEONGYE_NATS_SERVER="$nats"
 
-cargo fmt --all --check
-cargo clippy --workspace --all-targets -- -D warnings
+step cargo fmt --all --check
+step cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run target/debug/{referral-broker,agency-adapter}: build them first.
-cargo build --workspace --bins
-cargo test --workspace "$@"
+step cargo build --workspace --bins
+step cargo test --workspace "$@"

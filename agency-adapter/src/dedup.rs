@@ -119,8 +119,17 @@ impl DedupStore {
     }
 
     /// Makes everything recorded so far survive a killed process.
+    ///
+    /// A blocking `flush` on the blocking pool, not sled's `flush_async`: in sled 0.34,
+    /// `flush_async` futures polled concurrently can wait forever (sled issue #1308, fixed only
+    /// in sled's unreleased main branch) — an agency system completing several items at once
+    /// through the SDK hung this way.
     pub(crate) async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await.map_err(|e| self.err(e))?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| self.err(sled::Error::Io(std::io::Error::other(e.to_string()))))?
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -212,6 +221,48 @@ fn decode_time(v: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many items completed at once: each records its id in a transaction and flushes. With
+    /// sled 0.34's `flush_async` this hung for good (sled #1308; seen here every time), with
+    /// the runtime's workers stuck, so the work runs on a runtime of its own thread and the
+    /// test waits for it with a plain timeout, to fail with a message instead of hanging.
+    #[test]
+    fn concurrent_records_and_flushes_all_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DedupStore::open(&dir.path().join("dedup"), 14).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = store.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(4)
+                .enable_all()
+                .build()
+                .unwrap();
+            let result = rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for task in 0..32 {
+                    let store = worker.clone();
+                    tasks.push(tokio::spawn(async move {
+                        for n in 0..20 {
+                            let id = format!("m-{task}-{n}");
+                            store.record_all(&[&id, &format!("{id}-receipt")], 1_000)?;
+                            store.flush().await?;
+                        }
+                        Ok::<(), Error>(())
+                    }));
+                }
+                futures::future::join_all(tasks).await
+            });
+            let _ = tx.send(result);
+        });
+        let results = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("32 tasks recording and flushing at once did not finish within 60 s (hung?)");
+        for r in results {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(store.len(), 32 * 20 * 2);
+    }
 
     #[tokio::test]
     async fn survives_reopen() {

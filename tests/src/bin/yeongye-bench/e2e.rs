@@ -17,9 +17,11 @@
 //!   The bench's agency system keeps nothing, so it records nothing. This is the broker's own
 //!   limit, and the figure compared with the baseline.
 //!
-//! Why not the SDK for receiving: `Item::done` calls on one `Incoming` that run concurrently
-//! deadlock inside sled (a multi-tree transaction against `flush_async`; seen here with 8 at
-//! once), and one at a time the SDK is the adapter process's loop again. The SDK sends.
+//! Why not the SDK for receiving: each `Item::done` records and flushes on its own (one sled
+//! flush per item), so the SDK receives at the adapter process's pace; the batched wire
+//! recipient measures the broker instead. (Several `Item::done` at once used to hang in sled
+//! 0.34's `flush_async`, found here; the adapter now flushes on the blocking pool.) The SDK
+//! sends.
 
 use std::path::Path;
 use std::sync::Arc;

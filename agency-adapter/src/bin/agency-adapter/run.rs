@@ -3,6 +3,10 @@
 //! states (never personal data) to stdout, then marks it done. A signal lets the item in hand
 //! finish before the adapter drains its connection and exits.
 //!
+//! Exactly once is the inbox: an item handed over again (the adapter died before marking it
+//! done) finds its file present and leaves it. The stdout line is a log of the handoff and is
+//! printed again in that case: at least once.
+//!
 //! A withdrawal handed to the inbox purges the referral's file there; the purge is then
 //! confirmed to the broker (derived id) before the item is marked done. Without `--inbox` the
 //! adapter holds no data to purge: the line is printed and the agency confirms with

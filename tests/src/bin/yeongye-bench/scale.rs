@@ -283,33 +283,24 @@ pub(crate) async fn run(
         // A fresh nats-server each time: the broker's streams and consumers are created anew,
         // as on a first start against this store.
         let nats = Nats::start(nats_bin, &dir.join(format!("nats-{size}")), Sync::Default).await?;
-        let mut broker = Broker::spawn(
-            &dir.join(format!("broker-{size}")),
-            &nats.url(),
-            &store,
-            &registry,
-            &keys.broker,
-            256,
-        )?;
-        let ready = broker.wait_ready(Duration::from_secs(300)).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let stats = procs::proc_stats(broker.pid())?;
-        broker.stop();
+        // Spawned → ready, then resident memory once settled.
+        let start = |name: String| {
+            let (nats_url, store, registry, key) = (nats.url(), &store, &registry, &keys.broker);
+            async move {
+                let mut broker =
+                    Broker::spawn(&dir.join(name), &nats_url, store, registry, key, 256)?;
+                let ready = broker.wait_ready(Duration::from_secs(300)).await?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let stats = procs::proc_stats(broker.pid())?;
+                broker.stop();
+                anyhow::Ok((ready, stats))
+            }
+        };
+        let (ready, stats) = start(format!("broker-{size}")).await?;
         // A restart: sled 0.34 writes its snapshot only when it opens a store, so the first
         // start above replayed every write since the store was last opened (the fill); a
         // restart replays only what came after.
-        let mut broker = Broker::spawn(
-            &dir.join(format!("broker-{size}-restart")),
-            &nats.url(),
-            &store,
-            &registry,
-            &keys.broker,
-            256,
-        )?;
-        let restart = broker.wait_ready(Duration::from_secs(300)).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let restart_stats = procs::proc_stats(broker.pid())?;
-        broker.stop();
+        let (restart, restart_stats) = start(format!("broker-{size}-restart")).await?;
         drop(nats);
         let point = ScalePoint {
             referrals: size,

@@ -15,7 +15,6 @@
 //! token_file = "/etc/yeongye/cc-haengbok1.token"
 //! ```
 
-mod credentials;
 mod http;
 
 use std::fmt;
@@ -27,10 +26,10 @@ use yeongye_proto::subject;
 
 use crate::error::{Error, Result};
 
-pub use credentials::Credentials;
 pub use http::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
 };
+pub use yeongye_proto::credentials::Credentials;
 
 /// Environment variable overriding [`AdapterConfig::agency`].
 pub const ENV_AGENCY: &str = "YEONGYE_AGENCY";
@@ -184,10 +183,14 @@ impl AdapterConfig {
     /// The NATS credentials, read from [`nats_credentials_file`](Self::nats_credentials_file)
     /// (`None` if not configured).
     pub fn credentials(&self) -> Result<Option<Credentials>> {
-        self.nats_credentials_file
-            .as_deref()
-            .map(Credentials::load)
-            .transpose()
+        let Some(path) = self.nats_credentials_file.as_deref() else {
+            return Ok(None);
+        };
+        let creds = Credentials::load(path).map_err(|e| Error::Config(e.to_string()))?;
+        if let Some(mode) = yeongye_proto::credentials::shared_mode(path) {
+            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the NATS credentials file may be read by others than its owner: chmod 600 it");
+        }
+        Ok(Some(creds))
     }
 
     /// The servers as `async-nats` addresses, one per URL.

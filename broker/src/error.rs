@@ -27,9 +27,9 @@ pub enum Error {
     Onboard(String),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
-    /// A NATS credentials file is unreadable or malformed (the message never holds the password).
-    #[error("credentials file {path}: {message}")]
-    Credentials { path: PathBuf, message: String },
+    /// A NATS credentials file is unreadable, malformed or unwritable (never holds the password).
+    #[error(transparent)]
+    Credentials(#[from] yeongye_proto::credentials::CredentialsError),
     #[error("signing key: {0}")]
     Key(#[from] yeongye_proto::signing::KeyError),
 }

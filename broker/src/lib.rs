@@ -26,7 +26,6 @@ pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod convert;
-pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod ingest;

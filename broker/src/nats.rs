@@ -14,9 +14,9 @@ use async_nats::{ConnectOptions, ServerAddr};
 use yeongye_proto::subject;
 
 use crate::config::Config;
-use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+use yeongye_proto::credentials::{self, Credentials};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 /// How long a delivered, unacknowledged message waits before redelivery.
@@ -62,6 +62,9 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
 pub fn secure(mut options: ConnectOptions, cfg: &Config) -> Result<ConnectOptions> {
     if let Some(path) = &cfg.nats_credentials_file {
         let creds = Credentials::load(path)?;
+        if let Some(mode) = credentials::shared_mode(path) {
+            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the NATS credentials file may be read by others than its owner: chmod 600 it");
+        }
         tracing::info!(user = %creds.user, file = %path.display(), "NATS credentials");
         options = options.user_and_password(creds.user, creds.password);
     }

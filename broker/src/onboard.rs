@@ -34,11 +34,11 @@ use std::time::Duration;
 use yeongye_proto::signing::{PrivateKey, PublicKeyEntry};
 use yeongye_proto::subject::is_valid_agency_id;
 
-use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use files::{Lock, Undo};
 pub use nats_conf::ServerTls;
 use registry_doc::RegistryDoc;
+use yeongye_proto::credentials::Credentials;
 
 /// The private signing key's file name in a secrets directory.
 pub const SIGNING_KEY_FILE: &str = "signing.key";

@@ -9,7 +9,9 @@
 //! - `v1`: the generated types of package `yeongye.v1`.
 //! - [`subject`]: the subject names, built and parsed in one place.
 //! - [`signing`]: how envelopes are signed, key files, and the registry's key ring.
+//! - [`credentials`]: NATS credentials files and private (0600) secret files.
 
+pub mod credentials;
 pub mod signing;
 pub mod subject;
 

@@ -141,22 +141,12 @@ impl PrivateKey {
 
     /// Writes the key file readable by its owner only (mode 0600), refusing to overwrite.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
-        use std::io::Write;
-        let shown = path.display().to_string();
-        let err = |e: std::io::Error| KeyError::File {
-            path: shown.clone(),
-            message: e.to_string(),
-        };
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(path).map_err(err)?;
-        f.write_all(self.to_file_text().as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)
+        crate::credentials::write_private(path, self.to_file_text().as_bytes()).map_err(|e| {
+            KeyError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }
+        })
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use yeongye_broker::credentials::Credentials;
+use yeongye_proto::credentials::Credentials;
 
 use crate::adapter::{AdapterConfig, AdapterProcess};
 use crate::broker::BrokerConfig;

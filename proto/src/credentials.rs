@@ -1,20 +1,23 @@
 //! NATS credentials files: the user name and password one NATS user connects with, as written by
 //! `referral-broker init` / `agency add` (`<secrets>/<who>/nats.creds`, mode 0600) and read by
-//! the broker (`nats_credentials_file`) and each adapter.
+//! the broker (`nats_credentials_file`) and each adapter. Part of the contract between them, so
+//! it lives here, once.
 //!
 //! ```toml
 //! user = "cc-haengbok1"
 //! password = "…"
 //! ```
 //!
-//! The password never appears in `Debug` output, logs or errors.
+//! The password never appears in `Debug` output or errors.
 
 use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+/// Bytes of randomness in a generated password (hex encoded: 48 characters, well under
+/// bcrypt's 72-byte limit).
+const PASSWORD_BYTES: usize = 24;
 
 /// One NATS user's name and password.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -33,19 +36,27 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// Bytes of randomness in a generated password (hex encoded: 48 characters, well under
-/// bcrypt's 72-byte limit).
-const PASSWORD_BYTES: usize = 24;
+/// A credentials file that cannot be read, parsed or written. Never quotes the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot read credentials file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("credentials file {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("cannot write credentials file {path}: {message}")]
+    Write { path: String, message: String },
+    #[error("no randomness from the operating system: {0}")]
+    Random(String),
+}
 
 impl Credentials {
     /// A fresh random password for `user`, from the operating system's randomness.
-    pub fn generate(user: &str) -> Result<Credentials> {
+    pub fn generate(user: &str) -> Result<Credentials, CredentialsError> {
         let mut bytes = [0u8; PASSWORD_BYTES];
-        getrandom::getrandom(&mut bytes)
-            .map_err(|e| Error::Onboard(format!("no randomness from the operating system: {e}")))?;
+        getrandom::getrandom(&mut bytes).map_err(|e| CredentialsError::Random(e.to_string()))?;
         Ok(Credentials {
             user: user.to_owned(),
-            password: hex::encode(bytes),
+            password: bytes.iter().map(|b| format!("{b:02x}")).collect(),
         })
     }
 
@@ -65,9 +76,9 @@ impl Credentials {
     }
 
     /// Parses a credentials file's text; `path` is only for the error.
-    pub fn parse(text: &str, path: &Path) -> Result<Credentials> {
-        let bad = |message: String| Error::Credentials {
-            path: path.to_owned(),
+    pub fn parse(text: &str, path: &Path) -> Result<Credentials, CredentialsError> {
+        let bad = |message: String| CredentialsError::Invalid {
+            path: path.display().to_string(),
             message,
         };
         // The TOML error quotes the offending line, which could be the password: say only where.
@@ -89,29 +100,28 @@ impl Credentials {
         Ok(creds)
     }
 
-    /// Reads a credentials file. Warns if others than its owner may read it.
-    pub fn load(path: &Path) -> Result<Credentials> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Credentials {
-            path: path.to_owned(),
+    /// Reads a credentials file. Callers warn when [`shared_mode`] says others may read it.
+    pub fn load(path: &Path) -> Result<Credentials, CredentialsError> {
+        let text = std::fs::read_to_string(path).map_err(|e| CredentialsError::Read {
+            path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        warn_if_shared(path);
         Credentials::parse(&text, path)
     }
 
     /// Writes the file readable by its owner only (mode 0600), refusing to overwrite.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        write_private(path, self.to_file_text().as_bytes())
+    pub fn save(&self, path: &Path) -> Result<(), CredentialsError> {
+        write_private(path, self.to_file_text().as_bytes()).map_err(|e| CredentialsError::Write {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
     }
 }
 
-/// Creates `path` with `bytes`, mode 0600, refusing to overwrite, and syncs it.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Creates `path` with `bytes`, mode 0600, refusing to overwrite, and syncs it: for secrets
+/// (credentials and signing keys).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let err = |e: std::io::Error| Error::File {
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -119,27 +129,26 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
-#[cfg(unix)]
-fn warn_if_shared(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
+/// The file's permission bits if others than its owner may read or write it (a secret that
+/// should be mode 0600), else `None`.
+pub fn shared_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
     {
-        tracing::warn!(
-            file = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the NATS credentials file may be read by others than its owner: chmod 600 it"
-        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
-
-#[cfg(not(unix))]
-fn warn_if_shared(_path: &Path) {}
 
 #[cfg(test)]
 mod tests {
@@ -158,6 +167,9 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
+            assert_eq!(shared_mode(&path), None);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert_eq!(shared_mode(&path), Some(0o644));
         }
         assert!(c.save(&path).is_err(), "never overwrites");
         assert_eq!(Credentials::load(&path).unwrap(), c);
@@ -166,6 +178,14 @@ mod tests {
             !shown.contains(&c.password) && shown.contains("cc-1"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn parses_and_hides_the_password() {
+        let p = Path::new("a.creds");
+        let c = Credentials::parse("# c\nuser = \"cc-1\"\npassword = \"0123abcd\"\n", p).unwrap();
+        assert_eq!(c.user, "cc-1");
+        assert!(!format!("{c:?}").contains("0123abcd"));
     }
 
     #[test]
@@ -185,6 +205,10 @@ mod tests {
             assert!(!e.contains("sekrit"), "{text:?}: {e}");
             assert!(e.contains("x.creds"), "{e}");
         }
-        assert!(Credentials::load(Path::new("/nonexistent/x.creds")).is_err());
+        let e = Credentials::load(Path::new("/nonexistent/a.creds")).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot read credentials file"),
+            "{e}"
+        );
     }
 }

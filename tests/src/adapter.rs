@@ -448,6 +448,13 @@ impl AdapterProcess {
     }
 
     /// Waits until there is a rejection of the message `message_id`, and returns its line.
+    /// Waits for the rejection of `message_id` and asserts its reason code.
+    pub async fn wait_rejected(&self, message_id: &str, code: &str, timeout: Duration) -> Line {
+        let rejection = self.wait_rejection_of(message_id, timeout).await;
+        assert_eq!(rejection.code().as_deref(), Some(code), "{}", rejection.raw);
+        rejection
+    }
+
     pub async fn wait_rejection_of(&self, message_id: &str, timeout: Duration) -> Line {
         crate::wait_for(
             &format!("{} adapter: the rejection of {message_id}", self.agency()),

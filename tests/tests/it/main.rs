@@ -49,20 +49,22 @@ pub(crate) async fn barrier(system: &yeongye_tests::System, from: &str, to: &str
     referral.referral_id
 }
 
+/// A referral's states from submission to completion, in order.
+pub(crate) const LIFE: [&str; 6] = [
+    "SUBMITTED",
+    "DELIVERED",
+    "RECEIVED",
+    "ACCEPTED",
+    "IN_PROGRESS",
+    "COMPLETED",
+];
+
 /// Asserts that a referral's notifications at its sender name each state at most once,
 /// never SUBMITTED (the sender hears first of DELIVERED), and that the furthest state along the lifecycle is `last` (DELIVERED may
 /// be missing: a receipt can overtake it after a crash). Arrival order is not asserted: after
 /// an outage a publish retried with its id can land after later ones, and PROTOCOL.md tells
 /// agencies to go by each notification's state and time, not by arrival order.
 pub(crate) fn assert_notified_once_each(states: &[String], last: &str, what: &str) {
-    const ORDER: [&str; 6] = [
-        "SUBMITTED",
-        "DELIVERED",
-        "RECEIVED",
-        "ACCEPTED",
-        "IN_PROGRESS",
-        "COMPLETED",
-    ];
     let mut seen = std::collections::BTreeSet::new();
     assert!(
         states.iter().all(|s| seen.insert(s.as_str())),
@@ -72,7 +74,7 @@ pub(crate) fn assert_notified_once_each(states: &[String], last: &str, what: &st
         !seen.contains("SUBMITTED"),
         "{what}: SUBMITTED notified: {states:?}"
     );
-    let rank = |s: &str| ORDER.iter().position(|o| *o == s).unwrap_or(ORDER.len());
+    let rank = |s: &str| LIFE.iter().position(|o| *o == s).unwrap_or(LIFE.len());
     let furthest = states.iter().max_by_key(|s| rank(s)).map(String::as_str);
     assert_eq!(furthest, Some(last), "{what}: {states:?}");
 }

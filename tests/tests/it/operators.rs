@@ -729,16 +729,10 @@ async fn a_dead_letter_for_an_unknown_recipient_is_replayed_once_after_registrat
     centre
         .wait_state(&rid, S::Refused, SHORT, || system.describe())
         .await;
-    let rejection = system
+    system
         .adapter(CENTRE)
-        .wait_rejection_of(&message_id, SHORT)
+        .wait_rejected(&message_id, "UNKNOWN_RECIPIENT", SHORT)
         .await;
-    assert_eq!(
-        rejection.code().as_deref(),
-        Some("UNKNOWN_RECIPIENT"),
-        "{}",
-        rejection.raw
-    );
 
     let list = ops::broker_cli(&config, &["--json", "dead-letters", "list"]).await;
     list.assert_success();

@@ -99,6 +99,22 @@ struct Pending {
     confirmed: Vec<(String, Millis)>,
 }
 
+impl Pending {
+    /// Outbox entries not yet acknowledged by the stream: waiting, or in a flight.
+    fn depth(&self) -> u64 {
+        (self.outbox.len() + self.in_flight.len()) as u64
+    }
+}
+
+/// Acknowledges a turn's inbound messages (their state and outbox are committed and published).
+async fn ack_all(inbound: &[jetstream::Message]) {
+    for m in inbound {
+        if let Err(e) = m.ack().await {
+            tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
+        }
+    }
+}
+
 type Messages = async_nats::jetstream::consumer::pull::Stream;
 
 /// What a flight (one turn's publishes) brought back.
@@ -114,6 +130,29 @@ struct Landed {
 }
 
 type Flights = FuturesUnordered<tokio::task::JoinHandle<Landed>>;
+
+/// `items` mapped by `f`, in order: on two threads when there are at least `min` of them (the
+/// pure, CPU-bound parts of a turn: signature checks, signing), else on this one. Should the
+/// helper thread fail, this one does its half.
+pub(crate) fn map_halves<T: Sync, R: Send>(
+    items: &[T],
+    min: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if items.len() < min {
+        return items.iter().map(&f).collect();
+    }
+    let (first, second) = items.split_at(items.len() / 2);
+    std::thread::scope(|s| {
+        let helper = s.spawn(|| second.iter().map(&f).collect::<Vec<_>>());
+        let mut out: Vec<R> = first.iter().map(&f).collect();
+        match helper.join() {
+            Ok(rest) => out.extend(rest),
+            Err(_) => out.extend(second.iter().map(&f)),
+        }
+        out
+    })
+}
 
 impl EventLoop {
     pub async fn run(
@@ -242,11 +281,7 @@ impl EventLoop {
     ) {
         if pending.outbox.is_empty() {
             // Nothing of this turn's is left to publish (its effects, if any, were cancelled).
-            for m in &inbound {
-                if let Err(e) = m.ack().await {
-                    tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
-                }
-            }
+            ack_all(&inbound).await;
             return;
         }
         let entries: Vec<OutboxEntry> = pending.outbox.drain(..).collect();
@@ -287,10 +322,7 @@ impl EventLoop {
             }
             landed
         }));
-        self.ops.outbox.store(
-            (pending.outbox.len() + pending.in_flight.len()) as u64,
-            Ordering::Relaxed,
-        );
+        self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
     }
 
     /// Takes in a landed flight: acknowledged entries are removed by the next commit and
@@ -321,11 +353,7 @@ impl EventLoop {
             }
         }
         if landed.failed.is_empty() {
-            for m in &landed.inbound {
-                if let Err(e) = m.ack().await {
-                    tracing::warn!(cause = %e, "ack failed; the message will be redelivered and deduplicated");
-                }
-            }
+            ack_all(&landed.inbound).await;
         } else {
             if let (Some(err), Some(e)) = (&landed.error, landed.failed.first()) {
                 tracing::warn!(cause = %err, subject = %e.subject, failed = landed.failed.len(), "publish failed; will retry with the same id");
@@ -342,10 +370,7 @@ impl EventLoop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        self.ops.outbox.store(
-            (pending.outbox.len() + pending.in_flight.len()) as u64,
-            Ordering::Relaxed,
-        );
+        self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
     }
 
     async fn command(&self, cmd: Command, pending: &mut Pending) -> Result<()> {
@@ -478,20 +503,7 @@ impl EventLoop {
                 self.read(m.subject.as_str(), &m.payload, seq, at, registry),
             ))
         };
-        if inbound.len() < PARALLEL_READS {
-            return inbound.iter().map(read).collect();
-        }
-        let (first, second) = inbound.split_at(inbound.len() / 2);
-        let (mut out, rest) = std::thread::scope(|s| {
-            let helper = s.spawn(|| second.iter().map(read).collect::<Vec<_>>());
-            let out: Vec<_> = first.iter().map(read).collect();
-            (out, helper.join().ok())
-        });
-        match rest {
-            Some(rest) => out.extend(rest),
-            None => out.extend(second.iter().map(read)),
-        }
-        out
+        map_halves(inbound, PARALLEL_READS, read)
     }
 
     async fn messages(&self, consumer: &PullConsumer) -> Result<Messages> {
@@ -601,10 +613,7 @@ impl EventLoop {
             pending.outbox.retain(|e| !removed.contains(&e.key));
         }
         pending.outbox.extend(changes.outbox_put);
-        self.ops.outbox.store(
-            (pending.outbox.len() + pending.in_flight.len()) as u64,
-            Ordering::Relaxed,
-        );
+        self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
         Ok(true)
     }
 

@@ -93,7 +93,13 @@ impl PrivateKey {
     /// Signs `e` in place: sets `key_id` and `signature`.
     pub fn sign(&self, e: &mut Envelope) {
         e.key_id = self.id.clone();
-        e.signature = self.key.sign(&signing_input(e)).to_bytes().to_vec();
+        e.signature = self.signature(e);
+    }
+
+    /// The signature [`sign`](Self::sign) puts in `e` (the key id is not signed), leaving `e`
+    /// as it is: for signing many envelopes from shared references.
+    pub fn signature(&self, e: &Envelope) -> Vec<u8> {
+        self.key.sign(&signing_input(e)).to_bytes().to_vec()
     }
 
     /// `yeongye-ed25519-v1 <key id> <base64 seed>`.

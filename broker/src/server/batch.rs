@@ -665,29 +665,21 @@ fn seal(
     mut unsigned: HashMap<u64, v1::Envelope>,
 ) {
     // Every entry of the outbox was made by `publish`, with its envelope kept here.
-    let mut envelopes: Vec<Option<v1::Envelope>> =
+    let envelopes: Vec<Option<v1::Envelope>> =
         outbox.iter().map(|e| unsigned.remove(&e.key)).collect();
-    if let Some(key) = signer {
-        let sign =
-            |part: &mut [Option<v1::Envelope>]| part.iter_mut().flatten().for_each(|e| key.sign(e));
-        if envelopes.len() < PARALLEL_SIGNING {
-            sign(&mut envelopes);
-        } else {
-            let mid = envelopes.len() / 2;
-            let (first, second) = envelopes.split_at_mut(mid);
-            let helped = std::thread::scope(|s| {
-                let helper = s.spawn(|| sign(second));
-                sign(first);
-                helper.join().is_ok()
-            });
-            if !helped {
-                sign(&mut envelopes[mid..]);
+    let signatures = match signer {
+        Some(key) => super::map_halves(&envelopes, PARALLEL_SIGNING, |e| {
+            e.as_ref().map(|e| key.signature(e))
+        }),
+        None => vec![None; envelopes.len()],
+    };
+    for ((entry, envelope), signature) in outbox.iter_mut().zip(envelopes).zip(signatures) {
+        if let Some(mut envelope) = envelope {
+            if let (Some(key), Some(signature)) = (signer, signature) {
+                envelope.key_id = key.id.clone();
+                envelope.signature = signature;
             }
-        }
-    }
-    for (entry, envelope) in outbox.iter_mut().zip(&envelopes) {
-        if let Some(envelope) = envelope {
-            entry.payload = prost::Message::encode_to_vec(envelope);
+            entry.payload = prost::Message::encode_to_vec(&envelope);
         }
     }
 }

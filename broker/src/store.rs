@@ -7,6 +7,7 @@
 //! stay free of serialization derives).
 
 mod codec;
+mod segments;
 mod sled_store;
 
 pub use sled_store::SledStore;

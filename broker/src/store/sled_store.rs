@@ -5,17 +5,23 @@
 //! ```text
 //! r/<referral id>                       referral record
 //! v/<referral id>                       its summary for the operators' view (read at start)
-//! s/<dedup key>                         applied inbound message -> applied-at (i64 BE)
-//! S/<applied-at BE><dedup key>          the same, by time, for pruning
+//! s/<dedup key>                         applied inbound message -> applied-at (i64 BE), digest
+//! d/<segment BE>                        the same, in the order applied, for pruning: up to
+//!                                       APPLIED_PER_SEGMENT records of applied-at + dedup key
+//! S/<applied-at BE><dedup key>          (stores written before d/: one key each, pruned away)
 //! o/<u64 BE>                            outbox entry
 //! t/<at BE><kind><referral id>          deadline
 //! x/<stream seq BE>                     dead letter
 //! c/<consent id>                        consent record
-//! a/<u64 BE>                            audit entry (hash-chained)
+//! A/<segment BE>                        audit entries (hash-chained), AUDIT_PER_SEGMENT a key
+//! a/<u64 BE>                            (stores written before A/: one audit entry a key)
 //! m/audit-head                          last audit sequence (u64 BE) + hash (32 bytes)
 //! m/checkpoint                          highest applied inbound stream sequence (u64 BE)
 //! m/summaries                           present once every referral has its `v/` summary
 //! ```
+//! The two append-only records (audit entries, applied ids by time) are packed into segments
+//! (`segments.rs`): sled 0.34's memory follows the number of keys, and they were 5 of the 10
+//! keys a received referral left.
 //! sled's page cache is capped at [`CACHE_BYTES`]: the working set is the referrals in flight
 //! and the recent log, not the millions that have ended (sled's default is 1 GB).
 //! sled's `flush` writes and `sync_file_range`s but does not fsync (see NATS-NOTES.md): a
@@ -25,6 +31,7 @@
 use std::path::Path;
 
 use super::codec;
+use super::segments::Segments;
 use super::{ChangeSet, DeadLetter, Deadline, OutboxEntry, Store, StoreStats};
 use crate::audit;
 use crate::consent::Consent;
@@ -39,9 +46,15 @@ const SUMMARIES: &[u8] = b"m/summaries";
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Referrals given their summary per batch when an older store is opened.
 const MIGRATE_BATCH: usize = 10_000;
+/// Audit entries (~250 bytes each) per `A/` key.
+const AUDIT_PER_SEGMENT: usize = 32;
+/// Applied-id records (~60 bytes each) per `d/` key.
+const APPLIED_PER_SEGMENT: usize = 64;
 
 pub struct SledStore {
     db: sled::Db,
+    audit: Segments,
+    applied: Segments,
 }
 
 impl SledStore {
@@ -50,7 +63,15 @@ impl SledStore {
             .path(dir)
             .cache_capacity(CACHE_BYTES)
             .open()?;
-        let store = SledStore { db };
+        SledStore::on(db)
+    }
+
+    fn on(db: sled::Db) -> Result<SledStore> {
+        let store = SledStore {
+            audit: Segments::open(&db, b"A/", AUDIT_PER_SEGMENT)?,
+            applied: Segments::open(&db, b"d/", APPLIED_PER_SEGMENT)?,
+            db,
+        };
         store.add_missing_summaries()?;
         Ok(store)
     }
@@ -90,10 +111,7 @@ impl SledStore {
 
     /// A store in a temporary directory, removed on drop: for tests.
     pub fn temporary() -> Result<SledStore> {
-        let db = sled::Config::new().temporary(true).open()?;
-        let store = SledStore { db };
-        store.add_missing_summaries()?;
-        Ok(store)
+        SledStore::on(sled::Config::new().temporary(true).open()?)
     }
 
     /// Bytes the database takes on disk.
@@ -187,14 +205,18 @@ impl Store for SledStore {
             b.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r));
             b.insert(key(b"v/", r.id.as_bytes()), codec::encode_summary(r));
         }
+        let mut applied = Vec::with_capacity(c.seen.len());
         for (k, at, digest) in &c.seen {
             let mut value = time_be(*at).to_vec();
             value.extend_from_slice(digest);
             b.insert(key(b"s/", k.as_bytes()), value);
-            let mut by_time = key(b"S/", &time_be(*at));
-            by_time.extend_from_slice(k.as_bytes());
-            b.insert(by_time, &[]);
+            let mut record = time_be(*at).to_vec();
+            record.extend_from_slice(k.as_bytes());
+            applied.push(record);
         }
+        let applied = self
+            .applied
+            .stage(&mut b, applied.iter().map(Vec::as_slice));
         for e in &c.outbox_put {
             b.insert(key(b"o/", &e.key.to_be_bytes()), codec::encode_outbox(e));
         }
@@ -219,13 +241,9 @@ impl Store for SledStore {
                 codec::encode_consent(consent),
             );
         }
+        let entries: Vec<Vec<u8>> = c.audit.iter().map(prost::Message::encode_to_vec).collect();
+        let audit = self.audit.stage(&mut b, entries.iter().map(Vec::as_slice));
         if let Some(last) = c.audit.last() {
-            for e in &c.audit {
-                b.insert(
-                    key(b"a/", &e.seq.to_be_bytes()),
-                    prost::Message::encode_to_vec(e),
-                );
-            }
             let mut head = last.seq.to_be_bytes().to_vec();
             head.extend_from_slice(&last.hash);
             b.insert(AUDIT_HEAD, head);
@@ -237,6 +255,8 @@ impl Store for SledStore {
             }
         }
         self.db.apply_batch(b)?;
+        self.audit.install(audit);
+        self.applied.install(applied);
         self.db.flush()?;
         Ok(())
     }
@@ -290,10 +310,17 @@ impl Store for SledStore {
     }
 
     fn prune_seen(&self, before: Millis) -> Result<usize> {
+        let mut b = sled::Batch::default();
+        // Whole segments of ids all applied before `before`, oldest first.
+        let mut n = self.applied.drain_front(
+            &self.db,
+            &mut b,
+            |r| time_from_be(r).is_some_and(|at| at < before),
+            |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
+        )?;
+        // A store written before segments: one `S/` key per id.
         let start = key(b"S/", &time_be(Millis::MIN));
         let end = key(b"S/", &time_be(before));
-        let mut b = sled::Batch::default();
-        let mut n = 0;
         for kv in self.db.range(start..end) {
             let (k, _) = kv?;
             b.remove(key(b"s/", &k[10..]));
@@ -384,9 +411,18 @@ impl Store for SledStore {
 
     fn audit_raw(&self) -> Result<Vec<audit::Stored>> {
         let mut out = Vec::new();
+        // A store written before segments keeps its first entries one to a key.
         for kv in self.db.scan_prefix(b"a/") {
             let (k, v) = kv?;
             out.push((u64_from("audit", &k[2..])?, v.to_vec()));
+        }
+        // Then the segments: an entry's place in them is its sequence number.
+        let mut seq = out.last().map_or(0, |(s, _)| *s);
+        for (_, entries) in self.audit.read(&self.db)? {
+            for bytes in entries {
+                seq += 1;
+                out.push((seq, bytes));
+            }
         }
         Ok(out)
     }
@@ -475,23 +511,100 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_never_goes_back_and_pruning_forgets_old_ids() {
+    fn checkpoint_never_goes_back() {
         let s = SledStore::temporary().unwrap();
+        for (seq, expected) in [(10, 10), (3, 10), (11, 11)] {
+            s.commit(&ChangeSet {
+                checkpoint: Some(seq),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(s.checkpoint().unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn pruning_forgets_ids_once_their_whole_segment_is_past_retention() {
+        let s = SledStore::temporary().unwrap();
+        let ids = |name: &str, at: Millis, n: usize| -> Vec<(String, Millis, [u8; 32])> {
+            (0..n)
+                .map(|i| (format!("{name}-{i}"), at, [0; 32]))
+                .collect()
+        };
+        // One full segment of old ids, then a segment of old ids and one new id.
         s.commit(&ChangeSet {
-            checkpoint: Some(10),
-            seen: vec![("old".into(), 1, [0; 32]), ("new".into(), 50, [0; 32])],
+            seen: ids("old", 1, APPLIED_PER_SEGMENT),
             ..Default::default()
         })
         .unwrap();
+        let mut mixed = ids("older", 2, 3);
+        mixed.extend(ids("new", 50, 1));
         s.commit(&ChangeSet {
-            checkpoint: Some(3),
+            seen: mixed,
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(s.checkpoint().unwrap(), 10);
-        assert_eq!(s.prune_seen(10).unwrap(), 1);
-        assert!(!s.seen("old").unwrap());
-        assert!(s.seen("new").unwrap());
+        assert_eq!(s.prune_seen(10).unwrap(), APPLIED_PER_SEGMENT);
+        assert!(!s.seen("old-0").unwrap());
+        assert!(!s.seen(&format!("old-{}", APPLIED_PER_SEGMENT - 1)).unwrap());
+        // Retention is a minimum: old ids sharing a segment with a young one stay with it.
+        assert!(s.seen("older-0").unwrap());
+        assert!(s.seen("new-0").unwrap());
+        assert_eq!(s.prune_seen(51).unwrap(), 4);
+        assert!(!s.seen("new-0").unwrap());
+        assert_eq!(s.stats().unwrap().seen, 0);
+        // Ids applied after the last segment went are kept and pruned like the first.
+        s.commit(&ChangeSet {
+            seen: ids("later", 60, 2),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.prune_seen(61).unwrap(), 2);
+        assert_eq!(s.stats().unwrap().seen, 0);
+    }
+
+    #[test]
+    fn a_store_from_before_segments_keeps_its_ids_and_audit_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, head) = audit::chain(
+            (0, audit::GENESIS),
+            vec![audit::Entry::draft("a", 1), audit::Entry::draft("b", 2)],
+        );
+        {
+            // Written the way stores were before segments: a key per id and per entry.
+            let db = sled::open(dir.path()).unwrap();
+            for (k, at) in [("legacy-old", 1), ("legacy-new", 50)] {
+                db.insert(key(b"s/", k.as_bytes()), time_be(at).to_vec())
+                    .unwrap();
+                let mut by_time = key(b"S/", &time_be(at));
+                by_time.extend_from_slice(k.as_bytes());
+                db.insert(by_time, &[]).unwrap();
+            }
+            for e in &first {
+                db.insert(
+                    key(b"a/", &e.seq.to_be_bytes()),
+                    prost::Message::encode_to_vec(e),
+                )
+                .unwrap();
+            }
+            let mut h = head.0.to_be_bytes().to_vec();
+            h.extend_from_slice(&head.1);
+            db.insert(AUDIT_HEAD, h).unwrap();
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        let (more, head) = audit::chain(s.audit_head().unwrap(), vec![audit::Entry::draft("c", 3)]);
+        s.commit(&ChangeSet {
+            audit: more,
+            seen: vec![("fresh".into(), 5, [0; 32])],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(audit::verify(s.audit_raw().unwrap(), head), Ok(3));
+        assert_eq!(s.prune_seen(10).unwrap(), 2, "legacy-old and fresh");
+        assert!(!s.seen("legacy-old").unwrap());
+        assert!(s.seen("legacy-new").unwrap());
+        assert!(!s.seen("fresh").unwrap());
     }
 
     #[test]

@@ -543,22 +543,63 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn audit_key(seq: u64) -> Vec<u8> {
-    let mut k = b"a/".to_vec();
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Every audit entry in a stopped broker's store, as stored.
-fn audit_entries(store: &Path) -> Vec<(u64, Vec<u8>)> {
-    let db = sled::Config::new().path(store).open().expect("open store");
-    db.scan_prefix(b"a/")
+/// The broker's audit segments in a stopped broker's store (`A/<segment number>`: up to 32
+/// length-delimited entries each, in sequence order), as `(key, entries)`.
+fn audit_segments(db: &sled::Db) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+    db.scan_prefix(b"A/")
         .map(|kv| {
-            let (k, v) = kv.expect("read audit entry");
-            let seq = u64::from_be_bytes(k[2..].try_into().expect("8-byte sequence"));
-            (seq, v.to_vec())
+            let (k, v) = kv.expect("read audit segment");
+            let mut rest = v.as_ref();
+            let mut entries = Vec::new();
+            while !rest.is_empty() {
+                let len = prost::encoding::decode_varint(&mut rest).expect("entry length");
+                let len = usize::try_from(len).expect("small entry");
+                entries.push(rest[..len].to_vec());
+                rest = &rest[len..];
+            }
+            (k.to_vec(), entries)
         })
         .collect()
+}
+
+fn write_audit_segment(db: &sled::Db, key: &[u8], entries: &[Vec<u8>]) {
+    let mut v = Vec::new();
+    for e in entries {
+        prost::encoding::encode_varint(e.len() as u64, &mut v);
+        v.extend_from_slice(e);
+    }
+    db.insert(key, v).expect("write audit segment");
+}
+
+/// Every audit entry in a stopped broker's store, in order.
+fn audit_entries(store: &Path) -> Vec<Vec<u8>> {
+    let db = sled::Config::new().path(store).open().expect("open store");
+    audit_segments(&db)
+        .into_iter()
+        .flat_map(|(_, e)| e)
+        .collect()
+}
+
+/// Rewrites the audit segments of `db` after `change` has had its way with them (entries are
+/// found by sequence number with `place`).
+fn tamper_segments(db: &sled::Db, change: impl FnOnce(&mut Vec<(Vec<u8>, Vec<Vec<u8>>)>)) {
+    let mut segments = audit_segments(db);
+    change(&mut segments);
+    for (key, entries) in &segments {
+        write_audit_segment(db, key, entries);
+    }
+}
+
+/// Where entry `seq` (from 1) is: segment index, index in the segment.
+fn place(segments: &[(Vec<u8>, Vec<Vec<u8>>)], seq: u64) -> (usize, usize) {
+    let mut left = usize::try_from(seq - 1).expect("small");
+    for (i, (_, entries)) in segments.iter().enumerate() {
+        if left < entries.len() {
+            return (i, left);
+        }
+        left -= entries.len();
+    }
+    panic!("no audit entry {seq}");
 }
 
 /// Copies the store to `<dir>/<name>`, changes it with `tamper`, and returns the copy.
@@ -642,12 +683,19 @@ async fn audit_chain_verifies_after_crashes_and_names_a_tampered_entry() {
     let entries = audit_entries(&store);
     let n = entries.len() as u64;
     assert!(n >= 20, "only {n} audit entries after the run");
+    let seqs: Vec<u64> = entries
+        .iter()
+        .map(|b| {
+            yeongye_broker::audit::Entry::decode(b.as_slice())
+                .expect("decode entry")
+                .seq
+        })
+        .collect();
     assert_eq!(
-        entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        seqs,
         (1..=n).collect::<Vec<_>>(),
-        "audit entries are numbered 1..={n}"
+        "audit entries are numbered 1..={n} in order"
     );
-    let bytes_of = |seq: u64| entries[usize::try_from(seq - 1).expect("small")].1.clone();
 
     let scratch = tempfile::tempdir().expect("tempdir");
     let altered_seq = n / 2;
@@ -658,28 +706,34 @@ async fn audit_chain_verifies_after_crashes_and_names_a_tampered_entry() {
             "altered",
             altered_seq,
             tampered_copy(&store, scratch.path(), "altered", |db| {
-                let mut e = yeongye_broker::audit::Entry::decode(bytes_of(altered_seq).as_slice())
-                    .expect("decode entry");
-                e.actor = format!("{}-x", e.actor);
-                db.insert(audit_key(altered_seq), e.encode_to_vec())
-                    .expect("alter");
+                tamper_segments(db, |segs| {
+                    let (i, j) = place(segs, altered_seq);
+                    let mut e = yeongye_broker::audit::Entry::decode(segs[i].1[j].as_slice())
+                        .expect("decode entry");
+                    e.actor = format!("{}-x", e.actor);
+                    segs[i].1[j] = e.encode_to_vec();
+                });
             }),
         ),
         (
             "deleted",
             deleted_seq,
             tampered_copy(&store, scratch.path(), "deleted", |db| {
-                db.remove(audit_key(deleted_seq)).expect("delete");
+                tamper_segments(db, |segs| {
+                    let (i, j) = place(segs, deleted_seq);
+                    segs[i].1.remove(j);
+                });
             }),
         ),
         (
             "swapped",
             swap_a,
             tampered_copy(&store, scratch.path(), "swapped", |db| {
-                db.insert(audit_key(swap_a), bytes_of(swap_b))
-                    .expect("swap a");
-                db.insert(audit_key(swap_b), bytes_of(swap_a))
-                    .expect("swap b");
+                tamper_segments(db, |segs| {
+                    let ((ia, ja), (ib, jb)) = (place(segs, swap_a), place(segs, swap_b));
+                    let a = std::mem::take(&mut segs[ia].1[ja]);
+                    segs[ia].1[ja] = std::mem::replace(&mut segs[ib].1[jb], a);
+                });
             }),
         ),
     ];
@@ -839,7 +893,7 @@ async fn personal_data_reaches_the_recipient_but_no_log_or_audit_entry() {
     let store = system.broker.config().store_dir.clone();
     let entries = audit_entries(&store);
     assert!(!entries.is_empty(), "no audit entries");
-    for (seq, bytes) in &entries {
+    for (seq, bytes) in (1..).zip(&entries) {
         let e = yeongye_broker::audit::Entry::decode(bytes.as_slice())
             .unwrap_or_else(|err| panic!("audit entry {seq} does not decode: {err}"));
         scan(&format!("audit entry {seq}"), &format!("{e:?}"));

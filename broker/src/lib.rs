@@ -68,11 +68,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         nats = ?cfg.nats_urls,
         "starting"
     );
-    // From the referrals' summaries, not the referrals: with millions stored, decoding every
-    // record (its envelope and history) would take most of the start-up time and memory.
+    // From the stored counters and the summaries of the referrals the view watches, never
+    // every referral: with millions stored, reading each would take most of the start-up time
+    // and memory.
     let view = {
-        let mut v = view::View::default();
-        store.for_each_summary(&mut |summary| v.change(None, &summary))?;
+        let mut v = view::View::start(store.counts()?);
+        store.for_each_watched(&mut |summary| v.watch(&summary))?;
         v.add_dead_letters(&store.dead_letters()?);
         v
     };

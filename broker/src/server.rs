@@ -568,7 +568,15 @@ impl EventLoop {
         arrivals: Vec<Millis>,
         pending: &mut Pending,
     ) -> Result<bool> {
-        let (changes, view_changes) = batch.finish();
+        let (mut changes, view_changes) = batch.finish();
+        if !view_changes.is_empty() {
+            // The counters as they will be once this commits, stored with it.
+            let mut counts = self.ops.view().counts().clone();
+            for (old, new) in &view_changes {
+                counts.change(old.as_ref(), new);
+            }
+            changes.counts = Some(counts);
+        }
         if changes.is_empty() {
             self.ops.turned(clock::now_ms());
             return Ok(false);

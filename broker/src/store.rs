@@ -10,13 +10,32 @@ mod codec;
 mod segments;
 mod sled_store;
 
+/// Opens a store directory in a test, waiting out the lock a just-dropped handle's flusher
+/// thread may still hold for a moment (sled releases it when that thread ends).
+#[cfg(test)]
+fn reopen<T, E: std::fmt::Debug>(mut open: impl FnMut() -> std::result::Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(t) => return t,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && format!("{e:?}").contains("could not acquire lock") =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open store: {e:?}"),
+        }
+    }
+}
+
 pub use sled_store::SledStore;
 
 use crate::audit;
 use crate::consent::Consent;
 use crate::error::Result;
 use crate::referral::{DeadlineKind, Millis, Referral};
-use crate::view::Summary;
+use crate::view::{Counts, Summary};
 
 /// A message the broker must publish: kept until its PubAck has been seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +126,9 @@ pub struct ChangeSet {
     pub consents: Vec<Consent>,
     /// Audit entries, already numbered and chained on the store's head.
     pub audit: Vec<audit::Entry>,
+    /// The view's counters over every referral once this change set is applied (None: the
+    /// referrals' counts did not change). Whoever writes `referrals` must say.
+    pub counts: Option<Counts>,
 }
 
 impl ChangeSet {
@@ -122,6 +144,7 @@ impl ChangeSet {
             && self.checkpoint.is_none()
             && self.consents.is_empty()
             && self.audit.is_empty()
+            && self.counts.is_none()
     }
 }
 
@@ -158,18 +181,30 @@ pub trait Store: Send + Sync + 'static {
     fn prune_seen(&self, before: Millis) -> Result<usize>;
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
-    /// What the operators' view keeps of every referral, in id order, one at a time: all that
-    /// is read at start, so it must stay cheap with millions stored (the sled store keeps a
-    /// small summary record beside each referral rather than decoding the referrals).
-    fn for_each_summary(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
-        self.referrals()?.iter().map(Summary::of).for_each(f);
+    /// The view's counters over every referral, as last committed.
+    fn counts(&self) -> Result<Counts> {
+        let mut c = Counts::default();
+        for r in self.referrals()? {
+            c.change(None, &Summary::of(&r));
+        }
+        Ok(c)
+    }
+    /// The summary of every referral the view keeps by id ([`Summary::watched`]), in id
+    /// order, one at a time: with [`Store::counts`], all that is read at start, so it must
+    /// stay cheap with millions stored (the sled store keeps a small summary record of each
+    /// watched referral rather than decoding referrals).
+    fn for_each_watched(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
+        self.referrals()?
+            .iter()
+            .map(Summary::of)
+            .filter(Summary::watched)
+            .for_each(f);
         Ok(())
     }
-    /// [`Store::for_each_summary`], collected (for tests and small stores: a million
-    /// summaries held at once are a few hundred MB).
-    fn summaries(&self) -> Result<Vec<Summary>> {
+    /// [`Store::for_each_watched`], collected (for tests).
+    fn watched(&self) -> Result<Vec<Summary>> {
         let mut out = Vec::new();
-        self.for_each_summary(&mut |s| out.push(s))?;
+        self.for_each_watched(&mut |s| out.push(s))?;
         Ok(out)
     }
     fn dead_letters(&self) -> Result<Vec<DeadLetter>>;

@@ -30,6 +30,13 @@ impl Summary {
             overdue: r.overdue,
         }
     }
+
+    /// Whether the view keeps this referral itself (not only counts it): not yet RECEIVED,
+    /// or overdue and not ended. The store keeps summaries of these only.
+    pub fn watched(&self) -> bool {
+        matches!(self.state, State::Submitted | State::Delivered)
+            || (self.overdue && !self.state.is_terminal())
+    }
 }
 
 /// One agency's row in the queue table.
@@ -49,10 +56,54 @@ pub struct AgencyQueue {
     pub dead_letters: u64,
 }
 
+/// The view's counters over every stored referral. The store keeps them (written with each
+/// commit that changes a referral), so that a start reads them and the watched referrals'
+/// summaries, never every referral.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub by_state: BTreeMap<State, u64>,
+    /// Per agency; `dead_letters` is not kept here (the view counts dead letters itself).
+    pub agencies: BTreeMap<String, AgencyQueue>,
+}
+
+impl Counts {
+    /// Records that a referral changed from `old` (None: it is new) to `new`.
+    pub fn change(&mut self, old: Option<&Summary>, new: &Summary) {
+        if let Some(old) = old {
+            self.count(old, false);
+        }
+        self.count(new, true);
+    }
+
+    fn count(&mut self, s: &Summary, add: bool) {
+        fn bump(n: &mut u64, add: bool) {
+            *n = if add {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            };
+        }
+        bump(self.by_state.entry(s.state).or_default(), add);
+        bump(
+            &mut self.agencies.entry(s.from.clone()).or_default().sent,
+            add,
+        );
+        let to = self.agencies.entry(s.to.clone()).or_default();
+        match s.state {
+            State::Submitted | State::Delivered => bump(&mut to.awaiting_receipt, add),
+            State::Received => bump(&mut to.awaiting_acceptance, add),
+            State::Accepted | State::InProgress => bump(&mut to.in_progress, add),
+            _ => {}
+        }
+        if s.overdue && !s.state.is_terminal() {
+            bump(&mut to.overdue, add);
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct View {
-    by_state: BTreeMap<State, u64>,
-    agencies: BTreeMap<String, AgencyQueue>,
+    counts: Counts,
     /// Per recipient: (created_at, id) of referrals not yet RECEIVED.
     unacked: BTreeMap<String, BTreeSet<(Millis, String)>>,
     /// Referrals past a deadline and not ended: id -> (created_at, from, to, state).
@@ -60,27 +111,35 @@ pub struct View {
     /// Dead letters by reason code.
     refusals: BTreeMap<i32, u64>,
     dead_letters: u64,
+    /// Open dead letters by sender.
+    dead_by_sender: BTreeMap<String, u64>,
 }
 
 impl View {
-    pub fn build<'a>(
-        referrals: impl IntoIterator<Item = &'a Referral>,
-        dead: &[DeadLetter],
-    ) -> View {
-        let mut v = View::default();
-        for r in referrals {
-            v.change(None, &Summary::of(r));
+    /// A view on the store's `counts`; [`View::watch`] each watched referral's summary next.
+    pub fn start(counts: Counts) -> View {
+        View {
+            counts,
+            ..View::default()
         }
-        v.add_dead_letters(dead);
-        v
+    }
+
+    /// Adds a watched referral that `counts` already counted (at start).
+    pub fn watch(&mut self, s: &Summary) {
+        self.track(s, true);
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.counts
     }
 
     /// Records that a referral changed from `old` (None: it is new) to `new`.
     pub fn change(&mut self, old: Option<&Summary>, new: &Summary) {
+        self.counts.change(old, new);
         if let Some(old) = old {
-            self.count(old, false);
+            self.track(old, false);
         }
-        self.count(new, true);
+        self.track(new, true);
     }
 
     /// Counts new dead letters: every one in the refusals by reason, the open ones as dead
@@ -109,44 +168,22 @@ impl View {
         };
         self.dead_letters = step(self.dead_letters);
         if !sender.is_empty() {
-            let q = self.agencies.entry(sender.to_owned()).or_default();
-            q.dead_letters = step(q.dead_letters);
+            let n = self.dead_by_sender.entry(sender.to_owned()).or_default();
+            *n = step(*n);
         }
     }
 
-    fn count(&mut self, s: &Summary, add: bool) {
-        fn bump(n: &mut u64, add: bool) {
-            *n = if add {
-                n.saturating_add(1)
+    /// The referrals the view keeps by id: not yet RECEIVED, and overdue.
+    fn track(&mut self, s: &Summary, add: bool) {
+        if matches!(s.state, State::Submitted | State::Delivered) {
+            let set = self.unacked.entry(s.to.clone()).or_default();
+            if add {
+                set.insert((s.created_at, s.id.clone()));
             } else {
-                n.saturating_sub(1)
-            };
-        }
-        bump(self.by_state.entry(s.state).or_default(), add);
-        bump(
-            &mut self.agencies.entry(s.from.clone()).or_default().sent,
-            add,
-        );
-        let to = self.agencies.entry(s.to.clone()).or_default();
-        match s.state {
-            State::Submitted | State::Delivered => {
-                bump(&mut to.awaiting_receipt, add);
-                let set = self.unacked.entry(s.to.clone()).or_default();
-                if add {
-                    set.insert((s.created_at, s.id.clone()));
-                } else {
-                    set.remove(&(s.created_at, s.id.clone()));
-                }
+                set.remove(&(s.created_at, s.id.clone()));
             }
-            State::Received => bump(&mut to.awaiting_acceptance, add),
-            State::Accepted | State::InProgress => bump(&mut to.in_progress, add),
-            _ => {}
         }
         if s.overdue && !s.state.is_terminal() {
-            bump(
-                &mut self.agencies.entry(s.to.clone()).or_default().overdue,
-                add,
-            );
             if add {
                 self.overdue.insert(s.id.clone(), s.clone());
             } else {
@@ -158,15 +195,18 @@ impl View {
     pub fn by_state(&self) -> impl Iterator<Item = (State, u64)> + '_ {
         State::ALL
             .into_iter()
-            .map(|s| (s, self.by_state.get(&s).copied().unwrap_or(0)))
-    }
-
-    pub fn agencies(&self) -> &BTreeMap<String, AgencyQueue> {
-        &self.agencies
+            .map(|s| (s, self.counts.by_state.get(&s).copied().unwrap_or(0)))
     }
 
     pub fn queue(&self, agency: &str) -> AgencyQueue {
-        self.agencies.get(agency).cloned().unwrap_or_default()
+        let mut q = self
+            .counts
+            .agencies
+            .get(agency)
+            .cloned()
+            .unwrap_or_default();
+        q.dead_letters = self.dead_by_sender.get(agency).copied().unwrap_or(0);
+        q
     }
 
     /// When the oldest referral to `agency` that is not yet RECEIVED was submitted.

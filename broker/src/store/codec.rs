@@ -7,7 +7,7 @@ use super::{DeadLetter, DeadLetterStatus, OperatorAction, OutboxEntry};
 use crate::consent::{Basis, Consent, Purge, Revocation};
 use crate::error::{Error, Result};
 use crate::referral::{HistoryEntry, Referral, State, Urgency};
-use crate::view::Summary;
+use crate::view::{AgencyQueue, Counts, Summary};
 
 #[derive(Clone, PartialEq, Message)]
 struct ReferralRecord {
@@ -66,6 +66,39 @@ struct SummaryRecord {
     created_at: i64,
     #[prost(bool, tag = "5")]
     overdue: bool,
+}
+
+/// The view's counters (`m/view-counts`).
+#[derive(Clone, PartialEq, Message)]
+struct CountsRecord {
+    #[prost(message, repeated, tag = "1")]
+    states: Vec<StateCount>,
+    #[prost(message, repeated, tag = "2")]
+    agencies: Vec<AgencyCount>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct StateCount {
+    #[prost(uint32, tag = "1")]
+    state: u32,
+    #[prost(uint64, tag = "2")]
+    n: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct AgencyCount {
+    #[prost(string, tag = "1")]
+    agency: String,
+    #[prost(uint64, tag = "2")]
+    sent: u64,
+    #[prost(uint64, tag = "3")]
+    awaiting_receipt: u64,
+    #[prost(uint64, tag = "4")]
+    awaiting_acceptance: u64,
+    #[prost(uint64, tag = "5")]
+    in_progress: u64,
+    #[prost(uint64, tag = "6")]
+    overdue: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -305,13 +338,13 @@ pub(super) fn decode_referral(key: &str, bytes: &[u8]) -> Result<Referral> {
     })
 }
 
-pub(super) fn encode_summary(r: &Referral) -> Vec<u8> {
+pub(super) fn encode_summary(s: &Summary) -> Vec<u8> {
     SummaryRecord {
-        from: r.from.clone(),
-        to: r.to.clone(),
-        state: state_code(r.state),
-        created_at: r.created_at,
-        overdue: r.overdue,
+        from: s.from.clone(),
+        to: s.to.clone(),
+        state: state_code(s.state),
+        created_at: s.created_at,
+        overdue: s.overdue,
     }
     .encode_to_vec()
 }
@@ -327,6 +360,56 @@ pub(super) fn decode_summary(id: &str, bytes: &[u8]) -> Result<Summary> {
         created_at: r.created_at,
         overdue: r.overdue,
     })
+}
+
+pub(super) fn encode_counts(c: &Counts) -> Vec<u8> {
+    CountsRecord {
+        states: c
+            .by_state
+            .iter()
+            .map(|(s, n)| StateCount {
+                state: state_code(*s),
+                n: *n,
+            })
+            .collect(),
+        agencies: c
+            .agencies
+            .iter()
+            .map(|(a, q)| AgencyCount {
+                agency: a.clone(),
+                sent: q.sent,
+                awaiting_receipt: q.awaiting_receipt,
+                awaiting_acceptance: q.awaiting_acceptance,
+                in_progress: q.in_progress,
+                overdue: q.overdue,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+pub(super) fn decode_counts(bytes: &[u8]) -> Result<Counts> {
+    const KEY: &str = "m/view-counts";
+    let r = CountsRecord::decode(bytes).map_err(|e| corrupt(KEY, e.to_string()))?;
+    let mut c = Counts::default();
+    for s in r.states {
+        let state = state_from(s.state).ok_or_else(|| corrupt(KEY, "unknown state"))?;
+        c.by_state.insert(state, s.n);
+    }
+    for a in r.agencies {
+        c.agencies.insert(
+            a.agency,
+            AgencyQueue {
+                sent: a.sent,
+                awaiting_receipt: a.awaiting_receipt,
+                awaiting_acceptance: a.awaiting_acceptance,
+                in_progress: a.in_progress,
+                overdue: a.overdue,
+                dead_letters: 0,
+            },
+        );
+    }
+    Ok(c)
 }
 
 pub(super) fn encode_outbox(e: &OutboxEntry) -> Vec<u8> {

@@ -212,7 +212,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rs = records(23);
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::reopen(|| sled::open(dir.path()));
             let s = Segments::open(&db, b"A/", 4).unwrap();
             // One at a time (a light load), then a batch spanning several segments.
             for r in &rs[..6] {
@@ -221,7 +221,7 @@ mod tests {
             append(&s, &db, &rs[6..17]);
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::reopen(|| sled::open(dir.path()));
         let s = Segments::open(&db, b"A/", 4).unwrap();
         append(&s, &db, &rs[17..]);
         assert_eq!(all(&s, &db), rs);

@@ -4,7 +4,7 @@
 //! Keys:
 //! ```text
 //! r/<referral id>                       referral record
-//! v/<referral id>                       its summary for the operators' view (read at start)
+//! v/<referral id>                       its summary, while the view watches it (read at start)
 //! s/<dedup key>                         applied inbound message -> applied-at (i64 BE), digest
 //! d/<segment BE>                        the same, in the order applied, for pruning: up to
 //!                                       APPLIED_PER_SEGMENT records of applied-at + dedup key
@@ -17,7 +17,7 @@
 //! a/<u64 BE>                            (stores written before A/: one audit entry a key)
 //! m/audit-head                          last audit sequence (u64 BE) + hash (32 bytes)
 //! m/checkpoint                          highest applied inbound stream sequence (u64 BE)
-//! m/summaries                           present once every referral has its `v/` summary
+//! m/view-counts                         the view's counters over every referral (read at start)
 //! ```
 //! The two append-only records (audit entries, applied ids by time) are packed into segments
 //! (`segments.rs`): sled 0.34's memory follows the number of keys, and they were 5 of the 10
@@ -37,14 +37,16 @@ use crate::audit;
 use crate::consent::Consent;
 use crate::error::{Error, Result};
 use crate::referral::{DeadlineKind, Millis, Referral};
-use crate::view::Summary;
+use crate::view::{Counts, Summary};
 
 const CHECKPOINT: &[u8] = b"m/checkpoint";
 const AUDIT_HEAD: &[u8] = b"m/audit-head";
+/// Marks a store (before view counts) whose every referral had a `v/` summary.
 const SUMMARIES: &[u8] = b"m/summaries";
+const COUNTS: &[u8] = b"m/view-counts";
 /// sled's page cache, bytes.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
-/// Referrals given their summary per batch when an older store is opened.
+/// Referrals migrated per batch when an older store is opened.
 const MIGRATE_BATCH: usize = 10_000;
 /// Audit entries (~250 bytes each) per `A/` key.
 const AUDIT_PER_SEGMENT: usize = 32;
@@ -72,38 +74,52 @@ impl SledStore {
             applied: Segments::open(&db, b"d/", APPLIED_PER_SEGMENT)?,
             db,
         };
-        store.add_missing_summaries()?;
+        store.add_missing_counts()?;
         Ok(store)
     }
 
-    /// A store written before summaries existed gets one per referral, once.
-    fn add_missing_summaries(&self) -> Result<()> {
-        if self.db.contains_key(SUMMARIES)? {
+    /// A store written before view counts gets them once: from its `v/` summaries (then kept
+    /// only for watched referrals), or, older still, from its referrals.
+    fn add_missing_counts(&self) -> Result<()> {
+        if self.db.contains_key(COUNTS)? {
             return Ok(());
         }
-        let mut added = 0usize;
+        let from_summaries = self.db.contains_key(SUMMARIES)?;
+        let mut counts = Counts::default();
         let mut b = sled::Batch::default();
-        let mut in_batch = 0;
-        for kv in self.db.scan_prefix(b"r/") {
+        let (mut in_batch, mut seen) = (0, 0usize);
+        let prefix: &[u8] = if from_summaries { b"v/" } else { b"r/" };
+        for kv in self.db.scan_prefix(prefix) {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]).into_owned();
-            let r = codec::decode_referral(&id, &v)?;
-            b.insert(key(b"v/", id.as_bytes()), codec::encode_summary(&r));
+            let summary = if from_summaries {
+                codec::decode_summary(&id, &v)?
+            } else {
+                Summary::of(&codec::decode_referral(&id, &v)?)
+            };
+            counts.change(None, &summary);
+            match (summary.watched(), from_summaries) {
+                (false, true) => b.remove(k),
+                (true, false) => {
+                    b.insert(key(b"v/", id.as_bytes()), codec::encode_summary(&summary))
+                }
+                _ => {}
+            }
             in_batch += 1;
+            seen += 1;
             if in_batch == MIGRATE_BATCH {
                 self.db.apply_batch(std::mem::take(&mut b))?;
-                added += in_batch;
                 in_batch = 0;
             }
         }
-        added += in_batch;
-        b.insert(SUMMARIES, &[1u8]);
+        b.insert(COUNTS, codec::encode_counts(&counts));
+        b.remove(SUMMARIES);
         self.db.apply_batch(b)?;
         self.db.flush()?;
-        if added > 0 {
+        if seen > 0 {
             tracing::info!(
-                referrals = added,
-                "added the operators' summary of every stored referral"
+                referrals = seen,
+                "counted every stored referral for the operators' view, once"
             );
         }
         Ok(())
@@ -203,7 +219,13 @@ impl Store for SledStore {
         let mut b = sled::Batch::default();
         for r in &c.referrals {
             b.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r));
-            b.insert(key(b"v/", r.id.as_bytes()), codec::encode_summary(r));
+            let summary = Summary::of(r);
+            let k = key(b"v/", r.id.as_bytes());
+            if summary.watched() {
+                b.insert(k, codec::encode_summary(&summary));
+            } else {
+                b.remove(k);
+            }
         }
         let mut applied = Vec::with_capacity(c.seen.len());
         for (k, at, digest) in &c.seen {
@@ -240,6 +262,9 @@ impl Store for SledStore {
                 key(b"c/", consent.id.as_bytes()),
                 codec::encode_consent(consent),
             );
+        }
+        if let Some(counts) = &c.counts {
+            b.insert(COUNTS, codec::encode_counts(counts));
         }
         let entries: Vec<Vec<u8>> = c.audit.iter().map(prost::Message::encode_to_vec).collect();
         let audit = self.audit.stage(&mut b, entries.iter().map(Vec::as_slice));
@@ -344,7 +369,14 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn for_each_summary(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
+    fn counts(&self) -> Result<Counts> {
+        match self.db.get(COUNTS)? {
+            Some(v) => codec::decode_counts(&v),
+            None => Ok(Counts::default()),
+        }
+    }
+
+    fn for_each_watched(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
         for kv in self.db.scan_prefix(b"v/") {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]);
@@ -475,7 +507,7 @@ mod tests {
     fn commit_is_visible_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = crate::store::reopen(|| SledStore::open(dir.path()));
             let k = s.next_outbox_key().unwrap();
             let c = ChangeSet {
                 referrals: vec![referral("r1")],
@@ -497,7 +529,7 @@ mod tests {
             };
             s.commit(&c).unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = crate::store::reopen(|| SledStore::open(dir.path()));
         assert_eq!(s.referral("r1").unwrap(), Some(referral("r1")));
         assert!(s.seen("a/m1").unwrap());
         assert!(!s.seen("a/m2").unwrap());
@@ -572,7 +604,7 @@ mod tests {
         );
         {
             // Written the way stores were before segments: a key per id and per entry.
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::reopen(|| sled::open(dir.path()));
             for (k, at) in [("legacy-old", 1), ("legacy-new", 50)] {
                 db.insert(key(b"s/", k.as_bytes()), time_be(at).to_vec())
                     .unwrap();
@@ -592,7 +624,7 @@ mod tests {
             db.insert(AUDIT_HEAD, h).unwrap();
             db.flush().unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = crate::store::reopen(|| SledStore::open(dir.path()));
         let (more, head) = audit::chain(s.audit_head().unwrap(), vec![audit::Entry::draft("c", 3)]);
         s.commit(&ChangeSet {
             audit: more,
@@ -635,40 +667,90 @@ mod tests {
         assert_eq!(s.due(1000, 1).unwrap()[0].referral_id, "b");
     }
 
-    #[test]
-    fn summaries_follow_commits_and_an_older_store_gets_them_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut r1 = referral("r1");
-        {
-            let s = SledStore::open(dir.path()).unwrap();
-            s.commit(&ChangeSet {
-                referrals: vec![r1.clone(), referral("r2")],
-                ..Default::default()
-            })
-            .unwrap();
-            r1.state = crate::referral::State::Received;
-            r1.overdue = true;
-            s.commit(&ChangeSet {
-                referrals: vec![r1.clone()],
-                ..Default::default()
-            })
-            .unwrap();
-            assert_eq!(
-                s.summaries().unwrap(),
-                vec![Summary::of(&r1), Summary::of(&referral("r2"))]
-            );
-            // As a store written before summaries existed.
-            for k in s.db.scan_prefix(b"v/").keys() {
-                s.db.remove(k.unwrap()).unwrap();
-            }
-            s.db.remove(SUMMARIES).unwrap();
-            s.db.flush().unwrap();
-            assert!(s.summaries().unwrap().is_empty());
+    /// Commits referrals as the event loop does: with the counters after the change.
+    fn commit_referrals(s: &SledStore, counts: &mut Counts, rs: &[(Option<&Referral>, &Referral)]) {
+        for (old, new) in rs {
+            counts.change(old.map(Summary::of).as_ref(), &Summary::of(new));
         }
-        let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(
-            s.summaries().unwrap(),
-            vec![Summary::of(&r1), Summary::of(&referral("r2"))]
-        );
+        s.commit(&ChangeSet {
+            referrals: rs.iter().map(|(_, r)| (*r).clone()).collect(),
+            counts: Some(counts.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn only_watched_referrals_keep_a_summary_and_counts_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r1, r2) = (referral("r1"), referral("r2"));
+        let mut received = r1.clone();
+        received.state = State::Received;
+        let mut overdue = r2.clone();
+        overdue.state = State::Received;
+        overdue.overdue = true;
+        let mut counts = Counts::default();
+        {
+            let s = crate::store::reopen(|| SledStore::open(dir.path()));
+            commit_referrals(&s, &mut counts, &[(None, &r1), (None, &r2)]);
+            assert_eq!(
+                s.watched().unwrap(),
+                vec![Summary::of(&r1), Summary::of(&r2)]
+            );
+            commit_referrals(
+                &s,
+                &mut counts,
+                &[(Some(&r1), &received), (Some(&r2), &overdue)],
+            );
+            // RECEIVED and on time: counted, not watched.
+            assert_eq!(s.watched().unwrap(), vec![Summary::of(&overdue)]);
+            assert_eq!(s.db.scan_prefix(b"v/").count(), 1);
+        }
+        let s = crate::store::reopen(|| SledStore::open(dir.path()));
+        assert_eq!(s.counts().unwrap(), counts);
+        assert_eq!(s.counts().unwrap().by_state[&State::Received], 2);
+        assert_eq!(s.counts().unwrap().agencies["b"].overdue, 1);
+        assert_eq!(s.watched().unwrap(), vec![Summary::of(&overdue)]);
+    }
+
+    #[test]
+    fn an_older_store_gets_its_counts_at_open_from_summaries_or_referrals() {
+        let mut received = referral("r1");
+        received.state = State::Received;
+        let submitted = referral("r2");
+        let expected = {
+            let mut c = Counts::default();
+            c.change(None, &Summary::of(&received));
+            c.change(None, &Summary::of(&submitted));
+            c
+        };
+        for with_summaries in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                // Written the way older stores were: every referral, with (or, older still,
+                // without) a summary each, and no counts.
+                let db = crate::store::reopen(|| sled::open(dir.path()));
+                for r in [&received, &submitted] {
+                    db.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r))
+                        .unwrap();
+                    if with_summaries {
+                        db.insert(
+                            key(b"v/", r.id.as_bytes()),
+                            codec::encode_summary(&Summary::of(r)),
+                        )
+                        .unwrap();
+                    }
+                }
+                if with_summaries {
+                    db.insert(SUMMARIES, &[1u8]).unwrap();
+                }
+                db.flush().unwrap();
+            }
+            let s = crate::store::reopen(|| SledStore::open(dir.path()));
+            assert_eq!(s.counts().unwrap(), expected, "summaries: {with_summaries}");
+            assert_eq!(s.watched().unwrap(), vec![Summary::of(&submitted)]);
+            assert_eq!(s.db.scan_prefix(b"v/").count(), 1);
+            assert!(!s.db.contains_key(SUMMARIES).unwrap());
+        }
     }
 }

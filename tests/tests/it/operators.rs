@@ -204,7 +204,7 @@ fn row<'a>(queues: &'a Value, agency: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_api_agree_with_the_store() {
-    let system = System::builder()
+    let mut system = System::builder()
         .adapters(&[CENTRE, HOPE, WELFARE])
         .start()
         .await;
@@ -356,6 +356,31 @@ async fn metrics_and_api_agree_with_the_store() {
     );
     assert_eq!(metrics.get("yeongye_nats_connected", ""), Some(1.0));
     assert_eq!(metrics.get("yeongye_ready", ""), Some(1.0));
+
+    // After a kill -9 the view is rebuilt from the counters the store kept with each commit
+    // and the summaries of the referrals still watched: it must say the same.
+    system.broker.kill9();
+    system.broker.start_again().await;
+    let after = http.get_json("/api/v1/queues").await;
+    let counters = |q: &Value| -> Vec<(String, Value)> {
+        let mut out: Vec<(String, Value)> = ["states", "refusals", "dead_letters", "overdue"]
+            .iter()
+            .map(|k| ((*k).to_owned(), q[*k].clone()))
+            .collect();
+        for agency in DEFAULT_AGENCIES {
+            for col in COLUMNS {
+                out.push((format!("{agency}.{col}"), row(q, agency)[col].clone()));
+            }
+            let unacked = &row(q, agency)["oldest_unacknowledged_age_ms"];
+            out.push((format!("{agency}.unacked"), Value::Bool(unacked.is_u64())));
+        }
+        out
+    };
+    assert_eq!(
+        counters(&after),
+        counters(&queues),
+        "/api/v1/queues after a kill -9: {after:#}"
+    );
 }
 
 /// Where test artifacts that outlive the test go (`target/test-artifacts/operators`).

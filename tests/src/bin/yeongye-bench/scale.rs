@@ -18,6 +18,7 @@ use yeongye_broker::audit;
 use yeongye_broker::consent::Basis;
 use yeongye_broker::referral::{self, Effect, Event, NewReferral, Status, Urgency};
 use yeongye_broker::store::{ChangeSet, Deadline, SledStore, Store};
+use yeongye_broker::view::Summary;
 use yeongye_proto::v1;
 
 use crate::procs::{self, Broker, Keys, Nats, Sync};
@@ -124,6 +125,7 @@ pub(crate) fn fill(
 ) -> Result<()> {
     let store = SledStore::open(dir).map_err(|e| anyhow!("open store {}: {e}", dir.display()))?;
     let mut head = store.audit_head().map_err(|e| anyhow!("{e}"))?;
+    let mut counts = store.counts().map_err(|e| anyhow!("{e}"))?;
     let mut n = from;
     while n < to {
         if STOP.load(std::sync::atomic::Ordering::Relaxed) {
@@ -233,8 +235,10 @@ pub(crate) fn fill(
             changes
                 .seen
                 .push((format!("{to_agency}/{receipt_id}"), at + 20, [0; 32]));
+            counts.change(None, &Summary::of(&received.referral));
             changes.referrals.push(received.referral);
         }
+        changes.counts = Some(counts.clone());
         let (entries, new_head) = audit::chain(head, drafts);
         changes.audit = entries;
         head = new_head;
@@ -340,12 +344,14 @@ pub(crate) fn probe(dir: &Path) -> Result<()> {
         rss()
     );
     let t = Instant::now();
+    let counts = store.counts().map_err(|e| anyhow!("{e}"))?;
     let mut n = 0u64;
     store
-        .for_each_summary(&mut |_| n += 1)
+        .for_each_watched(&mut |_| n += 1)
         .map_err(|e| anyhow!("{e}"))?;
     eprintln!(
-        "probe: {n} summaries: {:.2} s, RSS {:.0} MB",
+        "probe: counts ({} agencies) and {n} watched summaries: {:.2} s, RSS {:.0} MB",
+        counts.agencies.len(),
         t.elapsed().as_secs_f64(),
         rss()
     );

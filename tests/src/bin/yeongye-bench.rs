@@ -234,9 +234,35 @@ async fn run(args: Args) -> Result<()> {
                 );
                 e2e_runs.push(report::E2eRun { result, ratio });
             }
+            // The raw round trip offered the latency phase's rate, on the same server: what
+            // the same disk and cores give one message at that rate, to read the p99 against.
+            let partial_offer = e2e_runs
+                .first()
+                .and_then(|e| e.result.partial.as_ref())
+                .map(|p| p.offer);
+            let baseline_at_rate = match partial_offer {
+                Some(Offer::Open { rate }) => {
+                    let plan = Plan {
+                        offer: Offer::Open { rate },
+                        ..plan
+                    };
+                    let name = format!("raw JetStream ({sync}) at {rate:.0}/s");
+                    baseline::run(
+                        &nats.url(),
+                        args.message_bytes,
+                        args.batch_size,
+                        &[(name, plan)],
+                    )
+                    .await?
+                    .into_iter()
+                    .next()
+                }
+                _ => None,
+            };
             runs.push(report::SyncRun {
                 sync: *sync,
                 baseline,
+                baseline_at_rate,
                 e2e: e2e_runs,
             });
         }

@@ -50,6 +50,8 @@ pub(crate) struct Settings {
 pub(crate) struct SyncRun {
     pub(crate) sync: Sync,
     pub(crate) baseline: PhaseResult,
+    /// The raw round trip, open loop at the rate of the first end-to-end latency phase.
+    pub(crate) baseline_at_rate: Option<PhaseResult>,
     pub(crate) e2e: Vec<E2eRun>,
 }
 
@@ -168,9 +170,9 @@ pub(crate) fn markdown_throughput(r: &Report) -> Option<String> {
         s.command
     );
     out.push_str(
-        "| `sync_interval` | recipients | raw JetStream round trip, msgs/s (p50 / p99 ms) | end-to-end to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | lost |\n",
+        "| `sync_interval` | recipients | raw JetStream round trip, msgs/s (p50 / p99 ms) | end-to-end to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | raw round trip at that rate, p50 / p99 / p99.9 ms | lost |\n",
     );
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for run in &r.runs {
         let b = &run.baseline;
         for e2e in &run.e2e {
@@ -184,10 +186,17 @@ pub(crate) fn markdown_throughput(r: &Report) -> Option<String> {
                     )
                 },
             );
+            let raw_at_rate = match (&e2e.result.partial, &run.baseline_at_rate) {
+                (Some(_), Some(b)) => format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    b.latency_ms.p50, b.latency_ms.p99, b.latency_ms.p999
+                ),
+                _ => "—".to_owned(),
+            };
             let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {lost} |",
+                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} |",
                 run.sync,
                 e2e.result.recipients,
                 b.throughput,

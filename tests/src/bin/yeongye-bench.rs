@@ -86,6 +86,11 @@ struct Args {
     /// Store sizes for the scale figures, referrals.
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     scale: Vec<u64>,
+    /// What the scale figures' stores hold: `open` (every referral RECEIVED, awaiting
+    /// acceptance: the most memory per referral) and/or `steady` (a year of referrals, all but
+    /// the newest 10,000 completed, applied ids pruned past retention).
+    #[arg(long, value_delimiter = ',', default_value = "open,steady")]
+    scale_profile: Vec<scale::Profile>,
     /// The scale figures only (filling a million referrals takes several minutes).
     #[arg(long, conflicts_with = "with_scale")]
     scale_only: bool,
@@ -267,17 +272,21 @@ async fn run(args: Args) -> Result<()> {
             });
         }
     }
-    let scale = if !(args.scale_only || args.with_scale) || args.scale.is_empty() {
-        Vec::new()
-    } else {
-        scale::run(
-            &nats_bin,
-            &dir.join("scale"),
-            &args.scale,
-            args.message_bytes,
-        )
-        .await?
-    };
+    let mut scale = Vec::new();
+    if (args.scale_only || args.with_scale) && !args.scale.is_empty() {
+        for profile in &args.scale_profile {
+            scale.extend(
+                scale::run(
+                    &nats_bin,
+                    &dir.join(format!("scale-{profile}")),
+                    &args.scale,
+                    args.message_bytes,
+                    *profile,
+                )
+                .await?,
+            );
+        }
+    }
 
     let command = std::env::args()
         .map(|a| {

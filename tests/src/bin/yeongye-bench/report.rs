@@ -244,13 +244,15 @@ pub(crate) fn markdown_scale(r: &Report) -> Option<String> {
     }
     let mut out = run_line(r);
     let _ = writeln!(out, "Command: `{}`.\n", r.settings.command);
-    out.push_str("| referrals stored | store on disk | per referral | first start → ready | broker RSS when ready | peak RSS | restart → ready | RSS after restart | fill (library) |\n");
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| store | referrals stored (open) | store on disk | per referral | first start → ready | broker RSS when ready | peak RSS | restart → ready | RSS after restart | fill (library) |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for p in &r.scale {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} B | **{:.2} s** | **{}** | {} | **{:.2} s** | **{}** | {:.0} s |",
+            "| {} | {} ({}) | {} | {:.0} B | **{:.2} s** | **{}** | {} | **{:.2} s** | **{}** | {:.0} s |",
+            p.profile,
             p.referrals,
+            p.open,
             mb(p.store_bytes),
             p.store_bytes_per_referral,
             p.start_to_ready_secs,

@@ -35,7 +35,10 @@ const STEP_MS: i64 = 20;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct ScalePoint {
+    pub(crate) profile: Profile,
     pub(crate) referrals: u64,
+    /// Referrals not ended (RECEIVED) among them.
+    pub(crate) open: u64,
     pub(crate) store_bytes: u64,
     pub(crate) store_bytes_per_referral: f64,
     /// Broker process spawned → `/readyz` answered 200.
@@ -114,14 +117,53 @@ fn envelope(id: &str, message_id: &str, from: &str, to: &str, at: i64, bytes: us
     wrap(&r).encode_to_vec()
 }
 
-/// Adds referrals `from..to` to the store at `dir`, each RECEIVED by its recipient, the `i`th
-/// submitted at `base_at + i * STEP_MS`.
+/// What the filled store looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Profile {
+    /// Every referral RECEIVED and awaiting acceptance, all sent within the last hours: the
+    /// most a store can hold in memory per referral (record, deadline, both applied ids).
+    Open,
+    /// A district's store after years: referrals spread over the time the store covers, all
+    /// but the last [`STEADY_OPEN`] of them ACCEPTED, IN_PROGRESS and COMPLETED, applied ids
+    /// past retention pruned (the broker prunes daily).
+    Steady,
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Profile::Open => "open",
+            Profile::Steady => "steady",
+        })
+    }
+}
+
+/// In the steady profile, how many of the newest referrals are still open (RECEIVED).
+const STEADY_OPEN: u64 = 10_000;
+/// In the steady profile, time between two referrals: a million cover about a year.
+const STEADY_STEP_MS: i64 = 31_536;
+/// The broker's default `dedup_retention_days`.
+const RETENTION_MS: i64 = 14 * DAY_MS;
+
+impl Profile {
+    fn step_ms(self) -> i64 {
+        match self {
+            Profile::Open => STEP_MS,
+            Profile::Steady => STEADY_STEP_MS,
+        }
+    }
+}
+
+/// Adds referrals `from..to` (of `total`) to the store at `dir`, the `i`th submitted at
+/// `base_at + i * step`, each taken as far as `profile` says.
 pub(crate) fn fill(
     dir: &Path,
     agencies: &[String],
-    (from, to): (u64, u64),
+    (from, to, total): (u64, u64, u64),
     base_at: i64,
     bytes: usize,
+    profile: Profile,
 ) -> Result<()> {
     let store = SledStore::open(dir).map_err(|e| anyhow!("open store {}: {e}", dir.display()))?;
     let mut head = store.audit_head().map_err(|e| anyhow!("{e}"))?;
@@ -134,13 +176,14 @@ pub(crate) fn fill(
         let end = (n + FILL_BATCH).min(to);
         let mut changes = ChangeSet::default();
         let mut drafts = Vec::new();
+        let mut last_at = 0;
         for i in n..end {
-            let at = base_at + i64::try_from(i)? * STEP_MS;
+            let at = base_at + i64::try_from(i)? * profile.step_ms();
+            last_at = at;
             let k = usize::try_from(i)? % agencies.len();
             let (from_agency, to_agency) = (&agencies[k], &agencies[(k + 1) % agencies.len()]);
             let id = uuid_like(Some(at), i, 1);
             let submit_id = uuid_like(Some(at), i, 2);
-            let receipt_id = uuid_like(None, i, 3);
             let new = NewReferral {
                 id: id.clone(),
                 from: from_agency.clone(),
@@ -162,51 +205,61 @@ pub(crate) fn fill(
                 envelope: envelope(&id, &submit_id, from_agency, to_agency, at, bytes),
             };
             let basis = new.basis.label();
-            let submitted = referral::submit(new, &submit_id, at);
-            let delivered =
-                referral::apply(&submitted.referral, &Event::DeliveryConfirmed, "", at + 5)
-                    .map_err(|e| anyhow!("{e}"))?;
-            let received = referral::apply(
-                &delivered.referral,
-                &Event::Status {
-                    by: to_agency.clone(),
-                    status: Status::Received,
-                    note: String::new(),
-                },
-                &receipt_id,
-                at + 20,
-            )
-            .map_err(|e| anyhow!("{e}"))?;
-            for (t, from_state, to_state, actor, cause, t_at) in [
-                (
-                    &submitted,
-                    "",
-                    "SUBMITTED",
-                    from_agency.as_str(),
-                    submit_id.as_str(),
-                    at,
-                ),
-                (&delivered, "SUBMITTED", "DELIVERED", "broker", "", at + 5),
-                (
-                    &received,
-                    "DELIVERED",
-                    "RECEIVED",
-                    to_agency.as_str(),
-                    receipt_id.as_str(),
-                    at + 20,
-                ),
-            ] {
+            changes
+                .seen
+                .push((format!("{from_agency}/{submit_id}"), at, [0; 32]));
+            // The referral's life: DELIVERED (the broker), RECEIVED, and in the steady
+            // profile on to COMPLETED (the recipient), each 20 ms after the one before.
+            let mut statuses = vec![Status::Received];
+            if profile == Profile::Steady && i + STEADY_OPEN < total {
+                statuses.extend([Status::Accepted, Status::InProgress, Status::Completed]);
+            }
+            let steps = std::iter::once(None).chain(statuses.into_iter().map(Some));
+            // (transition, state before, actor, cause, time), in order.
+            let mut life = vec![(
+                referral::submit(new, &submit_id, at),
+                "",
+                from_agency.as_str(),
+                submit_id.clone(),
+                at,
+            )];
+            for (j, status) in (3u64..).zip(steps) {
+                let t_at = at + 5 + 20 * i64::try_from(j - 3)?;
+                let (event, actor, cause) = match status {
+                    None => (Event::DeliveryConfirmed, "broker", String::new()),
+                    Some(status) => (
+                        Event::Status {
+                            by: to_agency.clone(),
+                            status,
+                            note: String::new(),
+                        },
+                        to_agency.as_str(),
+                        uuid_like(None, i, j),
+                    ),
+                };
+                let last = &life[life.len() - 1].0.referral;
+                let next =
+                    referral::apply(last, &event, &cause, t_at).map_err(|e| anyhow!("{e}"))?;
+                if !cause.is_empty() {
+                    changes
+                        .seen
+                        .push((format!("{actor}/{cause}"), t_at, [0; 32]));
+                }
+                let before = last.state.as_str();
+                life.push((next, before, actor, cause, t_at));
+            }
+            for (t, from_state, actor, cause, t_at) in &life {
                 let event = if from_state.is_empty() {
                     "referral.submitted"
                 } else {
                     "referral.state"
                 };
                 drafts.push(
-                    audit::Entry::draft(event, t_at)
+                    audit::Entry::draft(event, *t_at)
                         .referral(&id)
                         .actor(actor)
                         .agency(to_agency)
-                        .states(from_state, to_state)
+                        .states(from_state, t.referral.state.as_str())
                         .message(cause)
                         .basis(&basis),
                 );
@@ -229,20 +282,21 @@ pub(crate) fn fill(
                     }
                 }
             }
-            changes
-                .seen
-                .push((format!("{from_agency}/{submit_id}"), at, [0; 32]));
-            changes
-                .seen
-                .push((format!("{to_agency}/{receipt_id}"), at + 20, [0; 32]));
-            counts.change(None, &Summary::of(&received.referral));
-            changes.referrals.push(received.referral);
+            let t = life.pop().context("a referral's life")?.0;
+            counts.change(None, &Summary::of(&t.referral));
+            changes.referrals.push(t.referral);
         }
-        changes.counts = Some(counts.clone());
         let (entries, new_head) = audit::chain(head, drafts);
         changes.audit = entries;
+        changes.counts = Some(counts.clone());
         head = new_head;
         store.commit(&changes).map_err(|e| anyhow!("commit: {e}"))?;
+        if profile == Profile::Steady {
+            // As the broker's daily pruning would have left it.
+            store
+                .prune_seen(last_at - RETENTION_MS)
+                .map_err(|e| anyhow!("prune: {e}"))?;
+        }
         n = end;
     }
     Ok(())
@@ -254,6 +308,7 @@ pub(crate) async fn run(
     dir: &Path,
     sizes: &[u64],
     message_bytes: usize,
+    profile: Profile,
 ) -> Result<Vec<ScalePoint>> {
     let agencies: Vec<String> = (1..=8).map(|i| format!("bench-{i:02}")).collect();
     let keys = Keys::generate(&dir.join("keys"), &agencies)?;
@@ -263,19 +318,20 @@ pub(crate) async fn run(
     let mut points = Vec::new();
     let mut filled = 0;
     let largest = sizes.iter().copied().max().unwrap_or(0);
-    let base_at = yeongye_adapter::ids::now_ms() - i64::try_from(largest)? * STEP_MS;
+    let base_at = yeongye_adapter::ids::now_ms() - i64::try_from(largest)? * profile.step_ms();
     let mut fill_secs = 0.0;
     for &size in sizes {
         let started = Instant::now();
-        eprintln!("scale: filling the store to {size} referrals");
+        eprintln!("scale ({profile}): filling the store to {size} referrals");
         let (store_c, agencies_c) = (store.clone(), agencies.clone());
         tokio::task::spawn_blocking(move || {
             fill(
                 &store_c,
                 &agencies_c,
-                (filled, size),
+                (filled, size, largest),
                 base_at,
                 message_bytes,
+                profile,
             )
         })
         .await
@@ -307,7 +363,12 @@ pub(crate) async fn run(
         let (restart, restart_stats) = start(format!("broker-{size}-restart")).await?;
         drop(nats);
         let point = ScalePoint {
+            profile,
             referrals: size,
+            open: match profile {
+                Profile::Open => size,
+                Profile::Steady => size.saturating_sub(largest.saturating_sub(STEADY_OPEN)),
+            },
             store_bytes,
             store_bytes_per_referral: store_bytes as f64 / size.max(1) as f64,
             start_to_ready_secs: ready.as_secs_f64(),
@@ -318,7 +379,7 @@ pub(crate) async fn run(
             fill_secs,
         };
         eprintln!(
-            "scale: {size} referrals: ready in {:.2} s, RSS {:.0} MB (peak {:.0} MB); restarted: ready in {:.2} s, RSS {:.0} MB; {:.0} bytes/referral on disk",
+            "scale ({profile}): {size} referrals: ready in {:.2} s, RSS {:.0} MB (peak {:.0} MB); restarted: ready in {:.2} s, RSS {:.0} MB; {:.0} bytes/referral on disk",
             point.start_to_ready_secs,
             point.rss_bytes as f64 / 1e6,
             point.hwm_bytes as f64 / 1e6,

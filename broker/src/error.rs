@@ -15,6 +15,10 @@ pub enum Error {
     Registry { path: PathBuf, message: String },
     #[error("store: {0}")]
     Store(#[from] sled::Error),
+    /// Reopening the store (for sled's recovery snapshot) failed: nothing can be read or
+    /// written until the broker is restarted (the cause was logged).
+    #[error("store: closed after a failed reopen")]
+    StoreClosed,
     #[error("store record {key} is corrupt: {message}")]
     CorruptRecord { key: String, message: String },
     #[error("nats: {0}")]

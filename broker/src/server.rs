@@ -622,6 +622,9 @@ impl EventLoop {
         }
         pending.outbox.extend(changes.outbox_put);
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
+        // Between commits, as the one writer: after enough writes the store may reopen so that
+        // its engine writes a recovery snapshot (a stall about as long as a restart's open).
+        tokio::task::block_in_place(|| self.store.snapshot_if_due())?;
         Ok(true)
     }
 

@@ -214,6 +214,12 @@ pub trait Store: Send + Sync + 'static {
     fn consents(&self) -> Result<Vec<Consent>>;
     /// The audit log's last sequence number and hash ((0, GENESIS) when empty).
     fn audit_head(&self) -> Result<(u64, audit::Hash)>;
+    /// Lets the storage engine write its recovery snapshot if enough was written since the
+    /// last (so that a start replays little); the caller is the one writer, between commits.
+    /// Returns whether it did. May stall for as long as opening the store takes.
+    fn snapshot_if_due(&self) -> Result<bool> {
+        Ok(false)
+    }
     /// Every stored audit entry as `(key sequence, bytes)`, in order: what `audit::verify`
     /// reads. Undecoded on purpose, so that verification sees exactly what is stored.
     fn audit_raw(&self) -> Result<Vec<audit::Stored>>;

@@ -34,6 +34,14 @@ pub(super) struct Tail {
 #[must_use]
 pub(super) struct Staged(Option<Tail>);
 
+impl Staged {
+    /// The bytes of the tail it wrote (beyond the records themselves, what appending to a
+    /// segment costs: the segment rewritten whole).
+    pub(super) fn rewritten(&self) -> usize {
+        self.0.as_ref().map_or(0, |t| t.bytes.len())
+    }
+}
+
 impl Segments {
     /// The segments under `prefix` in `db`, with the last one read back as the tail.
     pub(super) fn open(db: &sled::Db, prefix: &'static [u8], capacity: usize) -> Result<Segments> {

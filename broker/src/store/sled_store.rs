@@ -28,7 +28,11 @@
 //! flushed commit survives a killed process, not a power cut. What a power cut loses is
 //! rebuilt from the inbound stream, from the checkpoint on.
 
-use std::path::Path;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use super::codec;
 use super::segments::Segments;
@@ -53,43 +57,83 @@ const AUDIT_PER_SEGMENT: usize = 32;
 /// Applied-id records (~60 bytes each) per `d/` key.
 const APPLIED_PER_SEGMENT: usize = 64;
 
+/// Bytes committed after which the database is reopened, so that sled writes its recovery
+/// snapshot (see [`SledStore::snapshot_if_due`]).
+const SNAPSHOT_AFTER_BYTES: u64 = 1 << 30;
+/// How long a reopen waits for the closed database's last threads to let go of its lock.
+const REOPEN_WAIT: Duration = Duration::from_secs(30);
+
 pub struct SledStore {
-    db: sled::Db,
+    /// Behind a lock only so that [`SledStore::snapshot_if_due`] can close and reopen it;
+    /// None only after a reopen failed (every call then fails).
+    db: RwLock<Option<sled::Db>>,
+    /// Where it lives (None: a temporary store, never reopened).
+    dir: Option<PathBuf>,
+    /// Bytes of records committed since the database was opened (keys not counted).
+    written: AtomicU64,
+    snapshot_after: u64,
     audit: Segments,
     applied: Segments,
 }
 
+/// The open database, read-locked.
+struct Db<'a>(RwLockReadGuard<'a, Option<sled::Db>>);
+
+impl Deref for Db<'_> {
+    type Target = sled::Db;
+    fn deref(&self) -> &sled::Db {
+        match self.0.as_ref() {
+            Some(db) => db,
+            None => unreachable!("SledStore::db hands out only an open database"),
+        }
+    }
+}
+
+fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_BYTES)
+        .open()
+}
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<SledStore> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            .open()?;
-        SledStore::on(db)
+        SledStore::on(open_db(dir)?, Some(dir.to_path_buf()))
     }
 
-    fn on(db: sled::Db) -> Result<SledStore> {
+    fn on(db: sled::Db, dir: Option<PathBuf>) -> Result<SledStore> {
         let store = SledStore {
             audit: Segments::open(&db, b"A/", AUDIT_PER_SEGMENT)?,
             applied: Segments::open(&db, b"d/", APPLIED_PER_SEGMENT)?,
-            db,
+            db: RwLock::new(Some(db)),
+            dir,
+            written: AtomicU64::new(0),
+            snapshot_after: SNAPSHOT_AFTER_BYTES,
         };
         store.add_missing_counts()?;
         Ok(store)
     }
 
+    fn db(&self) -> Result<Db<'_>> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(Error::StoreClosed);
+        }
+        Ok(Db(guard))
+    }
+
     /// A store written before view counts gets them once: from its `v/` summaries (then kept
     /// only for watched referrals), or, older still, from its referrals.
     fn add_missing_counts(&self) -> Result<()> {
-        if self.db.contains_key(COUNTS)? {
+        if self.db()?.contains_key(COUNTS)? {
             return Ok(());
         }
-        let from_summaries = self.db.contains_key(SUMMARIES)?;
+        let from_summaries = self.db()?.contains_key(SUMMARIES)?;
         let mut counts = Counts::default();
         let mut b = sled::Batch::default();
         let (mut in_batch, mut seen) = (0, 0usize);
         let prefix: &[u8] = if from_summaries { b"v/" } else { b"r/" };
-        for kv in self.db.scan_prefix(prefix) {
+        for kv in self.db()?.scan_prefix(prefix) {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]).into_owned();
             let summary = if from_summaries {
@@ -108,14 +152,14 @@ impl SledStore {
             in_batch += 1;
             seen += 1;
             if in_batch == MIGRATE_BATCH {
-                self.db.apply_batch(std::mem::take(&mut b))?;
+                self.db()?.apply_batch(std::mem::take(&mut b))?;
                 in_batch = 0;
             }
         }
         b.insert(COUNTS, codec::encode_counts(&counts));
         b.remove(SUMMARIES);
-        self.db.apply_batch(b)?;
-        self.db.flush()?;
+        self.db()?.apply_batch(b)?;
+        self.db()?.flush()?;
         if seen > 0 {
             tracing::info!(
                 referrals = seen,
@@ -127,19 +171,19 @@ impl SledStore {
 
     /// A store in a temporary directory, removed on drop: for tests.
     pub fn temporary() -> Result<SledStore> {
-        SledStore::on(sled::Config::new().temporary(true).open()?)
+        SledStore::on(sled::Config::new().temporary(true).open()?, None)
     }
 
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.db()?.size_on_disk()?)
     }
 
     /// Every key's prefix (up to its first `/`) with the bytes of key and value, for sizing
     /// investigations (`yeongye-bench --probe-store`). Reads the whole store.
     pub fn key_census(&self) -> Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
-        for kv in self.db.iter() {
+        for kv in self.db()?.iter() {
             let (k, v) = kv?;
             let end = k.iter().position(|&b| b == b'/').map_or(k.len(), |i| i + 1);
             let prefix = String::from_utf8_lossy(&k[..end]).into_owned();
@@ -198,7 +242,7 @@ fn u64_from(key: &str, b: &[u8]) -> Result<u64> {
 
 impl Store for SledStore {
     fn referral(&self, id: &str) -> Result<Option<Referral>> {
-        match self.db.get(key(b"r/", id.as_bytes()))? {
+        match self.db()?.get(key(b"r/", id.as_bytes()))? {
             Some(v) => Ok(Some(codec::decode_referral(id, &v)?)),
             None => Ok(None),
         }
@@ -207,7 +251,7 @@ impl Store for SledStore {
     fn seen_digest(&self, dedup_key: &str) -> Result<Option<Vec<u8>>> {
         // The value is the applied-at time (8 bytes), then the digest.
         Ok(self
-            .db
+            .db()?
             .get(key(b"s/", dedup_key.as_bytes()))?
             .map(|v| v.get(8..).unwrap_or_default().to_vec()))
     }
@@ -217,8 +261,12 @@ impl Store for SledStore {
             return Ok(());
         }
         let mut b = sled::Batch::default();
+        // Bytes of records written (keys and small records not counted), for snapshot_if_due.
+        let mut written = 0usize;
         for r in &c.referrals {
-            b.insert(key(b"r/", r.id.as_bytes()), codec::encode_referral(r));
+            let record = codec::encode_referral(r);
+            written += record.len();
+            b.insert(key(b"r/", r.id.as_bytes()), record);
             let summary = Summary::of(r);
             let k = key(b"v/", r.id.as_bytes());
             if summary.watched() {
@@ -227,20 +275,22 @@ impl Store for SledStore {
                 b.remove(k);
             }
         }
-        let mut applied = Vec::with_capacity(c.seen.len());
+        let mut applied_records = Vec::with_capacity(c.seen.len());
         for (k, at, digest) in &c.seen {
             let mut value = time_be(*at).to_vec();
             value.extend_from_slice(digest);
             b.insert(key(b"s/", k.as_bytes()), value);
             let mut record = time_be(*at).to_vec();
             record.extend_from_slice(k.as_bytes());
-            applied.push(record);
+            applied_records.push(record);
         }
         let applied = self
             .applied
-            .stage(&mut b, applied.iter().map(Vec::as_slice));
+            .stage(&mut b, applied_records.iter().map(Vec::as_slice));
         for e in &c.outbox_put {
-            b.insert(key(b"o/", &e.key.to_be_bytes()), codec::encode_outbox(e));
+            let record = codec::encode_outbox(e);
+            written += record.len();
+            b.insert(key(b"o/", &e.key.to_be_bytes()), record);
         }
         for k in &c.outbox_remove {
             b.remove(key(b"o/", &k.to_be_bytes()));
@@ -279,20 +329,31 @@ impl Store for SledStore {
                 b.insert(CHECKPOINT, &seq.to_be_bytes());
             }
         }
-        self.db.apply_batch(b)?;
+        written += entries
+            .iter()
+            .chain(&applied_records)
+            .map(Vec::len)
+            .sum::<usize>()
+            + audit.rewritten()
+            + applied.rewritten();
+        self.db()?.apply_batch(b)?;
         self.audit.install(audit);
         self.applied.install(applied);
-        self.db.flush()?;
+        self.db()?.flush()?;
+        self.written.fetch_add(
+            u64::try_from(written).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
     fn next_outbox_key(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        Ok(self.db()?.generate_id()?)
     }
 
     fn outbox(&self) -> Result<Vec<OutboxEntry>> {
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(b"o/") {
+        for kv in self.db()?.scan_prefix(b"o/") {
             let (k, v) = kv?;
             let n = u64_from("outbox", &k[2..])?;
             out.push(codec::decode_outbox(n, &v)?);
@@ -304,7 +365,7 @@ impl Store for SledStore {
         let start = key(b"t/", &time_be(Millis::MIN));
         let end = key(b"t/", &time_be(now.saturating_add(1)));
         let mut out = Vec::new();
-        for kv in self.db.range(start..end).take(limit) {
+        for kv in self.db()?.range(start..end).take(limit) {
             let (k, _) = kv?;
             let rest = &k[2..];
             let corrupt = || Error::CorruptRecord {
@@ -328,7 +389,7 @@ impl Store for SledStore {
     }
 
     fn checkpoint(&self) -> Result<u64> {
-        match self.db.get(CHECKPOINT)? {
+        match self.db()?.get(CHECKPOINT)? {
             Some(v) => u64_from("m/checkpoint", &v),
             None => Ok(0),
         }
@@ -338,7 +399,7 @@ impl Store for SledStore {
         let mut b = sled::Batch::default();
         // Whole segments of ids all applied before `before`, oldest first.
         let mut n = self.applied.drain_front(
-            &self.db,
+            &*self.db()?,
             &mut b,
             |r| time_from_be(r).is_some_and(|at| at < before),
             |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
@@ -346,22 +407,22 @@ impl Store for SledStore {
         // A store written before segments: one `S/` key per id.
         let start = key(b"S/", &time_be(Millis::MIN));
         let end = key(b"S/", &time_be(before));
-        for kv in self.db.range(start..end) {
+        for kv in self.db()?.range(start..end) {
             let (k, _) = kv?;
             b.remove(key(b"s/", &k[10..]));
             b.remove(k);
             n += 1;
         }
         if n > 0 {
-            self.db.apply_batch(b)?;
-            self.db.flush()?;
+            self.db()?.apply_batch(b)?;
+            self.db()?.flush()?;
         }
         Ok(n)
     }
 
     fn referrals(&self) -> Result<Vec<Referral>> {
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(b"r/") {
+        for kv in self.db()?.scan_prefix(b"r/") {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]).into_owned();
             out.push(codec::decode_referral(&id, &v)?);
@@ -370,14 +431,14 @@ impl Store for SledStore {
     }
 
     fn counts(&self) -> Result<Counts> {
-        match self.db.get(COUNTS)? {
+        match self.db()?.get(COUNTS)? {
             Some(v) => codec::decode_counts(&v),
             None => Ok(Counts::default()),
         }
     }
 
     fn for_each_watched(&self, f: &mut dyn FnMut(Summary)) -> Result<()> {
-        for kv in self.db.scan_prefix(b"v/") {
+        for kv in self.db()?.scan_prefix(b"v/") {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]);
             f(codec::decode_summary(&id, &v)?);
@@ -387,7 +448,7 @@ impl Store for SledStore {
 
     fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(b"x/") {
+        for kv in self.db()?.scan_prefix(b"x/") {
             let (k, v) = kv?;
             out.push(codec::decode_dead_letter(
                 u64_from("dead-letter", &k[2..])?,
@@ -398,14 +459,14 @@ impl Store for SledStore {
     }
 
     fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
-        match self.db.get(key(b"x/", &seq.to_be_bytes()))? {
+        match self.db()?.get(key(b"x/", &seq.to_be_bytes()))? {
             Some(v) => Ok(Some(codec::decode_dead_letter(seq, &v)?)),
             None => Ok(None),
         }
     }
 
     fn consent(&self, id: &str) -> Result<Option<Consent>> {
-        match self.db.get(key(b"c/", id.as_bytes()))? {
+        match self.db()?.get(key(b"c/", id.as_bytes()))? {
             Some(v) => Ok(Some(codec::decode_consent(id, &v)?)),
             None => Ok(None),
         }
@@ -413,7 +474,7 @@ impl Store for SledStore {
 
     fn consents(&self) -> Result<Vec<Consent>> {
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(b"c/") {
+        for kv in self.db()?.scan_prefix(b"c/") {
             let (k, v) = kv?;
             out.push(codec::decode_consent(
                 &String::from_utf8_lossy(&k[2..]),
@@ -423,8 +484,52 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    /// sled 0.34 writes its recovery snapshot only when it opens a database, so a start
+    /// replays every write since the last open: after a long run, minutes and a lot of memory.
+    /// Once [`SNAPSHOT_AFTER_BYTES`] were committed, this closes the database and opens it
+    /// again (readers wait; about as long as a broker restart takes).
+    fn snapshot_if_due(&self) -> Result<bool> {
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        if self.written.load(Ordering::Relaxed) < self.snapshot_after {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // Dropped (closed) at the end of this statement unless its flush failed.
+        if let Some(db) = slot.take()
+            && let Err(e) = db.flush()
+        {
+            *slot = Some(db);
+            return Err(e.into());
+        }
+        // The closed database's last threads let go of its lock a moment after the drop.
+        let deadline = Instant::now() + REOPEN_WAIT;
+        let db = loop {
+            match open_db(dir) {
+                Ok(db) => break db,
+                Err(e) if Instant::now() < deadline && e.to_string().contains("acquire lock") => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::error!(cause = %e, store = %dir.display(), "reopening the store failed");
+                    return Err(e.into());
+                }
+            }
+        };
+        *slot = Some(db);
+        let written = self.written.swap(0, Ordering::Relaxed);
+        tracing::info!(
+            written_mb = written >> 20,
+            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "store reopened: sled wrote its recovery snapshot"
+        );
+        Ok(true)
+    }
+
     fn audit_head(&self) -> Result<(u64, audit::Hash)> {
-        match self.db.get(AUDIT_HEAD)? {
+        match self.db()?.get(AUDIT_HEAD)? {
             None => Ok((0, audit::GENESIS)),
             Some(v) => {
                 let corrupt = || Error::CorruptRecord {
@@ -444,13 +549,13 @@ impl Store for SledStore {
     fn audit_raw(&self) -> Result<Vec<audit::Stored>> {
         let mut out = Vec::new();
         // A store written before segments keeps its first entries one to a key.
-        for kv in self.db.scan_prefix(b"a/") {
+        for kv in self.db()?.scan_prefix(b"a/") {
             let (k, v) = kv?;
             out.push((u64_from("audit", &k[2..])?, v.to_vec()));
         }
         // Then the segments: an entry's place in them is its sequence number.
         let mut seq = out.last().map_or(0, |(s, _)| *s);
-        for (_, entries) in self.audit.read(&self.db)? {
+        for (_, entries) in self.audit.read(&*self.db()?)? {
             for bytes in entries {
                 seq += 1;
                 out.push((seq, bytes));
@@ -460,7 +565,8 @@ impl Store for SledStore {
     }
 
     fn stats(&self) -> Result<StoreStats> {
-        let count = |p: &[u8]| self.db.scan_prefix(p).keys().count() as u64;
+        let db = self.db()?;
+        let count = |p: &[u8]| db.scan_prefix(p).keys().count() as u64;
         Ok(StoreStats {
             referrals: count(b"r/"),
             outbox: count(b"o/"),
@@ -704,7 +810,7 @@ mod tests {
             );
             // RECEIVED and on time: counted, not watched.
             assert_eq!(s.watched().unwrap(), vec![Summary::of(&overdue)]);
-            assert_eq!(s.db.scan_prefix(b"v/").count(), 1);
+            assert_eq!(s.db().unwrap().scan_prefix(b"v/").count(), 1);
         }
         let s = crate::store::reopen(|| SledStore::open(dir.path()));
         assert_eq!(s.counts().unwrap(), counts);
@@ -749,8 +855,46 @@ mod tests {
             let s = crate::store::reopen(|| SledStore::open(dir.path()));
             assert_eq!(s.counts().unwrap(), expected, "summaries: {with_summaries}");
             assert_eq!(s.watched().unwrap(), vec![Summary::of(&submitted)]);
-            assert_eq!(s.db.scan_prefix(b"v/").count(), 1);
-            assert!(!s.db.contains_key(SUMMARIES).unwrap());
+            assert_eq!(s.db().unwrap().scan_prefix(b"v/").count(), 1);
+            assert!(!s.db().unwrap().contains_key(SUMMARIES).unwrap());
         }
+    }
+
+    #[test]
+    fn a_reopen_for_the_snapshot_keeps_everything_and_appends_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut counts = Counts::default();
+        let (a1, head) = audit::chain((0, audit::GENESIS), vec![audit::Entry::draft("a", 1)]);
+        {
+            let mut s = crate::store::reopen(|| SledStore::open(dir.path()));
+            s.snapshot_after = 1;
+            assert!(!s.snapshot_if_due().unwrap(), "nothing written yet");
+            commit_referrals(&s, &mut counts, &[(None, &referral("r1"))]);
+            s.commit(&ChangeSet {
+                audit: a1,
+                seen: vec![("m1".into(), 5, [0; 32])],
+                ..Default::default()
+            })
+            .unwrap();
+            assert!(s.snapshot_if_due().unwrap());
+            assert!(!s.snapshot_if_due().unwrap(), "nothing written since");
+            assert_eq!(s.referral("r1").unwrap(), Some(referral("r1")));
+            let (a2, head) = audit::chain(head, vec![audit::Entry::draft("b", 2)]);
+            s.commit(&ChangeSet {
+                audit: a2,
+                seen: vec![("m2".into(), 6, [0; 32])],
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(audit::verify(s.audit_raw().unwrap(), head), Ok(2));
+        }
+        let s = crate::store::reopen(|| SledStore::open(dir.path()));
+        assert_eq!(s.counts().unwrap(), counts);
+        assert!(s.seen("m1").unwrap() && s.seen("m2").unwrap());
+        assert_eq!(
+            audit::verify(s.audit_raw().unwrap(), s.audit_head().unwrap()),
+            Ok(2)
+        );
+        assert!(!SledStore::temporary().unwrap().snapshot_if_due().unwrap());
     }
 }

@@ -291,6 +291,10 @@ pub(crate) fn fill(
         changes.counts = Some(counts.clone());
         head = new_head;
         store.commit(&changes).map_err(|e| anyhow!("commit: {e}"))?;
+        // As the broker's event loop does after its commits.
+        store
+            .snapshot_if_due()
+            .map_err(|e| anyhow!("snapshot: {e}"))?;
         if profile == Profile::Steady {
             // As the broker's daily pruning would have left it.
             store

@@ -129,19 +129,20 @@ impl Segments {
         Ok(out)
     }
 
-    /// Removes whole segments from the oldest on while `all_old` says every record of one may
-    /// go; `each` sees every removed record. Returns how many records. A removed tail is
-    /// never appended to again: the next record starts a new segment.
+    /// Removes whole segments (at most `max` of them) from the oldest on while `all_old` says
+    /// every record of one may go; `each` sees every removed record. Returns how many records.
+    /// A removed tail is never appended to again: the next record starts a new segment.
     pub(super) fn drain_front(
         &self,
         db: &sled::Db,
         batch: &mut sled::Batch,
         mut all_old: impl FnMut(&[u8]) -> bool,
         mut each: impl FnMut(&mut sled::Batch, &[u8]),
+        max: usize,
     ) -> Result<usize> {
         let mut tail = self.lock();
         let mut removed = 0;
-        for kv in db.scan_prefix(self.prefix) {
+        for kv in db.scan_prefix(self.prefix).take(max) {
             let (k, v) = kv?;
             if !split(&v).all(&mut all_old) {
                 break;
@@ -264,20 +265,26 @@ mod tests {
         let mut b = sled::Batch::default();
         let mut seen = Vec::new();
         let n = s
-            .drain_front(&db, &mut b, |r| r[0] < 8, |_, r| seen.push(r[0]))
+            .drain_front(&db, &mut b, |r| r[0] < 8, |_, r| seen.push(r[0]), 10)
             .unwrap();
         db.apply_batch(b).unwrap();
         // Stops at the first segment holding a young record, even if later ones are old.
         assert_eq!((n, seen), (2, vec![0, 1]));
         assert_eq!(all(&s, &db).len(), 7);
         let mut b = sled::Batch::default();
-        let n = s.drain_front(&db, &mut b, |r| r[0] < 9, |_, _| ()).unwrap();
+        let n = s
+            .drain_front(&db, &mut b, |r| r[0] < 9, |_, _| (), 10)
+            .unwrap();
         db.apply_batch(b).unwrap();
         assert_eq!(n, 0, "[2, 9] holds a young record");
         let mut b = sled::Batch::default();
-        let n = s.drain_front(&db, &mut b, |_| true, |_, _| ()).unwrap();
+        let n = s.drain_front(&db, &mut b, |_| true, |_, _| (), 2).unwrap();
         db.apply_batch(b).unwrap();
-        assert_eq!(n, 7, "everything, the tail too");
+        assert_eq!(n, 4, "at most two segments at a time");
+        let mut b = sled::Batch::default();
+        let n = s.drain_front(&db, &mut b, |_| true, |_, _| (), 10).unwrap();
+        db.apply_batch(b).unwrap();
+        assert_eq!(n, 3, "the rest, the tail too");
         assert!(all(&s, &db).is_empty());
         // Appending after the tail went starts a new segment: nothing removed comes back.
         append(&s, &db, &[vec![8u8], vec![10u8], vec![11u8]]);

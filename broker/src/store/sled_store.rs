@@ -56,6 +56,8 @@ const MIGRATE_BATCH: usize = 10_000;
 const AUDIT_PER_SEGMENT: usize = 32;
 /// Applied-id records (~60 bytes each) per `d/` key.
 const APPLIED_PER_SEGMENT: usize = 64;
+/// Segments of applied ids pruned per sled batch.
+const PRUNE_SEGMENTS: usize = 64;
 
 /// Bytes committed after which the database is reopened, so that sled writes its recovery
 /// snapshot (see [`SledStore::snapshot_if_due`]).
@@ -396,28 +398,41 @@ impl Store for SledStore {
     }
 
     fn prune_seen(&self, before: Millis) -> Result<usize> {
-        let mut b = sled::Batch::default();
-        // Whole segments of ids all applied before `before`, oldest first.
-        let mut n = self.applied.drain_front(
-            &*self.db()?,
-            &mut b,
-            |r| time_from_be(r).is_some_and(|at| at < before),
-            |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
-        )?;
-        // A store written before segments: one `S/` key per id.
         let start = key(b"S/", &time_be(Millis::MIN));
         let end = key(b"S/", &time_be(before));
-        for kv in self.db()?.range(start..end) {
-            let (k, _) = kv?;
-            b.remove(key(b"s/", &k[10..]));
-            b.remove(k);
-            n += 1;
-        }
-        if n > 0 {
+        let mut total = 0;
+        // A batch at a time: a broker back after weeks away prunes weeks of ids at once.
+        loop {
+            let mut b = sled::Batch::default();
+            // Whole segments of ids all applied before `before`, oldest first.
+            let mut n = self.applied.drain_front(
+                &*self.db()?,
+                &mut b,
+                |r| time_from_be(r).is_some_and(|at| at < before),
+                |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
+                PRUNE_SEGMENTS,
+            )?;
+            // A store written before segments: one `S/` key per id.
+            for kv in self
+                .db()?
+                .range(start.clone()..end.clone())
+                .take(PRUNE_SEGMENTS * APPLIED_PER_SEGMENT)
+            {
+                let (k, _) = kv?;
+                b.remove(key(b"s/", &k[10..]));
+                b.remove(k);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
             self.db()?.apply_batch(b)?;
+            total += n;
+        }
+        if total > 0 {
             self.db()?.flush()?;
         }
-        Ok(n)
+        Ok(total)
     }
 
     fn referrals(&self) -> Result<Vec<Referral>> {
@@ -699,6 +714,21 @@ mod tests {
         .unwrap();
         assert_eq!(s.prune_seen(61).unwrap(), 2);
         assert_eq!(s.stats().unwrap().seen, 0);
+    }
+
+    #[test]
+    fn pruning_weeks_of_ids_goes_a_batch_at_a_time_and_forgets_them_all() {
+        let s = SledStore::temporary().unwrap();
+        let n = PRUNE_SEGMENTS * APPLIED_PER_SEGMENT * 2 + 10;
+        let seen = (0..n).map(|i| (format!("id-{i}"), 1, [0; 32])).collect();
+        s.commit(&ChangeSet {
+            seen,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.prune_seen(10).unwrap(), n);
+        assert_eq!(s.stats().unwrap().seen, 0);
+        assert_eq!(s.prune_seen(10).unwrap(), 0);
     }
 
     #[test]

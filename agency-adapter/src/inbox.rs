@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::incoming::{Item, ItemKind};
-use crate::json::to_pretty_json;
+use crate::json::item_pretty_json;
 
 /// Sub-folders, one per kind of item.
 pub const REFERRALS: &str = "referrals";
@@ -137,12 +137,16 @@ fn render(kind: &ItemKind, message_id: &str) -> Result<(&'static str, String, Ve
         ItemKind::Delivery { referral, .. } => (
             REFERRALS,
             file_name_for(&referral.referral_id),
-            to_pretty_json(referral)?,
+            item_pretty_json(referral)?,
         ),
-        ItemKind::Notification(n) => (NOTIFICATIONS, file_name_for(message_id), to_pretty_json(n)?),
-        ItemKind::Rejection(r) => (REJECTIONS, file_name_for(message_id), to_pretty_json(r)?),
-        ItemKind::Escalation(e) => (ESCALATIONS, file_name_for(message_id), to_pretty_json(e)?),
-        ItemKind::Withdrawal(w) => (WITHDRAWALS, file_name_for(message_id), to_pretty_json(w)?),
+        ItemKind::Notification(n) => (
+            NOTIFICATIONS,
+            file_name_for(message_id),
+            item_pretty_json(n)?,
+        ),
+        ItemKind::Rejection(r) => (REJECTIONS, file_name_for(message_id), item_pretty_json(r)?),
+        ItemKind::Escalation(e) => (ESCALATIONS, file_name_for(message_id), item_pretty_json(e)?),
+        ItemKind::Withdrawal(w) => (WITHDRAWALS, file_name_for(message_id), item_pretty_json(w)?),
     })
 }
 

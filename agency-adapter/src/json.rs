@@ -61,12 +61,182 @@ pub fn to_pretty_json<T: serde::Serialize>(message: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A message the broker sends, as proto3 JSON, with enum values this build does not know
+/// written as their numbers (as proto3 JSON writes them) instead of failing. pbjson refuses
+/// to write an unknown enum value; a newer broker may send a state or a reason code this
+/// adapter does not know yet, and the item must still reach the agency system — not come
+/// back for ever.
+pub fn item_json<T: KnownEnums>(message: &T) -> Result<serde_json::Value> {
+    let mut copy = message.clone();
+    let mut unknown = Vec::new();
+    copy.clear_unknown_enums(&mut unknown);
+    let mut value = serde_json::to_value(&copy)
+        .map_err(|e| Error::Protocol(format!("cannot render message as JSON: {e}")))?;
+    for (path, number) in unknown {
+        // `path` is a field, or `parent/field`: the parent is there (it held the value).
+        let (parent, field) = path.rsplit_once('/').unwrap_or(("", path));
+        let target = if parent.is_empty() {
+            Some(&mut value)
+        } else {
+            value.get_mut(parent)
+        };
+        if let Some(serde_json::Value::Object(map)) = target {
+            map.insert(field.to_owned(), number);
+        }
+    }
+    Ok(value)
+}
+
+/// [`item_json`], pretty, for files.
+pub fn item_pretty_json<T: KnownEnums>(message: &T) -> Result<Vec<u8>> {
+    to_pretty_json(&item_json(message)?)
+}
+
+/// Messages whose enum fields [`item_json`] checks.
+pub trait KnownEnums: serde::Serialize + Clone {
+    /// Sets every enum field whose value this build does not know to 0 (left out of the
+    /// JSON), noting its JSON path and the value to write there instead.
+    fn clear_unknown_enums(&mut self, unknown: &mut Vec<(&'static str, serde_json::Value)>);
+}
+
+/// Clears `value` if `E` does not know it, noting it under `path`.
+fn check<E: TryFrom<i32>>(
+    value: &mut i32,
+    path: &'static str,
+    unknown: &mut Vec<(&'static str, serde_json::Value)>,
+) {
+    if E::try_from(*value).is_err() {
+        unknown.push((path, serde_json::Value::from(*value)));
+        *value = 0;
+    }
+}
+
+impl KnownEnums for v1::Referral {
+    fn clear_unknown_enums(&mut self, unknown: &mut Vec<(&'static str, serde_json::Value)>) {
+        check::<v1::FieldOfNeed>(&mut self.field, "field", unknown);
+        check::<v1::Urgency>(&mut self.urgency, "urgency", unknown);
+        check::<v1::Purpose>(&mut self.purpose, "purpose", unknown);
+        if let Some(v1::referral::LegalBasis::StatutoryBasis(b)) = &mut self.legal_basis {
+            check::<v1::Statute>(&mut b.statute, "statutoryBasis/statute", unknown);
+        }
+        if self
+            .data_categories
+            .iter()
+            .any(|c| v1::DataCategory::try_from(*c).is_err())
+        {
+            // The whole list, each value by name where known, else by number.
+            let list = self
+                .data_categories
+                .iter()
+                .map(|c| match v1::DataCategory::try_from(*c) {
+                    Ok(k) => serde_json::Value::from(k.as_str_name()),
+                    Err(_) => serde_json::Value::from(*c),
+                })
+                .collect();
+            unknown.push(("dataCategories", serde_json::Value::Array(list)));
+            self.data_categories.clear();
+        }
+    }
+}
+
+impl KnownEnums for v1::Notification {
+    fn clear_unknown_enums(&mut self, unknown: &mut Vec<(&'static str, serde_json::Value)>) {
+        check::<v1::ReferralState>(&mut self.state, "state", unknown);
+        check::<v1::ReferralState>(&mut self.previous, "previous", unknown);
+    }
+}
+
+impl KnownEnums for v1::Rejection {
+    fn clear_unknown_enums(&mut self, unknown: &mut Vec<(&'static str, serde_json::Value)>) {
+        check::<v1::ReasonCode>(&mut self.code, "code", unknown);
+    }
+}
+
+impl KnownEnums for v1::Escalation {
+    fn clear_unknown_enums(&mut self, unknown: &mut Vec<(&'static str, serde_json::Value)>) {
+        check::<v1::DeadlineKind>(&mut self.kind, "kind", unknown);
+        check::<v1::ReferralState>(&mut self.state, "state", unknown);
+    }
+}
+
+impl KnownEnums for v1::Withdrawal {
+    fn clear_unknown_enums(&mut self, _: &mut Vec<(&'static str, serde_json::Value)>) {}
+}
+
 #[cfg(test)]
 mod roundtrip;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_enum_values_are_written_as_numbers_not_refused() {
+        let n = v1::Notification {
+            referral_id: "r-1".into(),
+            state: 99,
+            previous: v1::ReferralState::Received.into(),
+            ..Default::default()
+        };
+        assert!(serde_json::to_value(&n).is_err(), "pbjson refuses it");
+        let v = item_json(&n).unwrap();
+        assert_eq!(v["state"], 99);
+        assert_eq!(v["previous"], "REFERRAL_STATE_RECEIVED");
+        assert_eq!(v["referralId"], "r-1");
+
+        let r = v1::Rejection {
+            code: 4242,
+            ..Default::default()
+        };
+        assert_eq!(item_json(&r).unwrap()["code"], 4242);
+
+        let e = v1::Escalation {
+            kind: 7,
+            state: v1::ReferralState::Expired.into(),
+            ..Default::default()
+        };
+        let v = item_json(&e).unwrap();
+        assert_eq!(
+            (v["kind"].clone(), v["state"].clone()),
+            (
+                serde_json::json!(7),
+                serde_json::json!("REFERRAL_STATE_EXPIRED")
+            )
+        );
+
+        let referral = v1::Referral {
+            referral_id: "r-2".into(),
+            urgency: 77,
+            legal_basis: Some(v1::referral::LegalBasis::StatutoryBasis(
+                v1::StatutoryBasis {
+                    statute: 55,
+                    justification: "j".into(),
+                },
+            )),
+            data_categories: vec![v1::DataCategory::Identity.into(), 66],
+            ..Default::default()
+        };
+        let v = item_json(&referral).unwrap();
+        assert_eq!(v["urgency"], 77);
+        assert_eq!(v["statutoryBasis"]["statute"], 55);
+        assert_eq!(v["statutoryBasis"]["justification"], "j");
+        assert_eq!(
+            v["dataCategories"],
+            serde_json::json!(["DATA_CATEGORY_IDENTITY", 66])
+        );
+        // Known values come out exactly as pbjson writes them.
+        let known = v1::Referral {
+            referral_id: "r-3".into(),
+            urgency: v1::Urgency::Crisis.into(),
+            data_categories: vec![v1::DataCategory::Contact.into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            item_json(&known).unwrap(),
+            serde_json::to_value(&known).unwrap()
+        );
+        assert!(item_pretty_json(&referral).unwrap().ends_with(b"\n"));
+    }
 
     const GOOD: &str = r#"{
         "toAgency": "hope-support",

@@ -26,6 +26,7 @@ use crate::dedup::{self, DedupStore};
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::incoming::{Item, ItemKind};
+use crate::json::item_json;
 
 const PENDING: &str = "http_pending";
 const FINISHING: &str = "http_finishing";
@@ -61,16 +62,16 @@ impl Entry {
     pub(crate) fn from_item(item: &Item, now_ms: i64) -> Result<Entry> {
         let (payload, follow_up) = match item.kind() {
             ItemKind::Delivery { referral, .. } => (
-                to_value(referral)?,
+                item_json(referral)?,
                 Some(FollowUp::Receipt {
                     referral_id: referral.referral_id.clone(),
                 }),
             ),
-            ItemKind::Notification(n) => (to_value(n)?, None),
-            ItemKind::Rejection(r) => (to_value(r)?, None),
-            ItemKind::Escalation(e) => (to_value(e)?, None),
+            ItemKind::Notification(n) => (item_json(n)?, None),
+            ItemKind::Rejection(r) => (item_json(r)?, None),
+            ItemKind::Escalation(e) => (item_json(e)?, None),
             ItemKind::Withdrawal(w) => (
-                to_value(w)?,
+                item_json(w)?,
                 Some(FollowUp::PurgeConfirmation {
                     referral_id: w.referral_id.clone(),
                     consent_id: w.consent_id.clone(),
@@ -110,11 +111,6 @@ impl fmt::Debug for Entry {
             .field("follow_up", &self.follow_up)
             .finish_non_exhaustive()
     }
-}
-
-fn to_value<T: Serialize>(message: &T) -> Result<Value> {
-    serde_json::to_value(message)
-        .map_err(|e| Error::Protocol(format!("cannot render an item as JSON: {e}")))
 }
 
 /// What acknowledging a message id did.

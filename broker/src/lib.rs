@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod consent;
 pub mod convert;
+pub mod dead_letter;
 pub mod error;
 pub mod http;
 pub mod ingest;

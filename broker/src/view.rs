@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::dead_letter::{DeadLetter, DeadLetterStatus};
 use crate::referral::{Millis, Referral, State};
-use crate::store::{DeadLetter, DeadLetterStatus};
 
 /// What the view keeps of a referral.
 #[derive(Debug, Clone, PartialEq, Eq)]

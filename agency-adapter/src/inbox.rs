@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::incoming::{Item, ItemKind};
-use crate::json::item_pretty_json;
+use crate::json::to_pretty_json;
 
 /// Sub-folders, one per kind of item.
 pub const REFERRALS: &str = "referrals";
@@ -133,21 +133,18 @@ fn remove_durably(dir: &Path, path: &Path) -> io::Result<bool> {
 
 /// The sub-folder, file name and contents for an item.
 fn render(kind: &ItemKind, message_id: &str) -> Result<(&'static str, String, Vec<u8>)> {
-    Ok(match kind {
-        ItemKind::Delivery { referral, .. } => (
-            REFERRALS,
-            file_name_for(&referral.referral_id),
-            item_pretty_json(referral)?,
-        ),
-        ItemKind::Notification(n) => (
-            NOTIFICATIONS,
-            file_name_for(message_id),
-            item_pretty_json(n)?,
-        ),
-        ItemKind::Rejection(r) => (REJECTIONS, file_name_for(message_id), item_pretty_json(r)?),
-        ItemKind::Escalation(e) => (ESCALATIONS, file_name_for(message_id), item_pretty_json(e)?),
-        ItemKind::Withdrawal(w) => (WITHDRAWALS, file_name_for(message_id), item_pretty_json(w)?),
-    })
+    let (folder, name) = match kind {
+        ItemKind::Delivery { referral, .. } => (REFERRALS, referral.referral_id.as_str()),
+        ItemKind::Notification(_) => (NOTIFICATIONS, message_id),
+        ItemKind::Rejection(_) => (REJECTIONS, message_id),
+        ItemKind::Escalation(_) => (ESCALATIONS, message_id),
+        ItemKind::Withdrawal(_) => (WITHDRAWALS, message_id),
+    };
+    Ok((
+        folder,
+        file_name_for(name),
+        to_pretty_json(&kind.to_json()?)?,
+    ))
 }
 
 /// `<id>.json` if `id` is 1-128 characters of `A-Z a-z 0-9 . _ -` not starting with `.`;

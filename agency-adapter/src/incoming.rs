@@ -37,6 +37,7 @@ use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::inbox::{self, Handoff};
+use crate::json::item_json;
 
 /// How often old dedup entries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
@@ -71,6 +72,18 @@ impl ItemKind {
             ItemKind::Rejection(_) => "rejection",
             ItemKind::Escalation(_) => "escalation",
             ItemKind::Withdrawal(_) => "withdrawal",
+        }
+    }
+
+    /// What the agency system gets, in proto3 JSON: the `Referral` of a delivery, else the
+    /// message itself (enum values this build does not know as numbers: [`crate::json::item_json`]).
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        match self {
+            ItemKind::Delivery { referral, .. } => item_json(referral),
+            ItemKind::Notification(n) => item_json(n),
+            ItemKind::Rejection(r) => item_json(r),
+            ItemKind::Escalation(e) => item_json(e),
+            ItemKind::Withdrawal(w) => item_json(w),
         }
     }
 }

@@ -87,11 +87,6 @@ pub fn item_json<T: KnownEnums>(message: &T) -> Result<serde_json::Value> {
     Ok(value)
 }
 
-/// [`item_json`], pretty, for files.
-pub fn item_pretty_json<T: KnownEnums>(message: &T) -> Result<Vec<u8>> {
-    to_pretty_json(&item_json(message)?)
-}
-
 /// Messages whose enum fields [`item_json`] checks.
 pub trait KnownEnums: serde::Serialize + Clone {
     /// Sets every enum field whose value this build does not know to 0 (left out of the
@@ -235,7 +230,11 @@ mod tests {
             item_json(&known).unwrap(),
             serde_json::to_value(&known).unwrap()
         );
-        assert!(item_pretty_json(&referral).unwrap().ends_with(b"\n"));
+        assert!(
+            to_pretty_json(&item_json(&referral).unwrap())
+                .unwrap()
+                .ends_with(b"\n")
+        );
     }
 
     const GOOD: &str = r#"{

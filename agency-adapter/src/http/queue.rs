@@ -26,7 +26,6 @@ use crate::dedup::{self, DedupStore};
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::incoming::{Item, ItemKind};
-use crate::json::item_json;
 
 const PENDING: &str = "http_pending";
 const FINISHING: &str = "http_finishing";
@@ -60,30 +59,22 @@ pub(crate) struct Entry {
 impl Entry {
     /// The entry for an item arriving now.
     pub(crate) fn from_item(item: &Item, now_ms: i64) -> Result<Entry> {
-        let (payload, follow_up) = match item.kind() {
-            ItemKind::Delivery { referral, .. } => (
-                item_json(referral)?,
-                Some(FollowUp::Receipt {
-                    referral_id: referral.referral_id.clone(),
-                }),
-            ),
-            ItemKind::Notification(n) => (item_json(n)?, None),
-            ItemKind::Rejection(r) => (item_json(r)?, None),
-            ItemKind::Escalation(e) => (item_json(e)?, None),
-            ItemKind::Withdrawal(w) => (
-                item_json(w)?,
-                Some(FollowUp::PurgeConfirmation {
-                    referral_id: w.referral_id.clone(),
-                    consent_id: w.consent_id.clone(),
-                }),
-            ),
+        let follow_up = match item.kind() {
+            ItemKind::Delivery { referral, .. } => Some(FollowUp::Receipt {
+                referral_id: referral.referral_id.clone(),
+            }),
+            ItemKind::Withdrawal(w) => Some(FollowUp::PurgeConfirmation {
+                referral_id: w.referral_id.clone(),
+                consent_id: w.consent_id.clone(),
+            }),
+            _ => None,
         };
         Ok(Entry {
             kind: item.kind().name().to_owned(),
             message_id: item.message_id().to_owned(),
             referral_id: item.referral_id().map(str::to_owned),
             queued_at_ms: now_ms,
-            item: payload,
+            item: item.kind().to_json()?,
             follow_up,
         })
     }

@@ -571,11 +571,7 @@ impl EventLoop {
         let (mut changes, view_changes) = batch.finish();
         if !view_changes.is_empty() {
             // The counters as they will be once this commits, stored with it.
-            let mut counts = self.ops.view().counts().clone();
-            for (old, new) in &view_changes {
-                counts.change(old.as_ref(), new);
-            }
-            changes.counts = Some(counts);
+            changes.counts = Some(self.ops.view().counts_after(&view_changes));
         }
         if changes.is_empty() {
             self.ops.turned(clock::now_ms());
@@ -598,9 +594,10 @@ impl EventLoop {
                 .commit_latency
                 .observe((now - at).max(0) as f64 / 1000.0);
         }
+        let counts = changes.counts.take();
         self.ops.update_view(|v| {
-            for (old, new) in &view_changes {
-                v.change(old.as_ref(), new);
+            if let Some(counts) = counts {
+                v.committed(counts, &view_changes);
             }
             v.add_dead_letters(&changes.dead_letters);
             for d in changes

@@ -129,13 +129,32 @@ impl View {
         self.track(s, true);
     }
 
-    pub fn counts(&self) -> &Counts {
-        &self.counts
-    }
-
     /// Records that a referral changed from `old` (None: it is new) to `new`.
     pub fn change(&mut self, old: Option<&Summary>, new: &Summary) {
         self.counts.change(old, new);
+        self.track_change(old, new);
+    }
+
+    /// The counters once `changes` (before, after) are applied: what the event loop commits
+    /// with them, and then hands to [`View::committed`].
+    pub fn counts_after(&self, changes: &[(Option<Summary>, Summary)]) -> Counts {
+        let mut counts = self.counts.clone();
+        for (old, new) in changes {
+            counts.change(old.as_ref(), new);
+        }
+        counts
+    }
+
+    /// Takes in committed `changes` with the counters [`View::counts_after`] made for them (and
+    /// the store now holds), so the view's counters are the stored ones.
+    pub fn committed(&mut self, counts: Counts, changes: &[(Option<Summary>, Summary)]) {
+        self.counts = counts;
+        for (old, new) in changes {
+            self.track_change(old.as_ref(), new);
+        }
+    }
+
+    fn track_change(&mut self, old: Option<&Summary>, new: &Summary) {
         if let Some(old) = old {
             self.track(old, false);
         }
@@ -286,5 +305,29 @@ mod tests {
         assert_eq!(states[&State::Received], 1);
         assert_eq!(states[&State::Declined], 1);
         assert_eq!(states[&State::Submitted], 0);
+    }
+
+    #[test]
+    fn a_committed_batch_is_the_same_as_its_changes_one_by_one() {
+        let changes = vec![
+            (None, s("r1", State::Submitted, false)),
+            (None, s("r2", State::Submitted, false)),
+            (
+                Some(s("r1", State::Submitted, false)),
+                s("r1", State::Received, true),
+            ),
+        ];
+        let mut one_by_one = View::default();
+        for (old, new) in &changes {
+            one_by_one.change(old.as_ref(), new);
+        }
+        let mut batched = View::default();
+        let counts = batched.counts_after(&changes);
+        assert_eq!(counts, one_by_one.counts, "the counters to store");
+        batched.committed(counts, &changes);
+        assert_eq!(batched.counts, one_by_one.counts);
+        assert_eq!(batched.queue("b"), one_by_one.queue("b"));
+        assert_eq!(batched.oldest_unacked("b"), one_by_one.oldest_unacked("b"));
+        assert_eq!(batched.overdue_count(), 1);
     }
 }

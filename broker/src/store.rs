@@ -10,23 +10,12 @@ mod codec;
 mod segments;
 mod sled_store;
 
-/// Opens a store directory in a test, waiting out the lock a just-dropped handle's flusher
-/// thread may still hold for a moment (sled releases it when that thread ends).
+/// Opens a store directory in a test, waiting out the lock a just-dropped handle's threads
+/// may still hold for a moment.
 #[cfg(test)]
-fn reopen<T, E: std::fmt::Debug>(mut open: impl FnMut() -> std::result::Result<T, E>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match open() {
-            Ok(t) => return t,
-            Err(e)
-                if std::time::Instant::now() < deadline
-                    && format!("{e:?}").contains("could not acquire lock") =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("open store: {e:?}"),
-        }
-    }
+fn reopen<T, E: std::fmt::Display>(open: impl FnMut() -> std::result::Result<T, E>) -> T {
+    sled_store::retry_while_locked(std::time::Duration::from_secs(10), open)
+        .unwrap_or_else(|e| panic!("open store: {e}"))
 }
 
 pub use crate::dead_letter::{DeadLetter, DeadLetterStatus, OperatorAction};

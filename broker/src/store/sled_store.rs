@@ -91,6 +91,23 @@ impl Deref for Db<'_> {
     }
 }
 
+/// `open()` again while it fails because a just-closed database's last threads still hold its
+/// file lock (sled releases it a moment after the drop), for at most `wait`.
+pub(super) fn retry_while_locked<T, E: std::fmt::Display>(
+    wait: Duration,
+    mut open: impl FnMut() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match open() {
+            Err(e) if Instant::now() < deadline && e.to_string().contains("acquire lock") => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done => return done,
+        }
+    }
+}
+
 fn open_db(dir: &Path) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(dir)
@@ -519,20 +536,9 @@ impl Store for SledStore {
             *slot = Some(db);
             return Err(e.into());
         }
-        // The closed database's last threads let go of its lock a moment after the drop.
-        let deadline = Instant::now() + REOPEN_WAIT;
-        let db = loop {
-            match open_db(dir) {
-                Ok(db) => break db,
-                Err(e) if Instant::now() < deadline && e.to_string().contains("acquire lock") => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    tracing::error!(cause = %e, store = %dir.display(), "reopening the store failed");
-                    return Err(e.into());
-                }
-            }
-        };
+        let db = retry_while_locked(REOPEN_WAIT, || open_db(dir)).inspect_err(|e| {
+            tracing::error!(cause = %e, store = %dir.display(), "reopening the store failed");
+        })?;
         *slot = Some(db);
         let written = self.written.swap(0, Ordering::Relaxed);
         tracing::info!(

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use prost::Message as _;
 use yeongye_broker::audit;
 use yeongye_broker::consent::Basis;
-use yeongye_broker::referral::{self, Effect, Event, NewReferral, Status, Urgency};
+use yeongye_broker::referral::{self, DeadlineKind, Effect, Event, NewReferral, Status, Urgency};
 use yeongye_broker::store::{ChangeSet, Deadline, SledStore, Store};
 use yeongye_broker::view::Summary;
 use yeongye_proto::v1;
@@ -223,8 +223,8 @@ pub(crate) fn fill(
                 submit_id.clone(),
                 at,
             )];
-            for (j, status) in (3u64..).zip(steps) {
-                let t_at = at + 5 + 20 * i64::try_from(j - 3)?;
+            for (step, status) in (0u64..).zip(steps) {
+                let t_at = at + 5 + 20 * i64::try_from(step)?;
                 let (event, actor, cause) = match status {
                     None => (Event::DeliveryConfirmed, "broker", String::new()),
                     Some(status) => (
@@ -234,7 +234,7 @@ pub(crate) fn fill(
                             note: String::new(),
                         },
                         to_agency.as_str(),
-                        uuid_like(None, i, j),
+                        uuid_like(None, i, 3 + step),
                     ),
                 };
                 let last = &life[life.len() - 1].0.referral;
@@ -263,19 +263,18 @@ pub(crate) fn fill(
                         .message(cause)
                         .basis(&basis),
                 );
+                let deadline = |kind: &DeadlineKind, at: &i64| Deadline {
+                    at: *at,
+                    kind: *kind,
+                    referral_id: id.clone(),
+                };
                 for e in &t.effects {
                     match e {
-                        Effect::Schedule { kind, at } => changes.deadlines_put.push(Deadline {
-                            at: *at,
-                            kind: *kind,
-                            referral_id: id.clone(),
-                        }),
+                        Effect::Schedule { kind, at } => {
+                            changes.deadlines_put.push(deadline(kind, at));
+                        }
                         Effect::Unschedule { kind, at } => {
-                            let d = Deadline {
-                                at: *at,
-                                kind: *kind,
-                                referral_id: id.clone(),
-                            };
+                            let d = deadline(kind, at);
                             changes.deadlines_put.retain(|x| *x != d);
                         }
                         _ => {}

@@ -20,6 +20,7 @@ use async_nats::{ConnectOptions, Event};
 use tokio::sync::OnceCell;
 use tracing::{Span, error, info, instrument, warn};
 use yeongye_proto::signing::{KeyRing, PrivateKey};
+use yeongye_proto::subject;
 use yeongye_proto::v1;
 
 use crate::config::AdapterConfig;
@@ -69,7 +70,7 @@ impl AdapterBuilder {
         let events_agency = agency.clone();
         let mut options = ConnectOptions::new()
             .name(&agency)
-            .custom_inbox_prefix(format!("_INBOX_{agency}"))
+            .custom_inbox_prefix(subject::inbox_prefix(&agency))
             .event_callback(move |event| {
                 let agency = events_agency.clone();
                 async move { log_event(&agency, event) }
@@ -250,10 +251,7 @@ impl Adapter {
             referral_id: referral_id.to_owned(),
         };
         query::request(
-            &self.inner.client,
-            &self.inner.publisher,
-            self.agency(),
-            self.inner.query_timeout,
+            self,
             v1::PayloadType::StatusQuery,
             &query,
             v1::PayloadType::StatusReply,
@@ -334,10 +332,7 @@ impl Adapter {
             consent_id: consent_id.to_owned(),
         };
         query::request(
-            &self.inner.client,
-            &self.inner.publisher,
-            self.agency(),
-            self.inner.query_timeout,
+            self,
             v1::PayloadType::ConsentQuery,
             &query,
             v1::PayloadType::ConsentReply,

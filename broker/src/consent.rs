@@ -74,6 +74,12 @@ pub struct Consent {
 
 impl Consent {
     /// Whether `agency` (of registry kind `kind`) is one the consent lets receive.
+    /// Whether `agency` (of `kind`) may cite this consent: it collected it, or the consent covers
+    /// it as a recipient.
+    pub fn may_cite(&self, agency: &str, kind: &str) -> bool {
+        self.collected_by == agency || self.covers_recipient(agency, kind)
+    }
+
     pub fn covers_recipient(&self, agency: &str, kind: &str) -> bool {
         self.recipient_agencies.iter().any(|a| a == agency)
             || self.recipient_kinds.iter().any(|k| k == kind)
@@ -88,6 +94,9 @@ impl Consent {
 /// What a referral asks a consent to cover.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
+    /// The citing agency and its kind: only a party to the consent may cite it.
+    pub from: &'a str,
+    pub from_kind: &'a str,
     pub client: &'a str,
     pub to: &'a str,
     pub to_kind: &'a str,
@@ -122,9 +131,17 @@ fn category_name(c: i32) -> String {
 }
 
 /// Whether `consent` covers `ask` at `now`. Checks run in a fixed order, so that the reason
-/// given is stable: existence, revocation, client, validity, recipient, purpose, categories.
+/// given is stable: existence and the citing agency's standing, revocation, client, validity,
+/// recipient, purpose, categories.
+///
+/// Only a party may cite a consent: the agency that collected it, or an agency it covers
+/// (referring on to another agency it covers — the district's chain). To anyone else the
+/// consent does not exist: [`NotCovered::Unknown`], never a reason that would tell them
+/// something about it (its client, its validity, whom it covers).
 pub fn check(consent: Option<&Consent>, ask: Ask<'_>, now: Millis) -> Result<(), NotCovered> {
-    let c = consent.ok_or(NotCovered::Unknown)?;
+    let c = consent
+        .filter(|c| c.may_cite(ask.from, ask.from_kind))
+        .ok_or(NotCovered::Unknown)?;
     if c.revoked.as_ref().is_some_and(|r| r.at <= now) {
         return Err(NotCovered::Revoked);
     }
@@ -178,12 +195,88 @@ mod tests {
 
     fn ask<'a>(to: &'a str, kind: &'a str, cats: &'a [i32]) -> Ask<'a> {
         Ask {
+            from: "a",
+            from_kind: "community_centre",
             client: "p1",
             to,
             to_kind: kind,
             purpose: 1,
             categories: cats,
         }
+    }
+
+    #[test]
+    fn only_parties_cite_and_others_learn_nothing() {
+        let c = consent();
+        let by = |from: &'static str, kind: &'static str| Ask {
+            from,
+            from_kind: kind,
+            ..ask("z", "mental_health_centre", &[6])
+        };
+        assert_eq!(check(Some(&c), by("a", "x"), 500), Ok(()), "the collector");
+        assert_eq!(
+            check(Some(&c), by("b", "x"), 500),
+            Ok(()),
+            "a covered agency refers on to another covered one"
+        );
+        assert_eq!(
+            check(Some(&c), by("m", "mental_health_centre"), 500),
+            Ok(()),
+            "covered by kind"
+        );
+        // A non-party gets what an unknown consent gets, whatever else is wrong with its ask.
+        let stranger = by("s", "x");
+        assert_eq!(check(Some(&c), stranger, 500), Err(NotCovered::Unknown));
+        for (what, ask) in [
+            (
+                "other client",
+                Ask {
+                    client: "p2",
+                    ..stranger
+                },
+            ),
+            (
+                "other purpose",
+                Ask {
+                    purpose: 9,
+                    ..stranger
+                },
+            ),
+            (
+                "other recipient",
+                Ask {
+                    to: "q",
+                    to_kind: "q",
+                    ..stranger
+                },
+            ),
+        ] {
+            assert_eq!(
+                check(Some(&c), ask, 500),
+                Err(NotCovered::Unknown),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            check(Some(&c), stranger, 99),
+            Err(NotCovered::Unknown),
+            "not yet valid"
+        );
+        assert_eq!(
+            check(Some(&c), stranger, 5000),
+            Err(NotCovered::Unknown),
+            "expired"
+        );
+        let mut revoked = c.clone();
+        revoked.revoked = Some(Revocation {
+            at: 1,
+            by: "a".into(),
+        });
+        assert_eq!(
+            check(Some(&revoked), stranger, 500),
+            Err(NotCovered::Unknown),
+            "revoked"
+        );
     }
 
     #[test]

@@ -117,7 +117,7 @@ fn refusal(code: ReasonCode, detail: impl Into<String>, referral_id: &str) -> Re
     }
 }
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id
@@ -316,6 +316,10 @@ fn read_referral(
     let new = NewReferral {
         id: id.to_owned(),
         from: sender.to_owned(),
+        from_kind: registry
+            .get(sender)
+            .map(|a| a.kind.clone())
+            .unwrap_or_default(),
         to: r.to_agency.clone(),
         to_kind: registry
             .get(&r.to_agency)

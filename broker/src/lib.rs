@@ -94,8 +94,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         nats: client.clone(),
         commands,
     };
-    let (http_addr, http_task) = http::serve(cfg.http_addr, http_state, token.clone()).await?;
-    let queries = tracker.spawn(query::serve(client.clone(), store.clone(), token.clone()));
     let signer = match &cfg.signing_key_file {
         Some(path) => Some(Arc::new(
             yeongye_proto::signing::PrivateKey::load(path)
@@ -106,6 +104,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             None
         }
     };
+    let responder = query::Responder {
+        store: store.clone(),
+        signer: signer.clone(),
+        ops: ops.clone(),
+        commands: http_state.commands.clone(),
+    };
+    let (http_addr, http_task) = http::serve(cfg.http_addr, http_state, token.clone()).await?;
+    let queries = tracker.spawn(query::serve(client.clone(), responder, token.clone()));
     let event_loop = server::EventLoop {
         signer,
         store: store.clone(),

@@ -34,6 +34,8 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
     let options = ConnectOptions::new();
     secure(options, cfg)?
         .name("referral-broker")
+        // Its NATS user may subscribe below this prefix only (onboard/nats_conf.rs).
+        .custom_inbox_prefix(subject::inbox_prefix(yeongye_proto::BROKER_ID))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(|event| async move {

@@ -25,6 +25,8 @@ pub struct Ops {
     pub outbox: AtomicU64,
     /// Seconds from an inbound message's arrival in the stream to its commit in the store.
     pub commit_latency: Histogram,
+    /// Queries not answered because their reply subject was not the asker's inbox.
+    pub queries_refused: AtomicU64,
 }
 
 impl Ops {
@@ -41,6 +43,7 @@ impl Ops {
             store_ok: AtomicBool::new(true),
             outbox: AtomicU64::new(0),
             commit_latency: Histogram::new(buckets),
+            queries_refused: AtomicU64::new(0),
         }
     }
 

@@ -2,24 +2,49 @@
 //! status (to its sender or recipient only) and a consent with its withdrawals and outstanding
 //! purges (to the collecting agency and the agencies it concerns only). Anyone else is told
 //! "unknown", exactly as if nothing existed.
+//!
+//! The reply goes only to the asker's own inbox (`_INBOX_<asker>.…`, [`subject::is_own_inbox`]),
+//! signed with the broker's key. A query with any other reply subject is not answered: the
+//! broker would otherwise publish wherever the asker pointed it (a JetStream API subject that
+//! purges a stream, another agency's subjects) — a confused deputy. Such a query is counted,
+//! logged without its reply subject, and recorded as a dead letter
+//! (`REPLY_SUBJECT_FORBIDDEN`) through the event loop, the only writer.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use prost::Message;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use yeongye_proto::signing::PrivateKey;
 use yeongye_proto::subject;
 use yeongye_proto::v1::{self, PayloadType, ReasonCode};
 
 use crate::consent::Consent;
 use crate::convert::{self, derive_id};
 use crate::error::{Error, Result};
+use crate::ops::Ops;
+use crate::server::{Command, RefusedQuery};
 use crate::store::Store;
+
+/// How long a refused query waits for the event loop to take it.
+const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the query responder needs besides the connection.
+pub struct Responder {
+    pub store: Arc<dyn Store>,
+    /// Signs every reply (absent only on a test bench without a broker key).
+    pub signer: Option<Arc<PrivateKey>>,
+    pub ops: Arc<Ops>,
+    /// To the event loop, which records refused queries as dead letters.
+    pub commands: mpsc::Sender<Command>,
+}
 
 /// Answers queries until `token` is cancelled.
 pub async fn serve(
     client: async_nats::Client,
-    store: Arc<dyn Store>,
+    responder: Responder,
     token: CancellationToken,
 ) -> Result<()> {
     let mut sub = client
@@ -34,13 +59,65 @@ pub async fn serve(
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
-        let reply = answer(store.as_ref(), msg.subject.as_str(), &msg.payload);
+        let subject_name = msg.subject.as_str();
+        let Some(asker) =
+            subject::parse_query(subject_name).filter(|a| subject::is_valid_agency_id(a))
+        else {
+            continue;
+        };
+        if !subject::is_own_inbox(asker, reply_to.as_str()) {
+            responder.refuse(asker, subject_name, &msg.payload).await;
+            continue;
+        }
+        let mut reply = answer(responder.store.as_ref(), subject_name, &msg.payload);
+        if let Some(key) = &responder.signer {
+            key.sign(&mut reply);
+        }
         if let Err(e) = client.publish(reply_to, reply.encode_to_vec().into()).await {
             tracing::warn!(cause = %e, "query reply not sent");
         }
     }
     let _ = sub.unsubscribe().await;
     Ok(())
+}
+
+impl Responder {
+    /// A query whose reply subject is not the asker's inbox: no answer; counted, logged (the
+    /// reply subject is the asker's text: never echoed) and handed to the event loop to record.
+    async fn refuse(&self, asker: &str, subject_name: &str, payload: &[u8]) {
+        self.ops.queries_refused.fetch_add(1, Ordering::Relaxed);
+        let message_id = v1::Envelope::decode(payload)
+            .ok()
+            .map(|e| e.message_id)
+            .filter(|id| crate::ingest::valid_id(id))
+            .unwrap_or_default();
+        tracing::warn!(
+            agency = asker,
+            message_id = %message_id,
+            code = ReasonCode::ReplySubjectForbidden.as_str_name(),
+            "query refused: its reply subject is not the asking agency's inbox"
+        );
+        let refused = RefusedQuery {
+            subject: subject_name.to_owned(),
+            sender: asker.to_owned(),
+            message_id,
+            raw: payload.to_vec(),
+            at: crate::clock::now_ms(),
+        };
+        // Waiting here slows a flood of such queries to the rate the loop records them.
+        let sent = tokio::time::timeout(
+            RECORD_WAIT,
+            self.commands.send(Command::RefusedQuery(refused)),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            // The loop is stopping or stuck: the count above still shows the attempt.
+            tracing::warn!(
+                agency = asker,
+                "refused query not recorded as a dead letter"
+            );
+        }
+    }
 }
 
 struct Failure {

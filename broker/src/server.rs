@@ -80,7 +80,29 @@ pub enum Command {
     ReloadRegistry {
         reply: oneshot::Sender<Result<usize, String>>,
     },
+    /// Record a query the responder refused to answer (its reply subject was not the asker's
+    /// inbox) as a dead letter.
+    RefusedQuery(RefusedQuery),
 }
+
+/// A query not answered because of its reply subject. Its dead letter is numbered above
+/// [`REFUSED_QUERY_SEQ_BASE`], apart from the inbound stream's sequences.
+#[derive(Debug, Clone)]
+pub struct RefusedQuery {
+    /// `yeongye.query.<agency>`.
+    pub subject: String,
+    /// The asking agency (the subject's token, checked).
+    pub sender: String,
+    /// The query envelope's message id, if it was a valid id; else empty.
+    pub message_id: String,
+    /// The query as received.
+    pub raw: Vec<u8>,
+    pub at: Millis,
+}
+
+/// Dead letters of refused queries are numbered from here (2^52: far above any inbound stream
+/// sequence, and still exact as a JSON number): `base + at_ms * 1024 + n`.
+pub const REFUSED_QUERY_SEQ_BASE: u64 = 1 << 52;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterAction {
@@ -390,6 +412,7 @@ impl EventLoop {
                 };
                 let _ = reply.send(result);
             }
+            Command::RefusedQuery(q) => self.record_refused_query(q, pending).await?,
             Command::DeadLetter {
                 seq,
                 action,
@@ -404,6 +427,35 @@ impl EventLoop {
             }
         }
         Ok(())
+    }
+
+    /// Records a refused query as a dead letter (with its audit entry), under the first free
+    /// number from its time.
+    async fn record_refused_query(&self, q: RefusedQuery, pending: &mut Pending) -> Result<()> {
+        let store = self.store.as_ref();
+        let at = u64::try_from(q.at).unwrap_or(0);
+        let mut seq = REFUSED_QUERY_SEQ_BASE + at.saturating_mul(1024);
+        while store.dead_letter(seq)?.is_some() {
+            seq += 1;
+        }
+        let mut batch = self.operator_batch(pending)?;
+        batch.refused_query(&q, seq);
+        self.commit(batch, Vec::new(), pending)?;
+        self.publish(pending).await;
+        Ok(())
+    }
+
+    /// A batch for something other than inbound messages, carrying what the loop has pending.
+    fn operator_batch(&self, pending: &Pending) -> Result<Batch<'_>> {
+        let mut batch = Batch::new(self.store.as_ref())
+            .with_coordinator(self.cfg.coordinator.as_deref())
+            .with_signer(self.signer.as_deref());
+        batch.remove_sent(pending.sent.iter().copied());
+        batch.published(pending.sent.iter().chain(&pending.in_flight).copied());
+        for (id, at) in &pending.confirmed {
+            batch.delivery_confirmed(id, *at)?;
+        }
+        Ok(batch)
     }
 
     async fn dead_letter_action(
@@ -424,16 +476,14 @@ impl EventLoop {
                 dead.status.as_str()
             )));
         }
+        if seq >= REFUSED_QUERY_SEQ_BASE && action == DeadLetterAction::Replay {
+            return Ok(Err(format!(
+                "dead letter {seq} is a refused query: there is nothing to replay (discard it)"
+            )));
+        }
         let now = clock::now_ms();
         let registry = self.ops.registry();
-        let mut batch = Batch::new(store)
-            .with_coordinator(self.cfg.coordinator.as_deref())
-            .with_signer(self.signer.as_deref());
-        batch.remove_sent(pending.sent.iter().copied());
-        batch.published(pending.sent.iter().chain(&pending.in_flight).copied());
-        for (id, at) in &pending.confirmed {
-            batch.delivery_confirmed(id, *at)?;
-        }
+        let mut batch = self.operator_batch(pending)?;
         let outcome = match action {
             DeadLetterAction::Discard => {
                 batch.discard(&dead, who, why, now);

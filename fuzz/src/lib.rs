@@ -242,6 +242,7 @@ pub fn state_machine(data: &[u8]) {
     let new = NewReferral {
         id: "r-1".into(),
         from: PARTIES[0].into(),
+        from_kind: "other".into(),
         to: PARTIES[1].into(),
         to_kind: "other".into(),
         client: "client-1".into(),

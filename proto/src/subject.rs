@@ -117,6 +117,36 @@ pub fn agency_consumer(agency: &str) -> String {
     format!("agency-{agency}")
 }
 
+/// The inbox prefix an agency's connection uses (`custom_inbox_prefix`): its NATS user may
+/// subscribe below it and nowhere else, so PubAcks, query replies and pull-request deliveries
+/// for that agency arrive there and only there.
+pub fn inbox_prefix(agency: &str) -> String {
+    format!("_INBOX_{agency}")
+}
+
+/// The only reply subjects the broker answers a query from `agency` on: below the agency's own
+/// inbox prefix (`_INBOX_<agency>.<token>[.<token>...]`), each token non-empty, no wildcard, no
+/// white space. Anything else — a JetStream API subject, another agency's subjects or inbox —
+/// would make the broker publish where the asker may not (a confused deputy).
+pub fn is_own_inbox(agency: &str, reply: &str) -> bool {
+    let prefix = inbox_prefix(agency);
+    let Some(rest) = reply
+        .strip_prefix(prefix.as_str())
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return false;
+    };
+    is_valid_agency_id(agency)
+        && reply.len() <= 255
+        && rest.split('.').all(|t| {
+            !t.is_empty()
+                && t != "*"
+                && t != ">"
+                && t.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        })
+}
+
 /// An inbound subject taken apart. `agency` is the raw token (check it with
 /// [`is_valid_agency_id`] and the registry); `kind` is `None` for a kind the broker does not serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +181,37 @@ pub fn parse_query(subject: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_inbox_only() {
+        assert!(is_own_inbox("cc-1", "_INBOX_cc-1.abc.def"));
+        assert!(is_own_inbox("cc-1", "_INBOX_cc-1.X9"));
+        for hostile in [
+            "$JS.API.STREAM.PURGE.YEONGYE_OUT",
+            "$JS.API.STREAM.PURGE.YEONGYE_IN",
+            "yeongye.in.hope.referral",
+            "yeongye.out.hope.delivery",
+            "_INBOX_hope.abc",
+            "_INBOX_cc-10.abc",
+            "_INBOX_cc-1",
+            "_INBOX_cc-1.",
+            "_INBOX_cc-1..x",
+            "_INBOX_cc-1.>",
+            "_INBOX_cc-1.*",
+            "_INBOX_cc-1.a*b",
+            "_INBOX_cc-1.a b",
+            "_INBOX_cc-1.a\tb",
+            "_INBOX.abc",
+            "",
+        ] {
+            assert!(!is_own_inbox("cc-1", hostile), "{hostile:?}");
+        }
+        assert!(!is_own_inbox(
+            "cc-1",
+            &format!("_INBOX_cc-1.{}", "x".repeat(300))
+        ));
+        assert!(!is_own_inbox("Bad.Id", "_INBOX_Bad.Id.x"));
+    }
 
     #[test]
     fn agency_ids() {

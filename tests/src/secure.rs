@@ -260,6 +260,54 @@ impl SecureNats {
         self.http_port
     }
 
+    /// The streams and their consumers as the server's monitoring endpoint (`/jsz`) reports
+    /// them: an observer that needs no NATS identity, so the tests can check what happened to
+    /// the streams without giving anyone (the broker included) more rights than it has.
+    pub async fn streams(&self) -> Vec<StreamState> {
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?streams=true&consumers=true",
+            self.http_port
+        );
+        let jsz: serde_json::Value = tokio::task::spawn_blocking(move || {
+            let mut response = ureq::get(&url).call().expect("GET /jsz");
+            response.body_mut().read_json().expect("/jsz is JSON")
+        })
+        .await
+        .expect("the blocking /jsz call");
+        let mut out = Vec::new();
+        for account in jsz["account_details"].as_array().into_iter().flatten() {
+            for stream in account["stream_detail"].as_array().into_iter().flatten() {
+                let consumers = stream["consumer_detail"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| ConsumerState {
+                        name: c["name"].as_str().unwrap_or_default().to_owned(),
+                        num_pending: c["num_pending"].as_u64().unwrap_or(0),
+                        ack_pending: c["num_ack_pending"].as_u64().unwrap_or(0),
+                    })
+                    .collect();
+                out.push(StreamState {
+                    name: stream["name"].as_str().unwrap_or_default().to_owned(),
+                    messages: stream["state"]["messages"].as_u64().unwrap_or(0),
+                    first_seq: stream["state"]["first_seq"].as_u64().unwrap_or(0),
+                    last_seq: stream["state"]["last_seq"].as_u64().unwrap_or(0),
+                    consumers,
+                });
+            }
+        }
+        out
+    }
+
+    /// One stream's state by name, panicking if the server has no such stream.
+    pub async fn stream(&self, name: &str) -> StreamState {
+        self.streams()
+            .await
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("the server has no stream {name}"))
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("nats.log")
     }
@@ -282,6 +330,32 @@ impl Drop for SecureNats {
             eprintln!("{}", self.log_tail());
         }
     }
+}
+
+/// A stream as `/jsz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamState {
+    pub name: String,
+    pub messages: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub consumers: Vec<ConsumerState>,
+}
+
+impl StreamState {
+    pub fn consumer(&self, name: &str) -> Option<&ConsumerState> {
+        self.consumers.iter().find(|c| c.name == name)
+    }
+}
+
+/// A consumer as `/jsz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerState {
+    pub name: String,
+    /// Messages not yet delivered to it.
+    pub num_pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
 }
 
 /// A raw NATS connection as one user, with every error the server sent it.
@@ -307,7 +381,7 @@ impl ConnectAs {
     pub fn agency(ids: &Identities, agency: &str) -> ConnectAs {
         ConnectAs {
             creds: Some(ids.creds(agency)),
-            inbox_prefix: Some(format!("_INBOX_{agency}")),
+            inbox_prefix: Some(yeongye_proto::subject::inbox_prefix(agency)),
             ca: None,
         }
     }
@@ -395,6 +469,8 @@ impl Conn {
 /// The broker process, configured with its credentials (and the CA, with TLS).
 pub struct SecureBroker {
     dir: PathBuf,
+    /// The operators' HTTP endpoint, `host:port`.
+    pub http_addr: String,
     child: Option<Child>,
 }
 
@@ -430,6 +506,7 @@ impl SecureBroker {
         }
         let mut broker = SecureBroker {
             dir: dir.to_path_buf(),
+            http_addr: config.http_addr.clone(),
             child: None,
         };
         broker.child = Some(process::spawn_logged(&mut cmd, &broker.log_path()));

@@ -69,6 +69,8 @@ impl WireClient {
     pub async fn connect(url: &str, agency: &str) -> WireClient {
         let client = async_nats::ConnectOptions::new()
             .name(format!("yeongye-test-{agency}"))
+            // As an agency's adapter does: the broker answers queries only on this prefix.
+            .custom_inbox_prefix(subject::inbox_prefix(agency))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connect(url)

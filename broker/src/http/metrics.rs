@@ -148,6 +148,13 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
         "1 when /readyz would answer 200",
         i64::from(ready),
     );
+    let refused = prometheus_client::metrics::counter::Counter::<u64>::default();
+    refused.inc_by(state.ops.queries_refused.load(Ordering::Relaxed));
+    reg.register(
+        "queries_refused",
+        "Queries not answered since start: their reply subject was not the asking agency's inbox",
+        refused,
+    );
     reg.register(
         "commit_latency_seconds",
         "From an inbound message's arrival in the stream to its commit in the broker's store",

@@ -1,5 +1,6 @@
 //! The NATS server's authorization config, generated from the registry: one user per agency
-//! allowed exactly its own subjects, the broker allowed everything, and the server's TLS block.
+//! allowed exactly its own subjects, the broker allowed exactly what it publishes and reads
+//! (never the inbound subjects, never a stream purge or delete), and the server's TLS block.
 //!
 //! The file is an include for the server's main config (`include "auth.conf"`; the main config
 //! keeps `listen`, `http` on loopback and `jetstream`). It is rewritten whole by every
@@ -43,12 +44,60 @@ pub fn agency_publish(agency: &str) -> Vec<String> {
 /// connects with `custom_inbox_prefix("_INBOX_<agency>")`): PubAcks, query replies and the
 /// messages its pull requests fetch all arrive there. Never the shared `_INBOX.>`.
 pub fn agency_subscribe(agency: &str) -> Vec<String> {
-    vec![format!("{}.>", inbox_prefix(agency))]
+    vec![format!("{}.>", subject::inbox_prefix(agency))]
 }
 
-/// The inbox prefix an agency's connection uses.
-pub fn inbox_prefix(agency: &str) -> String {
-    format!("_INBOX_{agency}")
+/// What the broker's own NATS user may publish: the outbound subjects, replies to each
+/// registered agency's own inbox, and the exact JetStream API and ack subjects it uses (its two
+/// streams' info/create/update, each agency's consumer's info/create, its own consumer's
+/// info/create/delete/next/ack). Never `yeongye.in.>` (it would be writing as an agency), never
+/// a stream purge, delete or message delete: a broker tricked into publishing somewhere —
+/// the confused deputy of issue 12 — is stopped by the server.
+pub fn broker_publish<'a>(agencies: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let (inn, out) = (subject::IN_STREAM, subject::OUT_STREAM);
+    let own = subject::BROKER_CONSUMER;
+    let mut allow = vec![subject::OUT_SUBJECTS.to_owned()];
+    for stream in [inn, out] {
+        for op in ["INFO", "CREATE", "UPDATE"] {
+            allow.push(format!("$JS.API.STREAM.{op}.{stream}"));
+        }
+    }
+    allow.extend([
+        format!("$JS.API.CONSUMER.INFO.{inn}.{own}"),
+        format!("$JS.API.CONSUMER.CREATE.{inn}.{own}.>"),
+        format!("$JS.API.CONSUMER.DELETE.{inn}.{own}"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{inn}.{own}"),
+        format!("$JS.ACK.{inn}.{own}.>"),
+    ]);
+    for agency in agencies {
+        let consumer = subject::agency_consumer(agency);
+        allow.extend([
+            format!("$JS.API.CONSUMER.INFO.{out}.{consumer}"),
+            format!("$JS.API.CONSUMER.CREATE.{out}.{consumer}.>"),
+            format!("{}.>", subject::inbox_prefix(agency)),
+        ]);
+    }
+    allow
+}
+
+/// What the broker's NATS user may never publish, whatever the allow list says (deny wins):
+/// the inbound subjects and every destructive JetStream API subject.
+pub fn broker_publish_deny() -> Vec<String> {
+    vec![
+        subject::IN_SUBJECTS.to_owned(),
+        "$JS.API.STREAM.PURGE.>".to_owned(),
+        "$JS.API.STREAM.DELETE.>".to_owned(),
+        "$JS.API.STREAM.MSG.DELETE.>".to_owned(),
+    ]
+}
+
+/// What the broker's NATS user may subscribe to: the query subjects and its own inbox prefix
+/// (it connects with `custom_inbox_prefix("_INBOX_broker")`).
+pub fn broker_subscribe() -> Vec<String> {
+    vec![
+        subject::QUERY_SUBJECTS.to_owned(),
+        format!("{}.>", subject::inbox_prefix(yeongye_proto::BROKER_ID)),
+    ]
 }
 
 /// The file's text for `registry` (every user the registry gives a NATS identity) and `tls`.
@@ -69,7 +118,12 @@ pub fn render(registry: &Registry, tls: Option<&ServerTls>) -> Result<(String, V
          # (`nats-server --signal reload`) after each change. Passwords are bcrypt hashes."
     );
     out.push_str("\nauthorization {\n  users = [\n");
-    user(&mut out, broker, hash, &[">".into()], &[">".into()]);
+    let broker_may = Permissions {
+        publish: broker_publish(registry.iter().map(|a| a.id.as_str())),
+        publish_deny: broker_publish_deny(),
+        subscribe: broker_subscribe(),
+    };
+    user(&mut out, broker, hash, &broker_may);
     let mut missing = Vec::new();
     for agency in registry.iter() {
         match registry.nats_password_bcrypt(&agency.id) {
@@ -77,8 +131,11 @@ pub fn render(registry: &Registry, tls: Option<&ServerTls>) -> Result<(String, V
                 &mut out,
                 &agency.id,
                 hash,
-                &agency_publish(&agency.id),
-                &agency_subscribe(&agency.id),
+                &Permissions {
+                    publish: agency_publish(&agency.id),
+                    publish_deny: Vec::new(),
+                    subscribe: agency_subscribe(&agency.id),
+                },
             ),
             None => missing.push(agency.id.clone()),
         }
@@ -95,9 +152,16 @@ pub fn render(registry: &Registry, tls: Option<&ServerTls>) -> Result<(String, V
     Ok((out, missing))
 }
 
+/// One user's subject permissions.
+struct Permissions {
+    publish: Vec<String>,
+    publish_deny: Vec<String>,
+    subscribe: Vec<String>,
+}
+
 /// One user's entry. Every value here is an agency id, a checked bcrypt hash or a subject built
 /// from them, so nothing needs escaping.
-fn user(out: &mut String, name: &str, hash: &str, publish: &[String], subscribe: &[String]) {
+fn user(out: &mut String, name: &str, hash: &str, may: &Permissions) {
     let list = |items: &[String]| {
         items
             .iter()
@@ -105,12 +169,17 @@ fn user(out: &mut String, name: &str, hash: &str, publish: &[String], subscribe:
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let deny = if may.publish_deny.is_empty() {
+        String::new()
+    } else {
+        format!(", deny: [{}]", list(&may.publish_deny))
+    };
     let _ = write!(
         out,
         "    {{\n      user: \"{name}\"\n      password: \"{hash}\"\n      permissions: {{\n        \
-         publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}\n      }}\n    }}\n",
-        list(publish),
-        list(subscribe),
+         publish: {{ allow: [{}]{deny} }}\n        subscribe: {{ allow: [{}] }}\n      }}\n    }}\n",
+        list(&may.publish),
+        list(&may.subscribe),
     );
 }
 

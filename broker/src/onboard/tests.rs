@@ -99,7 +99,17 @@ fn init_creates_the_broker_identity() {
     }
     let c = conf(&e);
     assert!(c.contains("user: \"broker\""), "{c}");
-    assert!(c.contains("publish: { allow: [\">\"] }"), "{c}");
+    // The broker may publish only what it publishes: never the inbound subjects, never a purge.
+    assert!(!c.contains("allow: [\">\"]"), "{c}");
+    assert!(c.contains("\"yeongye.out.>\""), "{c}");
+    assert!(
+        c.contains("deny: [\"yeongye.in.>\", \"$JS.API.STREAM.PURGE.>\""),
+        "{c}"
+    );
+    assert!(
+        c.contains("subscribe: { allow: [\"yeongye.query.*\", \"_INBOX_broker.>\"] }"),
+        "{c}"
+    );
     assert!(!c.contains(&creds.password), "the config holds hashes only");
     assert!(!c.contains("tls {"));
     assert!(!registry_text(&e).contains(&creds.password));
@@ -242,6 +252,18 @@ fn add_registers_an_agency_with_its_own_permissions() {
         !c.contains("$JS.API.>") && !c.contains("\"_INBOX.>\""),
         "{c}"
     );
+    // The broker may answer cc-1's queries (its inbox) and manage its consumer, nothing more.
+    let broker = c
+        .split("user: ")
+        .find(|b| b.starts_with("\"broker\""))
+        .expect("a user for the broker");
+    for allowed in [
+        "\"_INBOX_cc-1.>\"",
+        "\"$JS.API.CONSUMER.INFO.YEONGYE_OUT.agency-cc-1\"",
+        "\"$JS.API.CONSUMER.CREATE.YEONGYE_OUT.agency-cc-1.>\"",
+    ] {
+        assert!(broker.contains(allowed), "{allowed} in {broker}");
+    }
 }
 
 #[test]

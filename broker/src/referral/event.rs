@@ -53,6 +53,9 @@ pub enum Event {
 pub struct NewReferral {
     pub id: String,
     pub from: String,
+    /// The sender's kind in the registry: a consent may cover it by kind, which makes the sender
+    /// a party that may cite the consent.
+    pub from_kind: String,
     pub to: String,
     /// The recipient's kind in the registry (what a consent may name instead of the agency).
     pub to_kind: String,

@@ -32,6 +32,7 @@ fn new_referral() -> NewReferral {
     NewReferral {
         id: "0190f0e4-0000-7000-8000-000000000001".to_owned(),
         from: SENDER.to_owned(),
+        from_kind: "community_service_centre".to_owned(),
         to: RECIPIENT.to_owned(),
         to_kind: "mental_health_centre".to_owned(),
         client: "client-1".to_owned(),

@@ -163,6 +163,8 @@ impl<'a> Batch<'a> {
                 if let Basis::Consent(cid) = &new.basis {
                     let consent = self.consent(cid)?;
                     let ask = consent::Ask {
+                        from: &new.from,
+                        from_kind: &new.from_kind,
                         client: &new.client,
                         to: &new.to,
                         to_kind: &new.to_kind,
@@ -602,6 +604,33 @@ impl<'a> Batch<'a> {
             return Outcome::Duplicate;
         }
         self.reject(origin, duplicate_id(&existing.id), seq, at, raw)
+    }
+
+    /// A query the responder refused (its reply subject was not the asker's inbox): audited and
+    /// kept as dead letter `seq` for operators. Nothing is sent to anyone.
+    pub fn refused_query(&mut self, q: &super::RefusedQuery, seq: u64) {
+        let code = ReasonCode::ReplySubjectForbidden;
+        self.audit.push(
+            audit::Entry::draft("query.refused", q.at)
+                .actor(&q.sender)
+                .reason(code.as_str_name())
+                .message(&q.message_id),
+        );
+        self.changes.dead_letters.push(DeadLetter {
+            stream_seq: seq,
+            subject: q.subject.clone(),
+            message_id: q.message_id.clone(),
+            sender: q.sender.clone(),
+            referral_id: String::new(),
+            code: code as i32,
+            detail: "a query's reply subject must be the asking agency's own inbox \
+                     (_INBOX_<agency>.…): not answered"
+                .to_owned(),
+            at: q.at,
+            raw: q.raw[..q.raw.len().min(MAX_DEAD_LETTER_BYTES)].to_vec(),
+            status: DeadLetterStatus::Open,
+            actions: Vec::new(),
+        });
     }
 
     fn reject(&mut self, origin: &Origin, r: Refusal, seq: u64, at: Millis, raw: &[u8]) -> Outcome {

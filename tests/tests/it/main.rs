@@ -10,6 +10,7 @@ mod consent;
 mod crash;
 mod deadline;
 mod dedup;
+mod deputy;
 mod harness;
 mod hostile;
 mod http_api;

@@ -436,8 +436,11 @@ fn revocation_withdraws_every_state_and_tracks_purges_to_the_last() {
 fn only_those_concerned_may_revoke_and_grants_are_immutable() {
     let s = SledStore::temporary().unwrap();
     run(&s, &[grant("c1", "g1", |_| {})], 1, 100);
+    // A non-party is told what it would be told of a consent that does not exist.
     let (out, _) = run(&s, &[revoke("c1", "rv1", "d")], 2, 200);
-    assert_eq!(out, [Outcome::Rejected(ReasonCode::NotAParty)]);
+    assert_eq!(out, [Outcome::Rejected(ReasonCode::ConsentUnknown)]);
+    let (out, _) = run(&s, &[revoke("c-none", "rv0", "d")], 2, 200);
+    assert_eq!(out, [Outcome::Rejected(ReasonCode::ConsentUnknown)]);
     let (out, _) = run(
         &s,
         &[grant("c1", "g2", |g| g.data_categories = vec![1, 2, 3, 6])],
@@ -529,7 +532,8 @@ proptest! {
                 let cid = r.basis.consent_id().unwrap().to_owned();
                 let c = s.consent(&cid).unwrap();
                 let kind = reg.get(&r.to).unwrap().kind.clone();
-                let ask = consent::Ask { client: &r.client, to: &r.to, to_kind: &kind, purpose: r.purpose, categories: &r.categories };
+                let from_kind = reg.get(&r.from).unwrap().kind.clone();
+                let ask = consent::Ask { from: &r.from, from_kind: &from_kind, client: &r.client, to: &r.to, to_kind: &kind, purpose: r.purpose, categories: &r.categories };
                 prop_assert_eq!(consent::check(c.as_ref(), ask, at), Ok(()), "{} delivered without cover", id);
                 prop_assert_ne!(r.state, State::Withdrawn);
             }

@@ -63,13 +63,15 @@ impl Batch<'_> {
         at: Millis,
         raw: &[u8],
     ) -> Result<Outcome> {
+        // A revocation by someone who is not a party is answered exactly as one of an unknown
+        // consent: it must not learn that the id exists.
+        let unknown = || Refusal {
+            code: ReasonCode::ConsentUnknown,
+            detail: "no consent with this id is recorded".into(),
+            referral_id: String::new(),
+        };
         let Some(mut c) = self.consent(id)? else {
-            let r = Refusal {
-                code: ReasonCode::ConsentUnknown,
-                detail: "no consent with this id is recorded".into(),
-                referral_id: String::new(),
-            };
-            return Ok(self.reject(origin, r, seq, at, raw));
+            return Ok(self.reject(origin, unknown(), seq, at, raw));
         };
         let mut recipients = Vec::new();
         for rid in &c.referrals {
@@ -82,12 +84,7 @@ impl Batch<'_> {
             || recipients.iter().any(|a| a == by)
             || self.coordinator == Some(by);
         if !may {
-            let r = Refusal {
-                code: ReasonCode::NotAParty,
-                detail: "only the collecting agency, a covered agency or the coordinator may record a revocation".into(),
-                referral_id: String::new(),
-            };
-            return Ok(self.reject(origin, r, seq, at, raw));
+            return Ok(self.reject(origin, unknown(), seq, at, raw));
         }
         if c.revoked.is_some() {
             return Ok(Outcome::Duplicate);

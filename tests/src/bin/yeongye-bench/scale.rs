@@ -187,6 +187,7 @@ pub(crate) fn fill(
             let new = NewReferral {
                 id: id.clone(),
                 from: from_agency.clone(),
+                from_kind: "community_service_centre".to_owned(),
                 to: to_agency.clone(),
                 to_kind: "community_service_centre".to_owned(),
                 client: format!("client-{}", &id[id.len() - 12..]),

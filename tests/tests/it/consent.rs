@@ -21,11 +21,11 @@ use yeongye_tests::{ReferralBuilder, System, WireClient, now_ms, v1};
 
 use crate::{CENTRE, HOPE, MENTAL, REDELIVERY, SHORT, WELFARE, barrier};
 
-const HOUR_MS: i64 = 3_600_000;
+pub(crate) const HOUR_MS: i64 = 3_600_000;
 
 /// A consent collected by `collected_by` for `client`: case management, identity and household,
 /// valid from an hour ago without end, for the given recipient agencies.
-fn grant(collected_by: &str, client: &str, recipients: &[&str]) -> v1::ConsentGrant {
+pub(crate) fn grant(collected_by: &str, client: &str, recipients: &[&str]) -> v1::ConsentGrant {
     v1::ConsentGrant {
         consent_id: format!("consent-{}", new_id()),
         client_pseudonym_id: client.to_owned(),
@@ -45,7 +45,7 @@ fn grant(collected_by: &str, client: &str, recipients: &[&str]) -> v1::ConsentGr
 
 /// Publishes a grant as `wire`'s agency and waits until the broker answers a consent query
 /// with it (so that a rejection of the grant fails here, not later).
-async fn record_grant(system: &System, wire: &WireClient, g: &v1::ConsentGrant) {
+pub(crate) async fn record_grant(system: &System, wire: &WireClient, g: &v1::ConsentGrant) {
     let e = envelope(
         wire.agency(),
         v1::PayloadType::ConsentGrant,
@@ -59,7 +59,7 @@ async fn record_grant(system: &System, wire: &WireClient, g: &v1::ConsentGrant) 
 }
 
 /// Publishes the revocation of `consent_id` as `wire`'s agency; returns its message id.
-async fn revoke(wire: &WireClient, consent_id: &str) -> String {
+pub(crate) async fn revoke(wire: &WireClient, consent_id: &str) -> String {
     let revocation = v1::ConsentRevocation {
         consent_id: consent_id.to_owned(),
         revoked_at_ms: 0,
@@ -75,7 +75,7 @@ async fn revoke(wire: &WireClient, consent_id: &str) -> String {
 }
 
 /// One consent query over NATS; `None` if no reply in 2 s or the reply carries an error.
-async fn try_consent(wire: &WireClient, consent_id: &str) -> Option<v1::ConsentReply> {
+pub(crate) async fn try_consent(wire: &WireClient, consent_id: &str) -> Option<v1::ConsentReply> {
     let query = v1::ConsentQuery {
         consent_id: consent_id.to_owned(),
     };
@@ -100,7 +100,7 @@ async fn try_consent(wire: &WireClient, consent_id: &str) -> Option<v1::ConsentR
     reply.error.is_none().then_some(reply)
 }
 
-async fn wait_consent(
+pub(crate) async fn wait_consent(
     system: &System,
     wire: &WireClient,
     consent_id: &str,
@@ -172,7 +172,10 @@ fn pending_purges(show: &serde_json::Value) -> BTreeSet<(String, String)> {
 
 /// Sends `referral` as its sender and waits for the broker's rejection at the sender's adapter;
 /// returns the rejection line.
-async fn send_and_reject(system: &System, referral: &v1::Referral) -> yeongye_tests::Line {
+pub(crate) async fn send_and_reject(
+    system: &System,
+    referral: &v1::Referral,
+) -> yeongye_tests::Line {
     let wire = system.wire(&referral.from_agency).await;
     let message_id = wire.send_referral(referral).await;
     system

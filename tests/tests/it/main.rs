@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod consent;
+mod consent_parties;
 mod crash;
 mod deadline;
 mod dedup;

@@ -30,6 +30,8 @@ pub use http::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
 };
 pub use yeongye_proto::credentials::Credentials;
+use yeongye_proto::credentials::redact_url;
+use yeongye_proto::signing::{KeyRing, PrivateKey};
 
 /// Environment variable overriding [`AdapterConfig::agency`].
 pub const ENV_AGENCY: &str = "YEONGYE_AGENCY";
@@ -181,16 +183,76 @@ impl AdapterConfig {
     }
 
     /// The NATS credentials, read from [`nats_credentials_file`](Self::nats_credentials_file)
-    /// (`None` if not configured).
+    /// (`None` if not configured). A file others may read is refused.
     pub fn credentials(&self) -> Result<Option<Credentials>> {
         let Some(path) = self.nats_credentials_file.as_deref() else {
             return Ok(None);
         };
-        let creds = Credentials::load(path).map_err(|e| Error::Config(e.to_string()))?;
-        if let Some(mode) = yeongye_proto::credentials::shared_mode(path) {
-            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the NATS credentials file may be read by others than its owner: chmod 600 it");
-        }
+        let creds = Credentials::load(path)
+            .map_err(|e| Error::Config(format!("nats_credentials_file: {e}")))?;
         Ok(Some(creds))
+    }
+
+    /// The signing key, read from [`signing_key_file`](Self::signing_key_file) (`None` if not
+    /// configured). A missing, malformed or exposed (readable by others) file is refused.
+    pub fn signing_key(&self) -> Result<Option<PrivateKey>> {
+        self.signing_key_file
+            .as_deref()
+            .map(|path| {
+                PrivateKey::load(path).map_err(|e| Error::Config(format!("signing_key_file: {e}")))
+            })
+            .transpose()
+    }
+
+    /// The registry's public keys (`None` if [`registry`](Self::registry) is not set).
+    pub fn key_ring(&self) -> Result<Option<KeyRing>> {
+        self.registry
+            .as_deref()
+            .map(|path| KeyRing::load(path).map_err(|e| Error::Config(format!("registry: {e}"))))
+            .transpose()
+    }
+
+    /// Reads every file the configuration names, as the adapter would when it starts: NATS
+    /// credentials, signing key, the registry's keys, the TLS CA, and the HTTP bearer token and
+    /// webhook secret. The first that is missing, malformed or readable by others fails (for
+    /// `agency-adapter check-config`). Returns what was found, without secrets.
+    pub fn check_files(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        if let Some(c) = self.credentials()? {
+            if c.user != self.agency {
+                return Err(Error::Config(format!(
+                    "nats_credentials_file is for user {:?}, not agency {:?}",
+                    c.user, self.agency
+                )));
+            }
+            found.push(format!("NATS credentials of user {:?}", c.user));
+        }
+        match self.signing_key()? {
+            Some(k) => found.push(format!("signing key {:?}", k.id)),
+            None => found.push("no signing key: envelopes would go out unsigned".into()),
+        }
+        if self.key_ring()?.is_some() {
+            found.push("registry keys: deliveries' signatures are checked".into());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::Config(format!("tls_ca_file {}: {e}", ca.display())))?;
+            if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(Error::Config(format!(
+                    "tls_ca_file {} is not a PEM file",
+                    ca.display()
+                )));
+            }
+            found.push("TLS CA".into());
+        }
+        if let Some(http) = &self.http {
+            http.load_token()?;
+            found.push("HTTP bearer token".into());
+            if http.load_webhook_secret()?.is_some() {
+                found.push("webhook secret".into());
+            }
+        }
+        Ok(found)
     }
 
     /// The servers as `async-nats` addresses, one per URL.
@@ -247,22 +309,7 @@ fn process_env(name: &str) -> Result<Option<String>> {
     }
 }
 
-/// Hides a password in `scheme://user:password@host`, for logs and errors.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-/// Shows everything except secrets (URL passwords; the credentials file's path, never its
-/// content).
+/// Shows everything except secrets (URL user info; secret files' paths, never their content).
 impl fmt::Debug for AdapterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdapterConfig")
@@ -272,6 +319,8 @@ impl fmt::Debug for AdapterConfig {
             .field("dedup_retention_days", &self.dedup_retention_days)
             .field("nats_credentials_file", &self.nats_credentials_file)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("signing_key_file", &self.signing_key_file)
+            .field("registry", &self.registry)
             .field("http", &self.http)
             .finish()
     }
@@ -390,9 +439,9 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
     fn credentials_and_tls() {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("nats.creds");
-        std::fs::write(
+        yeongye_proto::credentials::write_private(
             &creds,
-            "user = \"cc-haengbok1\"\npassword = \"pw-secret\"\n",
+            b"user = \"cc-haengbok1\"\npassword = \"pw-secret\"\n",
         )
         .unwrap();
         let cfg = AdapterConfig::from_toml_str(&format!(
@@ -457,5 +506,58 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
             !dbg.contains("s3cret") && dbg.contains("me:***@host"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn check_files_refuses_missing_garbage_and_shared_secrets() {
+        use yeongye_proto::credentials::write_private;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("signing.key");
+        let token = dir.path().join("token");
+        write_private(&token, b"0123456789abcdef0123").unwrap();
+        let cfg = |key: &Path| {
+            AdapterConfig::from_toml_str(&format!(
+                "{GOOD}signing_key_file = {:?}\n[http]\ntoken_file = {:?}\n",
+                key.display().to_string(),
+                token.display().to_string()
+            ))
+            .unwrap()
+        };
+        let e = cfg(&key).check_files().unwrap_err().to_string();
+        assert!(
+            e.contains("signing_key_file") && e.contains("signing.key"),
+            "{e}"
+        );
+        write_private(&key, b"yeongye-ed25519-v1 cc-haengbok1-1 not-base64!").unwrap();
+        let e = cfg(&key).check_files().unwrap_err().to_string();
+        assert!(e.contains("32 bytes of base64"), "{e}");
+        std::fs::remove_file(&key).unwrap();
+        PrivateKey::generate("cc-haengbok1-1")
+            .unwrap()
+            .save(&key)
+            .unwrap();
+        let found = cfg(&key).check_files().unwrap();
+        assert!(
+            found.iter().any(|f| f.contains("cc-haengbok1-1")),
+            "{found:?}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path, m: u32| {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+            };
+            mode(&key, 0o644);
+            let e = cfg(&key).check_files().unwrap_err().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", key.display())), "{e}");
+            mode(&key, 0o600);
+            mode(&token, 0o640);
+            let e = cfg(&key).check_files().unwrap_err().to_string();
+            assert!(
+                e.contains("http.token_file")
+                    && e.contains(&format!("chmod 600 {}", token.display())),
+                "{e}"
+            );
+        }
     }
 }

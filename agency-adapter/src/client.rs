@@ -64,7 +64,7 @@ impl AdapterBuilder {
     /// Validates the configuration and connects.
     pub async fn connect(self) -> Result<Adapter> {
         self.cfg.validate()?;
-        let addrs = self.cfg.server_addrs()?;
+        let addrs = self.cfg.connect_addrs()?;
         // Secret files before the network: a missing, malformed or exposed (readable by
         // others) key stops here.
         let signer = self.cfg.signing_key()?.map(Arc::new);
@@ -81,7 +81,7 @@ impl AdapterBuilder {
                 let agency = events_agency.clone();
                 async move { log_event(&agency, event) }
             });
-        if let Some(creds) = self.cfg.credentials()? {
+        if let Some(creds) = self.cfg.connect_credentials()? {
             if creds.user != agency {
                 return Err(Error::Config(format!(
                     "the NATS credentials are for user {:?}, not agency {agency:?}: NATS \

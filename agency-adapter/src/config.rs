@@ -30,7 +30,7 @@ pub use http::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
 };
 pub use yeongye_proto::credentials::Credentials;
-use yeongye_proto::credentials::redact_url;
+use yeongye_proto::credentials::{redact_url, without_user_info};
 use yeongye_proto::signing::{KeyRing, PrivateKey};
 
 /// Environment variable overriding [`AdapterConfig::agency`].
@@ -193,6 +193,37 @@ impl AdapterConfig {
         Ok(Some(creds))
     }
 
+    /// The NATS credentials to connect with: from
+    /// [`nats_credentials_file`](Self::nats_credentials_file), or else from the user info of
+    /// [`nats_urls`](Self::nats_urls) (`nats://user:password@host`, the same in every URL), which
+    /// the NATS client itself ignores. Both at once is an error.
+    pub fn connect_credentials(&self) -> Result<Option<Credentials>> {
+        let mut in_urls: Option<Credentials> = None;
+        for addr in self.server_addrs()? {
+            let Some(user) = addr.username() else {
+                continue;
+            };
+            let found = Credentials {
+                user: percent_decode(user),
+                password: addr.password().map(percent_decode).unwrap_or_default(),
+            };
+            match &in_urls {
+                Some(earlier) if *earlier != found => {
+                    return Err(Error::Config(
+                        "nats_urls carry different credentials: give one user and password (or nats_credentials_file)".into(),
+                    ));
+                }
+                _ => in_urls = Some(found),
+            }
+        }
+        match (self.credentials()?, in_urls) {
+            (Some(_), Some(_)) => Err(Error::Config(
+                "credentials both in nats_credentials_file and in nats_urls: give one".into(),
+            )),
+            (file, urls) => Ok(file.or(urls)),
+        }
+    }
+
     /// The signing key, read from [`signing_key_file`](Self::signing_key_file) (`None` if not
     /// configured). A missing, malformed or exposed (readable by others) file is refused.
     pub fn signing_key(&self) -> Result<Option<PrivateKey>> {
@@ -218,7 +249,7 @@ impl AdapterConfig {
     /// `agency-adapter check-config`). Returns what was found, without secrets.
     pub fn check_files(&self) -> Result<Vec<String>> {
         let mut found = Vec::new();
-        if let Some(c) = self.credentials()? {
+        if let Some(c) = self.connect_credentials()? {
             if c.user != self.agency {
                 return Err(Error::Config(format!(
                     "nats_credentials_file is for user {:?}, not agency {:?}",
@@ -282,6 +313,21 @@ impl AdapterConfig {
             .collect()
     }
 
+    /// The servers to connect to, without user info: credentials in a URL are passed to the
+    /// NATS client separately ([`connect_credentials`](Self::connect_credentials)), so that
+    /// its own logs (at debug, if `RUST_LOG` asks for them) never hold the password.
+    pub fn connect_addrs(&self) -> Result<Vec<ServerAddr>> {
+        self.server_addrs()?;
+        self.nats_urls
+            .iter()
+            .map(|url| {
+                without_user_info(url).parse::<ServerAddr>().map_err(|e| {
+                    Error::Config(format!("{:?} is not a NATS URL: {e}", redact_url(url)))
+                })
+            })
+            .collect()
+    }
+
     /// The server URLs with any password replaced by `***`, for logs and errors.
     pub fn redacted_urls(&self) -> Vec<String> {
         self.nats_urls.iter().map(|u| redact_url(u)).collect()
@@ -296,6 +342,30 @@ impl AdapterConfig {
     pub fn undecodable_dir(&self) -> PathBuf {
         self.state_dir.join("undecodable")
     }
+}
+
+/// `%XX` escapes decoded (a URL's user info); anything else kept as it is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Looks a variable up in the process environment; a value that is not UTF-8 is an error.
@@ -559,5 +629,21 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn credentials_in_urls_are_used_and_never_shown() {
+        let cfg = AdapterConfig::new(
+            "cc-1",
+            ["nats://cc-1:s3cr%40t@a:4222", "nats://cc-1:s3cr%40t@b:4222"],
+            "/tmp",
+        );
+        let c = cfg.connect_credentials().unwrap().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("cc-1", "s3cr@t"));
+        assert!(!format!("{cfg:?} {c:?}").contains("s3cr"));
+        let cfg = AdapterConfig::new("cc-1", ["nats://cc-1:x@a", "nats://cc-1:y@b"], "/tmp");
+        assert!(cfg.connect_credentials().is_err());
+        let none = AdapterConfig::new("cc-1", ["nats://a:4222"], "/tmp");
+        assert!(none.connect_credentials().unwrap().is_none());
     }
 }

@@ -336,6 +336,13 @@ impl Config {
         if self.nats_urls.is_empty() || self.nats_urls.iter().any(|u| u.trim().is_empty()) {
             return bad("nats_urls must name at least one server, none empty".into());
         }
+        // The NATS client ignores a URL's user info (and would log it whole at debug).
+        if let Some(u) = self.nats_urls.iter().find(|u| u.contains('@')) {
+            return bad(format!(
+                "nats_urls {:?} carries credentials: give them in nats_credentials_file instead",
+                redact_url(u)
+            ));
+        }
         if !(1..=10_000).contains(&self.batch_size) {
             return bad(format!(
                 "batch_size {} is not within 1..=10000",
@@ -420,6 +427,24 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_and_never_shown() {
+        let cfg = Config {
+            nats_urls: vec!["nats://broker:s3cret@127.0.0.1:4222".into()],
+            ..Config::default()
+        };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("nats_credentials_file") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let shown = format!("{cfg:?}");
+        assert!(
+            shown.contains("broker:***@127.0.0.1") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]

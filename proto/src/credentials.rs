@@ -186,6 +186,19 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{hidden}{}", &rest[at..])
 }
 
+/// `url` without its user info (`nats://user:PW@host` becomes `nats://host`): what to hand a
+/// client library that would otherwise log it whole, once the credentials were taken out.
+pub fn without_user_info(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// The file's permission bits if others than its owner may read or write it (a secret that
 /// should be mode 0600), else `None`.
 pub fn shared_mode(path: &Path) -> Option<u32> {
@@ -316,5 +329,11 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
+        assert_eq!(
+            without_user_info("nats://u:pw@host:4222"),
+            "nats://host:4222"
+        );
+        assert_eq!(without_user_info("tok@host"), "host");
+        assert_eq!(without_user_info("nats://host"), "nats://host");
     }
 }

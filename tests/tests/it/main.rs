@@ -6,6 +6,7 @@
 //! that may depend on a redelivery use [`REDELIVERY`].
 
 mod bad_input;
+mod canary;
 mod consent;
 mod crash;
 mod deadline;

@@ -18,6 +18,7 @@ mod lifecycle;
 mod operators;
 mod restart;
 mod sdk;
+mod secret_files;
 mod security;
 
 use std::time::Duration;

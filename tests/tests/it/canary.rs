@@ -7,9 +7,10 @@
 //! canary client data, notes and reasons, and a hostile (but onboarded) agency puts canary
 //! PERSONAL DATA in every field it can fill: ids of every kind, its key id, recipients, subject
 //! tokens, notes, consent fields, and payload bytes that still decode. Then every log (broker,
-//! each adapter, the HTTP adapter, a one-shot command's stderr) and every dead letter as the
+//! each adapter, the HTTP adapter, a one-shot command's stderr), every dead letter as the
 //! operators' API shows it (`/api/v1/dead-letters` and each `/api/v1/dead-letters/{seq}`: the
-//! raw message is kept whole by design and not shown there) must hold none of the canaries.
+//! raw message is kept whole by design and not shown there), the metrics and the queue views
+//! must hold none of the canaries.
 //!
 //! Each canary is a random token (`cnry<hex>`), printed with the seed (`YEONGYE_TEST_SEED`
 //! replays it); personal data wraps it in Hangul, spaces and a phone number's punctuation, so
@@ -605,6 +606,15 @@ async fn no_secret_and_no_personal_data_reaches_a_log_or_a_dead_letter() {
             format!("{agency}'s adapter.log"),
             std::fs::read_to_string(&path).expect("adapter log"),
         ));
+    }
+    // What operators see besides dead letters: metrics (labels) and the queue views.
+    for path in [
+        "/metrics",
+        "/api/v1/queues",
+        "/api/v1/overdue",
+        "/api/v1/purges",
+    ] {
+        texts.push((path.to_owned(), ops.get(path).await.body));
     }
     let found: Vec<String> = texts
         .iter()

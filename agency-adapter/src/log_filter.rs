@@ -1,8 +1,9 @@
 //! The `tracing` filter of the `agency-adapter` binary (and of agency systems built on the SDK
 //! that want the same). `RUST_LOG` governs every target (default `info`, also when it is set but
-//! empty); the NATS client (`async_nats`) is capped at `info` unless `RUST_LOG` names it, because at debug it logs every pull request (thousands of
-//! lines an idle hour) and its connect options (the password included), and at trace whole
-//! message payloads. The cap only ever lowers the NATS client's level, never raises it.
+//! empty); the NATS client (`async_nats`) is capped at `info` unless `RUST_LOG` names it,
+//! because at debug it logs every pull request (thousands of lines an idle hour) and its server
+//! URLs (a password in one included), and at trace whole message payloads. The cap only ever lowers the NATS client's level, never raises it;
+//! and even when named, the NATS client never logs at trace (payloads carry personal data).
 //!
 //! A twin of `broker/src/log_filter.rs`, on purpose: the two crates share only `proto`,
 //! which is the wire contract and no place for logging, and a crate of its own for twenty lines
@@ -34,6 +35,25 @@ pub fn filter(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
         None => (DEFAULT, None),
     };
     let names_nats_client = spec.split(',').any(|d| d.trim().starts_with(NATS_CLIENT));
+    // Named at trace (or with no level, which means trace): debug at most.
+    let spec = spec
+        .split(',')
+        .map(|d| {
+            let d = d.trim();
+            match d.split_once('=') {
+                Some((target, level))
+                    if target.starts_with(NATS_CLIENT)
+                        && level.trim().eq_ignore_ascii_case("trace") =>
+                {
+                    format!("{target}=debug")
+                }
+                None if d.starts_with(NATS_CLIENT) => format!("{d}=debug"),
+                _ => d.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let spec = spec.as_str();
     // The level of targets no directive names: the last directive without a target.
     let global = spec
         .split(',')
@@ -68,12 +88,23 @@ mod tests {
             let f = shown(Some(spec));
             assert!(f.contains("async_nats=info"), "{spec}: {f}");
         }
-        // Named: the operator asked for it.
-        let f = shown(Some("debug,async_nats=trace"));
+        // Named: the operator asked for it, but never trace (payloads).
+        let f = shown(Some("debug,async_nats=debug"));
         assert!(
-            f.contains("async_nats=trace") && !f.contains("async_nats=info"),
+            f.contains("async_nats=debug") && !f.contains("async_nats=info"),
             "{f}"
         );
+        for spec in [
+            "debug,async_nats=trace",
+            "info,async_nats",
+            "async_nats=TRACE",
+        ] {
+            let f = shown(Some(spec));
+            assert!(
+                f.contains("async_nats=debug") && !f.contains("trace"),
+                "{spec}: {f}"
+            );
+        }
         let f = shown(Some("info,async_nats::connector=debug"));
         assert!(!f.contains("async_nats=info"), "{f}");
         // Never raised: no global level, or one below the cap.

@@ -30,7 +30,7 @@ pub use http::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
 };
 pub use yeongye_proto::credentials::Credentials;
-use yeongye_proto::credentials::{redact_url, without_user_info};
+use yeongye_proto::credentials::{redact_url, redact_urls_in, without_user_info};
 use yeongye_proto::signing::{KeyRing, PrivateKey};
 
 /// Environment variable overriding [`AdapterConfig::agency`].
@@ -117,9 +117,10 @@ impl AdapterConfig {
         Ok(cfg)
     }
 
-    /// Parses TOML only: no environment, no validation.
+    /// Parses TOML only: no environment, no validation. The error may quote a line of the
+    /// file: URL credentials in it are hidden.
     pub fn from_toml_str(text: &str) -> Result<AdapterConfig> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim_end().to_owned()))
+        toml::from_str(text).map_err(|e| Error::Config(redact_urls_in(e.to_string().trim_end())))
     }
 
     /// Applies `YEONGYE_*` overrides looked up through `lookup` (the process environment in
@@ -566,6 +567,12 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
         let _ = AdapterConfig::load(&path);
         let e = AdapterConfig::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(e.to_string().contains("cannot read config file"), "{e}");
+    }
+
+    #[test]
+    fn a_toml_error_never_quotes_a_url_password() {
+        let e = err("agency = \"cc-1\"\nnats_urls = [\"nats://cc-1:s3cret@h:4222\"\nstate_dir = 1");
+        assert!(e.contains("line") && !e.contains("s3cret"), "{e}");
     }
 
     #[test]

@@ -262,8 +262,9 @@ impl Config {
         d
     }
 
+    /// Parses TOML. The error may quote a line of the file: URL credentials in it are hidden.
     pub fn from_toml(text: &str) -> std::result::Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| yeongye_proto::credentials::redact_urls_in(&e.to_string()))
     }
 
     /// `REFERRAL_NATS_URLS` (comma-separated), `REFERRAL_STORE_DIR`, `REFERRAL_REGISTRY`,

@@ -186,6 +186,28 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{hidden}{}", &rest[at..])
 }
 
+/// `text` (an error message that may quote a configuration line) with the user info of every
+/// URL in it hidden as [`redact_url`] does. A URL runs from its scheme to the next space, quote,
+/// comma or bracket.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // Back to the start of the scheme, forward to the end of the URL.
+        let start = rest[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | ']' | '>' | '`'))
+            .map_or(rest.len(), |i| at + i);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `url` without its user info (`nats://user:PW@host` becomes `nats://host`): what to hand a
 /// client library that would otherwise log it whole, once the credentials were taken out.
 pub fn without_user_info(url: &str) -> String {
@@ -334,6 +356,11 @@ mod tests {
             "nats://host:4222"
         );
         assert_eq!(without_user_info("tok@host"), "host");
+        assert_eq!(
+            redact_urls_in("2 | nats_urls = [\"nats://u:pw@a:1\", 'tls://tok@b'] x://c"),
+            "2 | nats_urls = [\"nats://u:***@a:1\", 'tls://***@b'] x://c"
+        );
+        assert_eq!(redact_urls_in("no url here"), "no url here");
         assert_eq!(without_user_info("nats://host"), "nats://host");
     }
 }

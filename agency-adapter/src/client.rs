@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::{ConnectOptions, Event};
 use tokio::sync::OnceCell;
 use tracing::{Span, error, info, instrument, warn};
-use yeongye_proto::signing::{KeyRing, PrivateKey};
+use yeongye_proto::signing::KeyRing;
 use yeongye_proto::subject;
 use yeongye_proto::v1;
 
@@ -65,7 +65,14 @@ impl AdapterBuilder {
     /// Validates the configuration and connects.
     pub async fn connect(self) -> Result<Adapter> {
         self.cfg.validate()?;
-        let addrs = self.cfg.server_addrs()?;
+        let addrs = self.cfg.connect_addrs()?;
+        // Secret files before the network: a missing, malformed or exposed (readable by
+        // others) key stops here.
+        let signer = self.cfg.signing_key()?.map(Arc::new);
+        if signer.is_none() {
+            warn!(agency = %self.cfg.agency, "no signing_key_file: envelopes go out unsigned");
+        }
+        let keys = self.cfg.key_ring()?;
         let agency = self.cfg.agency.clone();
         let events_agency = agency.clone();
         let mut options = ConnectOptions::new()
@@ -75,7 +82,7 @@ impl AdapterBuilder {
                 let agency = events_agency.clone();
                 async move { log_event(&agency, event) }
             });
-        if let Some(creds) = self.cfg.credentials()? {
+        if let Some(creds) = self.cfg.connect_credentials()? {
             if creds.user != agency {
                 return Err(Error::Config(format!(
                     "the NATS credentials are for user {:?}, not agency {agency:?}: NATS \
@@ -104,19 +111,6 @@ impl AdapterBuilder {
                 urls: self.cfg.redacted_urls().join(", "),
                 source,
             })?;
-        let signer = match &self.cfg.signing_key_file {
-            Some(path) => Some(Arc::new(
-                PrivateKey::load(path).map_err(|e| Error::Config(e.to_string()))?,
-            )),
-            None => {
-                warn!(agency = %agency, "no signing_key_file: envelopes go out unsigned");
-                None
-            }
-        };
-        let keys = match &self.cfg.registry {
-            Some(path) => Some(KeyRing::load(path).map_err(|e| Error::Config(e.to_string()))?),
-            None => None,
-        };
         let publisher = Publisher::new(
             async_nats::jetstream::new(client.clone()),
             self.publish_budget,

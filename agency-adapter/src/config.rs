@@ -30,6 +30,8 @@ pub use http::{
     DEFAULT_BIND, DEFAULT_BODY_LIMIT, DeliveryMode, HttpConfig, MIN_SECRET_LEN, WebhookTarget,
 };
 pub use yeongye_proto::credentials::Credentials;
+use yeongye_proto::credentials::{redact_url, redact_urls_in, without_user_info};
+use yeongye_proto::signing::{KeyRing, PrivateKey};
 
 /// Environment variable overriding [`AdapterConfig::agency`].
 pub const ENV_AGENCY: &str = "YEONGYE_AGENCY";
@@ -115,9 +117,10 @@ impl AdapterConfig {
         Ok(cfg)
     }
 
-    /// Parses TOML only: no environment, no validation.
+    /// Parses TOML only: no environment, no validation. The error may quote a line of the
+    /// file: URL credentials in it are hidden.
     pub fn from_toml_str(text: &str) -> Result<AdapterConfig> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim_end().to_owned()))
+        toml::from_str(text).map_err(|e| Error::Config(redact_urls_in(e.to_string().trim_end())))
     }
 
     /// Applies `YEONGYE_*` overrides looked up through `lookup` (the process environment in
@@ -181,16 +184,107 @@ impl AdapterConfig {
     }
 
     /// The NATS credentials, read from [`nats_credentials_file`](Self::nats_credentials_file)
-    /// (`None` if not configured).
+    /// (`None` if not configured). A file others may read is refused.
     pub fn credentials(&self) -> Result<Option<Credentials>> {
         let Some(path) = self.nats_credentials_file.as_deref() else {
             return Ok(None);
         };
-        let creds = Credentials::load(path).map_err(|e| Error::Config(e.to_string()))?;
-        if let Some(mode) = yeongye_proto::credentials::shared_mode(path) {
-            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the NATS credentials file may be read by others than its owner: chmod 600 it");
-        }
+        let creds = Credentials::load(path)
+            .map_err(|e| Error::Config(format!("nats_credentials_file: {e}")))?;
         Ok(Some(creds))
+    }
+
+    /// The NATS credentials to connect with: from
+    /// [`nats_credentials_file`](Self::nats_credentials_file), or else from the user info of
+    /// [`nats_urls`](Self::nats_urls) (`nats://user:password@host`, the same in every URL), which
+    /// the NATS client itself ignores. Both at once is an error.
+    pub fn connect_credentials(&self) -> Result<Option<Credentials>> {
+        let mut in_urls: Option<Credentials> = None;
+        for addr in self.server_addrs()? {
+            let Some(user) = addr.username() else {
+                continue;
+            };
+            let found = Credentials {
+                user: percent_decode(user),
+                password: addr.password().map(percent_decode).unwrap_or_default(),
+            };
+            match &in_urls {
+                Some(earlier) if *earlier != found => {
+                    return Err(Error::Config(
+                        "nats_urls carry different credentials: give one user and password (or nats_credentials_file)".into(),
+                    ));
+                }
+                _ => in_urls = Some(found),
+            }
+        }
+        match (self.credentials()?, in_urls) {
+            (Some(_), Some(_)) => Err(Error::Config(
+                "credentials both in nats_credentials_file and in nats_urls: give one".into(),
+            )),
+            (file, urls) => Ok(file.or(urls)),
+        }
+    }
+
+    /// The signing key, read from [`signing_key_file`](Self::signing_key_file) (`None` if not
+    /// configured). A missing, malformed or exposed (readable by others) file is refused.
+    pub fn signing_key(&self) -> Result<Option<PrivateKey>> {
+        self.signing_key_file
+            .as_deref()
+            .map(|path| {
+                PrivateKey::load(path).map_err(|e| Error::Config(format!("signing_key_file: {e}")))
+            })
+            .transpose()
+    }
+
+    /// The registry's public keys (`None` if [`registry`](Self::registry) is not set).
+    pub fn key_ring(&self) -> Result<Option<KeyRing>> {
+        self.registry
+            .as_deref()
+            .map(|path| KeyRing::load(path).map_err(|e| Error::Config(format!("registry: {e}"))))
+            .transpose()
+    }
+
+    /// Reads every file the configuration names, as the adapter would when it starts: NATS
+    /// credentials, signing key, the registry's keys, the TLS CA, and the HTTP bearer token and
+    /// webhook secret. The first that is missing, malformed or readable by others fails (for
+    /// `agency-adapter check-config`). Returns what was found, without secrets.
+    pub fn check_files(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        if let Some(c) = self.connect_credentials()? {
+            if c.user != self.agency {
+                return Err(Error::Config(format!(
+                    "nats_credentials_file is for user {:?}, not agency {:?}",
+                    c.user, self.agency
+                )));
+            }
+            found.push(format!("NATS credentials of user {:?}", c.user));
+        }
+        match self.signing_key()? {
+            Some(k) => found.push(format!("signing key {:?}", k.id)),
+            None => found.push("no signing key: envelopes would go out unsigned".into()),
+        }
+        if self.key_ring()?.is_some() {
+            found.push("registry keys: deliveries' signatures are checked".into());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::Config(format!("tls_ca_file {}: {e}", ca.display())))?;
+            if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(Error::Config(format!(
+                    "tls_ca_file {} is not a PEM file",
+                    ca.display()
+                )));
+            }
+            found.push("TLS CA".into());
+        }
+        if let Some(http) = &self.http {
+            http.load_token()?;
+            found.push("HTTP bearer token".into());
+            if http.load_webhook_secret()?.is_some() {
+                found.push("webhook secret".into());
+            }
+        }
+        Ok(found)
     }
 
     /// The servers as `async-nats` addresses, one per URL.
@@ -220,6 +314,21 @@ impl AdapterConfig {
             .collect()
     }
 
+    /// The servers to connect to, without user info: credentials in a URL are passed to the
+    /// NATS client separately ([`connect_credentials`](Self::connect_credentials)), so that
+    /// its own logs (at debug, if `RUST_LOG` asks for them) never hold the password.
+    pub fn connect_addrs(&self) -> Result<Vec<ServerAddr>> {
+        self.server_addrs()?;
+        self.nats_urls
+            .iter()
+            .map(|url| {
+                without_user_info(url).parse::<ServerAddr>().map_err(|e| {
+                    Error::Config(format!("{:?} is not a NATS URL: {e}", redact_url(url)))
+                })
+            })
+            .collect()
+    }
+
     /// The server URLs with any password replaced by `***`, for logs and errors.
     pub fn redacted_urls(&self) -> Vec<String> {
         self.nats_urls.iter().map(|u| redact_url(u)).collect()
@@ -236,6 +345,30 @@ impl AdapterConfig {
     }
 }
 
+/// `%XX` escapes decoded (a URL's user info); anything else kept as it is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Looks a variable up in the process environment; a value that is not UTF-8 is an error.
 fn process_env(name: &str) -> Result<Option<String>> {
     match std::env::var(name) {
@@ -247,22 +380,7 @@ fn process_env(name: &str) -> Result<Option<String>> {
     }
 }
 
-/// Hides a password in `scheme://user:password@host`, for logs and errors.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-/// Shows everything except secrets (URL passwords; the credentials file's path, never its
-/// content).
+/// Shows everything except secrets (URL user info; secret files' paths, never their content).
 impl fmt::Debug for AdapterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdapterConfig")
@@ -272,6 +390,8 @@ impl fmt::Debug for AdapterConfig {
             .field("dedup_retention_days", &self.dedup_retention_days)
             .field("nats_credentials_file", &self.nats_credentials_file)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("signing_key_file", &self.signing_key_file)
+            .field("registry", &self.registry)
             .field("http", &self.http)
             .finish()
     }
@@ -390,9 +510,9 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
     fn credentials_and_tls() {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("nats.creds");
-        std::fs::write(
+        yeongye_proto::credentials::write_private(
             &creds,
-            "user = \"cc-haengbok1\"\npassword = \"pw-secret\"\n",
+            b"user = \"cc-haengbok1\"\npassword = \"pw-secret\"\n",
         )
         .unwrap();
         let cfg = AdapterConfig::from_toml_str(&format!(
@@ -450,6 +570,12 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
     }
 
     #[test]
+    fn a_toml_error_never_quotes_a_url_password() {
+        let e = err("agency = \"cc-1\"\nnats_urls = [\"nats://cc-1:s3cret@h:4222\"\nstate_dir = 1");
+        assert!(e.contains("line") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
     fn debug_hides_passwords() {
         let cfg = AdapterConfig::new("cc-1", ["nats://me:s3cret@host:4222"], "/tmp");
         let dbg = format!("{cfg:?}");
@@ -457,5 +583,74 @@ state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
             !dbg.contains("s3cret") && dbg.contains("me:***@host"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn check_files_refuses_missing_garbage_and_shared_secrets() {
+        use yeongye_proto::credentials::write_private;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("signing.key");
+        let token = dir.path().join("token");
+        write_private(&token, b"0123456789abcdef0123").unwrap();
+        let cfg = |key: &Path| {
+            AdapterConfig::from_toml_str(&format!(
+                "{GOOD}signing_key_file = {:?}\n[http]\ntoken_file = {:?}\n",
+                key.display().to_string(),
+                token.display().to_string()
+            ))
+            .unwrap()
+        };
+        let e = cfg(&key).check_files().unwrap_err().to_string();
+        assert!(
+            e.contains("signing_key_file") && e.contains("signing.key"),
+            "{e}"
+        );
+        write_private(&key, b"yeongye-ed25519-v1 cc-haengbok1-1 not-base64!").unwrap();
+        let e = cfg(&key).check_files().unwrap_err().to_string();
+        assert!(e.contains("32 bytes of base64"), "{e}");
+        std::fs::remove_file(&key).unwrap();
+        PrivateKey::generate("cc-haengbok1-1")
+            .unwrap()
+            .save(&key)
+            .unwrap();
+        let found = cfg(&key).check_files().unwrap();
+        assert!(
+            found.iter().any(|f| f.contains("cc-haengbok1-1")),
+            "{found:?}"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path, m: u32| {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+            };
+            mode(&key, 0o644);
+            let e = cfg(&key).check_files().unwrap_err().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", key.display())), "{e}");
+            mode(&key, 0o600);
+            mode(&token, 0o640);
+            let e = cfg(&key).check_files().unwrap_err().to_string();
+            assert!(
+                e.contains("http.token_file")
+                    && e.contains(&format!("chmod 600 {}", token.display())),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_in_urls_are_used_and_never_shown() {
+        let cfg = AdapterConfig::new(
+            "cc-1",
+            ["nats://cc-1:s3cr%40t@a:4222", "nats://cc-1:s3cr%40t@b:4222"],
+            "/tmp",
+        );
+        let c = cfg.connect_credentials().unwrap().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("cc-1", "s3cr@t"));
+        assert!(!format!("{cfg:?} {c:?}").contains("s3cr"));
+        let cfg = AdapterConfig::new("cc-1", ["nats://cc-1:x@a", "nats://cc-1:y@b"], "/tmp");
+        assert!(cfg.connect_credentials().is_err());
+        let none = AdapterConfig::new("cc-1", ["nats://a:4222"], "/tmp");
+        assert!(none.connect_credentials().unwrap().is_none());
     }
 }

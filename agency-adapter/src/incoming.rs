@@ -159,7 +159,7 @@ impl Item {
         let span = info_span!(
             "done",
             message_id = %self.message_id,
-            referral_id = self.referral_id.as_deref().unwrap_or(""),
+            referral_id = decode::shown_id(self.referral_id.as_deref().unwrap_or("")),
             kind = self.kind.name(),
         );
         async move {
@@ -372,7 +372,7 @@ impl Incoming {
         let span = info_span!(
             "incoming",
             message_id = %decoded.message_id,
-            referral_id = decoded.referral_id.as_deref().unwrap_or(""),
+            referral_id = decode::shown_id(decoded.referral_id.as_deref().unwrap_or("")),
             kind = decoded.kind.name(),
             stream_seq = stream_sequence,
         );
@@ -465,7 +465,7 @@ impl Incoming {
             Ok(Ok(Handoff::Written | Handoff::AlreadyPresent)) => error!(
                 stream = subject::OUT_STREAM,
                 stream_seq = seq,
-                subject,
+                subject = decode::shown_subject(subject),
                 reason,
                 saved_to = %path.display(),
                 "undecodable message: saved and acknowledged"
@@ -473,7 +473,7 @@ impl Incoming {
             Ok(Err(e)) => error!(
                 stream = subject::OUT_STREAM,
                 stream_seq = seq,
-                subject,
+                subject = decode::shown_subject(subject),
                 reason,
                 cause = %e,
                 "undecodable message: could not save it; acknowledged (it stays in the stream)"

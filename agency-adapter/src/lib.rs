@@ -50,11 +50,14 @@
 //!   idempotency keys, the durable webhook/pull queue and its worker.
 //! - [`json`]: referrals in proto3 JSON, with limits.
 //! - [`ids`]: fresh (UUIDv7) and derived (UUIDv5) ids.
+//! - [`log_filter`]: the binary's `tracing` filter (`RUST_LOG`, the NATS client capped).
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Result`].
 //! - `src/bin/agency-adapter.rs`: the command-line adapter built on all of the above.
 //!
 //! Personal data (client name, birth date, phone, address, household, notes) is never logged:
-//! logs, errors and `Debug` output carry ids only.
+//! logs, errors and `Debug` output carry ids only, and an id from the wire only once it is
+//! well-formed. Secret files (credentials, signing key, token, webhook secret) are refused when
+//! others than their owner may read them (`yeongye_proto::credentials::check_private`).
 
 pub mod client;
 pub mod config;
@@ -65,6 +68,7 @@ pub mod ids;
 pub mod inbox;
 pub mod incoming;
 pub mod json;
+pub mod log_filter;
 mod outgoing;
 
 pub use client::{Adapter, AdapterBuilder};

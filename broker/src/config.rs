@@ -1,16 +1,19 @@
 //! Broker configuration: TOML file, then `REFERRAL_*` environment overrides, then `validate()`.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use yeongye_proto::credentials::{Credentials, redact_url};
+use yeongye_proto::signing::PrivateKey;
 
 use crate::error::{Error, Result};
 use crate::referral::Urgency;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// NATS servers; several for a cluster.
@@ -113,6 +116,61 @@ pub struct Deadlines {
     pub acceptance: Duration,
 }
 
+/// Everything but secrets: the NATS URLs' user info is hidden, secret files are shown by path.
+/// Every field is named here (no `..`), so that a new field is a decision about what it shows.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Config {
+            nats_urls: _,
+            store_dir,
+            registry,
+            nats_credentials_file,
+            nats_tls_ca_file,
+            nats_tls_client_cert_file,
+            nats_tls_client_key_file,
+            inbound_retention_days,
+            outbound_retention_days,
+            dedup_retention_days,
+            batch_size,
+            max_message_bytes,
+            receipt_deadline_secs,
+            acceptance_deadline_secs,
+            field_deadline_secs,
+            coordinator,
+            http_addr,
+            testing_clock_offset_file,
+            require_signatures,
+            signing_key_file,
+            max_clock_skew_secs,
+            max_message_age_secs,
+        } = self;
+        f.debug_struct("Config")
+            .field("nats_urls", &self.redacted_urls())
+            .field("store_dir", store_dir)
+            .field("registry", registry)
+            .field("nats_credentials_file", nats_credentials_file)
+            .field("nats_tls_ca_file", nats_tls_ca_file)
+            .field("nats_tls_client_cert_file", nats_tls_client_cert_file)
+            .field("nats_tls_client_key_file", nats_tls_client_key_file)
+            .field("inbound_retention_days", inbound_retention_days)
+            .field("outbound_retention_days", outbound_retention_days)
+            .field("dedup_retention_days", dedup_retention_days)
+            .field("batch_size", batch_size)
+            .field("max_message_bytes", max_message_bytes)
+            .field("receipt_deadline_secs", receipt_deadline_secs)
+            .field("acceptance_deadline_secs", acceptance_deadline_secs)
+            .field("field_deadline_secs", field_deadline_secs)
+            .field("coordinator", coordinator)
+            .field("http_addr", http_addr)
+            .field("testing_clock_offset_file", testing_clock_offset_file)
+            .field("require_signatures", require_signatures)
+            .field("signing_key_file", signing_key_file)
+            .field("max_clock_skew_secs", max_clock_skew_secs)
+            .field("max_message_age_secs", max_message_age_secs)
+            .finish()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -204,8 +262,9 @@ impl Config {
         d
     }
 
+    /// Parses TOML. The error may quote a line of the file: URL credentials in it are hidden.
     pub fn from_toml(text: &str) -> std::result::Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| yeongye_proto::credentials::redact_urls_in(&e.to_string()))
     }
 
     /// `REFERRAL_NATS_URLS` (comma-separated), `REFERRAL_STORE_DIR`, `REFERRAL_REGISTRY`,
@@ -235,10 +294,55 @@ impl Config {
         Ok(())
     }
 
+    /// The NATS URLs with their user info hidden, for logs and errors.
+    pub fn redacted_urls(&self) -> Vec<String> {
+        self.nats_urls.iter().map(|u| redact_url(u)).collect()
+    }
+
+    /// The broker's signing key, from [`signing_key_file`](Self::signing_key_file) (`None` if
+    /// not configured). A missing, malformed or exposed (readable by others) file is refused.
+    pub fn signing_key(&self) -> Result<Option<PrivateKey>> {
+        self.signing_key_file
+            .as_deref()
+            .map(|path| {
+                PrivateKey::load(path)
+                    .map_err(|e| Error::InvalidConfig(format!("signing_key_file: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Reads every secret and certificate file the configuration names, as a start would: the
+    /// NATS credentials, the signing key, the TLS files. The first that is missing, malformed
+    /// or readable by others fails (`referral-broker check-config`). Returns what was found,
+    /// without secrets.
+    pub fn check_files(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        if let Some(path) = &self.nats_credentials_file {
+            let creds = Credentials::load(path)
+                .map_err(|e| Error::InvalidConfig(format!("nats_credentials_file: {e}")))?;
+            found.push(format!("NATS credentials of user {:?}", creds.user));
+        }
+        match self.signing_key()? {
+            Some(key) => found.push(format!("signing key {:?}", key.id)),
+            None => {
+                found.push("no signing key: the broker's messages would go out unsigned".into())
+            }
+        }
+        crate::nats::check_tls_files(self)?;
+        Ok(found)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
         if self.nats_urls.is_empty() || self.nats_urls.iter().any(|u| u.trim().is_empty()) {
             return bad("nats_urls must name at least one server, none empty".into());
+        }
+        // The NATS client ignores a URL's user info (and would log it whole at debug).
+        if let Some(u) = self.nats_urls.iter().find(|u| u.contains('@')) {
+            return bad(format!(
+                "nats_urls {:?} carries credentials: give them in nats_credentials_file instead",
+                redact_url(u)
+            ));
         }
         if !(1..=10_000).contains(&self.batch_size) {
             return bad(format!(
@@ -324,6 +428,24 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_and_never_shown() {
+        let cfg = Config {
+            nats_urls: vec!["nats://broker:s3cret@127.0.0.1:4222".into()],
+            ..Config::default()
+        };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("nats_credentials_file") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let shown = format!("{cfg:?}");
+        assert!(
+            shown.contains("broker:***@127.0.0.1") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]

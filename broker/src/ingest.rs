@@ -29,6 +29,9 @@ pub struct Origin {
     pub message_id: String,
     /// The registered agency to answer, if the subject names one.
     pub reply_to: Option<String>,
+    /// The subject as [`shown_subject`] shows it: what rejections, dead letters and logs carry.
+    /// A served subject is kept as it is; any other is rejected on its subject alone, so a
+    /// dead letter's replay from this subject reaches the same verdict as from the original.
     pub subject: String,
 }
 
@@ -117,6 +120,19 @@ fn refusal(code: ReasonCode, detail: impl Into<String>, referral_id: &str) -> Re
     }
 }
 
+/// How an inbound subject may be shown in a log or a detail: as it is if it is one the broker
+/// serves (`yeongye.in.<agency id>.<kind>`), else without its tokens after the agency (which a
+/// sender chooses freely within its permissions, and could fill with personal data).
+pub fn shown_subject(subject: &str) -> String {
+    match subject::parse_inbound(subject) {
+        Some(p) if p.kind.is_some() && subject::is_valid_agency_id(p.agency) => subject.to_owned(),
+        Some(p) if subject::is_valid_agency_id(p.agency) => {
+            format!("yeongye.in.{}.(a kind that is not served)", p.agency)
+        }
+        _ => "(a subject that is not well-formed)".to_owned(),
+    }
+}
+
 pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
@@ -139,7 +155,7 @@ pub fn read(
         dedup_key: format!("seq:{seq}"),
         message_id: String::new(),
         reply_to: None,
-        subject: subject.to_owned(),
+        subject: shown_subject(subject),
     };
     let reject = |origin: Origin, code, detail: String| Inbound {
         origin,
@@ -476,12 +492,15 @@ fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) ->
         return bad("name at least one recipient agency or kind of agency");
     }
     if let Some(a) = g.recipient_agencies.iter().find(|a| !registry.contains(a)) {
+        // Quoted only if it has the shape of an agency id: anything else could be personal data.
+        let named = if subject::is_valid_agency_id(a) {
+            format!("an unregistered agency {a:?}")
+        } else {
+            "an agency id that is not well-formed".to_owned()
+        };
         return Request::Reject(refusal(
             ReasonCode::UnknownRecipient,
-            format!(
-                "recipient_agencies names an unregistered agency {:?}",
-                a.chars().take(64).collect::<String>()
-            ),
+            format!("recipient_agencies names {named}"),
             "",
         ));
     }

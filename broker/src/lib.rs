@@ -19,7 +19,8 @@
 //! - [`onboard`]: `init` and `agency add|remove|rotate-key` — identities (signing keys, NATS
 //!   users), the registry's entries, and the generated NATS authorization config;
 //!   [`credentials`]: the NATS credentials file.
-//! - [`config`], [`registry`], [`clock`], [`error`].
+//! - [`config`], [`registry`], [`clock`], [`error`]; [`log_filter`], the binary's `tracing`
+//!   filter (`RUST_LOG`, the NATS client capped).
 
 pub mod audit;
 pub mod clock;
@@ -30,6 +31,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod log_filter;
 pub mod nats;
 pub mod onboard;
 pub mod operator;
@@ -57,6 +59,12 @@ use store::{SledStore, Store};
 /// hand, and returns once everything it committed is flushed.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let registry = Arc::new(Registry::load(&cfg.registry)?);
+    // Before anything is opened or connected: a missing, malformed or exposed key stops the
+    // start here.
+    let signer = cfg.signing_key()?.map(Arc::new);
+    if signer.is_none() {
+        tracing::warn!("no signing_key_file: the broker's messages go out unsigned");
+    }
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
     if let Some(path) = &cfg.testing_clock_offset_file {
         clock::use_offset_file(path.clone());
@@ -66,7 +74,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         agencies = registry.len(),
         checkpoint,
         store = %cfg.store_dir.display(),
-        nats = ?cfg.nats_urls,
+        nats = ?cfg.redacted_urls(),
         "starting"
     );
     // From the stored counters and the summaries of the referrals the view watches, never
@@ -93,16 +101,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         ops: ops.clone(),
         nats: client.clone(),
         commands,
-    };
-    let signer = match &cfg.signing_key_file {
-        Some(path) => Some(Arc::new(
-            yeongye_proto::signing::PrivateKey::load(path)
-                .map_err(|e| Error::InvalidConfig(e.to_string()))?,
-        )),
-        None => {
-            tracing::warn!("no signing_key_file: the broker's messages go out unsigned");
-            None
-        }
     };
     let responder = query::Responder {
         store: store.clone(),

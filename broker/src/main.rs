@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use tracing_subscriber::EnvFilter;
 use yeongye_broker::Config;
+use yeongye_broker::log_filter;
 use yeongye_broker::onboard;
 use yeongye_broker::operator::{self, Api};
 
@@ -222,19 +222,16 @@ enum AuditCommand {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // RUST_LOG governs; the NATS client is capped (see log_filter).
+    let (filter, warning) = log_filter::filter(std::env::var("RUST_LOG").ok().as_deref());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info"))
-                // At trace level the NATS client logs whole message payloads, which carry
-                // personal data: it never goes below debug, whatever RUST_LOG says.
-                .add_directive("async_nats=debug".parse().unwrap_or_else(|_| {
-                    tracing_subscriber::filter::Directive::from(tracing::Level::DEBUG)
-                })),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => code,
@@ -330,7 +327,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Onboard(command) => return onboarding(cli.json, command),
         Command::CheckConfig => {
             let registry = yeongye_broker::registry::Registry::load(&cfg.registry)?;
-            tracing::info!(config = ?cfg, agencies = registry.len(), "configuration is valid");
+            // Every key, credentials and TLS file it names, read as a start would.
+            let files = cfg.check_files()?;
+            tracing::info!(config = ?cfg, agencies = registry.len(), ?files, "configuration is valid");
         }
         Command::Run => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

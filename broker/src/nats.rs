@@ -27,8 +27,9 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
         .nats_urls
         .iter()
         .map(|u| {
-            u.parse::<ServerAddr>()
-                .map_err(|e| Error::InvalidConfig(format!("nats url {u:?}: {e}")))
+            u.parse::<ServerAddr>().map_err(|e| {
+                Error::InvalidConfig(format!("nats url {:?}: {e}", credentials::redact_url(u)))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let options = ConnectOptions::new();
@@ -63,28 +64,41 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
 /// fails at start instead of in the background reconnect loop. Never logs the password.
 pub fn secure(mut options: ConnectOptions, cfg: &Config) -> Result<ConnectOptions> {
     if let Some(path) = &cfg.nats_credentials_file {
+        // Refused if others may read it (credentials::check_private).
         let creds = Credentials::load(path)?;
-        if let Some(mode) = credentials::shared_mode(path) {
-            tracing::warn!(file = %path.display(), mode = format!("{mode:o}"), "the NATS credentials file may be read by others than its owner: chmod 600 it");
-        }
         tracing::info!(user = %creds.user, file = %path.display(), "NATS credentials");
         options = options.user_and_password(creds.user, creds.password);
     }
+    check_tls_files(cfg)?;
     if let Some(ca) = &cfg.nats_tls_ca_file {
-        pem_file(ca, "nats_tls_ca_file")?;
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
     if let (Some(cert), Some(key)) = (
         &cfg.nats_tls_client_cert_file,
         &cfg.nats_tls_client_key_file,
     ) {
-        pem_file(cert, "nats_tls_client_cert_file")?;
-        pem_file(key, "nats_tls_client_key_file")?;
         options = options
             .add_client_certificate(cert.clone(), key.clone())
             .require_tls(true);
     }
     Ok(options)
+}
+
+/// Fails unless every configured TLS file can be read and holds PEM, and the client's private
+/// key (a secret) is readable by its owner only.
+pub fn check_tls_files(cfg: &Config) -> Result<()> {
+    if let Some(ca) = &cfg.nats_tls_ca_file {
+        pem_file(ca, "nats_tls_ca_file")?;
+    }
+    if let Some(cert) = &cfg.nats_tls_client_cert_file {
+        pem_file(cert, "nats_tls_client_cert_file")?;
+    }
+    if let Some(key) = &cfg.nats_tls_client_key_file {
+        credentials::check_private(key)
+            .map_err(|e| Error::InvalidConfig(format!("nats_tls_client_key_file: {e}")))?;
+        pem_file(key, "nats_tls_client_key_file")?;
+    }
+    Ok(())
 }
 
 /// Fails unless `path` can be read and holds PEM.

@@ -73,6 +73,8 @@ pub enum KeyError {
     Registry(String),
     #[error("no randomness from the operating system: {0}")]
     Random(String),
+    #[error(transparent)]
+    Exposed(#[from] crate::credentials::ExposedSecret),
 }
 
 impl PrivateKey {
@@ -136,8 +138,11 @@ impl PrivateKey {
         })
     }
 
+    /// Reads a key file, refusing one that others than its owner may read
+    /// ([`check_private`](crate::credentials::check_private)).
     pub fn load(path: &Path) -> Result<PrivateKey, KeyError> {
         let shown = path.display().to_string();
+        crate::credentials::check_private(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| KeyError::File {
             path: shown.clone(),
             message: e.to_string(),
@@ -176,12 +181,36 @@ struct PublicKey {
     not_after_ms: i64,
 }
 
+/// Longest key id shown in an error or a log.
+pub const MAX_KEY_ID_LEN: usize = 128;
+
+/// Whether `id` has the shape of a key id (1-128 of `A-Z a-z 0-9 . _ -`, as onboarding makes
+/// them: `<agency>-<n>`). Only such an id is ever quoted back: an envelope's `key_id` comes
+/// off the wire, and anything else in it could be personal data.
+pub fn is_well_formed_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_KEY_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// How a key id from the wire may be shown: quoted if well-formed, else not at all.
+pub fn shown_key_id(id: &str) -> String {
+    if is_well_formed_key_id(id) {
+        format!("{id:?}")
+    } else {
+        "(a key id that is not well-formed)".to_owned()
+    }
+}
+
 /// Why a signature does not hold. Each maps to one wire reason code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     #[error("the envelope is not signed")]
     Missing,
-    #[error("the signer has no key {0:?} in the registry")]
+    /// The key id as [`shown_key_id`] shows it: never a hostile id's text.
+    #[error("the signer has no key {0} in the registry")]
     UnknownKey(String),
     #[error("key {0:?} was rotated out before this message")]
     KeyExpired(String),
@@ -276,7 +305,7 @@ impl KeyRing {
             .keys
             .get(signer)
             .and_then(|keys| keys.iter().find(|k| k.id == e.key_id))
-            .ok_or_else(|| SignatureError::UnknownKey(e.key_id.chars().take(128).collect()))?;
+            .ok_or_else(|| SignatureError::UnknownKey(shown_key_id(&e.key_id)))?;
         if key.not_after_ms != 0 && at > key.not_after_ms {
             return Err(SignatureError::KeyExpired(key.id.clone()));
         }
@@ -348,7 +377,7 @@ mod tests {
         other.key_id = "nope".into();
         assert_eq!(
             r.verify("a", &other, 10),
-            Err(SignatureError::UnknownKey("nope".into()))
+            Err(SignatureError::UnknownKey("\"nope\"".into()))
         );
     }
 
@@ -395,6 +424,71 @@ mod tests {
         ] {
             assert!(PrivateKey::parse(bad, "x").is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn garbage_missing_and_shared_key_files_are_refused_by_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.key");
+        let e = PrivateKey::load(&missing).unwrap_err().to_string();
+        assert!(e.contains("missing.key"), "{e}");
+        let seed = B64.encode([7u8; 32]);
+        for (name, text) in [
+            ("empty.key", String::new()),
+            ("pem.key", "-----BEGIN PRIVATE KEY-----\nAAAA\n".to_owned()),
+            (
+                "short.key",
+                format!("yeongye-ed25519-v1 a-1 {}", &seed[..20]),
+            ),
+            ("binary.key", "\u{0}\u{1}yeongye".to_owned()),
+        ] {
+            let path = dir.path().join(name);
+            crate::credentials::write_private(&path, text.as_bytes()).unwrap();
+            let e = PrivateKey::load(&path).unwrap_err().to_string();
+            assert!(e.contains(name), "{name}: {e}");
+            assert!(!e.contains(&seed[..20]), "never quotes the key: {e}");
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join("shared.key");
+            PrivateKey::generate("a-1").unwrap().save(&path).unwrap();
+            for mode in [0o640, 0o604, 0o644, 0o660] {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+                let e = PrivateKey::load(&path).unwrap_err();
+                assert!(matches!(e, KeyError::Exposed(_)), "{mode:o}: {e}");
+                let e = e.to_string();
+                assert!(e.contains(&format!("chmod 600 {}", path.display())), "{e}");
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+            PrivateKey::load(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_hostile_key_id_is_never_quoted() {
+        let k = PrivateKey::generate("a-1").unwrap();
+        let ring = ring(&k, 0);
+        let mut e = envelope();
+        k.sign(&mut e);
+        for (key_id, shown) in [
+            ("a-2", true),
+            ("a.2_x", true),
+            ("Hong Gildong 010-1234-5678", false),
+            ("홍길동", false),
+            ("a\nb", false),
+            ("", false),
+        ] {
+            e.key_id = key_id.to_owned();
+            let err = ring.verify("a", &e, 0).unwrap_err();
+            assert!(matches!(err, SignatureError::UnknownKey(_)), "{err}");
+            let text = format!("{err} {err:?}");
+            assert_eq!(text.contains(&format!("{key_id:?}")), shown, "{text}");
+            if !shown {
+                assert!(text.contains("not well-formed"), "{text}");
+            }
+        }
+        assert!(!is_well_formed_key_id(&"a".repeat(MAX_KEY_ID_LEN + 1)));
     }
 
     #[test]

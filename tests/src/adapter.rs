@@ -105,6 +105,11 @@ fn find<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
     }
 }
 
+/// `RUST_LOG` for the processes the harness starts: `YEONGYE_TEST_LOG`, else `info`.
+pub fn test_log() -> String {
+    std::env::var("YEONGYE_TEST_LOG").unwrap_or_else(|_| "info".to_owned())
+}
+
 /// The adapter's configuration file. `extra` holds anything else (credentials, TLS, keys):
 /// it is written last, as given.
 #[derive(Debug, Clone)]
@@ -189,6 +194,8 @@ pub struct AdapterProcess {
     reader: Option<std::thread::JoinHandle<()>>,
     lines: Arc<Mutex<Vec<Line>>>,
     runs: u32,
+    /// `RUST_LOG` for the process; `None`: `YEONGYE_TEST_LOG`, else `info`.
+    rust_log: Option<String>,
 }
 
 impl AdapterProcess {
@@ -205,7 +212,16 @@ impl AdapterProcess {
     }
 
     /// [`AdapterProcess::start`] with a configuration of the caller's.
-    pub fn start_with(dir: &Path, mut config: AdapterConfig) -> AdapterProcess {
+    pub fn start_with(dir: &Path, config: AdapterConfig) -> AdapterProcess {
+        AdapterProcess::start_logged(dir, config, None)
+    }
+
+    /// [`start_with`](Self::start_with), with `RUST_LOG` set to `rust_log` if given.
+    pub fn start_logged(
+        dir: &Path,
+        mut config: AdapterConfig,
+        rust_log: Option<&str>,
+    ) -> AdapterProcess {
         std::fs::create_dir_all(dir).expect("create adapter dir");
         if !config.extra.contains_key("signing_key_file") {
             // Sign as the agency, with its test key (see registry::test_key).
@@ -224,6 +240,7 @@ impl AdapterProcess {
             reader: None,
             lines: Arc::new(Mutex::new(Vec::new())),
             runs: 0,
+            rust_log: rust_log.map(str::to_owned),
         };
         adapter.start_again();
         adapter
@@ -274,10 +291,7 @@ impl AdapterProcess {
             .arg("--inbox")
             .arg(self.inbox())
             .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("YEONGYE_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
+            .env("RUST_LOG", self.rust_log.clone().unwrap_or_else(test_log))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(process::append_log(&self.log_path()));

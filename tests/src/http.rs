@@ -248,7 +248,8 @@ impl ServeProcess {
         extra: &[(&str, &str)],
     ) -> ServeProcess {
         std::fs::create_dir_all(dir).expect("create serve dir");
-        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).expect("write token");
+        // Secret files must be private (0600), or the adapter refuses them.
+        process::write_secret(&dir.join("token"), format!("{TOKEN}\n").as_bytes());
         let port = process::free_port();
         let urls: Vec<String> = nats_urls.iter().map(|u| format!("{u:?}")).collect();
         // Sign as the agency, with its test key (see registry::test_key).
@@ -264,7 +265,7 @@ impl ServeProcess {
         match &delivery {
             Delivery::Pull => config.push_str("delivery = \"pull\"\n"),
             Delivery::Webhook(url) => {
-                std::fs::write(dir.join("webhook-secret"), WEBHOOK_SECRET).expect("write secret");
+                process::write_secret(&dir.join("webhook-secret"), WEBHOOK_SECRET.as_bytes());
                 config.push_str(&format!(
                     "delivery = \"webhook\"\nwebhook_url = {url:?}\nwebhook_secret_file = {:?}\nwebhook_timeout_secs = 5\n",
                     dir.join("webhook-secret").display().to_string()

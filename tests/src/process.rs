@@ -12,6 +12,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Opens `path` for appending (creating it): each restart of a process adds to the same log.
+/// Writes a secret file (token, webhook secret) readable by its owner only, replacing any
+/// earlier one: the binaries refuse secret files that others may read.
+pub fn write_secret(path: &Path, bytes: &[u8]) {
+    let _ = std::fs::remove_file(path);
+    yeongye_proto::credentials::write_private(path, bytes)
+        .unwrap_or_else(|e| panic!("write secret {}: {e}", path.display()));
+}
+
 pub fn append_log(path: &Path) -> File {
     OpenOptions::new()
         .create(true)

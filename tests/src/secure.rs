@@ -476,6 +476,17 @@ pub struct SecureBroker {
 
 impl SecureBroker {
     pub async fn start(dir: &Path, url: &str, ids: &Identities, ca: Option<&Path>) -> SecureBroker {
+        SecureBroker::start_logged(dir, url, ids, ca, None).await
+    }
+
+    /// [`start`](Self::start), with `RUST_LOG` set to `rust_log` if given.
+    pub async fn start_logged(
+        dir: &Path,
+        url: &str,
+        ids: &Identities,
+        ca: Option<&Path>,
+        rust_log: Option<&str>,
+    ) -> SecureBroker {
         std::fs::create_dir_all(dir).expect("create broker dir");
         let mut config = BrokerConfig::new(url, &dir.join("store"), &ids.registry);
         let s = |p: &Path| toml::Value::String(p.display().to_string());
@@ -497,7 +508,7 @@ impl SecureBroker {
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
-                std::env::var("YEONGYE_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+                rust_log.map_or_else(crate::adapter::test_log, str::to_owned),
             );
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("REFERRAL_") {
@@ -595,11 +606,23 @@ pub struct SecureSystem {
     pub ids: Identities,
     pub pki: Option<Pki>,
     dir: Option<TempDir>,
+    /// `RUST_LOG` of the broker and adapters; `None`: `YEONGYE_TEST_LOG`, else `info`.
+    rust_log: Option<String>,
 }
 
 impl SecureSystem {
     /// With `tls`, the server requires TLS and everyone trusts the test CA.
     pub async fn start(agencies: &[&str], tls: bool) -> SecureSystem {
+        SecureSystem::start_logged(agencies, tls, None).await
+    }
+
+    /// [`start`](Self::start), with `RUST_LOG` of the broker and every adapter set to
+    /// `rust_log` if given.
+    pub async fn start_logged(
+        agencies: &[&str],
+        tls: bool,
+        rust_log: Option<&str>,
+    ) -> SecureSystem {
         let dir = tempfile::Builder::new()
             .prefix("yeongye-secure-")
             .tempdir()
@@ -608,8 +631,14 @@ impl SecureSystem {
         let ids = Identities::generate(dir.path(), agencies, pki.as_ref());
         let nats = SecureNats::start(&dir.path().join("nats"), &ids).await;
         let ca = pki.as_ref().map(|p| p.ca_cert.clone());
-        let broker =
-            SecureBroker::start(&dir.path().join("broker"), &nats.url(), &ids, ca.as_deref()).await;
+        let broker = SecureBroker::start_logged(
+            &dir.path().join("broker"),
+            &nats.url(),
+            &ids,
+            ca.as_deref(),
+            rust_log,
+        )
+        .await;
         SecureSystem {
             adapters: std::collections::BTreeMap::new(),
             broker,
@@ -617,6 +646,7 @@ impl SecureSystem {
             ids,
             pki,
             dir: Some(dir),
+            rust_log: rust_log.map(str::to_owned),
         }
     }
 
@@ -661,8 +691,18 @@ impl SecureSystem {
     /// Starts `agency`'s adapter (`run --inbox`).
     pub fn start_adapter(&mut self, agency: &str) -> &mut AdapterProcess {
         let config = self.adapter_config(agency);
-        let adapter = AdapterProcess::start_with(&self.adapter_dir(agency), config);
-        self.adapters.entry(agency.to_owned()).or_insert(adapter)
+        self.start_adapter_with(config)
+    }
+
+    /// Starts an adapter (`run --inbox`) with a configuration of the caller's.
+    pub fn start_adapter_with(&mut self, config: AdapterConfig) -> &mut AdapterProcess {
+        let agency = config.agency.clone();
+        let adapter = AdapterProcess::start_logged(
+            &self.adapter_dir(&agency),
+            config,
+            self.rust_log.as_deref(),
+        );
+        self.adapters.entry(agency).or_insert(adapter)
     }
 
     pub fn adapter(&self, agency: &str) -> &AdapterProcess {

@@ -10,6 +10,7 @@
 //! agency-adapter --config adapter.toml consent revoke <CONSENT_ID> [--at-ms N]
 //! agency-adapter --config adapter.toml consent show <CONSENT_ID>
 //! agency-adapter --config adapter.toml purge-confirm <REFERRAL_ID> <CONSENT_ID>
+//! agency-adapter --config adapter.toml check-config
 //! ```
 //!
 //! Results go to stdout as JSON; logs go to stderr (filter with `RUST_LOG`). Exit codes: 0 done,
@@ -32,8 +33,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
-use yeongye_adapter::{AdapterConfig, v1};
+use yeongye_adapter::{AdapterConfig, log_filter, v1};
 
 #[derive(Debug, Parser)]
 #[command(name = "agency-adapter", version, about = "Yeongye agency adapter")]
@@ -85,6 +85,10 @@ enum Command {
         referral_id: String,
         consent_id: String,
     },
+    /// Check the configuration and read every file it names (credentials, signing key,
+    /// registry, TLS CA, HTTP token, webhook secret) as a start would; connects to nothing.
+    /// Exit 2 if any is missing, malformed or readable by others than its owner.
+    CheckConfig,
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,19 +143,16 @@ struct UsageError(String);
 fn main() -> ExitCode {
     // clap prints its own message and exits with 2 on bad arguments (0 for --help).
     let cli = Cli::parse();
+    // RUST_LOG governs; the NATS client is capped (see log_filter).
+    let (filter, warning) = log_filter::filter(std::env::var("RUST_LOG").ok().as_deref());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info"))
-                // At trace level the NATS client logs whole message payloads, which carry
-                // personal data: it never goes below debug, whatever RUST_LOG says.
-                .add_directive("async_nats=debug".parse().unwrap_or_else(|_| {
-                    tracing_subscriber::filter::Directive::from(tracing::Level::DEBUG)
-                })),
-        )
+        .with_env_filter(filter)
         .init();
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -203,6 +204,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             referral_id,
             consent_id,
         } => consent::purge_confirm(cfg, &referral_id, &consent_id).await,
+        Command::CheckConfig => {
+            let files = cfg.check_files()?;
+            print_json(
+                &serde_json::json!({ "valid": true, "agency": cfg.agency, "files": files }),
+                true,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -240,7 +240,9 @@ impl WebhookTarget {
     }
 }
 
+/// Reads a one-line secret, refusing a file that others than its owner may read.
 fn read_secret(path: &Path, field: &str) -> Result<String> {
+    yeongye_proto::credentials::check_private(path).map_err(|e| cfg(format!("{field}: {e}")))?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| cfg(format!("{field}: cannot read {}: {e}", path.display())))?;
     let secret = text.trim();
@@ -346,9 +348,21 @@ mod tests {
     fn secrets_from_files() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
-        std::fs::write(&token, "0123456789abcdef-token\n").unwrap();
+        yeongye_proto::credentials::write_private(&token, b"0123456789abcdef-token\n").unwrap();
         let c = HttpConfig::new(&token);
         assert_eq!(c.load_token().unwrap(), "0123456789abcdef-token");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |m| std::fs::set_permissions(&token, std::fs::Permissions::from_mode(m));
+            mode(0o644).unwrap();
+            let e = c.load_token().unwrap_err().to_string();
+            assert!(
+                e.contains("http.token_file") && e.contains("chmod 600"),
+                "{e}"
+            );
+            mode(0o600).unwrap();
+        }
         assert_eq!(c.load_webhook_secret().unwrap(), None);
         std::fs::write(&token, "short").unwrap();
         assert!(

@@ -2,7 +2,8 @@
 //!
 //! Pure. A message is accepted only if it is an envelope from the broker with a message id,
 //! its payload type fits the subject it came on (`yeongye.out.<me>.<kind>`), and the payload
-//! decodes. Reasons for refusal name fields and types, never content.
+//! decodes. Reasons for refusal name fields and types, never content: an id or subject is
+//! quoted only once it is well-formed ([`shown_subject`], [`shown_id`]).
 
 use prost::Message as _;
 use yeongye_proto::signing::KeyRing;
@@ -40,8 +41,8 @@ pub(crate) fn decode(
     }
     if envelope.sender != BROKER_ID {
         return Err(format!(
-            "envelope sender is {:?}, not {BROKER_ID:?}",
-            truncate(&envelope.sender)
+            "envelope sender is {}, not {BROKER_ID:?}",
+            shown_agency(&envelope.sender)
         ));
     }
     let payload_type = v1::PayloadType::try_from(envelope.payload_type).ok();
@@ -61,8 +62,9 @@ pub(crate) fn decode(
     let expected = subject::outbound(me, out_kind);
     if subject != expected {
         return Err(format!(
-            "payload type {} arrived on {subject:?}, expected {expected:?}",
-            out_kind.as_str()
+            "payload type {} arrived on {:?}, expected {expected:?}",
+            out_kind.as_str(),
+            shown_subject(subject)
         ));
     }
     let payload = envelope.payload.as_ref();
@@ -129,8 +131,8 @@ fn decode_delivery(me: &str, payload: &[u8]) -> Result<(Option<String>, ItemKind
     }
     if referral.to_agency != me {
         return Err(format!(
-            "Delivery's referral is addressed to {:?}, not to this agency",
-            truncate(&referral.to_agency)
+            "Delivery's referral is addressed to {}, not to this agency",
+            shown_agency(&referral.to_agency)
         ));
     }
     let referral_id = referral.referral_id.clone();
@@ -141,9 +143,41 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
-/// Agency ids in reasons are bounded, so a hostile value cannot flood the log.
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
+/// An agency id as a reason may quote it: only if well-formed (anything else could be
+/// personal data, or flood the log).
+fn shown_agency(s: &str) -> String {
+    if subject::is_valid_agency_id(s) {
+        format!("{s:?}")
+    } else {
+        "(an agency id that is not well-formed)".to_owned()
+    }
+}
+
+/// A subject as logs may show it: as it is if every token is plain (`a-z A-Z 0-9 - _`) and it
+/// is not overlong, else not at all.
+pub(crate) fn shown_subject(subject: &str) -> String {
+    let plain = subject.len() <= 200
+        && subject.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if plain {
+        subject.to_owned()
+    } else {
+        "(a subject that is not well-formed)".to_owned()
+    }
+}
+
+/// An id (referral, consent) as logs may show it: 1-128 of `A-Z a-z 0-9 - _` (the broker's
+/// own rule for the ids it accepts), else a placeholder.
+pub(crate) fn shown_id(id: &str) -> &str {
+    let well_formed = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if well_formed { id } else { "(not well-formed)" }
 }
 
 #[cfg(test)]

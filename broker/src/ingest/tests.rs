@@ -331,6 +331,129 @@ mod authenticity {
         );
     }
 
+    /// What a refused message leaves behind for logs, rejections and dead letters.
+    fn left_behind(i: &Inbound) -> String {
+        match &i.request {
+            Request::Reject(r) | Request::Refuse(_, r) => format!("{:?} {r:?}", i.origin),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    /// Text from the wire reaches a detail, an origin (and so a log or a dead letter) only once
+    /// it is well-formed: a hostile agency cannot write personal data into the broker's logs.
+    #[test]
+    fn nothing_off_the_wire_is_echoed_unless_well_formed() {
+        const PD: &str = "Hong Gildong 010-1234-5678";
+        let key = PrivateKey::generate("a-1").unwrap();
+        let reg = signed_registry(&key, 0);
+        let i = read_at(&reg, &signed(&key, NOW, |e| e.key_id = PD.into()), NOW);
+        assert_eq!(code(&i), Some(ReasonCode::SignatureUnknownKey));
+        let shown = left_behind(&i);
+        assert!(
+            !shown.contains("Gildong") && shown.contains("not well-formed"),
+            "{shown}"
+        );
+        let i = read_at(&reg, &signed(&key, NOW, |e| e.key_id = "a-9".into()), NOW);
+        assert!(left_behind(&i).contains("a-9"), "a well-formed id is named");
+
+        let unsigned = |message_id: &str, ty: v1::PayloadType, payload: Vec<u8>| {
+            v1::Envelope {
+                message_id: message_id.into(),
+                sender: "a".into(),
+                sent_at_ms: 1,
+                payload_type: ty as i32,
+                payload,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let grant = |recipient: &str| v1::ConsentGrant {
+            consent_id: "c-1".into(),
+            client_pseudonym_id: "p1".into(),
+            collected_by: "a".into(),
+            recipient_agencies: vec![recipient.into()],
+            purposes: vec![v1::Purpose::CaseManagement as i32],
+            data_categories: vec![v1::DataCategory::Identity as i32],
+            form_reference: "F-1".into(),
+            ..Default::default()
+        };
+        let hostile_referral = |tamper: fn(&mut v1::Referral)| {
+            let mut r = referral();
+            tamper(&mut r);
+            unsigned("m-1", v1::PayloadType::Referral, r.encode_to_vec())
+        };
+        let cases: Vec<(&str, Vec<u8>, ReasonCode)> = vec![
+            (
+                "yeongye.in.a.consent",
+                unsigned(
+                    "m-1",
+                    v1::PayloadType::ConsentGrant,
+                    grant(PD).encode_to_vec(),
+                ),
+                ReasonCode::UnknownRecipient,
+            ),
+            (
+                "yeongye.in.a.Hong Gildong 010-1234-5678",
+                unsigned("m-1", v1::PayloadType::Referral, referral().encode_to_vec()),
+                ReasonCode::UnknownSubject,
+            ),
+            (
+                "yeongye.in.a.referral",
+                unsigned(PD, v1::PayloadType::Referral, referral().encode_to_vec()),
+                ReasonCode::MalformedEnvelope,
+            ),
+            (
+                "yeongye.in.a.referral",
+                hostile_referral(|r| r.referral_id = PD.into()),
+                ReasonCode::InvalidField,
+            ),
+            (
+                "yeongye.in.a.referral",
+                hostile_referral(|r| {
+                    r.legal_basis = Some(v1::referral::LegalBasis::ConsentId(PD.into()))
+                }),
+                ReasonCode::InvalidField,
+            ),
+            (
+                "yeongye.in.a.referral",
+                hostile_referral(|r| r.to_agency = PD.into()),
+                ReasonCode::UnknownRecipient,
+            ),
+            (
+                "yeongye.in.a.referral",
+                hostile_referral(|r| r.from_agency = PD.into()),
+                ReasonCode::SenderMismatch,
+            ),
+        ];
+        for (subject, bytes, want) in cases {
+            let i = read(subject, &bytes, 1, NOW, &reg, &limits());
+            assert_eq!(code(&i), Some(want), "{subject}");
+            let shown = left_behind(&i);
+            assert!(!shown.contains("Gildong"), "{shown}");
+        }
+        let i = read(
+            "yeongye.in.a.consent",
+            &unsigned(
+                "m-1",
+                v1::PayloadType::ConsentGrant,
+                grant("zz-9").encode_to_vec(),
+            ),
+            1,
+            NOW,
+            &reg,
+            &limits(),
+        );
+        assert!(
+            left_behind(&i).contains("zz-9"),
+            "a well-formed agency id is named"
+        );
+        assert_eq!(
+            shown_subject("yeongye.in.a.referral"),
+            "yeongye.in.a.referral"
+        );
+        assert!(!shown_subject("yeongye.in.Hong.x").contains("Hong"));
+    }
+
     proptest! {
         /// Whatever bytes arrive, reading never panics and anything refused has a reason; the
         /// same for an envelope whose payload is random.

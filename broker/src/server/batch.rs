@@ -14,7 +14,7 @@ use crate::audit;
 use crate::consent::{self, Basis, Consent, NotCovered};
 use crate::convert::{self, derive_id};
 use crate::error::Result;
-use crate::ingest::{Inbound, Origin, Refusal, Request};
+use crate::ingest::{self, Inbound, Origin, Refusal, Request};
 use crate::referral::{self, Effect, Event, Millis, Referral, State, Transition, TransitionError};
 use crate::store::{
     ChangeSet, DeadLetter, DeadLetterStatus, Deadline, OperatorAction, OutboxEntry, Store,
@@ -645,7 +645,7 @@ impl<'a> Batch<'a> {
             code = r.code.as_str_name(),
             detail = %r.detail,
             referral_id = %r.referral_id,
-            subject = %origin.subject,
+            subject = %ingest::shown_subject(&origin.subject),
             "inbound message rejected"
         );
         self.changes.dead_letters.push(DeadLetter {

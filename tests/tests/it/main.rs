@@ -6,6 +6,7 @@
 //! that may depend on a redelivery use [`REDELIVERY`].
 
 mod bad_input;
+mod canary;
 mod consent;
 mod consent_parties;
 mod crash;
@@ -19,6 +20,7 @@ mod lifecycle;
 mod operators;
 mod restart;
 mod sdk;
+mod secret_files;
 mod security;
 
 use std::time::Duration;

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,6 +28,24 @@ use crate::io::IdleIo;
 
 /// The problem document's media type (RFC 9457).
 const PROBLEM_JSON: &str = "application/problem+json";
+/// At shutdown, how often a connection is checked for a request in hand; one without is closed.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+
+/// Counts a request in hand on its connection while it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(count))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Serves one accepted connection; `_permit` holds its slot under the cap until it closes.
 pub(crate) async fn serve(
@@ -40,12 +58,16 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(IdleIo::new(stream, limits.idle_timeout()));
     let body_timeout = limits.body_timeout();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::clone(&busy);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let in_hand = Busy::new(&requests);
         let mut app = app.clone();
         let timed_out = Arc::new(AtomicBool::new(false));
         let request = request
             .map(|body| Body::new(Deadline::new(body, body_timeout, Arc::clone(&timed_out))));
         async move {
+            let _in_hand = in_hand;
             let response = match app.call(request).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -68,7 +90,18 @@ pub(crate) async fn serve(
         result = connection.as_mut() => result,
         () = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            // A request in hand finishes; a connection without one (idle, or a head still
+            // arriving) is closed now rather than when its header timeout runs out.
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    () = tokio::time::sleep(SHUTDOWN_POLL) => {
+                        if busy.load(Ordering::Relaxed) == 0 {
+                            break Ok(());
+                        }
+                    }
+                }
+            }
         }
     };
     if let Err(e) = result {

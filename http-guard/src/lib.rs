@@ -3,8 +3,8 @@
 //! slow-header "slowloris" client is cut off), a body-read deadline (a dripping body gets a
 //! 408 and the connection is closed), an inactivity timeout, and a cap on concurrent
 //! connections (past it, a connection is answered 503 at once and closed). Graceful shutdown:
-//! once the token is cancelled no connection is accepted, idle ones close, requests in hand
-//! finish.
+//! once the token is cancelled no connection is accepted, requests in hand finish, and
+//! connections without one (idle, or a head still arriving) are closed within 200 ms.
 //!
 //! Neither wire contract nor product logic: its own crate so that both binaries share one
 //! implementation (`proto/` is the wire contract and stays free of servers).

@@ -109,3 +109,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_fails_after_the_idle_time_and_traffic_resets_it() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut io = IdleIo::new(server, Duration::from_secs(60));
+        let mut client = client;
+        let mut buf = [0u8; 8];
+        // Bytes within the idle time are read, and restart the clock.
+        tokio::time::advance(Duration::from_secs(50)).await;
+        client.write_all(b"ab").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 2);
+        tokio::time::advance(Duration::from_secs(50)).await;
+        client.write_all(b"c").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        // Then nothing for 60 s: the read fails with TimedOut.
+        let started = tokio::time::Instant::now();
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+}

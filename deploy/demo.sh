@@ -58,6 +58,10 @@ for a in tomllib.load(open(sys.argv[1], "rb"))["agency"]:
     print(a["id"], a["kind"], a["name"], sep="\t")
 ' deploy/agencies.toml)
 agencies=${agencies# }
+say "creating the demo's operator of the broker's HTTP API (token in \$secrets/operators, 0600)"
+"$bin/referral-broker" operator add demo-operator --operators "$run/config/operators.toml" \
+  --secrets "$secrets" >> "$run/logs/onboard.log"
+export REFERRAL_OPERATOR_TOKEN_FILE="$secrets/operators/demo-operator.token"
 
 say "starting nats-server on 127.0.0.1:$port (monitoring on 127.0.0.1:$http_port), registered users only"
 sed -e "s|@STORE_DIR@|$run/nats-store|" -e "s|@PORT@|$port|" -e "s|@HTTP_PORT@|$http_port|" \
@@ -75,6 +79,7 @@ store_dir = "$run/broker-store"
 registry = "$registry"
 coordinator = "hope-support"
 http_addr = "127.0.0.1:$broker_http"
+operators_file = "$run/config/operators.toml"
 TOML
 "$bin/referral-broker" --config "$run/config/broker.toml" run > "$run/logs/broker.log" 2>&1 &
 pids+=($!)
@@ -101,6 +106,9 @@ python3 deploy/demo/play_case.py --adapter "$bin/agency-adapter" --run "$run" --
 
 say "what the operators see (referral-broker status)"
 "$bin/referral-broker" --config "$run/config/broker.toml" status
+
+say "an operator action (authenticated with demo-operator's token): registry reload"
+"$bin/referral-broker" --config "$run/config/broker.toml" registry reload
 
 say "checking the audit log's hash chain"
 "$bin/referral-broker" --config "$run/config/broker.toml" --api "http://127.0.0.1:$broker_http" audit verify

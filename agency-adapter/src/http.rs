@@ -32,6 +32,9 @@
 //! - `backend.rs`: the [`Adapter`] as the handlers see it (a trait, stubbed in tests).
 //!
 //! The OpenAPI document is `agency-adapter/openapi.json` in the repository, compiled in.
+//! Served by [`yeongye_http::serve`] within `[http.limits]`: a slow header or body is cut off
+//! (a slow body with a 408 problem document), and past `max_connections` a connection is
+//! answered 503.
 
 mod auth;
 mod backend;
@@ -219,16 +222,15 @@ pub async fn serve(
         "HTTP API listening"
     );
     let app = router(state, TokenDigest::new(&token));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.clone().cancelled_owned())
-        .await;
+    // Header, body and idle timeouts and the connection cap: the one server loop the broker
+    // uses too.
+    yeongye_http::serve(listener, app, http.limits, cancel.clone()).await;
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
     if let Err(e) = adapter.drain().await {
         warn!(cause = %e, "draining the NATS connection failed");
     }
-    served.map_err(|e| Error::io("the HTTP server failed", e))?;
     info!("stopped");
     Ok(())
 }

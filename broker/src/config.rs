@@ -51,9 +51,24 @@ pub struct Config {
     /// The agency told of every escalation besides the sender: the district's Hope Welfare
     /// Support Group.
     pub coordinator: Option<String>,
-    /// The operators' HTTP endpoint (health, metrics, API, dashboard). Loopback by default:
-    /// it has no authentication.
+    /// The operators' HTTP endpoint (health, metrics, API, dashboard). Loopback by default;
+    /// an address beyond loopback is refused unless `http_allow_remote` is set.
     pub http_addr: SocketAddr,
+    /// Allow `http_addr` beyond loopback. The endpoint speaks plain HTTP: put a reverse proxy
+    /// that terminates TLS in front of it (the broker says so at every start). The JSON API's
+    /// reads then need an operator token too.
+    pub http_allow_remote: bool,
+    /// Host names the endpoint answers to (the `Host` header, with or without the bound port;
+    /// an entry `name:port` matches only that port). Anything else is refused (421): a web page
+    /// cannot reach the endpoint through DNS rebinding. A state-changing request whose
+    /// `Origin` is not one of them is refused (403).
+    pub http_allowed_hosts: Vec<String>,
+    /// The operators file (`referral-broker operator add` writes it): names and token digests
+    /// of who may replay or discard dead letters and reload the registry. Read at every such
+    /// request. Absent: every operator action is refused.
+    pub operators_file: Option<PathBuf>,
+    /// Timeouts and connection cap of the HTTP endpoint (`[http_limits]`).
+    pub http_limits: yeongye_http::Limits,
     /// Testing only: a file holding milliseconds added to the wall clock, re-read at every
     /// tick, so that tests can move time forward without sleeping. Never set in production.
     pub testing_clock_offset_file: Option<PathBuf>,
@@ -138,6 +153,10 @@ impl fmt::Debug for Config {
             field_deadline_secs,
             coordinator,
             http_addr,
+            http_allow_remote,
+            http_allowed_hosts,
+            operators_file,
+            http_limits,
             testing_clock_offset_file,
             require_signatures,
             signing_key_file,
@@ -162,6 +181,11 @@ impl fmt::Debug for Config {
             .field("field_deadline_secs", field_deadline_secs)
             .field("coordinator", coordinator)
             .field("http_addr", http_addr)
+            .field("http_allow_remote", http_allow_remote)
+            .field("http_allowed_hosts", http_allowed_hosts)
+            // A path; the file holds names and token digests, never a token.
+            .field("operators_file", operators_file)
+            .field("http_limits", http_limits)
             .field("testing_clock_offset_file", testing_clock_offset_file)
             .field("require_signatures", require_signatures)
             .field("signing_key_file", signing_key_file)
@@ -209,6 +233,10 @@ impl Default for Config {
             )]),
             coordinator: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8470)),
+            http_allow_remote: false,
+            http_allowed_hosts: DEFAULT_ALLOWED_HOSTS.map(str::to_owned).to_vec(),
+            operators_file: None,
+            http_limits: yeongye_http::Limits::default(),
             testing_clock_offset_file: None,
             require_signatures: true,
             signing_key_file: None,
@@ -219,6 +247,9 @@ impl Default for Config {
 }
 
 const DAY: u64 = 24 * 3600;
+
+/// The host names the operators' endpoint answers to by default: loopback's.
+pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 
 impl Config {
     /// Reads `path` (if given), applies environment overrides, validates.
@@ -269,7 +300,7 @@ impl Config {
 
     /// `REFERRAL_NATS_URLS` (comma-separated), `REFERRAL_STORE_DIR`, `REFERRAL_REGISTRY`,
     /// `REFERRAL_NATS_CREDENTIALS_FILE`, `REFERRAL_NATS_TLS_CA_FILE`,
-    /// `REFERRAL_BATCH_SIZE`.
+    /// `REFERRAL_BATCH_SIZE`, `REFERRAL_OPERATORS_FILE`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = var("REFERRAL_NATS_URLS") {
             self.nats_urls = v.split(',').map(|s| s.trim().to_owned()).collect();
@@ -285,6 +316,9 @@ impl Config {
         }
         if let Some(v) = var("REFERRAL_NATS_TLS_CA_FILE") {
             self.nats_tls_ca_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("REFERRAL_OPERATORS_FILE") {
+            self.operators_file = Some(PathBuf::from(v));
         }
         if let Some(v) = var("REFERRAL_BATCH_SIZE") {
             self.batch_size = v.parse().map_err(|_| {
@@ -407,6 +441,7 @@ impl Config {
             ("nats_tls_ca_file", &self.nats_tls_ca_file),
             ("nats_tls_client_cert_file", &self.nats_tls_client_cert_file),
             ("nats_tls_client_key_file", &self.nats_tls_client_key_file),
+            ("operators_file", &self.operators_file),
         ] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return bad(format!("{key} is empty"));
@@ -417,6 +452,28 @@ impl Config {
                 "nats_tls_client_cert_file and nats_tls_client_key_file go together".into(),
             );
         }
+        if !self.http_addr.ip().is_loopback() && !self.http_allow_remote {
+            return bad(format!(
+                "http_addr {} is not a loopback address: the operators' API would be reachable \
+                 from the network. Bind it to 127.0.0.1, or set http_allow_remote = true and put \
+                 a reverse proxy that terminates TLS in front of it",
+                self.http_addr
+            ));
+        }
+        if self.http_allowed_hosts.is_empty() {
+            return bad("http_allowed_hosts is empty: no request could be answered".into());
+        }
+        for host in &self.http_allowed_hosts {
+            if !crate::http::guard::is_valid_host_entry(host) {
+                return bad(format!(
+                    "http_allowed_hosts: {host:?} is not a host name, IPv4 address or [IPv6] \
+                     address (optionally with :port)"
+                ));
+            }
+        }
+        self.http_limits
+            .validate("http_limits")
+            .map_err(Error::InvalidConfig)?;
         Ok(())
     }
 }
@@ -500,10 +557,37 @@ mod tests {
             "nats_credentials_file = \"\"",
             "nats_tls_client_cert_file = \"c.pem\"",
             "max_message_bytes = 10",
+            "http_addr = \"0.0.0.0:8470\"",
+            "http_allowed_hosts = []",
+            "http_allowed_hosts = [\"evil.example/x\"]",
+            "[http_limits]\nheader_timeout_secs = 0",
+            "operators_file = \"\"",
         ] {
             let cfg = Config::from_toml(text).unwrap();
             assert!(cfg.validate().is_err(), "{text:?} should not validate");
         }
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let cfg =
+            Config::from_toml(include_str!("../../deploy/config/broker.example.toml")).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.http_limits, yeongye_http::Limits::default());
+        assert_eq!(cfg.http_allowed_hosts, DEFAULT_ALLOWED_HOSTS);
+    }
+
+    #[test]
+    fn remote_binding_needs_the_opt_in() {
+        let cfg = Config::from_toml("http_addr = \"0.0.0.0:8470\"").unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("http_allow_remote"), "{e}");
+        let cfg =
+            Config::from_toml("http_addr = \"0.0.0.0:8470\"\nhttp_allow_remote = true").unwrap();
+        cfg.validate().unwrap();
+        let cfg = Config::from_toml("[http_limits]\nmax_connections = 3").unwrap();
+        assert_eq!(cfg.http_limits.max_connections, 3);
+        assert_eq!(cfg.http_limits.header_timeout_secs, 10);
     }
 
     #[test]

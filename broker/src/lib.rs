@@ -15,8 +15,9 @@
 //! - [`query`]: status lookups by request/reply.
 //! - [`view`], [`ops`], [`http`]: what operators see — the in-memory view of queues kept by
 //!   the event loop, and the HTTP endpoint (health, metrics, JSON API, dashboard).
-//! - [`operator`]: the operators' command line as a library (API client, offline audit).
-//! - [`onboard`]: `init` and `agency add|remove|rotate-key` — identities (signing keys, NATS
+//! - [`operator`]: the operators' command line as a library (API client, offline audit);
+//!   [`operators`]: the operators file (names and token digests) the HTTP API checks.
+//! - [`onboard`]: `init`, `agency add|remove|rotate-key` and `operator add|remove` — identities (signing keys, NATS
 //!   users), the registry's entries, and the generated NATS authorization config;
 //!   [`credentials`]: the NATS credentials file.
 //! - [`config`], [`registry`], [`clock`], [`error`]; [`log_filter`], the binary's `tracing`
@@ -35,6 +36,7 @@ pub mod log_filter;
 pub mod nats;
 pub mod onboard;
 pub mod operator;
+pub mod operators;
 pub mod ops;
 pub mod query;
 pub mod referral;
@@ -108,7 +110,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         ops: ops.clone(),
         commands: http_state.commands.clone(),
     };
-    let (http_addr, http_task) = http::serve(cfg.http_addr, http_state, token.clone()).await?;
+    let (http_addr, http_task) = http::serve(&cfg, http_state, token.clone()).await?;
     let queries = tracker.spawn(query::serve(client.clone(), responder, token.clone()));
     let event_loop = server::EventLoop {
         signer,

@@ -1,7 +1,8 @@
 //! `referral-broker`: command line, configuration, tracing and signals around
 //! [`yeongye_broker::run`], the operators' commands (`status`, `referral show`,
 //! `dead-letters`, `consent show`, `purges`, `registry reload`, `audit verify|show`), and
-//! onboarding (`init`, `agency add|remove|rotate-key`; see [`yeongye_broker::onboard`]).
+//! onboarding (`init`, `agency add|remove|rotate-key`, `operator add|remove`; see
+//! [`yeongye_broker::onboard`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +29,10 @@ struct Cli {
     /// The running broker's HTTP API (default: http://<http_addr from the config>).
     #[arg(long, global = true, env = "REFERRAL_API")]
     api: Option<String>,
+    /// The operator's bearer token file (`operator add` writes it; mode 0600). Needed for
+    /// replay, discard and registry reload, and for reads when the API is beyond loopback.
+    #[arg(long, global = true, env = "REFERRAL_OPERATOR_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -123,6 +128,36 @@ enum OnboardCommand {
         #[command(subcommand)]
         command: AgencyCommand,
     },
+    /// The operators of the HTTP API: who may replay, discard and reload the registry.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Makes an operator: a random token in <secrets>/operators/<name>.token (0600, never
+    /// overwritten) and its SHA-256 in the operators file (the broker's operators_file).
+    Add {
+        /// The operator's name (recorded as `who`): 1-64 of a-z, 0-9, '-', '.', '_'.
+        name: String,
+        /// The operators file (created if absent).
+        #[arg(long)]
+        operators: PathBuf,
+        /// The secrets directory.
+        #[arg(long)]
+        secrets: PathBuf,
+    },
+    /// Removes an operator: its token is refused from the next request on.
+    Remove {
+        name: String,
+        #[arg(long)]
+        operators: PathBuf,
+        /// The secrets directory: the token file there is deleted too.
+        #[arg(long)]
+        secrets: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,21 +223,16 @@ enum DeadLetterCommand {
     Show {
         seq: u64,
     },
-    /// Apply it again, after its cause is fixed.
+    /// Apply it again, after its cause is fixed. Recorded with the operator of --token-file.
     Replay {
         seq: u64,
-        /// Who is acting (recorded).
-        #[arg(long, env = "USER")]
-        who: String,
         /// Why (recorded).
         #[arg(long)]
         why: String,
     },
-    /// Give up on it (recorded).
+    /// Give up on it (recorded with the operator of --token-file).
     Discard {
         seq: u64,
-        #[arg(long, env = "USER")]
-        who: String,
         #[arg(long)]
         why: String,
     },
@@ -298,6 +328,18 @@ fn onboarding(json_mode: bool, command: OnboardCommand) -> anyhow::Result<ExitCo
                 onboard::rotate_key(&paths, &id, grace, yeongye_broker::clock::now_ms())?
             }
         },
+        OnboardCommand::Operator { command } => match command {
+            OperatorCommand::Add {
+                name,
+                operators,
+                secrets,
+            } => onboard::add_operator(&operators, &secrets, &name)?,
+            OperatorCommand::Remove {
+                name,
+                operators,
+                secrets,
+            } => onboard::remove_operator(&operators, secrets.as_deref(), &name)?,
+        },
     };
     if json_mode {
         out(&format!(
@@ -315,12 +357,20 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         return onboarding(cli.json, command);
     }
     let cfg = Config::load(cli.config.as_deref())?;
+    // Only the API's clients read the token (the broker itself never does).
+    let token = match &cli.token_file {
+        Some(path) if !matches!(cli.command, Command::Run | Command::CheckConfig) => {
+            Some(operator::load_token_file(path)?)
+        }
+        _ => None,
+    };
     let api = || {
         Api::new(
             &cli.api
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", cfg.http_addr)),
         )
+        .with_token(token.clone())
     };
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
     match cli.command {
@@ -357,17 +407,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             DeadLetterCommand::Show { seq } => {
                 out(&pretty(&api().get(&format!("/api/v1/dead-letters/{seq}"))?))?
             }
-            DeadLetterCommand::Replay { seq, who, why } => {
+            DeadLetterCommand::Replay { seq, why } => {
                 let v = api().post(
                     &format!("/api/v1/dead-letters/{seq}/replay"),
-                    &json!({"who": who, "why": why}),
+                    &json!({"why": why}),
                 )?;
                 out(&pretty(&v))?;
             }
-            DeadLetterCommand::Discard { seq, who, why } => {
+            DeadLetterCommand::Discard { seq, why } => {
                 let v = api().post(
                     &format!("/api/v1/dead-letters/{seq}/discard"),
-                    &json!({"who": who, "why": why}),
+                    &json!({"why": why}),
                 )?;
                 out(&pretty(&v))?;
             }
@@ -384,22 +434,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             command: RegistryCommand::Reload,
         } => out(&pretty(&api().post("/api/v1/registry/reload", &json!({}))?))?,
         Command::Audit { store, command } => {
-            return audit(cli.api.as_deref(), cli.json, &cfg, store, command);
+            let api = cli
+                .api
+                .as_deref()
+                .map(|url| Api::new(url).with_token(token.clone()));
+            return audit(api, cli.json, &cfg, store, command);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn audit(
-    api: Option<&str>,
+    api: Option<Api>,
     json_mode: bool,
     cfg: &Config,
     store: Option<PathBuf>,
     command: AuditCommand,
 ) -> anyhow::Result<ExitCode> {
     let (verdict, entries) = match api {
-        Some(url) => {
-            let api = Api::new(url);
+        Some(api) => {
             match &command {
                 AuditCommand::Verify => match api.get("/api/v1/audit/verify") {
                     Ok(v) => (Some(v), None),

@@ -20,9 +20,11 @@
 //! - [`nats_conf`]: the generated NATS config and each agency's permission set.
 //! - `registry_doc`: editing the registry file in place (comments and layout kept).
 //! - `files`: locking, atomic replacement, private files and directories, undo.
+//! - [`operators`]: `operator add|remove`, the operators' HTTP API tokens.
 
 mod files;
 pub mod nats_conf;
+pub mod operators;
 mod registry_doc;
 #[cfg(test)]
 mod tests;
@@ -37,6 +39,7 @@ use yeongye_proto::subject::is_valid_agency_id;
 use crate::error::{Error, Result};
 use files::{Lock, Undo};
 pub use nats_conf::ServerTls;
+pub use operators::{add_operator, remove_operator};
 use registry_doc::RegistryDoc;
 use yeongye_proto::credentials::Credentials;
 
@@ -420,6 +423,12 @@ pub fn init(paths: &Paths, tls: Option<ServerTls>) -> Result<Report> {
         "the broker's config needs nats_credentials_file = {:?} and signing_key_file = {:?}",
         shown(&paths.credentials(broker)),
         shown(&paths.signing_key(broker))
+    ));
+    report.note(format!(
+        "next: make an operator of the HTTP API (replay, discard, registry reload): \
+         referral-broker operator add <name> --operators <dir>/operators.toml --secrets {}, \
+         then set operators_file in the broker's config",
+        shown(&paths.secrets)
     ));
     Ok(report)
 }

@@ -2,6 +2,7 @@
 //! referrals, dead letters, consents, purges, registry reload) and the offline audit commands
 //! that read a stopped broker's store directly. Renders tables for people (Korean names
 //! aligned by display width) or JSON for scripts. Prints nothing itself: returns text.
+//! Sends the operator's bearer token ([`load_token_file`]: a 0600 file) with every request.
 
 use std::time::Duration;
 
@@ -15,6 +16,35 @@ use crate::store::Store;
 pub struct Api {
     base: String,
     agent: ureq::Agent,
+    /// The operator's bearer token (never shown: `Api` has no `Debug`).
+    token: Option<String>,
+}
+
+/// Reads an operator's token file (`referral-broker operator add` writes it), refusing one that
+/// others than its owner may read. Errors name the file, never its content.
+pub fn load_token_file(path: &std::path::Path) -> Result<String> {
+    if let Some(mode) = yeongye_proto::credentials::shared_mode(path) {
+        return Err(Error::File {
+            path: path.to_owned(),
+            message: format!(
+                "the operator token file is readable by others (mode {mode:04o}): run \
+                 `chmod 600 {}` (and consider the token leaked: make a new one)",
+                path.display()
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+        path: path.to_owned(),
+        message: format!("cannot read the operator token file: {e}"),
+    })?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(Error::File {
+            path: path.to_owned(),
+            message: "not an operator token file (one line, the token)".into(),
+        });
+    }
+    Ok(token.to_owned())
 }
 
 impl Api {
@@ -27,7 +57,18 @@ impl Api {
         Api {
             base: base.trim_end_matches('/').to_owned(),
             agent,
+            token: None,
         }
+    }
+
+    /// Sends `token` as the operator's bearer token.
+    pub fn with_token(mut self, token: Option<String>) -> Api {
+        self.token = token;
+        self
+    }
+
+    fn authorization(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
     fn answer(
@@ -59,15 +100,20 @@ impl Api {
     }
 
     pub fn get(&self, path: &str) -> Result<Value> {
-        let r = self.agent.get(&format!("{}{path}", self.base)).call();
+        let mut request = self.agent.get(&format!("{}{path}", self.base));
+        if let Some(value) = self.authorization() {
+            request = request.header("Authorization", &value);
+        }
+        let r = request.call();
         self.answer(path, r)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let r = self
-            .agent
-            .post(&format!("{}{path}", self.base))
-            .send_json(body);
+        let mut request = self.agent.post(&format!("{}{path}", self.base));
+        if let Some(value) = self.authorization() {
+            request = request.header("Authorization", &value);
+        }
+        let r = request.send_json(body);
         self.answer(path, r)
     }
 
@@ -328,6 +374,20 @@ mod tests {
         // The third column starts at the same display column on every line.
         let col = |l: &str| l[..l.rfind(' ').unwrap()].width();
         assert_eq!(col(lines[2]), col(lines[3]));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn token_files_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("op.token");
+        std::fs::write(&path, "yop_secret-token\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_token_file(&path).unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && !e.contains("yop_secret"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_token_file(&path).unwrap(), "yop_secret-token");
     }
 
     #[test]

@@ -14,6 +14,39 @@ use yeongye_proto::subject;
 use crate::process;
 use crate::wire::WireClient;
 
+/// The operator every test broker knows (its `operators_file` is written by the harness).
+pub const TEST_OPERATOR: &str = "test-operator";
+/// That operator's bearer token (in `<broker dir>/operator.token`, mode 0600).
+pub const TEST_OPERATOR_TOKEN: &str = "yop_test-operator-token-0123456789abcdefghijklmno";
+/// The token file's name in the broker's directory, beside `broker.toml` ([`crate::ops::broker_cli`]
+/// passes it as `REFERRAL_OPERATOR_TOKEN_FILE`).
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+
+/// Writes `<dir>/operators.toml` listing [`TEST_OPERATOR`] and its 0600 token file (once).
+pub fn write_test_operator(dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    let token_file = dir.join(OPERATOR_TOKEN_FILE);
+    if !token_file.exists() {
+        yeongye_proto::credentials::write_private(
+            &token_file,
+            format!("{TEST_OPERATOR_TOKEN}\n").as_bytes(),
+        )
+        .expect("write the operator token");
+    }
+    let file = dir.join("operators.toml");
+    let digest = hex_of(&sha2::Sha256::digest(TEST_OPERATOR_TOKEN.as_bytes()));
+    std::fs::write(
+        &file,
+        format!("[[operator]]\nname = \"{TEST_OPERATOR}\"\ntoken_sha256 = \"{digest}\"\n"),
+    )
+    .expect("write operators.toml");
+    file
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// How long a starting broker may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a broker may take to exit after SIGTERM.
@@ -142,8 +175,17 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     /// Writes `config` to `<dir>/broker.toml`, starts the broker and waits until it is ready.
-    pub async fn start(dir: &Path, config: BrokerConfig) -> BrokerProcess {
+    /// Unless `config.extra` names an `operators_file`, the broker gets one listing
+    /// [`TEST_OPERATOR`].
+    pub async fn start(dir: &Path, mut config: BrokerConfig) -> BrokerProcess {
         std::fs::create_dir_all(dir).expect("create broker dir");
+        if !config.extra.contains_key("operators_file") {
+            let file = write_test_operator(dir);
+            config.extra.insert(
+                "operators_file".into(),
+                toml::Value::String(file.display().to_string()),
+            );
+        }
         let mut broker = BrokerProcess {
             dir: dir.to_path_buf(),
             config,
@@ -164,6 +206,11 @@ impl BrokerProcess {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("broker.log")
+    }
+
+    /// [`TEST_OPERATOR`]'s token file.
+    pub fn operator_token_file(&self) -> PathBuf {
+        self.dir.join(OPERATOR_TOKEN_FILE)
     }
 
     pub fn log_tail(&self) -> String {

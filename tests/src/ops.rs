@@ -32,6 +32,7 @@ impl OpsResponse {
 pub struct OpsHttp {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl OpsHttp {
@@ -44,7 +45,21 @@ impl OpsHttp {
         OpsHttp {
             base: format!("http://{addr}"),
             agent: ureq::Agent::new_with_config(config),
+            token: None,
         }
+    }
+
+    /// The same client, sending `token` as the operator's bearer token.
+    pub fn with_token(&self, token: Option<&str>) -> OpsHttp {
+        OpsHttp {
+            token: token.map(str::to_owned),
+            ..self.clone()
+        }
+    }
+
+    /// The same client as the harness's operator ([`crate::broker::TEST_OPERATOR`]).
+    pub fn operator(&self) -> OpsHttp {
+        self.with_token(Some(crate::broker::TEST_OPERATOR_TOKEN))
     }
 
     /// `http://host:port`.
@@ -62,12 +77,21 @@ impl OpsHttp {
         let url = format!("{}{path}", self.base);
         let agent = self.agent.clone();
         let method = method.to_owned();
+        let authorization = self.token.as_ref().map(|t| format!("Bearer {t}"));
         tokio::task::spawn_blocking(move || {
-            let result = match (method.as_str(), body) {
-                ("GET", _) => agent.get(&url).call(),
-                ("POST", Some(body)) => agent.post(&url).send_json(&body),
-                ("POST", None) => agent.post(&url).send_empty(),
-                (m, _) => return Err(format!("unsupported method {m}")),
+            let result = match (method.as_str(), body, authorization) {
+                ("GET", _, None) => agent.get(&url).call(),
+                ("GET", _, Some(a)) => agent.get(&url).header("Authorization", &a).call(),
+                ("POST", Some(body), None) => agent.post(&url).send_json(&body),
+                ("POST", Some(body), Some(a)) => agent
+                    .post(&url)
+                    .header("Authorization", &a)
+                    .send_json(&body),
+                ("POST", None, None) => agent.post(&url).send_empty(),
+                ("POST", None, Some(a)) => {
+                    agent.post(&url).header("Authorization", &a).send_empty()
+                }
+                (m, _, _) => return Err(format!("unsupported method {m}")),
             };
             let mut response = result.map_err(|e| format!("{method} {url}: {e}"))?;
             let status = response.status().as_u16();
@@ -191,8 +215,18 @@ impl BrokerCli {
 }
 
 /// Runs `referral-broker --config <config> <args...>` to completion (at most 60 s). The
-/// command finds the running broker's API through `http_addr` in the configuration.
+/// command finds the running broker's API through `http_addr` in the configuration, and
+/// authenticates as the harness's operator if its token file is beside the configuration.
 pub async fn broker_cli(config: &Path, args: &[&str]) -> BrokerCli {
+    let token = config
+        .parent()
+        .map(|d| d.join(crate::broker::OPERATOR_TOKEN_FILE))
+        .filter(|p| p.is_file());
+    broker_cli_with(config, args, token.as_deref()).await
+}
+
+/// [`broker_cli`] with `REFERRAL_OPERATOR_TOKEN_FILE` set to `token_file` (or unset).
+pub async fn broker_cli_with(config: &Path, args: &[&str], token_file: Option<&Path>) -> BrokerCli {
     let bin = crate::workspace_bin("referral-broker");
     let mut cmd = tokio::process::Command::new(bin);
     cmd.arg("--config")
@@ -205,6 +239,9 @@ pub async fn broker_cli(config: &Path, args: &[&str]) -> BrokerCli {
         if key.to_string_lossy().starts_with("REFERRAL_") {
             cmd.env_remove(key);
         }
+    }
+    if let Some(file) = token_file {
+        cmd.env("REFERRAL_OPERATOR_TOKEN_FILE", file);
     }
     let output = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await

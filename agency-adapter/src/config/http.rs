@@ -12,6 +12,11 @@
 //! # webhook_timeout_secs = 10
 //! # webhook_max_backoff_secs = 300
 //! # idempotency_retention_hours = 168
+//! # [http.limits]                               # the server's timeouts and connection cap
+//! # header_timeout_secs = 10
+//! # body_timeout_secs = 30
+//! # idle_timeout_secs = 60
+//! # max_connections = 256
 //! ```
 //!
 //! Secrets live in files, never in the configuration itself, so the configuration can be
@@ -74,6 +79,9 @@ pub struct HttpConfig {
     /// How long an `Idempotency-Key` is remembered.
     #[serde(default = "default_idempotency_hours")]
     pub idempotency_retention_hours: u64,
+    /// The server's header, body and idle timeouts and its connection cap (`[http.limits]`).
+    #[serde(default)]
+    pub limits: yeongye_http::Limits,
 }
 
 fn default_bind() -> SocketAddr {
@@ -105,6 +113,7 @@ impl HttpConfig {
             webhook_timeout_secs: default_webhook_timeout(),
             webhook_max_backoff_secs: default_max_backoff(),
             idempotency_retention_hours: default_idempotency_hours(),
+            limits: yeongye_http::Limits::default(),
         }
     }
 
@@ -127,6 +136,7 @@ impl HttpConfig {
         if self.idempotency_retention_hours == 0 {
             return Err(cfg("http.idempotency_retention_hours must be at least 1"));
         }
+        self.limits.validate("http.limits").map_err(cfg)?;
         match self.delivery {
             DeliveryMode::Pull => {
                 if self.webhook_url.is_some() {

@@ -1,6 +1,9 @@
 //! The JSON API under `/api/v1`: queues, overdue referrals, one referral's state and history,
 //! dead letters, and the operator actions on them (replay, discard — each with who and why).
+//! `who` is the authenticated operator ([`Operator`]), never what the body says: a body may
+//! leave `who` out, or repeat the operator's own name; any other name is refused (403).
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -10,6 +13,7 @@ use tokio::sync::oneshot;
 use yeongye_proto::v1::ReasonCode;
 
 use super::AppState;
+use super::auth::Operator;
 use crate::clock;
 use crate::referral::Referral;
 use crate::server::{Command, DeadLetterAction};
@@ -22,19 +26,7 @@ fn reason_name(code: i32) -> String {
 }
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
-    #[derive(Serialize)]
-    struct Problem {
-        status: u16,
-        detail: String,
-    }
-    (
-        status,
-        Json(Problem {
-            status: status.as_u16(),
-            detail: detail.into(),
-        }),
-    )
-        .into_response()
+    super::problem::problem(status, super::problem::slug(status), detail)
 }
 
 #[derive(Serialize)]
@@ -239,12 +231,15 @@ pub(super) async fn dead_letter(State(state): State<AppState>, Path(seq): Path<u
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ActionBody {
-    who: String,
+    /// Optional, and only ever the authenticated operator's own name.
+    #[serde(default)]
+    who: Option<String>,
     why: String,
 }
 
 async fn act(
     state: AppState,
+    operator: Operator,
     seq: u64,
     body: Result<Json<ActionBody>, axum::extract::rejection::JsonRejection>,
     action: DeadLetterAction,
@@ -254,16 +249,29 @@ async fn act(
         Err(e) => {
             return problem(
                 StatusCode::BAD_REQUEST,
-                format!("body must be {{\"who\": ..., \"why\": ...}}: {e}"),
+                format!("body must be {{\"why\": ...}}: {e}"),
             );
         }
     };
-    let who = body.who.trim();
+    let who = operator.0.as_str();
+    if let Some(claimed) = body.who.as_deref().map(str::trim)
+        && claimed != who
+    {
+        tracing::warn!(
+            operator = who,
+            seq,
+            "operator action refused: the body's who is not the authenticated operator"
+        );
+        return problem(
+            StatusCode::FORBIDDEN,
+            "who is recorded from the operator's token; leave it out of the body",
+        );
+    }
     let why = body.why.trim();
-    if who.is_empty() || why.is_empty() || who.len() > 200 || why.len() > 2000 {
+    if why.is_empty() || why.len() > 2000 {
         return problem(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "who and why are required (who ≤ 200, why ≤ 2000 bytes)",
+            "why is required (≤ 2000 bytes)",
         );
     }
     let (tx, rx) = oneshot::channel();
@@ -292,22 +300,29 @@ async fn act(
 
 pub(super) async fn replay(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Path(seq): Path<u64>,
     body: Result<Json<ActionBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    act(state, seq, body, DeadLetterAction::Replay).await
+    act(state, operator, seq, body, DeadLetterAction::Replay).await
 }
 
 pub(super) async fn discard(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Path(seq): Path<u64>,
     body: Result<Json<ActionBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    act(state, seq, body, DeadLetterAction::Discard).await
+    act(state, operator, seq, body, DeadLetterAction::Discard).await
 }
 
 /// Reads the registry file again: new agencies get their consumers and can send and receive.
-pub(super) async fn reload_registry(State(state): State<AppState>) -> Response {
+/// Logged with the operator's name (the registry change itself is the file's).
+pub(super) async fn reload_registry(
+    State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
+) -> Response {
+    tracing::info!(operator = %operator.0, "registry reload requested");
     #[derive(Serialize)]
     struct Reloaded {
         agencies: usize,

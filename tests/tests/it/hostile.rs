@@ -725,7 +725,7 @@ async fn a_rotated_key_is_accepted_until_its_cutoff_and_the_new_one_at_once() {
     );
     std::fs::write(&system.registry, rotated).expect("write registry");
     let addr = system.broker.config().http_addr.parse().expect("http_addr");
-    let reloaded = HttpClient::new(addr, None)
+    let reloaded = HttpClient::new(addr, Some(yeongye_tests::broker::TEST_OPERATOR_TOKEN))
         .request("POST", "/api/v1/registry/reload", &[], Some(b""))
         .await;
     assert_eq!(reloaded.status, 200, "{}", reloaded.text());

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use yeongye_proto::subject::{self, InKind};
+use yeongye_tests::broker::TEST_OPERATOR;
 use yeongye_tests::ops::{self, OpsHttp};
 use yeongye_tests::registry::{self, DEFAULT_AGENCIES, UNREGISTERED};
 use yeongye_tests::wire::new_id;
@@ -31,7 +32,7 @@ const COLUMNS: [&str; 6] = [
 ];
 
 fn http(system: &System) -> OpsHttp {
-    OpsHttp::new(&system.broker.config().http_addr)
+    OpsHttp::new(&system.broker.config().http_addr).operator()
 }
 
 /// `REFERRAL_STATE_DELIVERED` → `DELIVERED`.
@@ -788,16 +789,7 @@ async fn a_dead_letter_for_an_unknown_recipient_is_replayed_once_after_registrat
 
     let replay = ops::broker_cli(
         &config,
-        &[
-            "--json",
-            "dead-letters",
-            "replay",
-            &seq,
-            "--who",
-            "op",
-            "--why",
-            "fixed",
-        ],
+        &["--json", "dead-letters", "replay", &seq, "--why", "fixed"],
     )
     .await;
     replay.assert_success();
@@ -846,22 +838,13 @@ async fn a_dead_letter_for_an_unknown_recipient_is_replayed_once_after_registrat
     assert_eq!(actions[0]["action"], "replay", "{shown:#}");
     assert_eq!(
         (actions[0]["who"].as_str(), actions[0]["why"].as_str()),
-        (Some("op"), Some("fixed"))
+        (Some(TEST_OPERATOR), Some("fixed"))
     );
 
     // A second replay is refused and changes nothing.
     let again = ops::broker_cli(
         &config,
-        &[
-            "--json",
-            "dead-letters",
-            "replay",
-            &seq,
-            "--who",
-            "op",
-            "--why",
-            "again",
-        ],
+        &["--json", "dead-letters", "replay", &seq, "--why", "again"],
     )
     .await;
     assert!(
@@ -871,7 +854,7 @@ async fn a_dead_letter_for_an_unknown_recipient_is_replayed_once_after_registrat
     let via_api = http
         .post_json(
             &format!("/api/v1/dead-letters/{seq}/replay"),
-            json!({"who": "op", "why": "again"}),
+            json!({"why": "again"}),
         )
         .await;
     assert_eq!(via_api.status, 409, "{}", via_api.body);

@@ -336,7 +336,13 @@ fn read_referral(
             .get(sender)
             .map(|a| a.kind.clone())
             .unwrap_or_default(),
-        to: r.to_agency.clone(),
+        // Kept (and shown to operators, written to the audit log) only if it is an agency id:
+        // a refused referral's recipient is the sender's free text otherwise.
+        to: if subject::is_valid_agency_id(&r.to_agency) {
+            r.to_agency.clone()
+        } else {
+            String::new()
+        },
         to_kind: registry
             .get(&r.to_agency)
             .map(|a| a.kind.clone())

@@ -78,6 +78,8 @@ pub enum Command {
     /// Read the registry file again (after an agency was added) and create new agencies'
     /// consumers.
     ReloadRegistry {
+        /// The authenticated operator, for the audit log.
+        who: String,
         reply: oneshot::Sender<Result<usize, String>>,
     },
     /// Record a query the responder refused to answer (its reply subject was not the asker's
@@ -397,19 +399,24 @@ impl EventLoop {
 
     async fn command(&self, cmd: Command, pending: &mut Pending) -> Result<()> {
         match cmd {
-            Command::ReloadRegistry { reply } => {
+            Command::ReloadRegistry { who, reply } => {
                 let result = match Registry::load(&self.cfg.registry) {
                     Ok(r) => match nats::ensure_agency_consumers(&self.js, &r).await {
                         Ok(()) => {
                             let n = r.len();
                             self.ops.set_registry(Arc::new(r));
-                            tracing::info!(agencies = n, "registry reloaded");
+                            tracing::info!(agencies = n, operator = %who, "registry reloaded");
                             Ok(n)
                         }
                         Err(e) => Err(e.to_string()),
                     },
                     Err(e) => Err(e.to_string()),
                 };
+                // Audited whatever came of it, like every operator action.
+                let mut batch = self.operator_batch(pending)?;
+                batch.registry_reloaded(&who, result.is_ok(), clock::now_ms());
+                self.commit(batch, Vec::new(), pending)?;
+                self.publish(pending).await;
                 let _ = reply.send(result);
             }
             Command::RefusedQuery(q) => self.record_refused_query(q, pending).await?,

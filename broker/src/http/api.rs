@@ -317,7 +317,7 @@ pub(super) async fn discard(
 }
 
 /// Reads the registry file again: new agencies get their consumers and can send and receive.
-/// Logged with the operator's name (the registry change itself is the file's).
+/// Audited with the operator's name (the registry change itself is the file's).
 pub(super) async fn reload_registry(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
@@ -330,7 +330,10 @@ pub(super) async fn reload_registry(
     let (tx, rx) = oneshot::channel();
     if state
         .commands
-        .send(Command::ReloadRegistry { reply: tx })
+        .send(Command::ReloadRegistry {
+            who: operator.0.clone(),
+            reply: tx,
+        })
         .await
         .is_err()
     {

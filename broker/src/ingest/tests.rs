@@ -334,7 +334,9 @@ mod authenticity {
     /// What a refused message leaves behind for logs, rejections and dead letters.
     fn left_behind(i: &Inbound) -> String {
         match &i.request {
-            Request::Reject(r) | Request::Refuse(_, r) => format!("{:?} {r:?}", i.origin),
+            Request::Reject(r) => format!("{:?} {r:?}", i.origin),
+            // A refused referral is stored (and audited) as well: its recipient counts too.
+            Request::Refuse(new, r) => format!("{:?} {r:?} to={}", i.origin, new.to),
             other => panic!("not refused: {other:?}"),
         }
     }

@@ -373,11 +373,27 @@ impl<'a> Batch<'a> {
             at,
             outcome: "discarded".to_owned(),
         });
+        self.audit.push(
+            audit::Entry::draft("operator.discard", at)
+                .referral(&dead.referral_id)
+                .actor(who)
+                .message(&dead.message_id)
+                .reason("discarded"),
+        );
         tracing::info!(
             seq = dead.stream_seq,
             "dead letter discarded by an operator"
         );
         self.changes.dead_letter_updates.push(updated);
+    }
+
+    /// An operator had the registry read again (`ok`: it loaded and every consumer exists).
+    pub fn registry_reloaded(&mut self, who: &str, ok: bool, at: Millis) {
+        self.audit.push(
+            audit::Entry::draft("operator.registry_reload", at)
+                .actor(who)
+                .reason(if ok { "reloaded" } else { "failed" }),
+        );
     }
 
     /// The stream acknowledged the delivery of `referral_id`.

@@ -213,10 +213,23 @@ async fn operator_actions_need_an_operator_token_and_record_that_operator() {
     assert_eq!(d["status"], "discarded", "{d:#}");
     assert_eq!(d["actions"][0]["who"], TEST_OPERATOR, "{d:#}");
     assert!(!other_rid.is_empty());
+    assert_eq!(
+        operator_entries(&anonymous, &other_rid).await,
+        vec![("operator.discard".to_owned(), TEST_OPERATOR.to_owned())],
+        "the discard is in the hash-chained audit log"
+    );
+    // The reload too: one more entry in the chain, which still verifies.
+    let entries = |v: Value| v["entries"].as_u64().expect("an entry count");
+    let before = entries(anonymous.get_json("/api/v1/audit/verify").await);
     let reload = operator
         .post_json("/api/v1/registry/reload", json!({}))
         .await;
     assert_eq!(reload.status, 200, "{}", reload.body);
+    assert_eq!(
+        entries(anonymous.get_json("/api/v1/audit/verify").await),
+        before + 1,
+        "the reload is audited"
+    );
     // The token never reaches the log.
     let log = std::fs::read_to_string(system.broker.log_path()).expect("broker log");
     assert!(!log.contains(TEST_OPERATOR_TOKEN));

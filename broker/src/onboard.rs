@@ -311,10 +311,19 @@ fn write_conf_and_registry(
     }
     if let Err(e) = files::replace(&paths.registry, registry_text.as_bytes(), 0o644) {
         if let Some((path, old)) = previous {
-            let _ = match old {
+            let restored = match old {
                 Some(bytes) => files::replace(path, &bytes, 0o600),
                 None => std::fs::remove_file(path).map_err(Error::Io),
             };
+            // Both failures matter: the operator must know the NATS config no longer matches
+            // the registry.
+            if let Err(undo) = restored {
+                return Err(Error::Onboard(format!(
+                    "{e}; and the NATS config {} could not be put back ({undo}): it may now \
+                     grant what the registry does not list — regenerate it from the registry",
+                    path.display()
+                )));
+            }
         }
         return Err(e);
     }

@@ -14,9 +14,12 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// `<registry>.lock`, held while a command edits the registry; removed on drop.
+/// An exclusive lock on `<registry>.lock` (the operating system's file lock), held while a
+/// command edits the registry. The system releases it when the command exits, however it exits
+/// — a `kill -9` leaves no stale lock behind. The file itself stays (removing it while another
+/// command waits to open it would let two commands lock two different files).
 pub(super) struct Lock {
-    path: PathBuf,
+    _file: std::fs::File,
 }
 
 impl Lock {
@@ -24,30 +27,26 @@ impl Lock {
         let mut name = registry.as_os_str().to_owned();
         name.push(".lock");
         let path = PathBuf::from(name);
-        match std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(&path)
-        {
-            Ok(mut f) => {
-                let _ = writeln!(f, "{}", std::process::id());
-                Ok(Lock { path })
+            .map_err(|e| file_err(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                // For whoever looks: which process holds it.
+                let _ = file.set_len(0);
+                let _ = writeln!(file, "{}", std::process::id());
+                Ok(Lock { _file: file })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(Error::Onboard(format!(
-                    "{} exists: another onboarding command is running, or one was interrupted \
-                 (then check the registry and remove the lock file)",
-                    path.display()
-                )))
-            }
-            Err(e) => Err(file_err(&path, e)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Onboard(format!(
+                "{} is locked: another onboarding command is running; try again when it is done",
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(file_err(&path, e)),
         }
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -81,12 +80,25 @@ pub(super) fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         let mut f = opts.open(&tmp).map_err(|e| file_err(&tmp, e))?;
         f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
         f.sync_all().map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))?;
+        // The rename is durable only once the directory is.
+        sync_dir(&dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Makes `dir`'s entries (a rename, a new file) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| file_err(dir, e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Creates `dir` (and its parents) if needed; a directory it creates is private (0700).

@@ -13,6 +13,7 @@ mod consent;
 use std::fmt;
 
 use prost::Message as _;
+use yeongye_proto::rules;
 use yeongye_proto::subject::{self, InKind};
 use yeongye_proto::v1;
 
@@ -21,12 +22,10 @@ use crate::ids;
 
 pub(crate) use consent::{consent_grant, consent_revocation, purge_confirmation};
 
-/// Longest referral (or consent) id the adapter sends.
-pub const MAX_REFERRAL_ID_LEN: usize = 128;
+/// Longest referral (or consent) id the adapter sends (`yeongye_proto::rules`).
+pub const MAX_REFERRAL_ID_LEN: usize = rules::MAX_ID_LEN;
 /// Longest note on a status update, in characters (the broker's limit).
 pub const MAX_NOTE_CHARS: usize = 4000;
-/// Furthest ahead a receipt deadline may be set (the broker's limit: 90 days).
-pub(crate) const MAX_RECEIVE_BY_AHEAD_MS: i64 = 90 * 24 * 3600 * 1000;
 
 /// A message built and ready to publish with [`Adapter::publish`](crate::Adapter::publish).
 #[derive(Clone, PartialEq)]
@@ -229,38 +228,16 @@ fn check_referral_fields(me: &str, r: &v1::Referral, now_ms: i64) -> Result<()> 
     }
     check_categories("data_categories", &r.data_categories, false)?;
     // What the client block carries must be declared (the broker checks consent against it).
-    let implied = [
-        (
-            !client.name.is_empty() || !client.birth_date.is_empty(),
-            v1::DataCategory::Identity,
-            "client.name or client.birth_date",
-        ),
-        (
-            !client.phone.is_empty() || !client.address.is_empty(),
-            v1::DataCategory::Contact,
-            "client.phone or client.address",
-        ),
-        (
-            !client.household.is_empty(),
-            v1::DataCategory::Household,
-            "client.household",
-        ),
-    ];
-    for (present, category, fields) in implied {
-        if present && !r.data_categories.contains(&(category as i32)) {
-            return Err(Error::invalid(
-                "data_categories",
-                format!(
-                    "must include {} because {fields} is set",
-                    category.as_str_name()
-                ),
-            ));
-        }
+    if let Some((category, fields)) = rules::undeclared_category(client, &r.data_categories) {
+        return Err(Error::invalid(
+            "data_categories",
+            format!(
+                "must include {} because {fields} is set",
+                category.as_str_name()
+            ),
+        ));
     }
-    if r.receive_by_ms != 0
-        && (r.receive_by_ms <= now_ms
-            || r.receive_by_ms > now_ms.saturating_add(MAX_RECEIVE_BY_AHEAD_MS))
-    {
+    if r.receive_by_ms != 0 && !rules::receive_by_in_range(r.receive_by_ms, now_ms) {
         return Err(Error::invalid(
             "receive_by_ms",
             "must be 0 (the default for the urgency) or in the future, at most 90 days ahead",
@@ -353,14 +330,9 @@ pub(crate) fn envelope(
     }
 }
 
-/// Whether `id` is a valid referral, consent or message id: 1 to 128 characters of
-/// `A-Z a-z 0-9 - _` (PROTOCOL.md).
+/// Whether `id` is a valid referral, consent or message id (`yeongye_proto::rules`).
 pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_REFERRAL_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    rules::is_valid_id(id)
 }
 
 /// A referral or consent id is 1 to 128 characters of `A-Z a-z 0-9 - _`.
@@ -371,7 +343,7 @@ pub(crate) fn check_id(field: &str, id: &str) -> Result<()> {
     if !is_valid_id(id) {
         return Err(Error::invalid(
             field,
-            format!("must be 1-{MAX_REFERRAL_ID_LEN} characters of A-Z a-z 0-9 - _"),
+            format!("must be {}", rules::ID_SYNTAX),
         ));
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! that need the store (dedup, existing referral, legal transition) happen in the event loop.
 
 use prost::Message;
+use yeongye_proto::rules;
 use yeongye_proto::subject::{self, InKind};
 use yeongye_proto::v1::{self, ReasonCode};
 
@@ -13,12 +14,8 @@ use crate::convert;
 use crate::referral::{Millis, NewReferral, Status, Urgency};
 use crate::registry::Registry;
 
-/// Longest id (referral or message) accepted.
-pub const MAX_ID_LEN: usize = 128;
 /// Longest free-text note on a status update.
 pub const MAX_NOTE_CHARS: usize = 4000;
-/// Furthest in the future a sender may set a receipt deadline.
-pub const MAX_RECEIVE_BY_MS: Millis = 90 * 24 * 3600 * 1000;
 
 /// What the loop needs to know of a message to deduplicate and answer it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,11 +131,12 @@ pub fn shown_subject(subject: &str) -> String {
 }
 
 pub(crate) fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    rules::is_valid_id(id)
+}
+
+/// The detail for an id field that breaks the id syntax.
+fn id_syntax(field: &str) -> String {
+    format!("{field} must be {}", rules::ID_SYNTAX)
 }
 
 /// Reads a message that arrived on `subject` with stream sequence `seq` at `now` (its stream
@@ -209,7 +207,7 @@ pub fn read(
         return reject(
             origin,
             ReasonCode::MalformedEnvelope,
-            "message_id must be 1-128 of A-Z a-z 0-9 - _".into(),
+            id_syntax("message_id"),
         );
     }
     origin.dedup_key = format!("{token}/{}", envelope.message_id);
@@ -299,7 +297,7 @@ fn read_referral(
     if !valid_id(&r.referral_id) {
         return Request::Reject(refusal(
             ReasonCode::InvalidField,
-            "referral_id must be 1-128 of A-Z a-z 0-9 - _",
+            id_syntax("referral_id"),
             "",
         ));
     }
@@ -388,9 +386,7 @@ fn read_referral(
             "field must be a known FieldOfNeed",
         );
     }
-    if r.receive_by_ms != 0
-        && (r.receive_by_ms <= now || r.receive_by_ms > now.saturating_add(MAX_RECEIVE_BY_MS))
-    {
+    if r.receive_by_ms != 0 && !rules::receive_by_in_range(r.receive_by_ms, now) {
         return refuse(
             ReasonCode::InvalidField,
             "receive_by_ms must be in the future, at most 90 days ahead",
@@ -411,35 +407,18 @@ fn read_referral(
     }
     // What the client block carries must be declared, so that consent is checked against
     // what is actually sent.
-    if let Some(c) = &r.client {
-        let implied = [
-            (
-                !c.name.is_empty() || !c.birth_date.is_empty(),
-                v1::DataCategory::Identity,
-                "client.name or client.birth_date",
+    if let Some((category, fields)) = r
+        .client
+        .as_ref()
+        .and_then(|c| rules::undeclared_category(c, &r.data_categories))
+    {
+        return refuse(
+            ReasonCode::InvalidField,
+            &format!(
+                "{fields} is set, so data_categories must include {}",
+                category.as_str_name()
             ),
-            (
-                !c.phone.is_empty() || !c.address.is_empty(),
-                v1::DataCategory::Contact,
-                "client.phone or client.address",
-            ),
-            (
-                !c.household.is_empty(),
-                v1::DataCategory::Household,
-                "client.household",
-            ),
-        ];
-        for (present, category, fields) in implied {
-            if present && !r.data_categories.contains(&(category as i32)) {
-                return refuse(
-                    ReasonCode::InvalidField,
-                    &format!(
-                        "{fields} is set, so data_categories must include {}",
-                        category.as_str_name()
-                    ),
-                );
-            }
-        }
+        );
     }
     match &r.legal_basis {
         None => {
@@ -449,10 +428,7 @@ fn read_referral(
             );
         }
         Some(v1::referral::LegalBasis::ConsentId(c)) if !valid_id(c) => {
-            return refuse(
-                ReasonCode::InvalidField,
-                "consent_id must be 1-128 of A-Z a-z 0-9 - _",
-            );
+            return refuse(ReasonCode::InvalidField, &id_syntax("consent_id"));
         }
         Some(v1::referral::LegalBasis::StatutoryBasis(b))
             if b.statute == 0
@@ -482,7 +458,7 @@ fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) ->
     };
     let bad = |detail: &str| Request::Reject(refusal(ReasonCode::InvalidField, detail, ""));
     if !valid_id(&g.consent_id) {
-        return bad("consent_id must be 1-128 of A-Z a-z 0-9 - _");
+        return bad(&id_syntax("consent_id"));
     }
     if g.collected_by != sender {
         return Request::Reject(refusal(
@@ -562,7 +538,7 @@ fn read_revocation(sender: &str, payload: &[u8], now: Millis) -> Request {
     if !valid_id(&r.consent_id) {
         return Request::Reject(refusal(
             ReasonCode::InvalidField,
-            "consent_id must be 1-128 of A-Z a-z 0-9 - _",
+            id_syntax("consent_id"),
             "",
         ));
     }
@@ -630,7 +606,7 @@ fn read_status(sender: &str, payload: &[u8]) -> Request {
     if !valid_id(&u.referral_id) {
         return Request::Reject(refusal(
             ReasonCode::InvalidField,
-            "referral_id must be 1-128 of A-Z a-z 0-9 - _",
+            id_syntax("referral_id"),
             "",
         ));
     }

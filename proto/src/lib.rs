@@ -10,8 +10,11 @@
 //! - [`subject`]: the subject names, built and parsed in one place.
 //! - [`signing`]: how envelopes are signed, key files, and the registry's key ring.
 //! - [`credentials`]: NATS credentials files and private (0600) secret files.
+//! - [`rules`]: protocol rules both sides check (ids, the receipt-deadline limit, the data
+//!   categories client fields imply), written once.
 
 pub mod credentials;
+pub mod rules;
 pub mod signing;
 pub mod subject;
 

@@ -103,6 +103,11 @@ pub fn outbound(agency: &str, kind: OutKind) -> String {
     format!("yeongye.out.{agency}.{}", kind.as_str())
 }
 
+/// Everything one agency may send to the broker: its NATS user's publish permission.
+pub fn inbound_filter(agency: &str) -> String {
+    format!("yeongye.in.{agency}.>")
+}
+
 /// Everything addressed to one agency: its consumer's filter.
 pub fn outbound_filter(agency: &str) -> String {
     format!("yeongye.out.{agency}.>")

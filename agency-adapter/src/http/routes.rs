@@ -332,7 +332,7 @@ pub(crate) fn path_id(
     let bad = || {
         Problem::new(
             ProblemType::InvalidParameter,
-            format!("{name} must be 1-128 characters of A-Z a-z 0-9 - _"),
+            format!("{name} must be {}", yeongye_proto::rules::ID_SYNTAX),
         )
         .field(name)
     };

@@ -169,15 +169,14 @@ pub(crate) fn shown_subject(subject: &str) -> String {
     }
 }
 
-/// An id (referral, consent) as logs may show it: 1-128 of `A-Z a-z 0-9 - _` (the broker's
-/// own rule for the ids it accepts), else a placeholder.
+/// An id (referral, consent) as logs may show it: well-formed by the protocol's rule for ids
+/// (`yeongye_proto::rules`), else a placeholder.
 pub(crate) fn shown_id(id: &str) -> &str {
-    let well_formed = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if well_formed { id } else { "(not well-formed)" }
+    if yeongye_proto::rules::is_valid_id(id) {
+        id
+    } else {
+        "(not well-formed)"
+    }
 }
 
 #[cfg(test)]

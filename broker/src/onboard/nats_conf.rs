@@ -32,7 +32,7 @@ pub fn agency_publish(agency: &str) -> Vec<String> {
     let consumer = subject::agency_consumer(agency);
     let out = subject::OUT_STREAM;
     vec![
-        format!("yeongye.in.{agency}.>"),
+        subject::inbound_filter(agency),
         subject::query(agency),
         format!("$JS.API.CONSUMER.INFO.{out}.{consumer}"),
         format!("$JS.API.CONSUMER.MSG.NEXT.{out}.{consumer}"),

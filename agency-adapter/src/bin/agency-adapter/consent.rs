@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::json;
 use yeongye_adapter::json::parse_consent_grant_json;
-use yeongye_adapter::{Adapter, AdapterConfig, MAX_REFERRAL_ID_LEN, Outgoing, is_valid_id};
+use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, is_valid_id};
 
 use crate::commands::{describe, read_input, reply_code};
 use crate::{UsageError, print_json};
@@ -50,7 +50,8 @@ pub(crate) async fn revoke(
 pub(crate) async fn show(cfg: AdapterConfig, consent_id: &str) -> anyhow::Result<ExitCode> {
     if !is_valid_id(consent_id) {
         return Err(UsageError(format!(
-            "consent id {consent_id:?} is not 1-{MAX_REFERRAL_ID_LEN} characters of A-Z a-z 0-9 - _"
+            "consent id {consent_id:?} is not {}",
+            yeongye_proto::rules::ID_SYNTAX
         ))
         .into());
     }

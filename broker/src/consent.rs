@@ -2,7 +2,7 @@
 //! revocation demands, and [`check`] — whether a consent covers a referral at a moment. Pure:
 //! no I/O, time as an argument. The event loop (`server/batch.rs`) loads and stores consents.
 
-use crate::referral::Millis;
+use crate::time::Millis;
 
 /// What allows a referral to carry personal data.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,7 @@
 //!   filter (`RUST_LOG`, the NATS client capped).
 
 pub mod audit;
+pub mod audit_report;
 pub mod clock;
 pub mod config;
 pub mod consent;
@@ -43,6 +44,7 @@ pub mod referral;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod time;
 pub mod view;
 
 use std::future::Future;

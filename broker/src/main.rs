@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use yeongye_broker::Config;
+use yeongye_broker::audit_report;
 use yeongye_broker::log_filter;
 use yeongye_broker::onboard;
 use yeongye_broker::operator::{self, Api};
@@ -477,9 +478,9 @@ fn audit(
                 )
             })?;
             match &command {
-                AuditCommand::Verify => (Some(operator::verify_audit(&s)?), None),
+                AuditCommand::Verify => (Some(audit_report::verify_audit(&s)?), None),
                 AuditCommand::Show { referral_id } => {
-                    (None, Some(operator::audit_entries(&s, referral_id)?))
+                    (None, Some(audit_report::audit_entries(&s, referral_id)?))
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! The operators' command line, as a library: a client of the broker's HTTP API (queues,
-//! referrals, dead letters, consents, purges, registry reload) and the offline audit commands
-//! that read a stopped broker's store directly. Renders tables for people (Korean names
+//! referrals, dead letters, consents, purges, registry reload); the offline audit commands read
+//! a stopped broker's store through `audit_report`, as the API does. Renders tables for people (Korean names
 //! aligned by display width) or JSON for scripts. Prints nothing itself: returns text.
 //! Sends the operator's bearer token ([`load_token_file`]: a 0600 file) with every request.
 
@@ -10,7 +10,6 @@ use serde_json::Value;
 use unicode_width::UnicodeWidthStr;
 
 use crate::error::{Error, Result};
-use crate::store::Store;
 
 /// A client of one broker's HTTP API.
 pub struct Api {
@@ -128,38 +127,6 @@ impl Api {
             })
             .collect()
     }
-}
-
-/// Whether the audit chain in `store` holds; the JSON the API also answers.
-pub fn verify_audit(store: &dyn Store) -> Result<Value> {
-    let raw = store.audit_raw()?;
-    let head = store.audit_head()?;
-    Ok(match crate::audit::verify(raw, head) {
-        Ok(entries) => serde_json::json!({"ok": true, "entries": entries}),
-        Err(b) => {
-            serde_json::json!({"ok": false, "entries": head.0, "broken_at": b.seq, "why": b.why})
-        }
-    })
-}
-
-/// The audit entries that concern one referral, in order.
-pub fn audit_entries(store: &dyn Store, referral_id: &str) -> Result<Vec<Value>> {
-    use prost::Message;
-    let mut out = Vec::new();
-    for (seq, bytes) in store.audit_raw()? {
-        let Ok(e) = crate::audit::Entry::decode(bytes.as_slice()) else {
-            out.push(serde_json::json!({"seq": seq, "unreadable": true}));
-            continue;
-        };
-        if e.referral_id == referral_id {
-            out.push(serde_json::json!({
-                "seq": e.seq, "at_ms": e.at, "event": e.event, "actor": e.actor, "agency": e.agency,
-                "from": e.from_state, "to": e.to_state, "reason": e.reason, "message_id": e.message_id,
-                "basis": e.basis, "consent_id": e.consent_id, "hash": hex::encode(&e.hash),
-            }));
-        }
-    }
-    Ok(out)
 }
 
 /// A table: headers and rows of cells, columns padded to the widest cell's display width.

@@ -22,7 +22,7 @@ pub use event::{Event, HistoryEntry, NewReferral, Referral, Status, Urgency};
 pub use state::State;
 
 /// Milliseconds since the Unix epoch. The only notion of time the machine knows.
-pub type Millis = i64;
+pub use crate::time::Millis;
 
 /// The party that stands for the broker itself in histories.
 pub const BROKER: &str = yeongye_proto::BROKER_ID;

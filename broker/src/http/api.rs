@@ -449,7 +449,7 @@ pub(super) async fn purges(State(state): State<AppState>) -> Response {
 }
 
 pub(super) async fn audit_verify(State(state): State<AppState>) -> Response {
-    match crate::operator::verify_audit(state.ops.store()) {
+    match crate::audit_report::verify_audit(state.ops.store()) {
         Ok(v) if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) => {
             Json(v).into_response()
         }
@@ -462,7 +462,7 @@ pub(super) async fn audit_referral(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Response {
-    match crate::operator::audit_entries(state.ops.store(), &id) {
+    match crate::audit_report::audit_entries(state.ops.store(), &id) {
         Ok(entries) => Json(entries).into_response(),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

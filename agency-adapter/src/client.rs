@@ -26,7 +26,6 @@ use yeongye_proto::v1;
 use crate::config::AdapterConfig;
 use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
-use crate::incoming::Incoming;
 use crate::outgoing::{self, Outgoing};
 use publish::Publisher;
 
@@ -332,17 +331,6 @@ impl Adapter {
             v1::PayloadType::ConsentReply,
         )
         .await
-    }
-
-    /// Starts reading what the broker sends this agency.
-    ///
-    /// Opens the dedup store under `state_dir` (first call only; later calls share it) and binds
-    /// to the durable consumer `agency-<agency>` that the broker creates. While the consumer
-    /// does not exist yet (broker not started), waits and retries, logging as it goes. Fails if
-    /// another process holds the state directory.
-    pub async fn incoming(&self) -> Result<Incoming> {
-        let dedup = self.store().await?;
-        Incoming::bind(self.clone(), dedup).await
     }
 
     /// The adapter's durable store under `state_dir` (opened on first use; shared after).

@@ -56,6 +56,16 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// An id (referral, consent) as logs may show it: well-formed by the protocol's rule for ids
+/// (`yeongye_proto::rules`), else a placeholder.
+pub(crate) fn shown_id(id: &str) -> &str {
+    if yeongye_proto::rules::is_valid_id(id) {
+        id
+    } else {
+        "(not well-formed)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 use crate::ids;
-use crate::incoming::{Item, ItemKind};
+use crate::item::{Item, ItemKind};
 use crate::json::to_pretty_json;
 
 /// Sub-folders, one per kind of item.

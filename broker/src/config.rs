@@ -345,6 +345,23 @@ impl Config {
             .transpose()
     }
 
+    /// Fails unless every configured TLS file can be read and holds PEM, and the client's private
+    /// key (a secret) is readable by its owner only.
+    pub fn check_tls_files(&self) -> Result<()> {
+        if let Some(ca) = &self.nats_tls_ca_file {
+            pem_file(ca, "nats_tls_ca_file")?;
+        }
+        if let Some(cert) = &self.nats_tls_client_cert_file {
+            pem_file(cert, "nats_tls_client_cert_file")?;
+        }
+        if let Some(key) = &self.nats_tls_client_key_file {
+            yeongye_proto::credentials::check_private(key)
+                .map_err(|e| Error::InvalidConfig(format!("nats_tls_client_key_file: {e}")))?;
+            pem_file(key, "nats_tls_client_key_file")?;
+        }
+        Ok(())
+    }
+
     /// Reads every secret and certificate file the configuration names, as a start would: the
     /// NATS credentials, the signing key, the TLS files. The first that is missing, malformed
     /// or readable by others fails (`referral-broker check-config`). Returns what was found,
@@ -362,7 +379,7 @@ impl Config {
                 found.push("no signing key: the broker's messages would go out unsigned".into())
             }
         }
-        crate::nats::check_tls_files(self)?;
+        self.check_tls_files()?;
         Ok(found)
     }
 
@@ -476,6 +493,19 @@ impl Config {
             .map_err(Error::InvalidConfig)?;
         Ok(())
     }
+}
+
+/// Fails unless `path` can be read and holds PEM.
+fn pem_file(path: &std::path::Path, key: &str) -> Result<()> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::InvalidConfig(format!("{key} {}: {e}", path.display())))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(Error::InvalidConfig(format!(
+            "{key} {} is not a PEM file",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ pub fn secure(mut options: ConnectOptions, cfg: &Config) -> Result<ConnectOption
         tracing::info!(user = %creds.user, file = %path.display(), "NATS credentials");
         options = options.user_and_password(creds.user, creds.password);
     }
-    check_tls_files(cfg)?;
+    cfg.check_tls_files()?;
     if let Some(ca) = &cfg.nats_tls_ca_file {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
@@ -82,36 +82,6 @@ pub fn secure(mut options: ConnectOptions, cfg: &Config) -> Result<ConnectOption
             .require_tls(true);
     }
     Ok(options)
-}
-
-/// Fails unless every configured TLS file can be read and holds PEM, and the client's private
-/// key (a secret) is readable by its owner only.
-pub fn check_tls_files(cfg: &Config) -> Result<()> {
-    if let Some(ca) = &cfg.nats_tls_ca_file {
-        pem_file(ca, "nats_tls_ca_file")?;
-    }
-    if let Some(cert) = &cfg.nats_tls_client_cert_file {
-        pem_file(cert, "nats_tls_client_cert_file")?;
-    }
-    if let Some(key) = &cfg.nats_tls_client_key_file {
-        credentials::check_private(key)
-            .map_err(|e| Error::InvalidConfig(format!("nats_tls_client_key_file: {e}")))?;
-        pem_file(key, "nats_tls_client_key_file")?;
-    }
-    Ok(())
-}
-
-/// Fails unless `path` can be read and holds PEM.
-fn pem_file(path: &std::path::Path, key: &str) -> Result<()> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::InvalidConfig(format!("{key} {}: {e}", path.display())))?;
-    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        return Err(Error::InvalidConfig(format!(
-            "{key} {} is not a PEM file",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 pub fn context(client: async_nats::Client) -> jetstream::Context {

@@ -25,7 +25,7 @@ use sled::transaction::{ConflictableTransactionResult, TransactionError, Transac
 use crate::dedup::{self, DedupStore};
 use crate::error::{Error, Result};
 use crate::ids;
-use crate::incoming::{Item, ItemKind};
+use crate::item::{Item, ItemKind};
 
 const PENDING: &str = "http_pending";
 const FINISHING: &str = "http_finishing";

@@ -13,7 +13,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::queue::{Entry, Queue};
 use crate::client::Adapter;
 use crate::ids;
-use crate::incoming::Item;
+use crate::item::Item;
 
 /// Reads the consumer until `cancel`.
 pub(crate) async fn run(

@@ -3,14 +3,14 @@
 //! Pure. A message is accepted only if it is an envelope from the broker with a message id,
 //! its payload type fits the subject it came on (`yeongye.out.<me>.<kind>`), and the payload
 //! decodes. Reasons for refusal name fields and types, never content: an id or subject is
-//! quoted only once it is well-formed ([`shown_subject`], [`shown_id`]).
+//! quoted only once it is well-formed ([`shown_subject`], `ids::shown_id`).
 
 use prost::Message as _;
 use yeongye_proto::signing::KeyRing;
 use yeongye_proto::subject::{self, OutKind};
 use yeongye_proto::{BROKER_ID, v1};
 
-use super::ItemKind;
+use crate::item::ItemKind;
 
 /// A message that passed every check.
 #[derive(Debug)]
@@ -166,16 +166,6 @@ pub(crate) fn shown_subject(subject: &str) -> String {
         subject.to_owned()
     } else {
         "(a subject that is not well-formed)".to_owned()
-    }
-}
-
-/// An id (referral, consent) as logs may show it: well-formed by the protocol's rule for ids
-/// (`yeongye_proto::rules`), else a placeholder.
-pub(crate) fn shown_id(id: &str) -> &str {
-    if yeongye_proto::rules::is_valid_id(id) {
-        id
-    } else {
-        "(not well-formed)"
     }
 }
 

@@ -30,6 +30,7 @@ use futures::StreamExt;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use yeongye_proto::subject;
 
+use crate::backoff::Backoff;
 use crate::client::Adapter;
 use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
@@ -69,6 +70,8 @@ pub struct Incoming {
     messages: Option<pull::Stream>,
     last_prune: Option<Instant>,
     errors_in_a_row: u32,
+    /// Waits between reads after errors in a row (none after the first).
+    retry: Backoff,
 }
 
 impl Incoming {
@@ -81,6 +84,7 @@ impl Incoming {
             messages: None,
             last_prune: None,
             errors_in_a_row: 0,
+            retry: Backoff::new(Duration::from_millis(250), MAX_BACKOFF),
         })
     }
 
@@ -124,7 +128,10 @@ impl Incoming {
             };
             match messages.next().await {
                 Some(Ok(m)) => {
-                    self.errors_in_a_row = 0;
+                    if self.errors_in_a_row > 0 {
+                        self.errors_in_a_row = 0;
+                        self.retry.reset();
+                    }
                     return Ok(Some(m));
                 }
                 Some(Err(e)) => {
@@ -157,8 +164,7 @@ impl Incoming {
     async fn pause(&mut self) {
         self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
         if self.errors_in_a_row > 1 {
-            let ms = 250u64.saturating_mul(u64::from(self.errors_in_a_row));
-            tokio::time::sleep(Duration::from_millis(ms).min(MAX_BACKOFF)).await;
+            tokio::time::sleep(self.retry.next_wait()).await;
         }
     }
 
@@ -328,7 +334,7 @@ impl fmt::Debug for Incoming {
 async fn bind_consumer(adapter: &Adapter) -> Result<PullConsumer> {
     let js = async_nats::jetstream::new(adapter.nats().clone());
     let name = subject::agency_consumer(adapter.agency());
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
     let mut attempt = 0u32;
     loop {
         if adapter.is_closed() {
@@ -359,8 +365,7 @@ async fn bind_consumer(adapter: &Adapter) -> Result<PullConsumer> {
                 } else {
                     debug!(consumer = %name, attempt, cause = %e, "consumer not available yet");
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }

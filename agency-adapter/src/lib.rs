@@ -59,6 +59,7 @@
 //! well-formed. Secret files (credentials, signing key, token, webhook secret) are refused when
 //! others than their owner may read them (`yeongye_proto::credentials::check_private`).
 
+mod backoff;
 pub mod client;
 pub mod config;
 mod dedup;

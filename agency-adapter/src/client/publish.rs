@@ -13,6 +13,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -64,7 +65,7 @@ impl Publisher {
     pub(crate) async fn publish(&self, out: &Outgoing) -> Result<()> {
         let payload = self.encode(out.envelope());
         let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -84,7 +85,8 @@ impl Publisher {
                 Err(err) => err,
             };
             let elapsed = started.elapsed();
-            let give_up = !is_transient(err.kind()) || elapsed + backoff >= self.budget;
+            let wait = backoff.next_wait();
+            let give_up = !is_transient(err.kind()) || elapsed + wait >= self.budget;
             if give_up {
                 return Err(Error::Publish {
                     subject: out.subject().to_owned(),
@@ -99,11 +101,10 @@ impl Publisher {
                 subject = out.subject(),
                 attempt = attempts,
                 cause = %err,
-                retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                 "publish not acknowledged; retrying with the same message id"
             );
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -1,6 +1,6 @@
 //! The queue's worker: publishes the follow-ups of items the agency system has taken, and in
 //! webhook mode pushes pending items to the webhook in order, retrying with exponential backoff
-//! (1 s, doubling, up to `webhook_max_backoff_secs`) until a 2xx. It also prunes old
+//! (from 1 s, doubling, up to `webhook_max_backoff_secs`, with jitter: `crate::backoff`) until a 2xx. It also prunes old
 //! idempotency keys. One task; it sleeps until woken (a new item, an ack) or a timer fires.
 //!
 //! Delivery is in order and head-of-line: while the endpoint fails, nothing behind the first
@@ -17,43 +17,19 @@ use super::backend::Backend;
 use super::idempotency::IdempotencyStore;
 use super::queue::{Entry, FollowUp, Queue};
 use super::webhook::Webhook;
+use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::ids;
 use crate::outgoing;
 
 /// How often idempotency keys are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The first wait before a retry (webhook or follow-up); they double from there.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between retries of a follow-up publish.
 const FOLLOW_UP_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the worker sleeps when there is nothing to do (it is woken earlier by new work).
 const IDLE: Duration = Duration::from_secs(30);
-
-/// Exponential backoff from 1 s.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(max: Duration) -> Backoff {
-        Backoff {
-            next: Duration::from_secs(1).min(max),
-            max,
-        }
-    }
-
-    /// The wait before the next attempt (and doubles the one after).
-    pub(crate) fn next_wait(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = Duration::from_secs(1).min(self.max);
-    }
-}
 
 /// What the worker works with.
 pub(crate) struct Worker<B> {
@@ -69,8 +45,8 @@ pub(crate) struct Worker<B> {
 impl<B: Backend> Worker<B> {
     /// Runs until `cancel`.
     pub(crate) async fn run(self, cancel: CancellationToken) {
-        let mut hook_backoff = Backoff::new(self.max_backoff);
-        let mut follow_backoff = Backoff::new(FOLLOW_UP_MAX_BACKOFF);
+        let mut hook_backoff = Backoff::new(FIRST_RETRY, self.max_backoff);
+        let mut follow_backoff = Backoff::new(FIRST_RETRY, FOLLOW_UP_MAX_BACKOFF);
         let mut attempts = 0u32;
         let mut last_prune: Option<Instant> = None;
         loop {
@@ -239,20 +215,4 @@ async fn sleep_or_cancel(wait: Duration, cancel: &CancellationToken) -> bool {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_max() {
-        let mut b = Backoff::new(Duration::from_secs(5));
-        let waits: Vec<_> = (0..5).map(|_| b.next_wait().as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 5, 5]);
-        b.reset();
-        assert_eq!(b.next_wait().as_secs(), 1);
-        let mut small = Backoff::new(Duration::from_millis(300));
-        assert_eq!(small.next_wait(), Duration::from_millis(300));
-    }
 }

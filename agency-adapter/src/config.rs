@@ -381,18 +381,32 @@ fn process_env(name: &str) -> Result<Option<String>> {
 }
 
 /// Shows everything except secrets (URL user info; secret files' paths, never their content).
+/// Everything but secrets (URL user info hidden; secret files shown by path). Every field is
+/// named here, without `..`, so that a new field does not compile until someone decides what its
+/// `Debug` shows.
 impl fmt::Debug for AdapterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let AdapterConfig {
+            agency,
+            nats_urls: _,
+            state_dir,
+            dedup_retention_days,
+            nats_credentials_file,
+            tls_ca_file,
+            signing_key_file,
+            registry,
+            http,
+        } = self;
         f.debug_struct("AdapterConfig")
-            .field("agency", &self.agency)
+            .field("agency", agency)
             .field("nats_urls", &self.redacted_urls())
-            .field("state_dir", &self.state_dir)
-            .field("dedup_retention_days", &self.dedup_retention_days)
-            .field("nats_credentials_file", &self.nats_credentials_file)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("signing_key_file", &self.signing_key_file)
-            .field("registry", &self.registry)
-            .field("http", &self.http)
+            .field("state_dir", state_dir)
+            .field("dedup_retention_days", dedup_retention_days)
+            .field("nats_credentials_file", nats_credentials_file)
+            .field("tls_ca_file", tls_ca_file)
+            .field("signing_key_file", signing_key_file)
+            .field("registry", registry)
+            .field("http", http)
             .finish()
     }
 }

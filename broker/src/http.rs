@@ -152,6 +152,7 @@ struct Readiness {
     caught_up: bool,
     event_loop_alive: bool,
     store_ok: bool,
+    queries_answered: bool,
 }
 
 pub(crate) fn readiness(state: &AppState) -> (bool, impl serde::Serialize) {
@@ -161,7 +162,8 @@ pub(crate) fn readiness(state: &AppState) -> (bool, impl serde::Serialize) {
     let event_loop_alive =
         clock::now_ms() - state.ops.last_turn.load(Ordering::Relaxed) < READY_LOOP_STALL_MS;
     let store_ok = state.ops.store_ok.load(Ordering::Relaxed);
-    let ready = nats_connected && caught_up && event_loop_alive && store_ok;
+    let queries_answered = state.ops.queries_alive.load(Ordering::Relaxed);
+    let ready = nats_connected && caught_up && event_loop_alive && store_ok && queries_answered;
     (
         ready,
         Readiness {
@@ -171,6 +173,7 @@ pub(crate) fn readiness(state: &AppState) -> (bool, impl serde::Serialize) {
             caught_up,
             event_loop_alive,
             store_ok,
+            queries_answered,
         },
     )
 }

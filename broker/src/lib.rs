@@ -113,7 +113,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         commands: http_state.commands.clone(),
     };
     let (http_addr, http_task) = http::serve(&cfg, http_state, token.clone()).await?;
-    let queries = tracker.spawn(query::serve(client.clone(), responder, token.clone()));
+    let queries = {
+        let (ops, client, token) = (ops.clone(), client.clone(), token.clone());
+        tracker.spawn(async move {
+            let served = query::serve(client, responder, token.clone()).await;
+            ops.queries_alive
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            if !token.is_cancelled() {
+                match &served {
+                    Err(e) => tracing::error!(cause = %e, "the query responder stopped: not ready"),
+                    Ok(()) => tracing::error!("the query responder stopped: not ready"),
+                }
+            }
+            served
+        })
+    };
     let event_loop = server::EventLoop {
         signer,
         store: store.clone(),

@@ -27,6 +27,10 @@ pub struct Ops {
     pub commit_latency: Histogram,
     /// Queries not answered because their reply subject was not the asker's inbox.
     pub queries_refused: AtomicU64,
+    /// Whether the status/consent query responder is running (false once it stopped, for
+    /// whatever reason: `/readyz` then says not ready instead of the death showing only at
+    /// shutdown).
+    pub queries_alive: AtomicBool,
 }
 
 impl Ops {
@@ -44,6 +48,7 @@ impl Ops {
             outbox: AtomicU64::new(0),
             commit_latency: Histogram::new(buckets),
             queries_refused: AtomicU64::new(0),
+            queries_alive: AtomicBool::new(true),
         }
     }
 

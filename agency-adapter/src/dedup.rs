@@ -275,7 +275,18 @@ mod tests {
             store.record("m-1", 2_000).unwrap();
             store.flush().await.unwrap();
         }
-        let store = DedupStore::open(&path, 14).unwrap();
+        // sled's threads let go of the file lock just after the drop: wait for that.
+        let started = std::time::Instant::now();
+        let store = loop {
+            match DedupStore::open(&path, 14) {
+                Err(Error::StateDirInUse { .. })
+                    if started.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
         assert!(store.contains("m-1").unwrap());
         assert_eq!(store.recorded_at("m-1").unwrap(), Some(1_000));
         assert!(!store.contains("m-2").unwrap());

@@ -285,7 +285,8 @@ async fn withdrawals_are_confirmed_once_purged() {
     item.done().await.unwrap();
     let m = broker.inbound_message(3).await;
     assert_eq!(inbound_envelope(&m).0, ids::purge_message_id("w-1"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No waiting needed: the reader deals with the late delivery and w-2 (follow-ups awaited
+    // to their PubAck) before it hands out n-2, so anything they sent is stored by now.
     assert_eq!(
         broker.inbound_count().await,
         3,
@@ -434,14 +435,24 @@ async fn incoming_is_exactly_once_in_effect() {
     }
 
     // After a restart the dedup record is still there.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     broker
         .publish_out(OutKind::Delivery, delivery_bytes("d-1", "r-1"), None)
         .await;
     let adapter = Adapter::connect(config(&server, state.path()))
         .await
         .unwrap();
-    let mut incoming = adapter.incoming().await.unwrap();
+    // The drained adapter's store closes in the background: open once its lock is released.
+    let started = std::time::Instant::now();
+    let mut incoming = loop {
+        match adapter.incoming().await {
+            Err(yeongye_adapter::Error::StateDirInUse { .. })
+                if started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
     let item = incoming.next().await.unwrap().unwrap();
     assert_eq!(item.message_id(), "n-1", "{item:?}");
     item.done().await.unwrap();
@@ -451,6 +462,13 @@ async fn incoming_is_exactly_once_in_effect() {
 async fn incoming_waits_for_the_broker_to_create_the_consumer() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
+    // Watches the reader's attempts to bind its consumer (core NATS sees the API requests).
+    let watcher = async_nats::connect(server.url()).await.unwrap();
+    let mut binds = watcher
+        .subscribe(format!("$JS.API.CONSUMER.INFO.{}.>", subject::OUT_STREAM))
+        .await
+        .unwrap();
+    watcher.flush().await.unwrap();
     let adapter = Adapter::connect(config(&server, state.path()))
         .await
         .unwrap();
@@ -461,7 +479,13 @@ async fn incoming_waits_for_the_broker_to_create_the_consumer() {
         item.done().await.unwrap();
         id
     });
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // It tried twice (the consumer does not exist) and is still waiting, not failing.
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(15), binds.next())
+            .await
+            .expect("the reader tries to bind its consumer")
+            .expect("a bind request");
+    }
     assert!(!reader.is_finished());
     let broker = Broker::setup(&server, Duration::from_secs(120), Duration::from_secs(30)).await;
     broker

@@ -229,8 +229,17 @@ async fn webhook_down_then_up_delivers_every_item_once_across_kill9() {
     // kill -9 with items queued; the endpoint hangs up for a while, then comes back.
     hope.kill9();
     hook.set_mode(Mode::Hangup);
+    let refused_before = hook.refused();
     hope.start_again().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The restarted adapter tries its queue again (and is hung up on): waited for, so that the
+    // check below is made after the adapter did try, not merely after some time.
+    wait_until(
+        "the restarted adapter pushing to the webhook again",
+        REDELIVERY,
+        || hook.refused() > refused_before,
+        || hope.describe(),
+    )
+    .await;
     assert!(hook.received().is_empty());
     assert_eq!(hope.inbox().await.len(), N, "the queue survived kill -9");
     hook.set_mode(Mode::Up);

@@ -19,4 +19,7 @@ step cargo fmt --all --check
 step cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run target/debug/{referral-broker,agency-adapter}: build them first.
 step cargo build --workspace --bins
+# Licences, duplicate crates and sources (deny.toml); advisories need a network CI lacks.
+deny=$(./tests/install-deny.sh)
+step "$deny" --offline check licenses bans sources
 step cargo test --workspace "$@"

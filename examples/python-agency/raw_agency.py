@@ -48,6 +48,14 @@ from yeongye.v1 import consent_pb2, envelope_pb2, referral_pb2  # noqa: E402
 import yeongye_wire as wire  # noqa: E402
 
 PT = envelope_pb2.PayloadType
+# What may arrive on yeongye.out.<me>.<kind>, by payload type (PROTOCOL.md, "The envelope").
+OUT_KINDS = {
+    PT.PAYLOAD_TYPE_DELIVERY: "delivery",
+    PT.PAYLOAD_TYPE_NOTIFICATION: "notification",
+    PT.PAYLOAD_TYPE_REJECTION: "rejection",
+    PT.PAYLOAD_TYPE_ESCALATION: "escalation",
+    PT.PAYLOAD_TYPE_WITHDRAWAL: "withdrawal",
+}
 PUBLISH_ATTEMPTS = 10
 PUBACK_TIMEOUT_S = 3.0
 
@@ -224,6 +232,9 @@ class Agency:
             self.keys.verify(wire.BROKER, env, env.sent_at_ms)
         except wire.SignatureError as e:
             return {**line, "kind": "refused", "why": f"broker signature: {e}"}
+        kind = OUT_KINDS.get(env.payload_type)
+        if kind is None or subject != f"yeongye.out.{self.me}.{kind}":
+            return {**line, "kind": "refused", "why": f"payload type {env.payload_type} on {subject}"}
         if env.payload_type == PT.PAYLOAD_TYPE_DELIVERY:
             d = referral_pb2.Delivery.FromString(env.payload)
             original = d.original

@@ -16,6 +16,9 @@ nats=$(./deploy/install-nats.sh)
 export YEONGYE_NATS_SERVER="$nats"
 
 step cargo fmt --all --check
+# The wire contract: buf lint, and buf breaking against the released yeongye.v1.
+buf=$(step ./tests/install-buf.sh)
+step ./proto/check.sh "$buf"
 step cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run target/debug/{referral-broker,agency-adapter}: build them first.
 step cargo build --workspace --bins

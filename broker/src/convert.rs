@@ -154,7 +154,17 @@ pub fn consent_reply(c: &Consent) -> v1::ConsentReply {
         }),
         revoked: c.revoked.is_some(),
         revoked_at_ms: c.revoked.as_ref().map(|r| r.at).unwrap_or(0),
-        withdrawn_referral_ids: c.purges.iter().map(|p| p.referral_id.clone()).collect(),
+        // The query fills in which referrals are WITHDRAWN (it needs their states).
+        withdrawn_referral_ids: Vec::new(),
+        purge_requested_referral_ids: {
+            let mut ids: Vec<String> = Vec::new();
+            for p in &c.purges {
+                if !ids.contains(&p.referral_id) {
+                    ids.push(p.referral_id.clone());
+                }
+            }
+            ids
+        },
         pending_purges: c
             .outstanding()
             .map(|p| v1::PendingPurge {

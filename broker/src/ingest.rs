@@ -30,6 +30,39 @@ pub struct Origin {
     /// A served subject is kept as it is; any other is rejected on its subject alone, so a
     /// dead letter's replay from this subject reaches the same verdict as from the original.
     pub subject: String,
+    /// What the message means ([`meaning_digest`]), once its envelope has been read: a resend
+    /// under the same id that differs only in `sent_at_ms` (and so its signature) has the same.
+    pub meaning: Option<[u8; 32]>,
+}
+
+/// The digest the broker keeps for an applied message id and compares a resend's with: the
+/// sender, the payload type and the payload bytes — what the message means — and not
+/// `sent_at_ms`, `signature` or `key_id`, which a sender rebuilding the same message after a
+/// crash (a receipt under its derived id, a retry) changes without changing its meaning.
+pub fn meaning_digest(envelope: &v1::Envelope) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"yeongye.v1.message-meaning\0");
+    h.update((envelope.sender.len() as u32).to_be_bytes());
+    h.update(envelope.sender.as_bytes());
+    h.update(envelope.payload_type.to_be_bytes());
+    h.update((envelope.payload.len() as u32).to_be_bytes());
+    h.update(&envelope.payload);
+    h.finalize().into()
+}
+
+impl Request {
+    /// The referral this request is about, when it names one.
+    pub fn referral_id(&self) -> &str {
+        match self {
+            Request::Submit(n) | Request::Refuse(n, _) => &n.id,
+            Request::Status { referral_id, .. } | Request::Purged { referral_id, .. } => {
+                referral_id
+            }
+            Request::Reject(r) => &r.referral_id,
+            Request::Grant(_) | Request::Revoke { .. } => "",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +187,7 @@ pub fn read(
         message_id: String::new(),
         reply_to: None,
         subject: shown_subject(subject),
+        meaning: None,
     };
     let reject = |origin: Origin, code, detail: String| Inbound {
         origin,
@@ -190,7 +224,8 @@ pub fn read(
         return reject(
             origin,
             ReasonCode::UnknownSubject,
-            "the subject's kind is not referral or status".into(),
+            "the subject's kind is not one the broker serves (referral, status, consent, purge)"
+                .into(),
         );
     };
     let envelope = match v1::Envelope::decode(bytes) {
@@ -212,6 +247,7 @@ pub fn read(
     }
     origin.dedup_key = format!("{token}/{}", envelope.message_id);
     origin.message_id = envelope.message_id.clone();
+    origin.meaning = Some(meaning_digest(&envelope));
     if envelope.sender != token {
         return reject(
             origin,

@@ -260,13 +260,12 @@ fn consent_lookup(
         return Err(unknown());
     }
     let mut reply = convert::consent_reply(&c);
-    // Withdrawn: in flight when it was revoked (WITHDRAWN), or ended but asked to purge.
+    // Withdrawn: only the referrals that are WITHDRAWN (in flight when it was revoked). Those
+    // that had ended and were only asked to purge are in `purge_requested_referral_ids`.
     let mut withdrawn = Vec::new();
     for id in &c.referrals {
         let state = store.referral(id).map_err(read_failed)?.map(|r| r.state);
-        if state == Some(crate::referral::State::Withdrawn)
-            || c.purges.iter().any(|p| &p.referral_id == id)
-        {
+        if state == Some(crate::referral::State::Withdrawn) {
             withdrawn.push(id.clone());
         }
     }

@@ -49,7 +49,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Send a referral given as proto3 JSON in FILE (or on stdin with `-`); prints its id.
+    /// Send a referral given as proto3 JSON in FILE (or on stdin with `-`); prints
+    /// `{"referral_id": ...}` once it is stored.
     Send {
         #[arg(value_name = "FILE|-")]
         file: PathBuf,
@@ -94,12 +95,12 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ConsentCommand {
     /// Record a consent given as a proto3 JSON ConsentGrant in FILE (or on stdin with `-`);
-    /// prints its id.
+    /// prints `{"consent_id": ..., "message_id": ...}` once it is stored.
     Grant {
         #[arg(value_name = "FILE|-")]
         file: PathBuf,
     },
-    /// Record that the client withdrew a consent; prints the message id.
+    /// Record that the client withdrew a consent; prints `{"message_id": ...}`.
     Revoke {
         consent_id: String,
         /// When the client withdrew it, Unix ms (default: when the broker records it).

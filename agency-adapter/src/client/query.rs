@@ -116,6 +116,7 @@ mod tests {
         let consent = v1::ConsentReply {
             revoked: true,
             withdrawn_referral_ids: vec!["r-1".into()],
+            purge_requested_referral_ids: vec!["r-1".into()],
             ..Default::default()
         };
         let env = outgoing::envelope(

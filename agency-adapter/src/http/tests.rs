@@ -489,6 +489,7 @@ async fn lookups() {
     *api.stub.consent.lock().unwrap() = v1::ConsentReply {
         revoked: true,
         withdrawn_referral_ids: vec!["r-1".into()],
+        purge_requested_referral_ids: vec!["r-1".into()],
         ..Default::default()
     };
     let (s, b) = api.get("/v1/consents/c-1").await;

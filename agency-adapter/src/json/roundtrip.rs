@@ -224,6 +224,7 @@ fn every_message() -> Vec<(Option<&'static str>, Value)> {
                 revoked: true,
                 revoked_at_ms: 3,
                 withdrawn_referral_ids: vec!["r-1".into()],
+                purge_requested_referral_ids: vec!["r-1".into()],
                 pending_purges: vec![v1::PendingPurge {
                     referral_id: "r-1".into(),
                     agency: "hope-support".into(),

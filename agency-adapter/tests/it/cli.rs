@@ -318,6 +318,7 @@ async fn consent_commands() {
                 v1::ConsentReply {
                     revoked: true,
                     withdrawn_referral_ids: vec!["r-1".into()],
+                    purge_requested_referral_ids: vec!["r-1".into()],
                     ..Default::default()
                 }
             };

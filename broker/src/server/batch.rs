@@ -122,21 +122,36 @@ impl<'a> Batch<'a> {
     ) -> Result<Outcome> {
         let Inbound { origin, request } = inbound;
         self.changes.checkpoint = Some(self.changes.checkpoint.map_or(seq, |c| c.max(seq)));
-        let digest: [u8; 32] = Sha256::digest(raw).into();
+        // What the message means (sender, payload type, payload); the digest of its bytes for
+        // one whose envelope could not be read. Ids applied before the broker kept meanings
+        // were recorded with the digest of their bytes: those still match a byte-identical
+        // resend.
+        let bytes_digest: [u8; 32] = Sha256::digest(raw).into();
+        let digest = origin.meaning.unwrap_or(bytes_digest);
         let earlier = match self.seen.get(&origin.dedup_key) {
             Some(d) => Some(d.to_vec()),
             None => self.store.seen_digest(&origin.dedup_key)?,
         };
         if let Some(earlier) = earlier {
-            // The same bytes again: a redelivery or a retry. Other bytes under an id already
-            // used: a replay (or a sender reusing ids), refused with its reason.
-            if earlier.is_empty() || earlier == digest || origin.message_id.is_empty() {
+            // The same message again (a redelivery, or a retry rebuilt with a fresh sent_at_ms
+            // and signature): a repeat. A different message under an id already used: a replay
+            // (or a sender reusing ids), refused with its reason.
+            if earlier.is_empty()
+                || earlier == digest
+                || earlier == bytes_digest
+                || origin.message_id.is_empty()
+            {
                 return Ok(Outcome::Duplicate);
             }
             let r = Refusal {
                 code: ReasonCode::ReplayedMessageId,
-                detail: "this message id was already used for a different message".into(),
-                referral_id: String::new(),
+                detail: format!(
+                    "message id {} was already used, and the first message with it was \
+                     processed and stands (applied, or answered on its own); this different \
+                     message under the same id has no effect: a new message needs a new id",
+                    origin.message_id
+                ),
+                referral_id: request.referral_id().to_owned(),
             };
             return Ok(self.reject(&origin, r, seq, at, raw));
         }

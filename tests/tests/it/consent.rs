@@ -484,10 +484,28 @@ async fn revocation_withdraws_every_open_referral_across_a_broker_kill() {
         .iter()
         .map(String::as_str)
         .collect();
-    for r in [&delivered, &received, &accepted, &in_progress, &completed] {
+    let purge_requested: BTreeSet<&str> = reply
+        .purge_requested_referral_ids
+        .iter()
+        .map(String::as_str)
+        .collect();
+    for r in [&delivered, &received, &accepted, &in_progress] {
         assert!(
             withdrawn.contains(r.referral_id.as_str()),
             "{} is not among the consent's withdrawn referrals: {reply:?}",
+            r.referral_id
+        );
+    }
+    // The completed referral stays COMPLETED: not withdrawn, but its recipient was asked to
+    // purge, like the withdrawn ones'.
+    assert!(
+        !withdrawn.contains(completed.referral_id.as_str()),
+        "the completed referral is listed as withdrawn: {reply:?}"
+    );
+    for r in [&delivered, &received, &accepted, &in_progress, &completed] {
+        assert!(
+            purge_requested.contains(r.referral_id.as_str()),
+            "{} is not among the referrals asked to purge: {reply:?}",
             r.referral_id
         );
     }

@@ -520,6 +520,17 @@ async fn hostile_input_is_refused_with_its_reason_while_1000_good_referrals_flow
             h.what,
             rejection.raw
         );
+        // A reused id's rejection names the referral of the refused message, so that a sender
+        // matching rejections by message id alone is not misled into failing the first one.
+        if h.code == "REPLAYED_MESSAGE_ID" {
+            assert_eq!(
+                rejection.referral_id(),
+                h.referral_id.as_deref(),
+                "{}: {}",
+                h.what,
+                rejection.raw
+            );
+        }
     }
     // And exactly those rejections, per agency (the unreadable ones have no id to match).
     for (from, _) in PAIRS {

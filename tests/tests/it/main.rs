@@ -20,10 +20,12 @@ mod http_limits;
 mod lifecycle;
 mod operator_auth;
 mod operators;
+mod python_agency;
 mod restart;
 mod sdk;
 mod secret_files;
 mod security;
+mod test_vectors;
 
 use std::time::Duration;
 

@@ -390,7 +390,15 @@ fn a_reused_message_id_with_other_bytes_is_refused_as_a_replay() {
     // The same id, different content (another referral): not a repeat, a replay.
     let (out, c) = run(&s, &[referral_msg("r2", "m1")], 2, 200);
     assert_eq!(out, [Outcome::Rejected(ReasonCode::ReplayedMessageId)]);
-    assert_eq!(rejection(&c).code, ReasonCode::ReplayedMessageId as i32);
+    let r = rejection(&c);
+    assert_eq!(r.code, ReasonCode::ReplayedMessageId as i32);
+    // It names the referral the refused message was about, and says the first one stands.
+    assert_eq!(r.referral_id, "r2");
+    assert!(
+        r.detail.contains("the first message with it"),
+        "{}",
+        r.detail
+    );
     assert!(
         s.referral("r2").unwrap().is_none(),
         "the replayed message changed nothing"
@@ -413,4 +421,33 @@ fn a_reused_message_id_with_other_bytes_is_refused_as_a_replay() {
             Outcome::Rejected(ReasonCode::ReplayedMessageId)
         ]
     );
+}
+
+#[test]
+fn a_resend_differing_only_in_sent_at_and_signature_is_a_repeat() {
+    let s = SledStore::temporary().unwrap();
+    let (out, _) = run(&s, &[referral_msg("r1", "m1")], 2, 100);
+    assert_eq!(out, [Outcome::Applied]);
+    // The message rebuilt after a crash (as a receipt is, under its derived id): the same id
+    // and payload, a fresh sent_at_ms and signature, long after the stream's duplicate window.
+    let rebuilt = |sent_at_ms: i64, signature: &[u8]| {
+        let (subject, bytes) = referral_msg("r1", "m1");
+        let mut e = v1::Envelope::decode(bytes.as_slice()).unwrap();
+        e.sent_at_ms = sent_at_ms;
+        e.signature = signature.to_vec();
+        e.key_id = "k2".into();
+        (subject, e.encode_to_vec())
+    };
+    let (out, c) = run(&s, &[rebuilt(999, b"")], 3, 1000);
+    assert_eq!(out, [Outcome::Duplicate]);
+    assert!(c.outbox_put.is_empty(), "a repeat is not answered");
+    // An id recorded before meanings were kept (the digest of its bytes) still matches the
+    // same bytes.
+    let (subject, bytes) = referral_msg("r5", "old");
+    let legacy: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    let mut c = ChangeSet::default();
+    c.seen.push(("a/old".into(), 1, legacy));
+    s.commit(&c).unwrap();
+    let (out, _) = run(&s, &[(subject, bytes)], 4, 1000);
+    assert_eq!(out, [Outcome::Duplicate]);
 }

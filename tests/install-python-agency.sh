@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Makes .tools/python-agency (a project-local venv, git-ignored) for the raw-NATS Python agency
+# examples/python-agency/raw_agency.py: installs the pinned packages of
+# examples/python-agency/requirements-raw.txt unless they are already there, generates the
+# protobuf modules from proto/yeongye/v1/*.proto into .tools/python-agency/gen (every time, so
+# they never go stale), and prints the venv's python. Used by tests/tests/it/python_agency.rs.
+#
+# Versions are pinned exactly; hashes are not (the wheels differ by Python version, and this
+# is a test tool that never ships).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.tools/python-agency"
+req="$root/examples/python-agency/requirements-raw.txt"
+py="$venv/bin/python"
+marker="$venv/.requirements"
+
+if ! { [ -x "$py" ] && [ -f "$marker" ] && cmp -s "$req" "$marker"; }; then
+  command -v python3 >/dev/null || { echo "install-python-agency.sh: python3 is needed (apt-get install python3 python3-venv)" >&2; exit 1; }
+  mkdir -p "$root/.tools"
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv" >&2; then
+    echo "install-python-agency.sh: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
+    exit 1
+  fi
+  if ! "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$req" >&2; then
+    echo "install-python-agency.sh: pip could not install $req (no network, or no PyPI access?)" >&2
+    exit 1
+  fi
+  cp "$req" "$marker"
+fi
+
+gen="$venv/gen"
+rm -rf "$gen"
+mkdir -p "$gen"
+(cd "$root/proto" && "$py" -m grpc_tools.protoc -I . --python_out="$gen" yeongye/v1/envelope.proto yeongye/v1/referral.proto yeongye/v1/consent.proto) >&2
+echo "$py"

@@ -124,9 +124,12 @@ impl Python {
 
     async fn wait_line(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let mut found = None;
+        // Up to a redelivery: a message the server handed to a nats-py fetch just as it timed out
+        // on a loaded machine is seen by the agency only once the consumer's ack wait (30 s) has
+        // passed (seen once in CI-like load: the withdrawal came after SHORT).
         wait_until(
             what,
-            SHORT,
+            REDELIVERY,
             || {
                 found = self.lines().into_iter().find(|l| check(l));
                 found.is_some()

@@ -79,6 +79,21 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// The broker reads its clock offset from `clock-offset-ms` beside its store (the testing
+    /// clock): [`BrokerProcess::set_clock_offset`] moves its time on without sleeping.
+    pub fn with_test_clock(&mut self) -> &mut Self {
+        let dir = self
+            .store_dir
+            .parent()
+            .unwrap_or(&self.store_dir)
+            .to_path_buf();
+        self.extra.insert(
+            "testing_clock_offset_file".into(),
+            dir.join("clock-offset-ms").display().to_string().into(),
+        );
+        self
+    }
+
     /// 7/7/14 days of retention, batches of 256, receipt within 1 h / 24 h / 72 h, the HTTP
     /// endpoint on a free loopback port; everything else the broker's defaults.
     pub fn new(nats_url: &str, store_dir: &Path, registry: &Path) -> BrokerConfig {
@@ -174,6 +189,15 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
+    /// Sets the testing clock's offset (milliseconds added to the wall clock); the broker
+    /// re-reads it at every tick. Panics unless the config used [`BrokerConfig::with_test_clock`].
+    pub fn set_clock_offset(&self, ms: i64) {
+        let path = self.config().extra["testing_clock_offset_file"]
+            .as_str()
+            .expect("the broker was configured with_test_clock");
+        std::fs::write(path, ms.to_string()).expect("write the clock offset");
+    }
+
     /// Writes `config` to `<dir>/broker.toml`, starts the broker and waits until it is ready.
     /// Unless `config.extra` names an `operators_file`, the broker gets one listing
     /// [`TEST_OPERATOR`].

@@ -1,8 +1,6 @@
 //! The receipt deadline: a referral nobody acknowledges by `receive_by_ms` becomes EXPIRED and
 //! both sides are told; one acknowledged in time does not.
 
-use std::path::PathBuf;
-
 use yeongye_tests::{ReferralBuilder, System, now_ms, v1};
 
 use crate::{CENTRE, HOPE, MENTAL, SHORT, barrier};
@@ -17,20 +15,11 @@ async fn a_referral_not_received_by_its_deadline_expires() {
     let mut system = System::builder()
         .adapters(&[CENTRE, HOPE])
         .broker_config(|c| {
-            let dir = c.store_dir.parent().expect("broker dir").to_path_buf();
-            c.extra.insert(
-                "testing_clock_offset_file".into(),
-                dir.join("clock-offset-ms").display().to_string().into(),
-            );
+            c.with_test_clock();
         })
         .start()
         .await;
-    let offset_file = PathBuf::from(
-        system.broker.config().extra["testing_clock_offset_file"]
-            .as_str()
-            .expect("a path"),
-    );
-    std::fs::write(&offset_file, "0").expect("write offset");
+    system.broker.set_clock_offset(0);
     let centre = system.wire(CENTRE).await;
     let deadline = now_ms() + HOUR_MS;
     let unheard = ReferralBuilder::new(CENTRE, MENTAL)
@@ -47,7 +36,7 @@ async fn a_referral_not_received_by_its_deadline_expires() {
     sender
         .wait_notified(&heard.referral_id, "RECEIVED", SHORT)
         .await;
-    std::fs::write(&offset_file, (2 * HOUR_MS).to_string()).expect("write offset");
+    system.broker.set_clock_offset(2 * HOUR_MS);
     sender
         .wait_notified(&unheard.referral_id, "EXPIRED", SHORT)
         .await;

@@ -23,7 +23,7 @@ use yeongye_tests::secure::{ConnectAs, SecureSystem, StreamState};
 use yeongye_tests::wire::{ReferralBuilder, envelope};
 use yeongye_tests::{System, v1, wait_for};
 
-use crate::security::{js_publish, signed};
+use crate::security::{send_until_delivered, signed};
 use crate::{CENTRE, HOPE, SHORT};
 
 /// The reason code of a refused query, as operators see it.
@@ -139,17 +139,12 @@ async fn a_query_is_answered_only_on_the_askers_own_inbox() {
 
     // A crisis referral to B, whose adapter is down: its delivery waits in B's consumer, and
     // A's DELIVERED notification in A's.
-    let referral = ReferralBuilder::new(CENTRE, HOPE)
-        .urgency(v1::Urgency::Crisis)
-        .build();
-    let env = signed(
+    let referral = send_until_delivered(
         &system,
-        CENTRE,
-        envelope(CENTRE, v1::PayloadType::Referral, referral.encode_to_vec()),
-    );
-    js_publish(&a, &subject::inbound(CENTRE, InKind::Referral), &env)
-        .await
-        .expect("A sends its referral");
+        &a,
+        ReferralBuilder::new(CENTRE, HOPE).urgency(v1::Urgency::Crisis),
+    )
+    .await;
     let (hope_consumer, own_consumer) = (
         subject::agency_consumer(HOPE),
         subject::agency_consumer(CENTRE),
@@ -358,26 +353,7 @@ async fn the_brokers_nats_identity_alone_cannot_do_what_the_attack_asks() {
     let system = SecureSystem::start(&[CENTRE, HOPE], false).await;
     let url = system.url();
     let a = system.connect_as(CENTRE).connect(&url).await;
-    let referral = ReferralBuilder::new(CENTRE, HOPE).build();
-    let env = signed(
-        &system,
-        CENTRE,
-        envelope(CENTRE, v1::PayloadType::Referral, referral.encode_to_vec()),
-    );
-    js_publish(&a, &subject::inbound(CENTRE, InKind::Referral), &env)
-        .await
-        .expect("A sends its referral");
-    let hope_consumer = subject::agency_consumer(HOPE);
-    wait_for(
-        "the delivery waiting for B",
-        SHORT,
-        || async {
-            let out = system.nats.stream(subject::OUT_STREAM).await;
-            (out.consumer(&hope_consumer)?.num_pending == 1).then_some(())
-        },
-        || system.describe(),
-    )
-    .await;
+    send_until_delivered(&system, &a, ReferralBuilder::new(CENTRE, HOPE)).await;
     let before = shape(&system.nats.streams().await);
 
     let broker = ConnectAs {

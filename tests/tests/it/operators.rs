@@ -611,12 +611,7 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
     const DAY_MS: i64 = 24 * 3600 * 1000;
     let mut system = System::builder()
         .broker_config(|c| {
-            let dir = c.store_dir.parent().expect("broker dir").to_path_buf();
-            let offset = dir.join("clock-offset-ms");
-            c.extra.insert(
-                "testing_clock_offset_file".into(),
-                offset.display().to_string().into(),
-            );
+            c.with_test_clock();
             c.extra.insert("coordinator".into(), HOPE.into());
             // The clock jumps days ahead of the agencies': keep their later messages (and the
             // harness's status queries) within the accepted age.
@@ -625,12 +620,7 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
         })
         .start()
         .await;
-    let offset_file = PathBuf::from(
-        system.broker.config().extra["testing_clock_offset_file"]
-            .as_str()
-            .expect("a path"),
-    );
-    std::fs::write(&offset_file, "0").expect("write offset");
+    system.broker.set_clock_offset(0);
     let http = http(&system);
     let centre = system.wire(CENTRE).await;
 
@@ -646,7 +636,7 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
     );
 
     // Eleven days later.
-    std::fs::write(&offset_file, (11 * DAY_MS).to_string()).expect("write offset");
+    system.broker.set_clock_offset(11 * DAY_MS);
     for agency in [CENTRE, HOPE] {
         system
             .adapter(agency)
@@ -659,7 +649,7 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
     }
     // Many ticks (250 ms each) later, and a further day on: still one each.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    std::fs::write(&offset_file, (12 * DAY_MS).to_string()).expect("write offset");
+    system.broker.set_clock_offset(12 * DAY_MS);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let count = |system: &System| {
         [CENTRE, HOPE, MENTAL, WELFARE].map(|a| (a, escalations(system, a, &rid)))
@@ -722,7 +712,7 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
     // kill -9 and start again: the deadline is not fired a second time.
     system.broker.restart().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    std::fs::write(&offset_file, (13 * DAY_MS).to_string()).expect("write offset");
+    system.broker.set_clock_offset(13 * DAY_MS);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         count(&system),

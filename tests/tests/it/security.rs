@@ -76,6 +76,38 @@ async fn read_own(conn: &Conn, agency: &str, want: usize) -> Vec<v1::Envelope> {
     got
 }
 
+/// Publishes the referral `builder` makes as its sender over `conn` (signed with the sender's
+/// key; the PubAck awaited) and waits until its delivery is pending in the recipient's consumer,
+/// as the server's monitoring endpoint reports it. Returns the referral.
+pub(crate) async fn send_until_delivered(
+    system: &SecureSystem,
+    conn: &Conn,
+    builder: ReferralBuilder,
+) -> v1::Referral {
+    let referral = builder.build();
+    let from = referral.from_agency.clone();
+    let env = signed(
+        system,
+        &from,
+        envelope(&from, v1::PayloadType::Referral, referral.encode_to_vec()),
+    );
+    js_publish(conn, &subject::inbound(&from, InKind::Referral), &env)
+        .await
+        .expect("the sender publishes on its own inbound subject");
+    let consumer = subject::agency_consumer(&referral.to_agency);
+    wait_for(
+        "the delivery in the recipient's consumer",
+        SHORT,
+        || async {
+            let out = system.nats.stream(subject::OUT_STREAM).await;
+            (out.consumer(&consumer)?.num_pending >= 1).then_some(())
+        },
+        || system.describe(),
+    )
+    .await;
+    referral
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agency_acts_only_as_itself_and_reads_only_its_own() {
     let system = SecureSystem::start(&[CENTRE, HOPE], false).await;
@@ -83,26 +115,8 @@ async fn an_agency_acts_only_as_itself_and_reads_only_its_own() {
     let a = system.connect_as(CENTRE).connect(&url).await;
 
     // A's own work: a referral to B, stored (PubAck on A's inbox) and delivered to B.
-    let referral = ReferralBuilder::new(CENTRE, HOPE).build();
-    let env = signed(
-        &system,
-        CENTRE,
-        envelope(CENTRE, v1::PayloadType::Referral, referral.encode_to_vec()),
-    );
-    js_publish(&a, &subject::inbound(CENTRE, InKind::Referral), &env)
-        .await
-        .expect("A publishes on its own inbound subject");
+    let referral = send_until_delivered(&system, &a, ReferralBuilder::new(CENTRE, HOPE)).await;
     let hope_consumer = subject::agency_consumer(HOPE);
-    wait_for(
-        "the delivery in B's consumer",
-        SHORT,
-        || async {
-            let out = system.nats.stream(subject::OUT_STREAM).await;
-            (out.consumer(&hope_consumer)?.num_pending == 1).then_some(())
-        },
-        || system.describe(),
-    )
-    .await;
     // A reads and acks its own notification (DELIVERED) through its consumer.
     let mine = read_own(&a, CENTRE, 1).await;
     assert!(

@@ -56,8 +56,6 @@ const MIGRATE_BATCH: usize = 10_000;
 const AUDIT_PER_SEGMENT: usize = 32;
 /// Applied-id records (~60 bytes each) per `d/` key.
 const APPLIED_PER_SEGMENT: usize = 64;
-/// Segments of applied ids pruned per sled batch.
-const PRUNE_SEGMENTS: usize = 64;
 
 /// Bytes committed after which the database is reopened, so that sled writes its recovery
 /// snapshot (see [`SledStore::snapshot_if_due`]).
@@ -414,42 +412,35 @@ impl Store for SledStore {
         }
     }
 
-    fn prune_seen(&self, before: Millis) -> Result<usize> {
-        let start = key(b"S/", &time_be(Millis::MIN));
-        let end = key(b"S/", &time_be(before));
-        let mut total = 0;
-        // A batch at a time: a broker back after weeks away prunes weeks of ids at once.
-        loop {
-            let mut b = sled::Batch::default();
-            // Whole segments of ids all applied before `before`, oldest first.
-            let mut n = self.applied.drain_front(
-                &*self.db()?,
-                &mut b,
-                |r| time_from_be(r).is_some_and(|at| at < before),
-                |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
-                PRUNE_SEGMENTS,
-            )?;
-            // A store written before segments: one `S/` key per id.
-            for kv in self
-                .db()?
-                .range(start.clone()..end.clone())
-                .take(PRUNE_SEGMENTS * APPLIED_PER_SEGMENT)
-            {
+    fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize> {
+        let db = self.db()?;
+        let mut b = sled::Batch::default();
+        // Whole segments of ids all applied before `before`, oldest first.
+        let mut n = self.applied.drain_front(
+            &*db,
+            &mut b,
+            |r| time_from_be(r).is_some_and(|at| at < before),
+            |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
+            segments,
+        )?;
+        // A store written before segments: one `S/` key per id.
+        if n == 0 {
+            let start = key(b"S/", &time_be(Millis::MIN));
+            let end = key(b"S/", &time_be(before));
+            for kv in db.range(start..end).take(segments * APPLIED_PER_SEGMENT) {
                 let (k, _) = kv?;
-                b.remove(key(b"s/", &k[10..]));
+                b.remove(key(b"s/", k.get(10..).unwrap_or_default()));
                 b.remove(k);
                 n += 1;
             }
-            if n == 0 {
-                break;
-            }
-            self.db()?.apply_batch(b)?;
-            total += n;
         }
-        if total > 0 {
-            self.db()?.flush()?;
+        if n > 0 {
+            // Flushed at once: what is written but not flushed waits in sled's buffers, and a
+            // long prune would pile its removals up there.
+            db.apply_batch(b)?;
+            db.flush()?;
         }
-        Ok(total)
+        Ok(n)
     }
 
     fn referrals(&self) -> Result<Vec<Referral>> {
@@ -725,7 +716,7 @@ mod tests {
     #[test]
     fn pruning_weeks_of_ids_goes_a_batch_at_a_time_and_forgets_them_all() {
         let s = SledStore::temporary().unwrap();
-        let n = PRUNE_SEGMENTS * APPLIED_PER_SEGMENT * 2 + 10;
+        let n = crate::store::PRUNE_STEP_SEGMENTS * APPLIED_PER_SEGMENT * 2 + 10;
         let seen = (0..n).map(|i| (format!("id-{i}"), 1, [0; 32])).collect();
         s.commit(&ChangeSet {
             seen,
@@ -735,6 +726,28 @@ mod tests {
         assert_eq!(s.prune_seen(10).unwrap(), n);
         assert_eq!(s.stats().unwrap().seen, 0);
         assert_eq!(s.prune_seen(10).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_prune_step_forgets_at_most_its_segments() {
+        let s = SledStore::temporary().unwrap();
+        let n = APPLIED_PER_SEGMENT * 5 + 3;
+        let seen = (0..n).map(|i| (format!("id-{i}"), 1, [0; 32])).collect();
+        s.commit(&ChangeSet {
+            seen,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut steps = Vec::new();
+        loop {
+            match s.prune_seen_step(10, 2).unwrap() {
+                0 => break,
+                k => steps.push(k),
+            }
+        }
+        let two = 2 * APPLIED_PER_SEGMENT;
+        assert_eq!(steps, [two, two, APPLIED_PER_SEGMENT + 3]);
+        assert_eq!(s.stats().unwrap().seen, 0);
     }
 
     #[test]

@@ -56,6 +56,8 @@ const MAX_FLIGHTS: usize = 4;
 const PARALLEL_READS: usize = 8;
 /// How long a stopping loop waits for the flights still out.
 const LANDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle loop waits between two steps of background work.
+const BACKGROUND_PAUSE: Duration = Duration::from_millis(15);
 /// How often applied message ids older than the retention are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -210,9 +212,10 @@ impl EventLoop {
                 self.landed(landed, &mut pending, true).await;
             }
             let idle = pending.sent.is_empty() && pending.confirmed.is_empty();
-            // Background work waiting: its next step right after this turn, not a tick later.
+            // Background work waiting: its next step soon after this turn, not a tick later
+            // (the pause lets sled's and the allocator's deferred frees keep up with it).
             let wait = if background.busy() {
-                Duration::ZERO
+                BACKGROUND_PAUSE
             } else if idle {
                 TICK
             } else {

@@ -28,8 +28,8 @@ use crate::referral::{DeadlineKind, Millis, Referral};
 use crate::view::{Counts, Summary};
 
 /// Segments of applied ids (64 ids each) one step of the event loop's prune removes: a sled
-/// batch of ~1,100 removals, a few milliseconds (see [`Store::prune_seen_step`]).
-pub const PRUNE_STEP_SEGMENTS: usize = 16;
+/// batch of ~520 removals, a few milliseconds (see [`Store::prune_seen_step`]).
+pub const PRUNE_STEP_SEGMENTS: usize = 8;
 
 /// A message the broker must publish: kept until its PubAck has been seen.
 #[derive(Debug, Clone, PartialEq, Eq)]

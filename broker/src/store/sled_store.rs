@@ -49,7 +49,7 @@ const AUDIT_HEAD: &[u8] = b"m/audit-head";
 const SUMMARIES: &[u8] = b"m/summaries";
 const COUNTS: &[u8] = b"m/view-counts";
 /// sled's page cache, bytes.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// Referrals migrated per batch when an older store is opened.
 const MIGRATE_BATCH: usize = 10_000;
 /// Audit entries (~250 bytes each) per `A/` key.

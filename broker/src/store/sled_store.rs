@@ -417,7 +417,7 @@ impl Store for SledStore {
         let mut b = sled::Batch::default();
         // Whole segments of ids all applied before `before`, oldest first.
         let mut n = self.applied.drain_front(
-            &*db,
+            &db,
             &mut b,
             |r| time_from_be(r).is_some_and(|at| at < before),
             |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),

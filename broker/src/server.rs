@@ -56,7 +56,8 @@ const MAX_FLIGHTS: usize = 4;
 const PARALLEL_READS: usize = 8;
 /// How long a stopping loop waits for the flights still out.
 const LANDING_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an idle loop waits between two steps of background work.
+/// Least time between two steps of background work (the end of one, the start of the next),
+/// however busy the loop.
 const BACKGROUND_PAUSE: Duration = Duration::from_millis(15);
 /// How often applied message ids older than the retention are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -204,7 +205,11 @@ impl EventLoop {
         let mut messages = self.messages(&consumer).await?;
         let mut flights = Flights::new();
         let mut caught_up = false;
-        let mut background = Background::new(PRUNE_EVERY, crate::store::PRUNE_STEP_SEGMENTS);
+        let mut background = Background::new(
+            PRUNE_EVERY,
+            crate::store::PRUNE_STEP_SEGMENTS,
+            BACKGROUND_PAUSE,
+        );
         let retention = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
         loop {
             // Take in the flights that have landed.
@@ -215,7 +220,7 @@ impl EventLoop {
             // Background work waiting: its next step soon after this turn, not a tick later
             // (the pause lets sled's and the allocator's deferred frees keep up with it).
             let wait = if background.busy() {
-                BACKGROUND_PAUSE
+                background.wait()
             } else if idle {
                 TICK
             } else {

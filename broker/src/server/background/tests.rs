@@ -38,7 +38,7 @@ fn a_backlog_is_pruned_across_many_steps_while_turns_go_on() {
             })
             .unwrap();
     }
-    let mut bg = Background::new(Duration::from_secs(3600), 4);
+    let mut bg = Background::new(Duration::from_secs(3600), 4, Duration::ZERO);
     assert!(!bg.busy());
     let mut steps = 0;
     let mut turns = 0;
@@ -89,4 +89,33 @@ fn a_backlog_is_pruned_across_many_steps_while_turns_go_on() {
     bg.step(store.as_ref(), &ops, RETENTION);
     assert!(!bg.busy());
     assert_eq!(ops.background.steps(Task::Prune), 11);
+}
+
+#[test]
+fn steps_are_paced_in_time_however_often_the_loop_turns() {
+    let store: Arc<dyn Store> = Arc::new(SledStore::temporary().unwrap());
+    let ops = Ops::new(
+        store.clone(),
+        View::default(),
+        Arc::new(Registry::default()),
+    );
+    store
+        .commit(&ChangeSet {
+            seen: ids("old", 1, 8 * SEGMENT),
+            ..Default::default()
+        })
+        .unwrap();
+    let pause = Duration::from_secs(3600);
+    let mut bg = Background::new(Duration::from_secs(3600), 1, pause);
+    assert_eq!(bg.wait(), Duration::ZERO);
+    bg.step(store.as_ref(), &ops, RETENTION);
+    assert_eq!(store.stats().unwrap().seen, 7 * SEGMENT as u64);
+    // Turns after turns: no step before the pause has passed.
+    for _ in 0..100 {
+        bg.step(store.as_ref(), &ops, RETENTION);
+    }
+    assert_eq!(ops.background.steps(Task::Prune), 1);
+    assert_eq!(store.stats().unwrap().seen, 7 * SEGMENT as u64);
+    assert!(bg.busy());
+    assert!(bg.wait() > Duration::from_secs(3500));
 }

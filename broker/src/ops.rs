@@ -31,6 +31,58 @@ pub struct Ops {
     /// whatever reason: `/readyz` then says not ready instead of the death showing only at
     /// shutdown).
     pub queries_alive: AtomicBool,
+    /// The event loop's background work (pruning, the store's reopen): steps and the longest.
+    pub background: BackgroundStats,
+}
+
+/// A kind of background work the event loop does between turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Forgetting applied message ids past retention, a bounded step at a time.
+    Prune,
+    /// The store closing and reopening its database so that sled writes its snapshot (one
+    /// step: sled 0.34 cannot do it in parts).
+    Reopen,
+}
+
+impl Task {
+    pub const ALL: [Task; 2] = [Task::Prune, Task::Reopen];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Prune => "prune",
+            Task::Reopen => "reopen",
+        }
+    }
+}
+
+/// Per [`Task`]: steps taken since start and the longest one (µs); and whether a prune is
+/// under way.
+#[derive(Debug, Default)]
+pub struct BackgroundStats {
+    steps: [AtomicU64; 2],
+    longest_us: [AtomicU64; 2],
+    /// A prune started and not yet finished.
+    pub pruning: AtomicBool,
+}
+
+impl BackgroundStats {
+    /// Records one step of `task` that held the event loop for `took`.
+    pub fn record(&self, task: Task, took: std::time::Duration) {
+        let i = task as usize;
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.steps[i].fetch_add(1, Ordering::Relaxed);
+        self.longest_us[i].fetch_max(us, Ordering::Relaxed);
+    }
+
+    pub fn steps(&self, task: Task) -> u64 {
+        self.steps[task as usize].load(Ordering::Relaxed)
+    }
+
+    /// The longest step of `task` since start.
+    pub fn longest(&self, task: Task) -> std::time::Duration {
+        std::time::Duration::from_micros(self.longest_us[task as usize].load(Ordering::Relaxed))
+    }
 }
 
 impl Ops {
@@ -49,6 +101,7 @@ impl Ops {
             commit_latency: Histogram::new(buckets),
             queries_refused: AtomicU64::new(0),
             queries_alive: AtomicBool::new(true),
+            background: BackgroundStats::default(),
         }
     }
 

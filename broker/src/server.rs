@@ -14,6 +14,7 @@
 //! acknowledge — is taken in by the loop. Each turn's inbound messages wait for their own
 //! flight only: their state and outbox were committed before it left.
 
+mod background;
 pub mod batch;
 
 use std::collections::{HashSet, VecDeque};
@@ -32,11 +33,12 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ingest::{self, Limits};
 use crate::nats;
-use crate::ops::Ops;
+use crate::ops::{Ops, Task};
 use crate::referral::Millis;
 use crate::registry::Registry;
 use crate::store::{DeadLetter, DeadLetterStatus};
 use crate::store::{OutboxEntry, Store};
+use background::Background;
 use batch::{Batch, Outcome};
 
 /// How often the loop wakes with nothing to read, to fire deadlines.
@@ -54,6 +56,9 @@ const MAX_FLIGHTS: usize = 4;
 const PARALLEL_READS: usize = 8;
 /// How long a stopping loop waits for the flights still out.
 const LANDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two steps of background work (the end of one, the start of the next),
+/// however busy the loop.
+const BACKGROUND_PAUSE: Duration = Duration::from_millis(15);
 /// How often applied message ids older than the retention are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -202,14 +207,27 @@ impl EventLoop {
         let mut messages = self.messages(&consumer).await?;
         let mut flights = Flights::new();
         let mut caught_up = false;
-        let mut last_prune = Instant::now() - PRUNE_EVERY;
+        let mut background = Background::new(
+            PRUNE_EVERY,
+            crate::store::PRUNE_STEP_SEGMENTS,
+            BACKGROUND_PAUSE,
+        );
+        let retention = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
         loop {
             // Take in the flights that have landed.
             while let Some(Some(landed)) = flights.next().now_or_never() {
                 self.landed(landed, &mut pending, true).await;
             }
             let idle = pending.sent.is_empty() && pending.confirmed.is_empty();
-            let wait = if idle { TICK } else { PIGGYBACK };
+            // Background work waiting: its next step soon after this turn, not a tick later
+            // (the pause lets sled's and the allocator's deferred frees keep up with it).
+            let wait = if background.busy() {
+                background.wait()
+            } else if idle {
+                TICK
+            } else {
+                PIGGYBACK
+            };
             let room = flights.len() < MAX_FLIGHTS;
             let first = tokio::select! {
                 _ = token.cancelled() => break,
@@ -273,10 +291,10 @@ impl EventLoop {
                 "turn time"
             );
             self.launch(inbound, &mut pending, &mut flights).await;
-            if last_prune.elapsed() >= PRUNE_EVERY {
-                last_prune = Instant::now();
-                self.prune();
-            }
+            // One bounded step of background work per turn (a few ms; see background.rs).
+            tokio::task::block_in_place(|| {
+                background.step(self.store.as_ref(), &self.ops, retention)
+            });
         }
         // Let the flights still out land, so that their inbound messages are acknowledged.
         let landing = async {
@@ -678,7 +696,10 @@ impl EventLoop {
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
         // Between commits, as the one writer: after enough writes the store may reopen so that
         // its engine writes a recovery snapshot (a stall about as long as a restart's open).
-        tokio::task::block_in_place(|| self.store.snapshot_if_due())?;
+        let started = Instant::now();
+        if tokio::task::block_in_place(|| self.store.snapshot_if_due())? {
+            self.ops.background.record(Task::Reopen, started.elapsed());
+        }
         Ok(true)
     }
 
@@ -732,15 +753,5 @@ impl EventLoop {
             }
         }
         true
-    }
-
-    fn prune(&self) {
-        let keep = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
-        let before = clock::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-        match tokio::task::block_in_place(|| self.store.prune_seen(before)) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(forgotten = n, "pruned applied message ids past retention"),
-            Err(e) => tracing::warn!(cause = %e, "pruning applied message ids failed"),
-        }
     }
 }

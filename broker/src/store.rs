@@ -27,6 +27,10 @@ use crate::error::Result;
 use crate::referral::{DeadlineKind, Millis, Referral};
 use crate::view::{Counts, Summary};
 
+/// Segments of applied ids (64 ids each) one step of the event loop's prune removes: a sled
+/// batch of ~520 removals, a few milliseconds (see [`Store::prune_seen_step`]).
+pub const PRUNE_STEP_SEGMENTS: usize = 8;
+
 /// A message the broker must publish: kept until its PubAck has been seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
@@ -120,8 +124,24 @@ pub trait Store: Send + Sync + 'static {
     fn due(&self, now: Millis, limit: usize) -> Result<Vec<Deadline>>;
     /// The highest inbound stream sequence applied (0: none).
     fn checkpoint(&self) -> Result<u64>;
-    /// Forgets applied message ids older than `before`; returns how many.
-    fn prune_seen(&self, before: Millis) -> Result<usize>;
+    /// One bounded step of forgetting applied message ids older than `before`: at most
+    /// `segments` whole segments of them (about 64 ids each), or as many ids of an older
+    /// store's one-key-per-id index, in one write. Returns how many ids it forgot; 0 means
+    /// nothing older is left. The event loop calls it between turns until it returns 0, so
+    /// that neither the time it holds the loop nor the memory one write costs grows with how
+    /// much is waiting.
+    fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize>;
+    /// Forgets every applied message id older than `before`, [`PRUNE_STEP_SEGMENTS`] at a
+    /// time; returns how many. For whoever owns the store outright (the bench's fill, tests).
+    fn prune_seen(&self, before: Millis) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            match self.prune_seen_step(before, PRUNE_STEP_SEGMENTS)? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
+    }
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
     /// The view's counters over every referral, as last committed.

@@ -155,6 +155,32 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
         "Queries not answered since start: their reply subject was not the asking agency's inbox",
         refused,
     );
+    let steps = Family::<Labels, prometheus_client::metrics::counter::Counter<u64>>::default();
+    reg.register(
+        "background_steps",
+        "Steps of background work (prune: applied ids past retention; reopen: the store's snapshot) the event loop took between turns since start",
+        steps.clone(),
+    );
+    let longest = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    reg.register(
+        "background_step_seconds_max",
+        "The longest a background step held the event loop since start, by task",
+        longest.clone(),
+    );
+    let bg = &state.ops.background;
+    for task in crate::ops::Task::ALL {
+        let labels = vec![("task", task.as_str().to_owned())];
+        steps.get_or_create(&labels).inc_by(bg.steps(task));
+        longest
+            .get_or_create(&labels)
+            .set(bg.longest(task).as_secs_f64());
+    }
+    gauge(
+        &mut reg,
+        "background_pruning",
+        "1 while a prune of applied ids past retention is under way (a step between turns)",
+        i64::from(bg.pruning.load(Ordering::Relaxed)),
+    );
     reg.register(
         "commit_latency_seconds",
         "From an inbound message's arrival in the stream to its commit in the broker's store",

@@ -172,6 +172,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         &registry,
         &keys.broker,
         s.batch_size,
+        "",
     )?;
     broker.wait_ready(Duration::from_secs(60)).await?;
 

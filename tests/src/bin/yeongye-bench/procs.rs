@@ -305,12 +305,14 @@ impl Broker {
         registry: &Path,
         signing_key: &Path,
         batch_size: usize,
+        extra_config: &str,
     ) -> Result<Broker> {
         std::fs::create_dir_all(dir)?;
         let http = format!("127.0.0.1:{}", free_port()?);
         let config = format!(
             "nats_urls = [\"{nats_url}\"]\nstore_dir = \"{}\"\nregistry = \"{}\"\n\
-             signing_key_file = \"{}\"\nhttp_addr = \"{http}\"\nbatch_size = {batch_size}\n",
+             signing_key_file = \"{}\"\nhttp_addr = \"{http}\"\nbatch_size = {batch_size}\n\
+             {extra_config}",
             store.display(),
             registry.display(),
             signing_key.display()
@@ -372,6 +374,16 @@ impl Broker {
         }
     }
 
+    /// The value of the sample `name` (with its labels, as exposed) on the broker's
+    /// `/metrics`, if it answered and has it.
+    pub(crate) fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_get(&self.http, "/metrics")?;
+        body.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.split_whitespace().next()?.parse().ok()
+        })
+    }
+
     /// SIGTERM and wait (SIGKILL after 20 s).
     pub(crate) fn stop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(20));
@@ -396,6 +408,21 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// A minimal HTTP/1.1 GET on loopback: the body of a 200 answer.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut all = String::new();
+    s.read_to_string(&mut all).ok()?;
+    let (head, body) = all.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 /// Lines an adapter printed, by kind.

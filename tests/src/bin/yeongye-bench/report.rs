@@ -242,12 +242,14 @@ pub(crate) fn markdown_scale(r: &Report) -> Option<String> {
     }
     let mut out = run_line(r);
     let _ = writeln!(out, "Command: `{}`.\n", r.settings.command);
-    out.push_str("| store | referrals stored (open) | store on disk | per referral | first start → ready | broker RSS when ready | peak RSS | restart → ready | RSS after restart | fill (library) |\n");
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| store | referrals stored (open) | store on disk | per referral | first start → ready | broker RSS when ready | first prune (every applied id): ready → done, steps | peak RSS, first start and prune | restart → ready | RSS after restart | peak RSS, restart | **peak RSS over the run** | longest background step | fill (library) |\n");
+    out.push_str(
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
     for p in &r.scale {
         let _ = writeln!(
             out,
-            "| {} | {} ({}) | {} | {:.0} B | **{:.2} s** | **{}** | {} | **{:.2} s** | **{}** | {:.0} s |",
+            "| {} | {} ({}) | {} | {:.0} B | **{:.2} s** | {} | ≤ {:.1} s, {} | {} | **{:.2} s** | {} | {} | **{}** | **{:.1} ms** | {:.0} s |",
             p.profile,
             p.referrals,
             p.open,
@@ -255,9 +257,14 @@ pub(crate) fn markdown_scale(r: &Report) -> Option<String> {
             p.store_bytes_per_referral,
             p.start_to_ready_secs,
             mb(p.rss_bytes),
+            p.prune_secs,
+            p.prune_steps,
             mb(p.hwm_bytes),
             p.restart_to_ready_secs,
             mb(p.restart_rss_bytes),
+            mb(p.restart_hwm_bytes),
+            mb(p.peak_rss_bytes),
+            p.longest_step_secs * 1e3,
             p.fill_secs,
         );
     }

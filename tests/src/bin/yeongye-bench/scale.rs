@@ -45,8 +45,18 @@ pub(crate) struct ScalePoint {
     pub(crate) start_to_ready_secs: f64,
     /// Resident memory once ready and settled, bytes.
     pub(crate) rss_bytes: u64,
-    /// Peak resident memory since start, bytes.
+    /// Peak resident memory of the first start, through its first prune, bytes.
     pub(crate) hwm_bytes: u64,
+    /// Peak resident memory of the restarted broker, bytes.
+    pub(crate) restart_hwm_bytes: u64,
+    /// The most of both: the broker's peak over the whole run, bytes.
+    pub(crate) peak_rss_bytes: u64,
+    /// The first prune (every applied id past retention): ready → done, seconds.
+    pub(crate) prune_secs: f64,
+    /// Its steps between turns.
+    pub(crate) prune_steps: u64,
+    /// The longest any background step held the event loop in either run, seconds.
+    pub(crate) longest_step_secs: f64,
     /// The same broker stopped and started again: spawned → ready, seconds.
     pub(crate) restart_to_ready_secs: f64,
     /// Resident memory of the restarted broker once ready and settled, bytes.
@@ -145,6 +155,12 @@ const STEADY_OPEN: u64 = 10_000;
 const STEADY_STEP_MS: i64 = 31_536;
 /// The broker's default `dedup_retention_days`.
 const RETENTION_MS: i64 = 14 * DAY_MS;
+/// What the measured broker is told: retention one day, its clock two days ahead (the
+/// `testing_clock_offset_file`), so that its first prune forgets every applied id in the
+/// store, as a broker back after a long absence does, while no deadline falls due (the
+/// earliest, an acceptance, is more than 6 days after the newest open referral's receipt).
+const BROKER_RETENTION: &str = "inbound_retention_days = 1\ndedup_retention_days = 1\n";
+const CLOCK_AHEAD_MS: i64 = 2 * DAY_MS;
 
 impl Profile {
     fn step_ms(self) -> i64 {
@@ -347,24 +363,35 @@ pub(crate) async fn run(
         // A fresh nats-server each time: the broker's streams and consumers are created anew,
         // as on a first start against this store.
         let nats = Nats::start(nats_bin, &dir.join(format!("nats-{size}")), Sync::Default).await?;
-        // Spawned → ready, then resident memory once settled.
-        let start = |name: String| {
-            let (nats_url, store, registry, key) = (nats.url(), &store, &registry, &keys.broker);
-            async move {
-                let mut broker =
-                    Broker::spawn(&dir.join(name), &nats_url, store, registry, key, 256)?;
-                let ready = broker.wait_ready(Duration::from_secs(300)).await?;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let stats = procs::proc_stats(broker.pid())?;
-                broker.stop();
-                anyhow::Ok((ready, stats))
-            }
-        };
-        let (ready, stats) = start(format!("broker-{size}")).await?;
+        let offset_file = dir.join(format!("clock-offset-{size}"));
+        std::fs::write(&offset_file, CLOCK_AHEAD_MS.to_string())?;
+        let extra = format!(
+            "{BROKER_RETENTION}testing_clock_offset_file = \"{}\"\n",
+            offset_file.display()
+        );
+        let first = measure(
+            dir,
+            &format!("broker-{size}"),
+            &nats,
+            &store,
+            &registry,
+            &keys,
+            &extra,
+        )
+        .await?;
         // A restart: sled 0.34 writes its snapshot only when it opens a store, so the first
         // start above replayed every write since the store was last opened (the fill); a
         // restart replays only what came after.
-        let (restart, restart_stats) = start(format!("broker-{size}-restart")).await?;
+        let restart = measure(
+            dir,
+            &format!("broker-{size}-restart"),
+            &nats,
+            &store,
+            &registry,
+            &keys,
+            &extra,
+        )
+        .await?;
         drop(nats);
         let point = ScalePoint {
             profile,
@@ -375,25 +402,109 @@ pub(crate) async fn run(
             },
             store_bytes,
             store_bytes_per_referral: store_bytes as f64 / size.max(1) as f64,
-            start_to_ready_secs: ready.as_secs_f64(),
-            rss_bytes: stats.rss,
-            hwm_bytes: stats.hwm,
-            restart_to_ready_secs: restart.as_secs_f64(),
-            restart_rss_bytes: restart_stats.rss,
+            start_to_ready_secs: first.ready.as_secs_f64(),
+            rss_bytes: first.rss,
+            hwm_bytes: first.hwm,
+            restart_hwm_bytes: restart.hwm,
+            peak_rss_bytes: first.hwm.max(restart.hwm),
+            prune_secs: first.prune.as_secs_f64(),
+            prune_steps: first.prune_steps,
+            longest_step_secs: first.longest_step.max(restart.longest_step),
+            restart_to_ready_secs: restart.ready.as_secs_f64(),
+            restart_rss_bytes: restart.rss,
             fill_secs,
         };
         eprintln!(
-            "scale ({profile}): {size} referrals: ready in {:.2} s, RSS {:.0} MB (peak {:.0} MB); restarted: ready in {:.2} s, RSS {:.0} MB; {:.0} bytes/referral on disk",
+            "scale ({profile}): {size} referrals: ready in {:.2} s, RSS {:.0} MB (peak {:.0} MB through the first prune: {:.1} s, {} steps); restarted: ready in {:.2} s, RSS {:.0} MB (peak {:.0} MB); longest background step {:.1} ms; {:.0} bytes/referral on disk",
             point.start_to_ready_secs,
             point.rss_bytes as f64 / 1e6,
             point.hwm_bytes as f64 / 1e6,
+            point.prune_secs,
+            point.prune_steps,
             point.restart_to_ready_secs,
             point.restart_rss_bytes as f64 / 1e6,
+            point.restart_hwm_bytes as f64 / 1e6,
+            point.longest_step_secs * 1e3,
             point.store_bytes_per_referral
         );
         points.push(point);
     }
     Ok(points)
+}
+
+/// One run of the broker on the store, as [`measure`] saw it.
+struct Run {
+    /// Spawned → `/readyz` 200.
+    ready: Duration,
+    /// Resident memory two seconds after ready, bytes.
+    rss: u64,
+    /// Peak resident memory over the whole run (start, first prune), bytes.
+    hwm: u64,
+    /// Ready → the first prune done.
+    prune: Duration,
+    prune_steps: u64,
+    /// The longest background step of the run (any task), seconds.
+    longest_step: f64,
+}
+
+/// Starts the broker on `store`, waits for it to be ready and for its first prune to finish
+/// (read from its `/metrics`), and stops it: start-up time, memory when ready, and the peak
+/// over the whole run.
+async fn measure(
+    dir: &Path,
+    name: &str,
+    nats: &Nats,
+    store: &Path,
+    registry: &Path,
+    keys: &Keys,
+    extra: &str,
+) -> Result<Run> {
+    let mut broker = Broker::spawn(
+        &dir.join(name),
+        &nats.url(),
+        store,
+        registry,
+        &keys.broker,
+        256,
+        extra,
+    )?;
+    let ready = broker.wait_ready(Duration::from_secs(300)).await?;
+    let ready_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = procs::proc_stats(broker.pid())?.rss;
+    // The prune starts at the loop's first step and is over when the gauge says so.
+    let steps = |b: &Broker| b.metric("yeongye_background_steps_total{task=\"prune\"}");
+    let prune = loop {
+        let pruning = broker.metric("yeongye_background_pruning");
+        if pruning == Some(0.0) && steps(&broker).is_some_and(|n| n >= 1.0) {
+            break ready_at.elapsed();
+        }
+        if ready_at.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!("{name}: the first prune did not finish in 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let prune_steps = steps(&broker).unwrap_or(0.0) as u64;
+    let longest_step = ["prune", "reopen"]
+        .iter()
+        .filter_map(|t| {
+            broker.metric(&format!(
+                "yeongye_background_step_seconds_max{{task=\"{t}\"}}"
+            ))
+        })
+        .fold(0.0, f64::max);
+    // Settled after the prune: the peak is the process's own high-water mark.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hwm = procs::proc_stats(broker.pid())?.hwm;
+    broker.stop();
+    Ok(Run {
+        ready,
+        rss,
+        hwm,
+        prune,
+        prune_steps,
+        longest_step,
+    })
 }
 
 /// Opens the store at `dir` in this process and says what each step of a broker's start costs

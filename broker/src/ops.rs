@@ -27,6 +27,10 @@ pub struct Ops {
     pub commit_latency: Histogram,
     /// Queries not answered because their reply subject was not the asker's inbox.
     pub queries_refused: AtomicU64,
+    /// Turns the event loop completed since start (an idle loop turns every tick; each turn
+    /// fires the deadlines due once the inbound backlog is read): what tests wait on instead of
+    /// sleeping.
+    pub turns: AtomicU64,
     /// Whether the status/consent query responder is running (false once it stopped, for
     /// whatever reason: `/readyz` then says not ready instead of the death showing only at
     /// shutdown).
@@ -100,6 +104,7 @@ impl Ops {
             outbox: AtomicU64::new(0),
             commit_latency: Histogram::new(buckets),
             queries_refused: AtomicU64::new(0),
+            turns: AtomicU64::new(0),
             queries_alive: AtomicBool::new(true),
             background: BackgroundStats::default(),
         }

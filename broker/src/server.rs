@@ -283,6 +283,7 @@ impl EventLoop {
             // the connection task is woken by this one) and keeps reading the next batch.
             let started = Instant::now();
             tokio::task::block_in_place(|| self.turn(&inbound, &mut pending, caught_up))?;
+            self.ops.turns.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 inbound = inbound.len(),
                 backlog = self.ops.backlog.load(Ordering::Relaxed),

@@ -148,6 +148,13 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
         "1 when /readyz would answer 200",
         i64::from(ready),
     );
+    let turns = prometheus_client::metrics::counter::Counter::<u64>::default();
+    turns.inc_by(state.ops.turns.load(Ordering::Relaxed));
+    reg.register(
+        "turns",
+        "Turns of the event loop since start (an idle loop turns every 250 ms tick)",
+        turns,
+    );
     let refused = prometheus_client::metrics::counter::Counter::<u64>::default();
     refused.inc_by(state.ops.queries_refused.load(Ordering::Relaxed));
     reg.register(

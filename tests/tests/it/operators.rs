@@ -36,6 +36,43 @@ fn http(system: &System) -> OpsHttp {
 }
 
 /// `REFERRAL_STATE_DELIVERED` → `DELIVERED`.
+/// Waits until the broker's event loop has turned `n` more times (an idle loop turns every
+/// 250 ms tick, and fires what is due at each): `yeongye_turns_total` from `/metrics`.
+async fn wait_turns(http: &OpsHttp, n: f64, system: &System) {
+    let turns = || async { http.metrics().await.get("yeongye_turns_total", "") };
+    let from = turns().await.expect("yeongye_turns_total in /metrics");
+    wait_for(
+        &format!("{n} more turns of the broker's loop"),
+        SHORT,
+        || async { (turns().await? >= from + n).then_some(()) },
+        || system.describe(),
+    )
+    .await;
+}
+
+/// Waits until the adapters of `agencies` have taken (handed over and acknowledged) everything
+/// published to them so far: their consumers have nothing pending or unacknowledged.
+async fn wait_taken(system: &System, agencies: &[&str]) {
+    let wire = system.wire(agencies[0]).await;
+    let js = wire.jetstream().clone();
+    wait_for(
+        "the adapters to take everything sent to them",
+        SHORT,
+        || async {
+            let out = js.get_stream(subject::OUT_STREAM).await.ok()?;
+            for a in agencies {
+                let info = out.consumer_info(subject::agency_consumer(a)).await.ok()?;
+                if info.num_pending > 0 || info.num_ack_pending > 0 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+        || system.describe(),
+    )
+    .await;
+}
+
 fn state_name(s: S) -> &'static str {
     s.as_str_name().trim_start_matches("REFERRAL_STATE_")
 }
@@ -473,7 +510,7 @@ async fn dashboard_in_headless_chromium_shows_the_api_numbers() {
         Some(&new_id()),
     )
     .await;
-    barrier(&system, CENTRE, HOPE).await;
+    wait_taken(&system, &[CENTRE, HOPE]).await;
 
     let queues = http.get_json("/api/v1/queues").await;
     let url = format!("{}/", http.base());
@@ -647,10 +684,13 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
             })
             .await;
     }
-    // Many ticks (250 ms each) later, and a further day on: still one each.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Many ticks (250 ms each) later, and a further day on: still one each. Waited by the
+    // broker's turn counter, then until the sender's and the coordinator's adapters have taken
+    // everything those turns sent.
+    wait_turns(&http, 8.0, &system).await;
     system.broker.set_clock_offset(12 * DAY_MS);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_turns(&http, 8.0, &system).await;
+    wait_taken(&system, &[CENTRE, HOPE]).await;
     let count = |system: &System| {
         [CENTRE, HOPE, MENTAL, WELFARE].map(|a| (a, escalations(system, a, &rid)))
     };
@@ -711,9 +751,10 @@ async fn an_overdue_referral_is_escalated_once_to_sender_and_coordinator() {
 
     // kill -9 and start again: the deadline is not fired a second time.
     system.broker.restart().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_turns(&http, 8.0, &system).await;
     system.broker.set_clock_offset(13 * DAY_MS);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_turns(&http, 8.0, &system).await;
+    wait_taken(&system, &[CENTRE, HOPE]).await;
     assert_eq!(
         count(&system),
         [(CENTRE, 1), (HOPE, 1), (MENTAL, 0), (WELFARE, 0)],

@@ -70,7 +70,8 @@ pub mod inbox;
 pub mod incoming;
 mod item;
 pub mod json;
-pub mod log_filter;
+/// The binary's `tracing` filter (crate `yeongye-log`, shared with the broker).
+pub use yeongye_log as log_filter;
 mod outgoing;
 
 pub use client::{Adapter, AdapterBuilder};

@@ -33,7 +33,8 @@ pub mod dead_letter;
 pub mod error;
 pub mod http;
 pub mod ingest;
-pub mod log_filter;
+/// The binary's `tracing` filter (crate `yeongye-log`, shared with the adapter).
+pub use yeongye_log as log_filter;
 pub mod nats;
 pub mod onboard;
 pub mod operator;

@@ -1,13 +1,13 @@
-//! The `tracing` filter of the `referral-broker` binary. `RUST_LOG` governs every target
-//! (default `info`, also when it is set but empty); the NATS client (`async_nats`) is capped at
-//! `info` unless `RUST_LOG` names it, because at debug it logs every pull request (thousands of
-//! lines an idle hour) and its server URLs (a password in one included), and at trace whole
-//! message payloads. The cap only ever lowers the NATS client's level, never raises it;
-//! and even when named, the NATS client never logs at trace (payloads carry personal data).
+//! The `tracing` filter both binaries (`referral-broker`, `agency-adapter`) start with, and agency
+//! systems built on the SDK may use too. `RUST_LOG` governs every target (default `info`, also
+//! when it is set but empty); the NATS client (`async_nats`) is capped at `info` unless
+//! `RUST_LOG` names it, because at debug it logs every pull request (thousands of lines an idle
+//! hour) and its server URLs (a password in one included), and at trace whole message payloads.
+//! The cap only ever lowers the NATS client's level, never raises it; and even when named, the
+//! NATS client never logs at trace (payloads carry personal data).
 //!
-//! A twin of `agency-adapter/src/log_filter.rs`, on purpose: the two crates share only `proto`,
-//! which is the wire contract and no place for logging, and a crate of its own for twenty lines
-//! costs more than it saves. Change both together; their tests are the same.
+//! Its own crate because both binaries need exactly this rule and share no crate where logging
+//! belongs (`proto` is the wire contract, `yeongye-http` the HTTP server loop).
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(shown(Some("  ")), "info");
         assert_eq!(shown(Some("warn")), "warn");
         assert_eq!(shown(Some("info")), "info");
-        for spec in ["debug", "trace", "yeongye_broker=trace,debug"] {
+        for spec in ["debug", "trace", "yeongye_app=trace,debug"] {
             let f = shown(Some(spec));
             assert!(f.contains("async_nats=info"), "{spec}: {f}");
         }
@@ -108,7 +108,7 @@ mod tests {
         let f = shown(Some("info,async_nats::connector=debug"));
         assert!(!f.contains("async_nats=info"), "{f}");
         // Never raised: no global level, or one below the cap.
-        assert_eq!(shown(Some("yeongye_broker=debug")), "yeongye_broker=debug");
+        assert_eq!(shown(Some("yeongye_app=debug")), "yeongye_app=debug");
         assert_eq!(shown(Some("error")), "error");
     }
 

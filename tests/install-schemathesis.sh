@@ -17,16 +17,7 @@ if [ -x "$st" ] && "$st" --version 2>/dev/null | grep -q "$VERSION"; then
   exit 0
 fi
 
-command -v python3 >/dev/null || { echo "install-schemathesis.sh: python3 is needed (apt-get install python3 python3-venv)" >&2; exit 1; }
-mkdir -p "$root/.tools"
-rm -rf "$venv"
-if ! python3 -m venv "$venv" >&2; then
-  echo "install-schemathesis.sh: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
-  exit 1
-fi
-if ! "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$VERSION" >&2; then
-  echo "install-schemathesis.sh: pip could not install schemathesis==$VERSION (no network, or no PyPI access?)" >&2
-  exit 1
-fi
+. "$root/deploy/pip-venv.sh"
+pip_venv install-schemathesis.sh "$venv" "schemathesis==$VERSION"
 "$st" --version >&2
 echo "$st"

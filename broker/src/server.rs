@@ -16,8 +16,8 @@
 
 mod background;
 pub mod batch;
+mod pending;
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ use crate::store::{DeadLetter, DeadLetterStatus};
 use crate::store::{OutboxEntry, Store};
 use background::Background;
 use batch::{Batch, Outcome};
+use pending::{FlightId, Landing, Pending};
 
 /// How often the loop wakes with nothing to read, to fire deadlines.
 const TICK: Duration = Duration::from_millis(250);
@@ -117,24 +118,6 @@ pub enum DeadLetterAction {
     Discard,
 }
 
-struct Pending {
-    /// Outbox entries not yet published, in key order.
-    outbox: VecDeque<OutboxEntry>,
-    /// Keys of outbox entries published and awaiting their PubAck (in a flight).
-    in_flight: HashSet<u64>,
-    /// Outbox keys whose PubAck was seen: removed by the next commit.
-    sent: Vec<u64>,
-    /// Deliveries the stream acknowledged: `DELIVERED` in the next batch.
-    confirmed: Vec<(String, Millis)>,
-}
-
-impl Pending {
-    /// Outbox entries not yet acknowledged by the stream: waiting, or in a flight.
-    fn depth(&self) -> u64 {
-        (self.outbox.len() + self.in_flight.len()) as u64
-    }
-}
-
 /// Acknowledges a turn's inbound messages (their state and outbox are committed and published).
 async fn ack_all(inbound: &[jetstream::Message]) {
     for m in inbound {
@@ -148,6 +131,7 @@ type Messages = async_nats::jetstream::consumer::pull::Stream;
 
 /// What a flight (one turn's publishes) brought back.
 struct Landed {
+    flight: FlightId,
     /// Entries the stream acknowledged, with when.
     acked: Vec<(OutboxEntry, Millis)>,
     /// Entries not acknowledged: sent again (same message id) by a later turn.
@@ -158,7 +142,16 @@ struct Landed {
     inbound: Vec<jetstream::Message>,
 }
 
-type Flights = FuturesUnordered<tokio::task::JoinHandle<Landed>>;
+/// Flights out, each a task awaiting its PubAcks; a task that is lost still names its flight.
+type Flights = FuturesUnordered<
+    futures::future::BoxFuture<
+        'static,
+        (
+            FlightId,
+            std::result::Result<Landed, tokio::task::JoinError>,
+        ),
+    >,
+>;
 
 /// `items` mapped by `f`, in order: on two threads when there are at least `min` of them (the
 /// pure, CPU-bound parts of a turn: signature checks, signing), else on this one. Should the
@@ -190,15 +183,10 @@ impl EventLoop {
         mut commands: mpsc::Receiver<Command>,
         token: CancellationToken,
     ) -> Result<()> {
-        let mut pending = Pending {
-            outbox: self.store.outbox()?.into(),
-            in_flight: HashSet::new(),
-            sent: Vec::new(),
-            confirmed: Vec::new(),
-        };
-        if !pending.outbox.is_empty() {
+        let mut pending = Pending::new(self.store.outbox()?);
+        if pending.waiting() > 0 {
             tracing::info!(
-                entries = pending.outbox.len(),
+                entries = pending.waiting(),
                 "publishing the outbox left from before"
             );
         }
@@ -218,12 +206,11 @@ impl EventLoop {
             while let Some(Some(landed)) = flights.next().now_or_never() {
                 self.landed(landed, &mut pending, true).await;
             }
-            let idle = pending.sent.is_empty() && pending.confirmed.is_empty();
             // Background work waiting: its next step soon after this turn, not a tick later
             // (the pause lets sled's and the allocator's deferred frees keep up with it).
             let wait = if background.busy() {
                 background.wait()
-            } else if idle {
+            } else if pending.idle() {
                 TICK
             } else {
                 PIGGYBACK
@@ -253,29 +240,8 @@ impl EventLoop {
                 }
                 None => caught_up = true,
             }
-            // Everything already received, up to a batch. Unconstrained: tokio's cooperative
-            // budget (128 operations per task poll, spent also on the acks above) would
-            // otherwise report the stream empty after a few dozen messages, and batches would
-            // stay small however long the backlog.
-            tokio::task::unconstrained(async {
-                while inbound.len() < self.cfg.batch_size {
-                    match messages.next().now_or_never() {
-                        Some(Some(Ok(m))) => inbound.push(m),
-                        Some(Some(Err(e))) => {
-                            tracing::warn!(cause = %e, "reading the inbound stream")
-                        }
-                        _ => break,
-                    }
-                }
-            })
-            .await;
-            if let Some(last) = inbound.last() {
-                let backlog = last.info().map(|i| i.pending).unwrap_or(u64::MAX);
-                self.ops.backlog.store(backlog, Ordering::Relaxed);
-                caught_up = backlog == 0;
-            } else if caught_up {
-                self.ops.backlog.store(0, Ordering::Relaxed);
-            }
+            self.read_ready(&mut messages, &mut inbound).await;
+            caught_up = self.note_backlog(&inbound, caught_up);
 
             // The whole turn is synchronous work (checks, signatures, decisions, the store
             // commit): off the runtime's worker, so that the NATS connection's task is not
@@ -297,10 +263,51 @@ impl EventLoop {
                 background.step(self.store.as_ref(), &self.ops, retention)
             });
         }
-        // Let the flights still out land, so that their inbound messages are acknowledged.
+        self.land_all(&mut flights, &mut pending).await;
+        tracing::info!(outbox = pending.waiting(), "event loop stopped");
+        Ok(())
+    }
+
+    /// Everything already received, up to a batch. Unconstrained: tokio's cooperative budget
+    /// (128 operations per task poll, spent also on the acks) would otherwise report the
+    /// stream empty after a few dozen messages, and batches would stay small however long the
+    /// backlog.
+    async fn read_ready(&self, messages: &mut Messages, inbound: &mut Vec<jetstream::Message>) {
+        tokio::task::unconstrained(async {
+            while inbound.len() < self.cfg.batch_size {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => inbound.push(m),
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(cause = %e, "reading the inbound stream")
+                    }
+                    _ => break,
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Records the inbound backlog (what the consumer still holds after this batch); returns
+    /// whether the loop has caught up with the stream (deadlines fire only then).
+    fn note_backlog(&self, inbound: &[jetstream::Message], caught_up: bool) -> bool {
+        if let Some(last) = inbound.last() {
+            let backlog = last.info().map(|i| i.pending).unwrap_or(u64::MAX);
+            self.ops.backlog.store(backlog, Ordering::Relaxed);
+            backlog == 0
+        } else {
+            if caught_up {
+                self.ops.backlog.store(0, Ordering::Relaxed);
+            }
+            caught_up
+        }
+    }
+
+    /// At stop: lets the flights still out land, so that their inbound messages are
+    /// acknowledged.
+    async fn land_all(&self, flights: &mut Flights, pending: &mut Pending) {
         let landing = async {
             while let Some(landed) = flights.next().await {
-                self.landed(landed, &mut pending, false).await;
+                self.landed(landed, pending, false).await;
             }
         };
         if tokio::time::timeout(LANDING_TIMEOUT, landing)
@@ -309,11 +316,9 @@ impl EventLoop {
         {
             tracing::warn!("publishes still unacknowledged at stop: they are sent again at start");
         }
-        tracing::info!(outbox = pending.outbox.len(), "event loop stopped");
-        Ok(())
     }
 
-    /// Publishes the pending outbox (in key order) as a flight: its PubAcks are awaited, all
+    /// Publishes the waiting outbox (in key order) as a flight: its PubAcks are awaited, all
     /// together, by a task of its own, which then hands back what came of them and the turn's
     /// inbound messages to acknowledge.
     async fn launch(
@@ -322,21 +327,19 @@ impl EventLoop {
         pending: &mut Pending,
         flights: &mut Flights,
     ) {
-        if pending.outbox.is_empty() {
+        let Some((flight, entries)) = pending.start_flight() else {
             // Nothing of this turn's is left to publish (its effects, if any, were cancelled).
             ack_all(&inbound).await;
             return;
-        }
-        let entries: Vec<OutboxEntry> = pending.outbox.drain(..).collect();
+        };
         let mut acks = Vec::with_capacity(entries.len());
         for e in &entries {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(e.payload.clone().into())
                 .message_id(&e.message_id);
             acks.push(self.js.send_publish(e.subject.clone(), publish).await);
-            pending.in_flight.insert(e.key);
         }
-        flights.push(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             // Together: each PubAck's timeout starts when it is first polled.
             let results = futures::future::join_all(acks.into_iter().map(|ack| async move {
                 match ack {
@@ -349,6 +352,7 @@ impl EventLoop {
             }))
             .await;
             let mut landed = Landed {
+                flight,
                 acked: Vec::with_capacity(entries.len()),
                 failed: Vec::new(),
                 error: None,
@@ -364,7 +368,8 @@ impl EventLoop {
                 }
             }
             landed
-        }));
+        });
+        flights.push(Box::pin(task.map(move |result| (flight, result))));
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
     }
 
@@ -372,46 +377,51 @@ impl EventLoop {
     /// deliveries among them confirmed; the turn's inbound messages are acknowledged if
     /// nothing failed. What failed goes back to the outbox (in key order) to be sent again
     /// with the same ids, and the inbound stays unacknowledged (redelivered later and
-    /// recognised as applied); with `backoff`, the loop then pauses for a second.
+    /// recognised as applied); with `backoff`, the loop then pauses for a second. A lost task
+    /// (it cannot fail, but if it ever does) gives its entries back: they are read again from
+    /// the store and sent again.
     async fn landed(
         &self,
-        landed: std::result::Result<Landed, tokio::task::JoinError>,
+        (flight, landed): (
+            FlightId,
+            std::result::Result<Landed, tokio::task::JoinError>,
+        ),
         pending: &mut Pending,
         backoff: bool,
     ) {
-        let landed = match landed {
-            Ok(l) => l,
+        let landing = match landed {
+            Ok(l) => {
+                debug_assert_eq!(l.flight, flight);
+                if let (Some(err), Some(e)) = (&l.error, l.failed.first()) {
+                    tracing::warn!(cause = %err, subject = %e.subject, failed = l.failed.len(), "publish failed; will retry with the same id");
+                }
+                let landing = pending.landed(&l.acked, l.failed);
+                if landing == Landing::Acknowledge {
+                    ack_all(&l.inbound).await;
+                }
+                landing
+            }
             Err(e) => {
-                // The task cannot fail; if it ever does, its entries stay in the stored
-                // outbox and are published again at the next start.
-                tracing::error!(cause = %e, "a publish task was lost");
-                return;
+                tracing::error!(cause = %e, flight, "a publish task was lost; its entries are sent again");
+                let keys = pending.lost(flight);
+                let again = match tokio::task::block_in_place(|| self.store.outbox()) {
+                    Ok(outbox) => outbox
+                        .into_iter()
+                        .filter(|e| keys.binary_search(&e.key).is_ok())
+                        .collect(),
+                    Err(e) => {
+                        // Still in the store's outbox: published again at the next start.
+                        tracing::error!(cause = %e, "reading the outbox back after a lost publish task");
+                        Vec::new()
+                    }
+                };
+                pending.failed(again);
+                Landing::Retry
             }
         };
-        for (e, at) in &landed.acked {
-            pending.in_flight.remove(&e.key);
-            pending.sent.push(e.key);
-            if let Some(id) = &e.confirms {
-                pending.confirmed.push((id.clone(), *at));
-            }
-        }
-        if landed.failed.is_empty() {
-            ack_all(&landed.inbound).await;
-        } else {
-            if let (Some(err), Some(e)) = (&landed.error, landed.failed.first()) {
-                tracing::warn!(cause = %err, subject = %e.subject, failed = landed.failed.len(), "publish failed; will retry with the same id");
-            }
-            for e in &landed.failed {
-                pending.in_flight.remove(&e.key);
-            }
-            let mut back: Vec<OutboxEntry> = landed.failed;
-            back.extend(pending.outbox.drain(..));
-            back.sort_by_key(|e| e.key);
-            pending.outbox = back.into();
-            if backoff {
-                // NATS is unreachable or refusing: back off.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+        if landing == Landing::Retry && backoff {
+            // NATS is unreachable or refusing: back off.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
     }
@@ -432,7 +442,7 @@ impl EventLoop {
                     Err(e) => Err(e.to_string()),
                 };
                 // Audited whatever came of it, like every operator action.
-                let mut batch = self.operator_batch(pending)?;
+                let mut batch = self.pending_batch(pending)?;
                 batch.registry_reloaded(&who, result.is_ok(), clock::now_ms());
                 self.commit(batch, Vec::new(), pending)?;
                 self.publish(pending).await;
@@ -464,21 +474,22 @@ impl EventLoop {
         while store.dead_letter(seq)?.is_some() {
             seq += 1;
         }
-        let mut batch = self.operator_batch(pending)?;
+        let mut batch = self.pending_batch(pending)?;
         batch.refused_query(&q, seq);
         self.commit(batch, Vec::new(), pending)?;
         self.publish(pending).await;
         Ok(())
     }
 
-    /// A batch for something other than inbound messages, carrying what the loop has pending.
-    fn operator_batch(&self, pending: &Pending) -> Result<Batch<'_>> {
+    /// A batch carrying what the loop has pending: acknowledged entries to remove, deliveries
+    /// to confirm.
+    fn pending_batch(&self, pending: &Pending) -> Result<Batch<'_>> {
         let mut batch = Batch::new(self.store.as_ref())
             .with_coordinator(self.cfg.coordinator.as_deref())
             .with_signer(self.signer.as_deref());
-        batch.remove_sent(pending.sent.iter().copied());
-        batch.published(pending.sent.iter().chain(&pending.in_flight).copied());
-        for (id, at) in &pending.confirmed {
+        batch.remove_sent(pending.sent().iter().copied());
+        batch.published(pending.published());
+        for (id, at) in pending.confirmed() {
             batch.delivery_confirmed(id, *at)?;
         }
         Ok(batch)
@@ -509,7 +520,7 @@ impl EventLoop {
         }
         let now = clock::now_ms();
         let registry = self.ops.registry();
-        let mut batch = self.operator_batch(pending)?;
+        let mut batch = self.pending_batch(pending)?;
         let outcome = match action {
             DeadLetterAction::Discard => {
                 batch.discard(&dead, who, why, now);
@@ -602,14 +613,7 @@ impl EventLoop {
     ) -> Result<()> {
         let store = self.store.as_ref();
         let registry = self.ops.registry();
-        let mut batch = Batch::new(store)
-            .with_coordinator(self.cfg.coordinator.as_deref())
-            .with_signer(self.signer.as_deref());
-        batch.remove_sent(pending.sent.iter().copied());
-        batch.published(pending.sent.iter().chain(&pending.in_flight).copied());
-        for (id, at) in &pending.confirmed {
-            batch.delivery_confirmed(id, *at)?;
-        }
+        let mut batch = self.pending_batch(pending)?;
         let (mut applied, mut rejected, mut duplicates) = (0u32, 0u32, 0u32);
         let mut arrivals = Vec::with_capacity(inbound.len());
         for (m, read) in inbound.iter().zip(self.read_all(inbound, &registry)) {
@@ -685,15 +689,8 @@ impl EventLoop {
             }
         });
         self.ops.turned(now);
-        pending.sent.clear();
-        pending.confirmed.clear();
         // Deliveries cancelled by a consent revocation must not go out after all.
-        if !changes.outbox_remove.is_empty() {
-            let removed: std::collections::HashSet<u64> =
-                changes.outbox_remove.iter().copied().collect();
-            pending.outbox.retain(|e| !removed.contains(&e.key));
-        }
-        pending.outbox.extend(changes.outbox_put);
+        pending.committed(&changes.outbox_remove, changes.outbox_put);
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
         // Between commits, as the one writer: after enough writes the store may reopen so that
         // its engine writes a recovery snapshot (a stall about as long as a restart's open).
@@ -708,7 +705,7 @@ impl EventLoop {
     /// whether everything was acknowledged; what was not stays for the next turn and is sent
     /// again with the same message id (so a repeat is dropped by the stream or the recipient).
     async fn publish(&self, pending: &mut Pending) -> bool {
-        let entries: Vec<OutboxEntry> = pending.outbox.drain(..).collect();
+        let entries: Vec<OutboxEntry> = pending.take_waiting();
         let mut chunks = entries.chunks(PUBLISH_WINDOW);
         for chunk in chunks.by_ref() {
             let mut acks = Vec::with_capacity(chunk.len());
@@ -728,28 +725,23 @@ impl EventLoop {
                 }
             }))
             .await;
-            let mut failed = false;
+            let mut failed = Vec::new();
             for (e, result) in chunk.iter().zip(results) {
                 match result {
-                    Ok(()) => {
-                        pending.sent.push(e.key);
-                        if let Some(id) = &e.confirms {
-                            pending.confirmed.push((id.clone(), clock::now_ms()));
-                        }
-                    }
+                    Ok(()) => pending.acked(e, clock::now_ms()),
                     Err(err) => {
-                        if !failed {
+                        if failed.is_empty() {
                             tracing::warn!(cause = %err, subject = %e.subject, "publish failed; will retry with the same id");
                         }
-                        failed = true;
-                        pending.outbox.push_back(e.clone());
+                        failed.push(e.clone());
                     }
                 }
             }
-            if failed {
+            if !failed.is_empty() {
                 for rest in chunks {
-                    pending.outbox.extend(rest.iter().cloned());
+                    failed.extend(rest.iter().cloned());
                 }
+                pending.failed(failed);
                 return false;
             }
         }

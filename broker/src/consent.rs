@@ -73,7 +73,6 @@ pub struct Consent {
 }
 
 impl Consent {
-    /// Whether `agency` (of registry kind `kind`) is one the consent lets receive.
     /// Whether `agency` (of `kind`) may cite this consent: it collected it, or the consent covers
     /// it as a recipient.
     pub fn may_cite(&self, agency: &str, kind: &str) -> bool {

@@ -3,10 +3,14 @@
 //!
 //! [`Store::commit`] applies a whole [`ChangeSet`] atomically and returns only once it is
 //! flushed: the event loop publishes and acknowledges nothing before that. `sled_store` is the
-//! implementation; `codec` is the on-disk encoding (private protobuf records, so domain types
-//! stay free of serialization derives).
+//! broker's implementation; `codec` is its on-disk encoding (private protobuf records, so domain
+//! types stay free of serialization derives). `memory` is a second implementation for unit
+//! tests, and `contract` the tests every implementation passes.
 
 mod codec;
+#[cfg(test)]
+mod contract;
+mod memory;
 mod segments;
 mod sled_store;
 
@@ -19,6 +23,7 @@ fn reopen<T, E: std::fmt::Display>(open: impl FnMut() -> std::result::Result<T, 
 }
 
 pub use crate::dead_letter::{DeadLetter, DeadLetterStatus, OperatorAction};
+pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
 use crate::audit;

@@ -1,4 +1,5 @@
-//! The sled store's tests: commits, pruning, older stores' layouts, the reopen.
+//! The sled store's own tests: what survives a reopen, segments, older stores' layouts, the
+//! snapshot reopen. What every store promises is in `store/contract.rs`.
 
 use super::*;
 use crate::referral::{HistoryEntry, State, Urgency};
@@ -67,19 +68,6 @@ fn commit_is_visible_and_survives_reopen() {
     assert_eq!(s.due(100, 10).unwrap()[0].referral_id, "r1");
     // A new outbox key is above every one handed out before the reopen.
     assert!(s.next_outbox_key().unwrap() > s.outbox().unwrap()[0].key);
-}
-
-#[test]
-fn checkpoint_never_goes_back() {
-    let s = SledStore::temporary().unwrap();
-    for (seq, expected) in [(10, 10), (3, 10), (11, 11)] {
-        s.commit(&ChangeSet {
-            checkpoint: Some(seq),
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(s.checkpoint().unwrap(), expected);
-    }
 }
 
 #[test]
@@ -201,34 +189,6 @@ fn a_store_from_before_segments_keeps_its_ids_and_audit_entries() {
     assert!(!s.seen("legacy-old").unwrap());
     assert!(s.seen("legacy-new").unwrap());
     assert!(!s.seen("fresh").unwrap());
-}
-
-#[test]
-fn deadlines_order_by_time_and_remove() {
-    let s = SledStore::temporary().unwrap();
-    let d = |at, id: &str| Deadline {
-        at,
-        kind: DeadlineKind::Receipt,
-        referral_id: id.into(),
-    };
-    s.commit(&ChangeSet {
-        deadlines_put: vec![d(300, "c"), d(100, "a"), d(200, "b")],
-        ..Default::default()
-    })
-    .unwrap();
-    let ids: Vec<_> = s
-        .due(250, 10)
-        .unwrap()
-        .into_iter()
-        .map(|d| d.referral_id)
-        .collect();
-    assert_eq!(ids, ["a", "b"]);
-    s.commit(&ChangeSet {
-        deadlines_remove: vec![d(100, "a")],
-        ..Default::default()
-    })
-    .unwrap();
-    assert_eq!(s.due(1000, 1).unwrap()[0].referral_id, "b");
 }
 
 /// Commits referrals as the event loop does: with the counters after the change.

@@ -1,0 +1,360 @@
+//! What every [`Store`] promises, as tests run on each implementation (sled and memory): a
+//! new implementation (a replicated one, say) is added to `every_store!` and must pass them
+//! all. What only one engine has (reopening, older on-disk layouts, sled's snapshot) is tested
+//! beside it.
+
+use super::*;
+use crate::consent::{Basis, Consent};
+use crate::dead_letter::{DeadLetter, DeadLetterStatus, OperatorAction};
+use crate::referral::{HistoryEntry, State, Urgency};
+
+/// Ids a prune step forgets per segment (both implementations).
+const IDS_PER_SEGMENT: usize = 64;
+
+fn referral(id: &str, state: State) -> Referral {
+    Referral {
+        id: id.into(),
+        from: "a".into(),
+        to: "b".into(),
+        urgency: Urgency::Crisis,
+        state,
+        created_at: 5,
+        receive_by: 100,
+        accept_within: 50,
+        accept_by: 0,
+        overdue: false,
+        client: "p".into(),
+        basis: Basis::Consent("c1".into()),
+        purpose: 1,
+        categories: vec![1, 2],
+        envelope: vec![1, 2, 3],
+        history: vec![HistoryEntry {
+            state: State::Submitted,
+            by: "a".into(),
+            at: 5,
+            note: "n".into(),
+            cause: "m1".into(),
+        }],
+    }
+}
+
+fn outbox(key: u64) -> OutboxEntry {
+    OutboxEntry {
+        key,
+        subject: "yeongye.out.b.delivery".into(),
+        message_id: format!("m{key}"),
+        payload: vec![9, key as u8],
+        confirms: Some(format!("r{key}")),
+    }
+}
+
+fn deadline(at: Millis, id: &str) -> Deadline {
+    Deadline {
+        at,
+        kind: DeadlineKind::Receipt,
+        referral_id: id.into(),
+    }
+}
+
+fn dead_letter(seq: u64) -> DeadLetter {
+    DeadLetter {
+        stream_seq: seq,
+        subject: "yeongye.in.a.referral".into(),
+        message_id: format!("m{seq}"),
+        sender: "a".into(),
+        referral_id: "r1".into(),
+        code: 3,
+        detail: "bad".into(),
+        at: 7,
+        raw: vec![1, 2],
+        status: DeadLetterStatus::Open,
+        actions: Vec::new(),
+    }
+}
+
+fn consent(id: &str) -> Consent {
+    Consent {
+        id: id.into(),
+        client: "p".into(),
+        collected_by: "a".into(),
+        recipient_agencies: vec!["b".into()],
+        recipient_kinds: Vec::new(),
+        purposes: vec![1],
+        categories: vec![1],
+        valid_from: 0,
+        valid_until: None,
+        form_reference: "f".into(),
+        granted_at: 1,
+        revoked: None,
+        referrals: Vec::new(),
+        purges: Vec::new(),
+    }
+}
+
+fn applied(name: &str, at: Millis, n: usize) -> Vec<(String, Millis, [u8; 32])> {
+    (0..n)
+        .map(|i| (format!("{name}-{i}"), at, [i as u8; 32]))
+        .collect()
+}
+
+fn commit_is_visible_at_once(s: &dyn Store) {
+    let k = s.next_outbox_key().unwrap();
+    s.commit(&ChangeSet {
+        referrals: vec![referral("r1", State::Submitted)],
+        seen: vec![("a/m1".into(), 5, [7; 32])],
+        outbox_put: vec![outbox(k)],
+        deadlines_put: vec![deadline(100, "r1")],
+        checkpoint: Some(7),
+        consents: vec![consent("c1")],
+        dead_letters: vec![dead_letter(3)],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        s.referral("r1").unwrap(),
+        Some(referral("r1", State::Submitted))
+    );
+    assert_eq!(s.referral("r2").unwrap(), None);
+    assert!(s.seen("a/m1").unwrap());
+    assert!(!s.seen("a/m2").unwrap());
+    assert_eq!(s.seen_digest("a/m1").unwrap(), Some(vec![7; 32]));
+    assert_eq!(s.outbox().unwrap(), vec![outbox(k)]);
+    assert_eq!(s.checkpoint().unwrap(), 7);
+    assert!(s.due(99, 10).unwrap().is_empty());
+    assert_eq!(s.due(100, 10).unwrap(), vec![deadline(100, "r1")]);
+    assert_eq!(s.consent("c1").unwrap(), Some(consent("c1")));
+    assert_eq!(s.consents().unwrap(), vec![consent("c1")]);
+    assert_eq!(s.dead_letter(3).unwrap(), Some(dead_letter(3)));
+    assert_eq!(s.dead_letter(4).unwrap(), None);
+    assert_eq!(
+        s.stats().unwrap(),
+        StoreStats {
+            referrals: 1,
+            outbox: 1,
+            deadlines: 1,
+            dead_letters: 1,
+            seen: 1,
+        }
+    );
+}
+
+fn an_empty_commit_changes_nothing(s: &dyn Store) {
+    assert!(ChangeSet::default().is_empty());
+    s.commit(&ChangeSet::default()).unwrap();
+    assert_eq!(s.stats().unwrap(), StoreStats::default());
+    assert_eq!(s.checkpoint().unwrap(), 0);
+    assert_eq!(s.audit_head().unwrap(), (0, audit::GENESIS));
+    assert_eq!(s.counts().unwrap(), Counts::default());
+}
+
+fn checkpoint_never_goes_back(s: &dyn Store) {
+    for (seq, expected) in [(10, 10), (3, 10), (11, 11)] {
+        s.commit(&ChangeSet {
+            checkpoint: Some(seq),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.checkpoint().unwrap(), expected);
+    }
+}
+
+fn outbox_keys_grow_and_the_outbox_is_in_key_order(s: &dyn Store) {
+    let keys: Vec<u64> = (0..5).map(|_| s.next_outbox_key().unwrap()).collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+    // Put out of order, in two commits.
+    s.commit(&ChangeSet {
+        outbox_put: vec![outbox(keys[3]), outbox(keys[0])],
+        ..Default::default()
+    })
+    .unwrap();
+    s.commit(&ChangeSet {
+        outbox_put: vec![outbox(keys[4]), outbox(keys[1])],
+        outbox_remove: vec![keys[0]],
+        ..Default::default()
+    })
+    .unwrap();
+    let got: Vec<u64> = s.outbox().unwrap().iter().map(|e| e.key).collect();
+    assert_eq!(got, vec![keys[1], keys[3], keys[4]]);
+    assert_eq!(s.outbox().unwrap()[0], outbox(keys[1]), "stored whole");
+    assert!(s.next_outbox_key().unwrap() > keys[4]);
+}
+
+fn deadlines_order_by_time_and_remove(s: &dyn Store) {
+    s.commit(&ChangeSet {
+        deadlines_put: vec![deadline(300, "c"), deadline(100, "a"), deadline(200, "b")],
+        ..Default::default()
+    })
+    .unwrap();
+    let ids = |v: Vec<Deadline>| v.into_iter().map(|d| d.referral_id).collect::<Vec<_>>();
+    assert_eq!(ids(s.due(250, 10).unwrap()), ["a", "b"]);
+    assert_eq!(
+        ids(s.due(1000, 2).unwrap()),
+        ["a", "b"],
+        "at most the limit"
+    );
+    s.commit(&ChangeSet {
+        deadlines_remove: vec![deadline(100, "a")],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(ids(s.due(1000, 1).unwrap()), ["b"]);
+    assert_eq!(s.stats().unwrap().deadlines, 2);
+}
+
+fn records_are_replaced_whole(s: &dyn Store) {
+    s.commit(&ChangeSet {
+        referrals: vec![referral("r1", State::Submitted)],
+        consents: vec![consent("c1")],
+        dead_letters: vec![dead_letter(9), dead_letter(4)],
+        ..Default::default()
+    })
+    .unwrap();
+    let mut resolved = dead_letter(9);
+    resolved.status = DeadLetterStatus::Discarded;
+    resolved.actions.push(OperatorAction {
+        action: "discard".into(),
+        who: "op".into(),
+        why: "test".into(),
+        at: 8,
+        outcome: "ok".into(),
+    });
+    let mut revoked = consent("c1");
+    revoked.referrals.push("r1".into());
+    let received = referral("r1", State::Received);
+    s.commit(&ChangeSet {
+        referrals: vec![received.clone()],
+        consents: vec![revoked.clone()],
+        dead_letter_updates: vec![resolved.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.referral("r1").unwrap(), Some(received.clone()));
+    assert_eq!(s.referrals().unwrap(), vec![received]);
+    assert_eq!(s.consent("c1").unwrap(), Some(revoked));
+    assert_eq!(s.dead_letter(9).unwrap(), Some(resolved.clone()));
+    assert_eq!(
+        s.dead_letters().unwrap(),
+        vec![dead_letter(4), resolved],
+        "in stream order"
+    );
+}
+
+fn the_audit_chain_appends_across_commits(s: &dyn Store) {
+    let (first, head) = audit::chain(
+        s.audit_head().unwrap(),
+        vec![audit::Entry::draft("a", 1), audit::Entry::draft("b", 2)],
+    );
+    s.commit(&ChangeSet {
+        audit: first,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.audit_head().unwrap(), head);
+    let (more, head) = audit::chain(head, vec![audit::Entry::draft("c", 3)]);
+    s.commit(&ChangeSet {
+        audit: more,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.audit_head().unwrap(), head);
+    assert_eq!(audit::verify(s.audit_raw().unwrap(), head), Ok(3));
+}
+
+fn counts_are_as_committed_and_only_watched_referrals_are_listed(s: &dyn Store) {
+    let (r1, r2) = (
+        referral("r1", State::Submitted),
+        referral("r2", State::Submitted),
+    );
+    let received = referral("r1", State::Received);
+    let mut counts = Counts::default();
+    counts.change(None, &Summary::of(&r1));
+    counts.change(None, &Summary::of(&r2));
+    s.commit(&ChangeSet {
+        referrals: vec![r1.clone(), r2.clone()],
+        counts: Some(counts.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        s.watched().unwrap(),
+        vec![Summary::of(&r1), Summary::of(&r2)]
+    );
+    counts.change(Some(&Summary::of(&r1)), &Summary::of(&received));
+    s.commit(&ChangeSet {
+        referrals: vec![received],
+        counts: Some(counts.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    // RECEIVED and on time: counted, not watched.
+    assert_eq!(s.watched().unwrap(), vec![Summary::of(&r2)]);
+    assert_eq!(s.counts().unwrap(), counts);
+    assert_eq!(s.counts().unwrap().by_state[&State::Received], 1);
+}
+
+fn pruning_goes_in_bounded_steps_and_keeps_what_is_young(s: &dyn Store) {
+    // Old ids filling whole segments, then young ones in a commit of their own.
+    let old = IDS_PER_SEGMENT * 5;
+    s.commit(&ChangeSet {
+        seen: applied("old", 1, old),
+        ..Default::default()
+    })
+    .unwrap();
+    s.commit(&ChangeSet {
+        seen: applied("young", 50, 3),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut steps = Vec::new();
+    loop {
+        match s.prune_seen_step(10, 2).unwrap() {
+            0 => break,
+            k => steps.push(k),
+        }
+    }
+    assert!(
+        steps.iter().all(|k| *k <= 2 * IDS_PER_SEGMENT),
+        "a step forgets at most its segments: {steps:?}"
+    );
+    assert_eq!(steps.iter().sum::<usize>(), old, "{steps:?}");
+    assert!(!s.seen("old-0").unwrap());
+    assert!(!s.seen(&format!("old-{}", old - 1)).unwrap());
+    for i in 0..3 {
+        assert!(s.seen(&format!("young-{i}")).unwrap(), "young-{i} kept");
+    }
+    assert_eq!(s.stats().unwrap().seen, 3);
+    assert_eq!(s.prune_seen(51).unwrap(), 3);
+    assert_eq!(s.stats().unwrap().seen, 0);
+    assert_eq!(s.prune_seen(51).unwrap(), 0, "nothing left");
+}
+
+/// Each contract test, once for every implementation.
+macro_rules! every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $(#[test]
+            fn $name() {
+                let s = crate::store::SledStore::temporary().unwrap();
+                super::$name(&s);
+            })*
+        }
+        mod memory {
+            $(#[test]
+            fn $name() {
+                super::$name(&crate::store::MemoryStore::new());
+            })*
+        }
+    };
+}
+
+every_store!(
+    commit_is_visible_at_once,
+    an_empty_commit_changes_nothing,
+    checkpoint_never_goes_back,
+    outbox_keys_grow_and_the_outbox_is_in_key_order,
+    deadlines_order_by_time_and_remove,
+    records_are_replaced_whole,
+    the_audit_chain_appends_across_commits,
+    counts_are_as_committed_and_only_watched_referrals_are_listed,
+    pruning_goes_in_bounded_steps_and_keeps_what_is_young,
+);

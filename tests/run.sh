@@ -26,3 +26,8 @@ step cargo build --workspace --bins
 deny=$(./tests/install-deny.sh)
 step "$deny" --offline check licenses bans sources
 step cargo test --workspace "$@"
+# A short fuzz run of every target (docs/FUZZING.md): the stable runner, random and mutated
+# inputs, 10 s a target; it prints its seed (FUZZ_SEED=… replays a failure). Built into this
+# workspace's target dir, where the broker's dependencies are already built.
+step env CARGO_TARGET_DIR=target cargo run --quiet --manifest-path fuzz/Cargo.toml \
+    --no-default-features --example fuzz-stable -- all 20

@@ -3,25 +3,19 @@
 //! tracking purge confirmations.
 
 use yeongye_proto::subject::OutKind;
-use yeongye_proto::v1::{PayloadType, ReasonCode};
+use yeongye_proto::v1::ReasonCode;
 
-use super::{Batch, Outcome};
+use super::{Arrival, Batch, Outcome};
 use crate::audit;
 use crate::consent::{self, Consent};
 use crate::convert::{self, derive_id};
 use crate::error::Result;
-use crate::ingest::{Origin, Refusal};
+use crate::ingest::Refusal;
 use crate::referral::{self, BROKER, Event, Millis, Referral, State};
 
 impl Batch<'_> {
-    pub(super) fn grant(
-        &mut self,
-        c: Consent,
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
-    ) -> Result<Outcome> {
+    pub(super) fn grant(&mut self, c: Consent, arrival: &Arrival<'_>) -> Result<Outcome> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         if let Some(existing) = self.consent(&c.id)? {
             let same = existing.collected_by == c.collected_by
                 && existing.client == c.client
@@ -39,7 +33,7 @@ impl Batch<'_> {
                 detail: "a consent with this id is recorded".into(),
                 referral_id: String::new(),
             };
-            return Ok(self.reject(origin, r, seq, at, raw));
+            return Ok(self.reject(arrival, r));
         }
         tracing::info!(consent_id = %c.id, collected_by = %c.collected_by, "consent recorded");
         self.audit.push(
@@ -52,17 +46,14 @@ impl Batch<'_> {
         Ok(Outcome::Applied)
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn revoke(
         &mut self,
         id: &str,
         revoked_at: Millis,
         by: &str,
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
+        arrival: &Arrival<'_>,
     ) -> Result<Outcome> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         // A revocation by someone who is not a party is answered exactly as one of an unknown
         // consent: it must not learn that the id exists.
         let unknown = || Refusal {
@@ -71,7 +62,7 @@ impl Batch<'_> {
             referral_id: String::new(),
         };
         let Some(mut c) = self.consent(id)? else {
-            return Ok(self.reject(origin, unknown(), seq, at, raw));
+            return Ok(self.reject(arrival, unknown()));
         };
         let mut recipients = Vec::new();
         for rid in &c.referrals {
@@ -84,7 +75,7 @@ impl Batch<'_> {
             || recipients.iter().any(|a| a == by)
             || self.coordinator == Some(by);
         if !may {
-            return Ok(self.reject(origin, unknown(), seq, at, raw));
+            return Ok(self.reject(arrival, unknown()));
         }
         if c.revoked.is_some() {
             return Ok(Outcome::Duplicate);
@@ -167,7 +158,6 @@ impl Batch<'_> {
             OutKind::Withdrawal,
             message_id.to_owned(),
             at,
-            PayloadType::Withdrawal,
             payload,
             None,
         );
@@ -191,17 +181,14 @@ impl Batch<'_> {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn purged(
         &mut self,
         referral_id: &str,
         consent_id: &str,
         by: &str,
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
+        arrival: &Arrival<'_>,
     ) -> Result<Outcome> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         let consent = self.consent(consent_id)?;
         let Some(mut c) = consent.filter(|c| {
             c.purges
@@ -214,7 +201,7 @@ impl Batch<'_> {
                     .into(),
                 referral_id: referral_id.to_owned(),
             };
-            return Ok(self.reject(origin, r, seq, at, raw));
+            return Ok(self.reject(arrival, r));
         };
         let Some(p) = c
             .purges

@@ -189,84 +189,123 @@ pub fn read(
         subject: shown_subject(subject),
         meaning: None,
     };
-    let reject = |origin: Origin, code, detail: String| Inbound {
-        origin,
-        request: Request::Reject(refusal(code, detail, "")),
+    let request = match read_checked(&mut origin, subject, bytes, now, registry, limits) {
+        Ok(request) => request,
+        Err(refused) => Request::Reject(refused),
     };
+    Inbound { origin, request }
+}
+
+/// The checks of [`read`], in order, each filling in what it learns of `origin`: the subject,
+/// then the envelope, then when it was sent and who signed it; then the payload, by kind.
+/// `Err`: the message is rejected before its payload is read.
+fn read_checked(
+    origin: &mut Origin,
+    subject: &str,
+    bytes: &[u8],
+    now: Millis,
+    registry: &Registry,
+    limits: &Limits<'_>,
+) -> Result<Request, Refusal> {
+    let (token, kind) = addressed(origin, subject, bytes.len(), registry, limits)?;
+    let envelope = open_envelope(origin, bytes, token, kind)?;
+    check_sent_at(&envelope, now, limits)?;
+    if (limits.require_signatures || !envelope.signature.is_empty())
+        && let Err(e) = registry.keys().verify(token, &envelope, now)
+    {
+        return Err(rejected(signature_code(&e), e.to_string()));
+    }
+    Ok(match kind {
+        InKind::Referral => read_referral(token, &envelope.payload, bytes, now, registry, limits),
+        InKind::Status => read_status(token, &envelope.payload),
+        InKind::Consent if envelope.payload_type == v1::PayloadType::ConsentGrant as i32 => {
+            read_grant(token, &envelope.payload, now, registry)
+        }
+        InKind::Consent => read_revocation(token, &envelope.payload, now),
+        InKind::Purge => read_purge(token, &envelope.payload),
+    })
+}
+
+/// A message rejected before its payload says which referral it is about.
+fn rejected(code: ReasonCode, detail: impl Into<String>) -> Refusal {
+    refusal(code, detail, "")
+}
+
+/// Whom the subject names, and what kind of message it announces: a registered agency (then
+/// answered: `origin.reply_to`) and a kind the broker serves, for a message within the size
+/// limit.
+fn addressed<'s>(
+    origin: &mut Origin,
+    subject: &'s str,
+    len: usize,
+    registry: &Registry,
+    limits: &Limits<'_>,
+) -> Result<(&'s str, InKind), Refusal> {
     let Some(parsed) = subject::parse_inbound(subject) else {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::UnknownSubject,
-            "subject is not yeongye.in.<agency>.<kind>".into(),
-        );
+            "subject is not yeongye.in.<agency>.<kind>",
+        ));
     };
     let token = parsed.agency;
     if !registry.contains(token) {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::UnknownSender,
-            "the subject's agency is not registered".into(),
-        );
+            "the subject's agency is not registered",
+        ));
     }
     origin.reply_to = Some(token.to_owned());
-    if bytes.len() > limits.max_message_bytes {
-        return reject(
-            origin,
+    if len > limits.max_message_bytes {
+        return Err(rejected(
             ReasonCode::TooLarge,
             format!(
-                "{} bytes is over the limit of {}",
-                bytes.len(),
+                "{len} bytes is over the limit of {}",
                 limits.max_message_bytes
             ),
-        );
+        ));
     }
     let Some(kind) = parsed.kind else {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::UnknownSubject,
-            "the subject's kind is not one the broker serves (referral, status, consent, purge)"
-                .into(),
-        );
+            "the subject's kind is not one the broker serves (referral, status, consent, purge)",
+        ));
     };
-    let envelope = match v1::Envelope::decode(bytes) {
-        Ok(e) => e,
-        Err(e) => {
-            return reject(
-                origin,
-                ReasonCode::MalformedEnvelope,
-                format!("not an Envelope: {e}"),
-            );
-        }
-    };
+    Ok((token, kind))
+}
+
+/// The envelope, once it decodes, has a well-formed message id (from here on the message is
+/// deduplicated by it and by what it means), comes from the subject's agency and carries a
+/// payload type that fits the subject's kind.
+fn open_envelope(
+    origin: &mut Origin,
+    bytes: &[u8],
+    token: &str,
+    kind: InKind,
+) -> Result<v1::Envelope, Refusal> {
+    let envelope = v1::Envelope::decode(bytes).map_err(|e| {
+        rejected(
+            ReasonCode::MalformedEnvelope,
+            format!("not an Envelope: {e}"),
+        )
+    })?;
     if !valid_id(&envelope.message_id) {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::MalformedEnvelope,
             id_syntax("message_id"),
-        );
+        ));
     }
     origin.dedup_key = format!("{token}/{}", envelope.message_id);
     origin.message_id = envelope.message_id.clone();
     origin.meaning = Some(meaning_digest(&envelope));
     if envelope.sender != token {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::SenderMismatch,
-            "envelope sender is not the subject's agency".into(),
-        );
+            "envelope sender is not the subject's agency",
+        ));
     }
-    let expected: &[v1::PayloadType] = match kind {
-        InKind::Referral => &[v1::PayloadType::Referral],
-        InKind::Status => &[v1::PayloadType::StatusUpdate],
-        InKind::Consent => &[
-            v1::PayloadType::ConsentGrant,
-            v1::PayloadType::ConsentRevocation,
-        ],
-        InKind::Purge => &[v1::PayloadType::PurgeConfirmation],
-    };
+    let expected = payload_types(kind);
     if !expected.iter().any(|t| *t as i32 == envelope.payload_type) {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::WrongPayloadType,
             format!(
                 "payload_type {} does not fit the subject (expected {})",
@@ -277,15 +316,31 @@ pub fn read(
                     .collect::<Vec<_>>()
                     .join(" or ")
             ),
-        );
+        ));
     }
-    // When it was built must be near when it arrived: a message from far in the past is a
-    // replay, one from the future a broken clock or a forgery.
+    Ok(envelope)
+}
+
+/// The payload types a subject's kind carries.
+fn payload_types(kind: InKind) -> &'static [v1::PayloadType] {
+    match kind {
+        InKind::Referral => &[v1::PayloadType::Referral],
+        InKind::Status => &[v1::PayloadType::StatusUpdate],
+        InKind::Consent => &[
+            v1::PayloadType::ConsentGrant,
+            v1::PayloadType::ConsentRevocation,
+        ],
+        InKind::Purge => &[v1::PayloadType::PurgeConfirmation],
+    }
+}
+
+/// When it was built must be near when it arrived (`now`): a message from far in the past is a
+/// replay, one from the future a broken clock or a forgery.
+fn check_sent_at(envelope: &v1::Envelope, now: Millis, limits: &Limits<'_>) -> Result<(), Refusal> {
     if envelope.sent_at_ms > now.saturating_add(limits.max_skew_ms)
         || envelope.sent_at_ms < now.saturating_sub(limits.max_age_ms)
     {
-        return reject(
-            origin,
+        return Err(rejected(
             ReasonCode::TimestampSkew,
             format!(
                 "sent_at_ms is {} ms from its arrival: allowed is {} ms ahead, {} ms behind",
@@ -293,23 +348,9 @@ pub fn read(
                 limits.max_skew_ms,
                 limits.max_age_ms
             ),
-        );
+        ));
     }
-    if (limits.require_signatures || !envelope.signature.is_empty())
-        && let Err(e) = registry.keys().verify(token, &envelope, now)
-    {
-        return reject(origin, signature_code(&e), e.to_string());
-    }
-    let request = match kind {
-        InKind::Referral => read_referral(token, &envelope.payload, bytes, now, registry, limits),
-        InKind::Status => read_status(token, &envelope.payload),
-        InKind::Consent if envelope.payload_type == v1::PayloadType::ConsentGrant as i32 => {
-            read_grant(token, &envelope.payload, now, registry)
-        }
-        InKind::Consent => read_revocation(token, &envelope.payload, now),
-        InKind::Purge => read_purge(token, &envelope.payload),
-    };
-    Inbound { origin, request }
+    Ok(())
 }
 
 fn read_referral(
@@ -323,36 +364,95 @@ fn read_referral(
     let r = match v1::Referral::decode(payload) {
         Ok(r) => r,
         Err(e) => {
-            return Request::Reject(refusal(
+            return Request::Reject(rejected(
                 ReasonCode::MalformedPayload,
                 format!("not a Referral: {e}"),
-                "",
             ));
         }
     };
     if !valid_id(&r.referral_id) {
-        return Request::Reject(refusal(
-            ReasonCode::InvalidField,
-            id_syntax("referral_id"),
-            "",
-        ));
+        return Request::Reject(rejected(ReasonCode::InvalidField, id_syntax("referral_id")));
     }
-    let id = r.referral_id.as_str();
     if r.from_agency != sender {
         return Request::Reject(refusal(
             ReasonCode::SenderMismatch,
             "from_agency is not the envelope's sender",
-            id,
+            &r.referral_id,
         ));
     }
-    let urgency = urgency_from(&r);
-    let (receipt, acceptance) = (limits.deadlines)(urgency.unwrap_or(Urgency::Routine), r.field);
+    // From here on the referral has a usable id: one that cannot be accepted is recorded as
+    // refused, so that an operator can look it up and replay it.
+    let new = new_referral(&r, sender, envelope_bytes, now, registry, limits);
+    let fault = check_parties(&r, sender, registry)
+        .and_then(|()| check_fields(&r, now))
+        .and_then(|()| check_basis(&r));
+    match fault {
+        Ok(()) => Request::Submit(new),
+        Err((code, detail)) => Request::Refuse(new, refusal(code, detail, &r.referral_id)),
+    }
+}
+
+/// Why a referral with a usable id is refused: its reason code and detail.
+type Fault = (ReasonCode, String);
+
+fn invalid(detail: impl Into<String>) -> Fault {
+    (ReasonCode::InvalidField, detail.into())
+}
+
+/// The referral as the broker records it, whether it is then submitted or refused: its
+/// receive-by from the urgency's deadline when the sender set none, its recipient kept only if
+/// it has the shape of an agency id.
+fn new_referral(
+    r: &v1::Referral,
+    sender: &str,
+    envelope_bytes: &[u8],
+    now: Millis,
+    registry: &Registry,
+    limits: &Limits<'_>,
+) -> NewReferral {
+    let urgency = urgency_from(r).unwrap_or(Urgency::Routine);
+    let (receipt, acceptance) = (limits.deadlines)(urgency, r.field);
     let receive_by = if r.receive_by_ms == 0 {
         now.saturating_add(receipt)
     } else {
         r.receive_by_ms
     };
-    let basis = match &r.legal_basis {
+    let kind_of = |agency: &str| {
+        registry
+            .get(agency)
+            .map(|a| a.kind.clone())
+            .unwrap_or_default()
+    };
+    NewReferral {
+        id: r.referral_id.clone(),
+        from: sender.to_owned(),
+        from_kind: kind_of(sender),
+        // Kept (and shown to operators, written to the audit log) only if it is an agency id:
+        // a refused referral's recipient is the sender's free text otherwise.
+        to: if subject::is_valid_agency_id(&r.to_agency) {
+            r.to_agency.clone()
+        } else {
+            String::new()
+        },
+        to_kind: kind_of(&r.to_agency),
+        client: r
+            .client
+            .as_ref()
+            .map(|c| c.pseudonym_id.clone())
+            .unwrap_or_default(),
+        basis: basis_of(r),
+        purpose: r.purpose,
+        categories: r.data_categories.clone(),
+        urgency,
+        receive_by,
+        accept_within: acceptance,
+        envelope: envelope_bytes.to_vec(),
+    }
+}
+
+/// The legal basis the referral cites (an empty consent id when it cites none: it is refused).
+fn basis_of(r: &v1::Referral) -> Basis {
+    match &r.legal_basis {
         Some(v1::referral::LegalBasis::ConsentId(c)) => Basis::Consent(c.clone()),
         Some(v1::referral::LegalBasis::StatutoryBasis(b)) => Basis::Statute {
             statute: b.statute,
@@ -362,123 +462,90 @@ fn read_referral(
             justification: b.justification.clone(),
         },
         None => Basis::Consent(String::new()),
-    };
-    let new = NewReferral {
-        id: id.to_owned(),
-        from: sender.to_owned(),
-        from_kind: registry
-            .get(sender)
-            .map(|a| a.kind.clone())
-            .unwrap_or_default(),
-        // Kept (and shown to operators, written to the audit log) only if it is an agency id:
-        // a refused referral's recipient is the sender's free text otherwise.
-        to: if subject::is_valid_agency_id(&r.to_agency) {
-            r.to_agency.clone()
-        } else {
-            String::new()
-        },
-        to_kind: registry
-            .get(&r.to_agency)
-            .map(|a| a.kind.clone())
-            .unwrap_or_default(),
-        client: r
-            .client
-            .as_ref()
-            .map(|c| c.pseudonym_id.clone())
-            .unwrap_or_default(),
-        basis,
-        purpose: r.purpose,
-        categories: r.data_categories.clone(),
-        urgency: urgency.unwrap_or(Urgency::Routine),
-        receive_by,
-        accept_within: acceptance,
-        envelope: envelope_bytes.to_vec(),
-    };
-    let refuse = |code, detail: &str| Request::Refuse(new.clone(), refusal(code, detail, id));
+    }
+}
+
+/// The recipient is a registered agency other than the sender.
+fn check_parties(r: &v1::Referral, sender: &str, registry: &Registry) -> Result<(), Fault> {
     if !registry.contains(&r.to_agency) {
-        return refuse(
+        return Err((
             ReasonCode::UnknownRecipient,
-            "to_agency is not a registered agency",
-        );
+            "to_agency is not a registered agency".to_owned(),
+        ));
     }
     if r.to_agency == sender {
-        return refuse(ReasonCode::InvalidField, "to_agency is the sender itself");
+        return Err(invalid("to_agency is the sender itself"));
     }
-    if urgency.is_none() {
-        return refuse(
-            ReasonCode::InvalidField,
-            "urgency must be ROUTINE, PRIORITY or CRISIS",
-        );
+    Ok(())
+}
+
+/// Every field holds a known value, and what the client block carries is declared in
+/// `data_categories`, so that consent is checked against what is actually sent.
+fn check_fields(r: &v1::Referral, now: Millis) -> Result<(), Fault> {
+    if urgency_from(r).is_none() {
+        return Err(invalid("urgency must be ROUTINE, PRIORITY or CRISIS"));
     }
     if r.client
         .as_ref()
         .is_none_or(|c| c.pseudonym_id.trim().is_empty())
     {
-        return refuse(ReasonCode::InvalidField, "client.pseudonym_id is required");
+        return Err(invalid("client.pseudonym_id is required"));
     }
     if r.field == 0 || v1::FieldOfNeed::try_from(r.field).is_err() {
-        return refuse(
-            ReasonCode::InvalidField,
-            "field must be a known FieldOfNeed",
-        );
+        return Err(invalid("field must be a known FieldOfNeed"));
     }
     if r.receive_by_ms != 0 && !rules::receive_by_in_range(r.receive_by_ms, now) {
-        return refuse(
-            ReasonCode::InvalidField,
+        return Err(invalid(
             "receive_by_ms must be in the future, at most 90 days ahead",
-        );
+        ));
     }
     if r.purpose == 0 || v1::Purpose::try_from(r.purpose).is_err() {
-        return refuse(ReasonCode::InvalidField, "purpose must be a known Purpose");
+        return Err(invalid("purpose must be a known Purpose"));
     }
     if let Some(bad) = r
         .data_categories
         .iter()
         .find(|c| **c == 0 || v1::DataCategory::try_from(**c).is_err())
     {
-        return refuse(
-            ReasonCode::InvalidField,
-            &format!("data_categories holds an unknown category {bad}"),
-        );
+        return Err(invalid(format!(
+            "data_categories holds an unknown category {bad}"
+        )));
     }
-    // What the client block carries must be declared, so that consent is checked against
-    // what is actually sent.
     if let Some((category, fields)) = r
         .client
         .as_ref()
         .and_then(|c| rules::undeclared_category(c, &r.data_categories))
     {
-        return refuse(
-            ReasonCode::InvalidField,
-            &format!(
-                "{fields} is set, so data_categories must include {}",
-                category.as_str_name()
-            ),
-        );
+        return Err(invalid(format!(
+            "{fields} is set, so data_categories must include {}",
+            category.as_str_name()
+        )));
     }
+    Ok(())
+}
+
+/// The referral cites a well-formed consent id, or a known statute with a justification.
+fn check_basis(r: &v1::Referral) -> Result<(), Fault> {
     match &r.legal_basis {
-        None => {
-            return refuse(
-                ReasonCode::NoLegalBasis,
-                "the referral cites neither a consent nor a statute",
-            );
-        }
+        None => Err((
+            ReasonCode::NoLegalBasis,
+            "the referral cites neither a consent nor a statute".to_owned(),
+        )),
         Some(v1::referral::LegalBasis::ConsentId(c)) if !valid_id(c) => {
-            return refuse(ReasonCode::InvalidField, &id_syntax("consent_id"));
+            Err(invalid(id_syntax("consent_id")))
         }
         Some(v1::referral::LegalBasis::StatutoryBasis(b))
             if b.statute == 0
                 || v1::Statute::try_from(b.statute).is_err()
                 || b.justification.trim().is_empty() =>
         {
-            return refuse(
+            Err((
                 ReasonCode::StatutoryBasisInvalid,
-                "a statutory basis needs a known statute and a justification",
-            );
+                "a statutory basis needs a known statute and a justification".to_owned(),
+            ))
         }
-        _ => {}
+        _ => Ok(()),
     }
-    Request::Submit(new)
 }
 
 fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) -> Request {
@@ -492,15 +559,38 @@ fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) ->
             ));
         }
     };
-    let bad = |detail: &str| Request::Reject(refusal(ReasonCode::InvalidField, detail, ""));
+    if let Err(refused) = check_grant(&g, sender, registry) {
+        return Request::Reject(refused);
+    }
+    Request::Grant(Consent {
+        id: g.consent_id,
+        client: g.client_pseudonym_id,
+        collected_by: g.collected_by,
+        recipient_agencies: g.recipient_agencies,
+        recipient_kinds: g.recipient_kinds,
+        purposes: g.purposes,
+        categories: g.data_categories,
+        valid_from: g.valid_from_ms,
+        valid_until: (g.valid_until_ms != 0).then_some(g.valid_until_ms),
+        form_reference: g.form_reference,
+        granted_at: now,
+        revoked: None,
+        referrals: Vec::new(),
+        purges: Vec::new(),
+    })
+}
+
+/// A grant names a client, at least one recipient (every named agency registered), known
+/// purposes and categories, a validity that ends after it starts, and the signed form.
+fn check_grant(g: &v1::ConsentGrant, sender: &str, registry: &Registry) -> Result<(), Refusal> {
+    let bad = |detail: &str| Err(rejected(ReasonCode::InvalidField, detail));
     if !valid_id(&g.consent_id) {
         return bad(&id_syntax("consent_id"));
     }
     if g.collected_by != sender {
-        return Request::Reject(refusal(
+        return Err(rejected(
             ReasonCode::SenderMismatch,
             "collected_by is not the envelope's sender",
-            "",
         ));
     }
     if g.client_pseudonym_id.trim().is_empty() {
@@ -516,10 +606,9 @@ fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) ->
         } else {
             "an agency id that is not well-formed".to_owned()
         };
-        return Request::Reject(refusal(
+        return Err(rejected(
             ReasonCode::UnknownRecipient,
             format!("recipient_agencies names {named}"),
-            "",
         ));
     }
     if g.purposes.is_empty()
@@ -542,22 +631,7 @@ fn read_grant(sender: &str, payload: &[u8], now: Millis, registry: &Registry) ->
     if g.form_reference.trim().is_empty() {
         return bad("form_reference (the signed consent form's reference) is required");
     }
-    Request::Grant(Consent {
-        id: g.consent_id,
-        client: g.client_pseudonym_id,
-        collected_by: g.collected_by,
-        recipient_agencies: g.recipient_agencies,
-        recipient_kinds: g.recipient_kinds,
-        purposes: g.purposes,
-        categories: g.data_categories,
-        valid_from: g.valid_from_ms,
-        valid_until: (g.valid_until_ms != 0).then_some(g.valid_until_ms),
-        form_reference: g.form_reference,
-        granted_at: now,
-        revoked: None,
-        referrals: Vec::new(),
-        purges: Vec::new(),
-    })
+    Ok(())
 }
 
 fn read_revocation(sender: &str, payload: &[u8], now: Millis) -> Request {

@@ -145,154 +145,198 @@ pub fn apply(
         return Err(TransitionError::Terminal { state: from });
     }
     let mut next = referral.clone();
-    let (to, by, note, effects) = match event {
-        Event::DeliveryConfirmed => {
-            if from != State::Submitted {
-                return Err(TransitionError::Superseded { state: from });
-            }
-            (
-                State::Delivered,
-                BROKER,
-                "",
-                vec![notify(&referral.from, from)],
-            )
-        }
-        Event::DeadlinePassed(DeadlineKind::Receipt) => {
-            if !matches!(from, State::Submitted | State::Delivered) {
-                return Err(TransitionError::Superseded { state: from });
-            }
-            let effects = vec![
-                notify(&referral.from, from),
-                notify(&referral.to, from),
-                Effect::Escalate {
-                    kind: DeadlineKind::Receipt,
-                    due: referral.receive_by,
-                },
-            ];
-            (
-                State::Expired,
-                BROKER,
-                "not received by the deadline",
-                effects,
-            )
-        }
-        Event::DeadlinePassed(DeadlineKind::Acceptance) => {
-            if from != State::Received || referral.overdue {
-                return Err(TransitionError::Superseded { state: from });
-            }
-            next.overdue = true;
-            let effects = vec![Effect::Escalate {
-                kind: DeadlineKind::Acceptance,
-                due: referral.accept_by,
-            }];
-            (
-                State::Received,
-                BROKER,
-                "not accepted or declined by the deadline: escalated",
-                effects,
-            )
-        }
-        Event::ConsentRevoked => {
-            let mut effects = vec![notify(&referral.from, from)];
-            match from {
-                State::Submitted | State::Delivered => {
-                    effects.push(Effect::Unschedule {
-                        kind: DeadlineKind::Receipt,
-                        at: referral.receive_by,
-                    });
-                }
-                State::Received => {
-                    effects.push(Effect::Unschedule {
-                        kind: DeadlineKind::Acceptance,
-                        at: referral.accept_by,
-                    });
-                }
-                _ => {}
-            }
-            next.overdue = false;
-            effects.push(Effect::Withdraw {
-                to: referral.to.clone(),
-            });
-            (State::Withdrawn, BROKER, "consent revoked", effects)
-        }
+    let step = match event {
+        Event::DeliveryConfirmed => delivery_confirmed(referral)?,
+        Event::DeadlinePassed(DeadlineKind::Receipt) => receipt_missed(referral)?,
+        Event::DeadlinePassed(DeadlineKind::Acceptance) => acceptance_missed(referral, &mut next)?,
+        Event::ConsentRevoked => consent_revoked(referral, &mut next),
         Event::Status { by, status, note } => {
-            let (allowed_from, to): (&[State], State) = match status {
-                Status::Received => (&[State::Submitted, State::Delivered], State::Received),
-                Status::Accepted => (&[State::Received], State::Accepted),
-                Status::Declined => (&[State::Received], State::Declined),
-                Status::InProgress => (&[State::Accepted], State::InProgress),
-                Status::Completed => (&[State::Accepted, State::InProgress], State::Completed),
-                Status::Cancelled => (
-                    &[
-                        State::Submitted,
-                        State::Delivered,
-                        State::Received,
-                        State::Accepted,
-                        State::InProgress,
-                    ],
-                    State::Cancelled,
-                ),
-            };
-            let party = if *status == Status::Cancelled {
-                &referral.from
-            } else {
-                &referral.to
-            };
-            if by != party {
-                return Err(TransitionError::NotAParty {
-                    agency: by.clone(),
-                    status: *status,
-                });
-            }
-            if !allowed_from.contains(&from) {
-                return Err(TransitionError::Illegal {
-                    from,
-                    status: *status,
-                });
-            }
-            let mut effects = vec![notify(&referral.from, from)];
-            if *status == Status::Cancelled {
-                effects.push(notify(&referral.to, from));
-            }
-            // Whatever the recipient or sender did, it ends the wait that a deadline guarded.
-            match from {
-                State::Submitted | State::Delivered => {
-                    effects.push(Effect::Unschedule {
-                        kind: DeadlineKind::Receipt,
-                        at: referral.receive_by,
-                    });
-                }
-                State::Received => {
-                    effects.push(Effect::Unschedule {
-                        kind: DeadlineKind::Acceptance,
-                        at: referral.accept_by,
-                    });
-                    next.overdue = false;
-                }
-                _ => {}
-            }
-            if *status == Status::Received {
-                next.accept_by = now.saturating_add(referral.accept_within);
-                effects.push(Effect::Schedule {
-                    kind: DeadlineKind::Acceptance,
-                    at: next.accept_by,
-                });
-            }
-            (to, by.as_str(), note.as_str(), effects)
+            status_changed(referral, &mut next, by, *status, note, now)?
         }
     };
-    next.state = to;
+    next.state = step.to;
     next.history.push(HistoryEntry {
-        state: to,
-        by: by.to_owned(),
+        state: step.to,
+        by: step.by.to_owned(),
         at: now,
-        note: note.to_owned(),
+        note: step.note.to_owned(),
         cause: cause.to_owned(),
     });
     Ok(Transition {
         referral: next,
+        effects: step.effects,
+    })
+}
+
+/// What an event does to a referral that is not terminal: the state it moves to, who made
+/// the move and why (for the history), and what the caller must do.
+struct Step<'e> {
+    to: State,
+    by: &'e str,
+    note: &'e str,
+    effects: Vec<Effect>,
+}
+
+/// The stream acknowledged the delivery: `DELIVERED`, the sender told.
+fn delivery_confirmed(referral: &Referral) -> Result<Step<'static>, TransitionError> {
+    let from = referral.state;
+    if from != State::Submitted {
+        return Err(TransitionError::Superseded { state: from });
+    }
+    Ok(Step {
+        to: State::Delivered,
+        by: BROKER,
+        note: "",
+        effects: vec![notify(&referral.from, from)],
+    })
+}
+
+/// Not received by its receipt deadline: `EXPIRED`, both parties told, the sender (and the
+/// coordinator) escalated to.
+fn receipt_missed(referral: &Referral) -> Result<Step<'static>, TransitionError> {
+    let from = referral.state;
+    if !matches!(from, State::Submitted | State::Delivered) {
+        return Err(TransitionError::Superseded { state: from });
+    }
+    Ok(Step {
+        to: State::Expired,
+        by: BROKER,
+        note: "not received by the deadline",
+        effects: vec![
+            notify(&referral.from, from),
+            notify(&referral.to, from),
+            Effect::Escalate {
+                kind: DeadlineKind::Receipt,
+                due: referral.receive_by,
+            },
+        ],
+    })
+}
+
+/// Received but neither accepted nor declined by its acceptance deadline: stays `RECEIVED`,
+/// marked overdue, escalated once.
+fn acceptance_missed(
+    referral: &Referral,
+    next: &mut Referral,
+) -> Result<Step<'static>, TransitionError> {
+    let from = referral.state;
+    if from != State::Received || referral.overdue {
+        return Err(TransitionError::Superseded { state: from });
+    }
+    next.overdue = true;
+    Ok(Step {
+        to: State::Received,
+        by: BROKER,
+        note: "not accepted or declined by the deadline: escalated",
+        effects: vec![Effect::Escalate {
+            kind: DeadlineKind::Acceptance,
+            due: referral.accept_by,
+        }],
+    })
+}
+
+/// The consent it cites was revoked: `WITHDRAWN` from any open state, the sender told, its
+/// deadline ended, the recipient asked to purge.
+fn consent_revoked(referral: &Referral, next: &mut Referral) -> Step<'static> {
+    let mut effects = vec![notify(&referral.from, referral.state)];
+    effects.extend(end_wait(referral));
+    next.overdue = false;
+    effects.push(Effect::Withdraw {
+        to: referral.to.clone(),
+    });
+    Step {
+        to: State::Withdrawn,
+        by: BROKER,
+        note: "consent revoked",
+        effects,
+    }
+}
+
+/// A party's status update: allowed only from the party the status belongs to (the sender
+/// cancels, the recipient does the rest) and only from the states [`status_table`] names.
+fn status_changed<'e>(
+    referral: &Referral,
+    next: &mut Referral,
+    by: &'e str,
+    status: Status,
+    note: &'e str,
+    now: Millis,
+) -> Result<Step<'e>, TransitionError> {
+    let from = referral.state;
+    let (allowed_from, to) = status_table(status);
+    let party = if status == Status::Cancelled {
+        &referral.from
+    } else {
+        &referral.to
+    };
+    if by != party.as_str() {
+        return Err(TransitionError::NotAParty {
+            agency: by.to_owned(),
+            status,
+        });
+    }
+    if !allowed_from.contains(&from) {
+        return Err(TransitionError::Illegal { from, status });
+    }
+    let mut effects = vec![notify(&referral.from, from)];
+    if status == Status::Cancelled {
+        effects.push(notify(&referral.to, from));
+    }
+    // Whatever the recipient or sender did, it ends the wait that a deadline guarded.
+    effects.extend(end_wait(referral));
+    if from == State::Received {
+        next.overdue = false;
+    }
+    if status == Status::Received {
+        next.accept_by = now.saturating_add(referral.accept_within);
+        effects.push(Effect::Schedule {
+            kind: DeadlineKind::Acceptance,
+            at: next.accept_by,
+        });
+    }
+    Ok(Step {
+        to,
+        by,
+        note,
         effects,
     })
+}
+
+/// The states a status may be reported from, and the state it moves to.
+fn status_table(status: Status) -> (&'static [State], State) {
+    match status {
+        Status::Received => (&[State::Submitted, State::Delivered], State::Received),
+        Status::Accepted => (&[State::Received], State::Accepted),
+        Status::Declined => (&[State::Received], State::Declined),
+        Status::InProgress => (&[State::Accepted], State::InProgress),
+        Status::Completed => (&[State::Accepted, State::InProgress], State::Completed),
+        Status::Cancelled => (
+            &[
+                State::Submitted,
+                State::Delivered,
+                State::Received,
+                State::Accepted,
+                State::InProgress,
+            ],
+            State::Cancelled,
+        ),
+    }
+}
+
+/// The deadline that guards the wait `referral` is in, cancelled: receipt while it is
+/// submitted or delivered, acceptance while it is received; none in any other state.
+fn end_wait(referral: &Referral) -> Option<Effect> {
+    match referral.state {
+        State::Submitted | State::Delivered => Some(Effect::Unschedule {
+            kind: DeadlineKind::Receipt,
+            at: referral.receive_by,
+        }),
+        State::Received => Some(Effect::Unschedule {
+            kind: DeadlineKind::Acceptance,
+            at: referral.accept_by,
+        }),
+        _ => None,
+    }
 }
 
 fn notify(to: &str, previous: State) -> Effect {

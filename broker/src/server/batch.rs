@@ -15,7 +15,10 @@ use crate::consent::{self, Basis, Consent, NotCovered};
 use crate::convert::{self, derive_id};
 use crate::error::Result;
 use crate::ingest::{self, Inbound, Origin, Refusal, Request};
-use crate::referral::{self, Effect, Event, Millis, Referral, State, Transition, TransitionError};
+use crate::referral::{
+    self, DeadlineKind, Effect, Event, Millis, NewReferral, Referral, State, Status, Transition,
+    TransitionError,
+};
 use crate::store::{
     ChangeSet, DeadLetter, DeadLetterStatus, Deadline, OperatorAction, OutboxEntry, Store,
 };
@@ -32,6 +35,16 @@ pub enum Outcome {
     Applied,
     Rejected(ReasonCode),
     Duplicate,
+}
+
+/// An inbound message as it arrived: who sent it and under which id, its stream sequence, its
+/// stream time, and its bytes (kept in a dead letter if it is rejected). What every answer to
+/// a message needs, in one place.
+pub(super) struct Arrival<'m> {
+    pub origin: Origin,
+    pub seq: u64,
+    pub at: Millis,
+    pub raw: &'m [u8],
 }
 
 pub struct Batch<'a> {
@@ -121,12 +134,33 @@ impl<'a> Batch<'a> {
         raw: &[u8],
     ) -> Result<Outcome> {
         let Inbound { origin, request } = inbound;
+        let arrival = Arrival {
+            origin,
+            seq,
+            at,
+            raw,
+        };
         self.changes.checkpoint = Some(self.changes.checkpoint.map_or(seq, |c| c.max(seq)));
+        if let Some(outcome) = self.seen_before(&arrival, &request)? {
+            return Ok(outcome);
+        }
+        let span = tracing::info_span!("inbound", seq, referral_id = tracing::field::Empty);
+        if let Some(id) = traced_referral(&request) {
+            span.record("referral_id", id);
+        }
+        let _enter = span.enter();
+        self.request(request, &arrival)
+    }
+
+    /// Whether the message's id was applied before (in this batch or an earlier one): then it
+    /// is a repeat, or a replay refused with its reason. Otherwise its id and digest are kept.
+    fn seen_before(&mut self, arrival: &Arrival<'_>, request: &Request) -> Result<Option<Outcome>> {
+        let origin = &arrival.origin;
         // What the message means (sender, payload type, payload); the digest of its bytes for
         // one whose envelope could not be read. Ids applied before the broker kept meanings
         // were recorded with the digest of their bytes: those still match a byte-identical
         // resend.
-        let bytes_digest: [u8; 32] = Sha256::digest(raw).into();
+        let bytes_digest: [u8; 32] = Sha256::digest(arrival.raw).into();
         let digest = origin.meaning.unwrap_or(bytes_digest);
         let earlier = match self.seen.get(&origin.dedup_key) {
             Some(d) => Some(d.to_vec()),
@@ -141,7 +175,7 @@ impl<'a> Batch<'a> {
                 || earlier == bytes_digest
                 || origin.message_id.is_empty()
             {
-                return Ok(Outcome::Duplicate);
+                return Ok(Some(Outcome::Duplicate));
             }
             let r = Refusal {
                 code: ReasonCode::ReplayedMessageId,
@@ -153,132 +187,143 @@ impl<'a> Batch<'a> {
                 ),
                 referral_id: request.referral_id().to_owned(),
             };
-            return Ok(self.reject(&origin, r, seq, at, raw));
+            return Ok(Some(self.reject(arrival, r)));
         }
         self.seen.insert(origin.dedup_key.clone(), digest);
         self.changes
             .seen
-            .push((origin.dedup_key.clone(), at, digest));
+            .push((origin.dedup_key.clone(), arrival.at, digest));
+        Ok(None)
+    }
 
-        let span = tracing::info_span!("inbound", seq, referral_id = tracing::field::Empty);
-        let _enter = span.enter();
+    /// Applies what a message new to the broker asks for.
+    fn request(&mut self, request: Request, arrival: &Arrival<'_>) -> Result<Outcome> {
         match request {
-            Request::Submit(new) => {
-                span.record("referral_id", new.id.as_str());
-                if let Some(existing) = self.referral(&new.id)? {
-                    return Ok(self.repeat_or_reject(
-                        &existing,
-                        &new.envelope,
-                        &origin,
-                        seq,
-                        at,
-                        raw,
-                    ));
-                }
-                if let Basis::Consent(cid) = &new.basis {
-                    let consent = self.consent(cid)?;
-                    let ask = consent::Ask {
-                        from: &new.from,
-                        from_kind: &new.from_kind,
-                        client: &new.client,
-                        to: &new.to,
-                        to_kind: &new.to_kind,
-                        purpose: new.purpose,
-                        categories: &new.categories,
-                    };
-                    if let Err(not) = consent::check(consent.as_ref(), ask, at) {
-                        let refusal = Refusal {
-                            code: not_covered(&not),
-                            detail: not.to_string(),
-                            referral_id: new.id.clone(),
-                        };
-                        let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
-                        self.transition(t, &origin.dedup_key, at);
-                        return Ok(self.reject(&origin, refusal, seq, at, raw));
-                    }
-                    if let Some(mut c) = consent {
-                        c.referrals.push(new.id.clone());
-                        self.consents.insert(c.id.clone(), c);
-                    }
-                }
-                tracing::info!(from = %new.from, to = %new.to, basis = %new.basis.label(), "referral submitted");
-                let t = referral::submit(new, &origin.message_id, at);
-                self.transition(t, &origin.dedup_key, at);
-                Ok(Outcome::Applied)
-            }
-            Request::Refuse(new, refusal) => {
-                span.record("referral_id", new.id.as_str());
-                if let Some(existing) = self.referral(&new.id)? {
-                    return Ok(self.repeat_or_reject(
-                        &existing,
-                        &new.envelope,
-                        &origin,
-                        seq,
-                        at,
-                        raw,
-                    ));
-                }
-                let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
-                self.transition(t, &origin.dedup_key, at);
-                Ok(self.reject(&origin, refusal, seq, at, raw))
-            }
+            Request::Submit(new) => self.submit(new, arrival),
+            Request::Refuse(new, refusal) => self.refuse(new, refusal, arrival),
             Request::Status {
                 referral_id,
                 by,
                 status,
                 note,
-            } => {
-                span.record("referral_id", referral_id.as_str());
-                let existing = self.referral(&referral_id)?;
-                let Some(current) = existing.filter(|r| r.from == by || r.to == by) else {
-                    // A stranger learns nothing about whether the referral exists.
-                    let r = Refusal {
-                        code: ReasonCode::UnknownReferral,
-                        detail: "no such referral for this agency".into(),
-                        referral_id,
-                    };
-                    return Ok(self.reject(&origin, r, seq, at, raw));
-                };
-                let event = Event::Status { by, status, note };
-                match referral::apply(&current, &event, &origin.message_id, at) {
-                    Ok(t) => {
-                        tracing::info!(state = %t.referral.state, "referral status");
-                        self.transition(t, &origin.dedup_key, at);
-                        Ok(Outcome::Applied)
-                    }
-                    Err(e) => {
-                        let r = Refusal {
-                            code: reason(&e),
-                            detail: e.to_string(),
-                            referral_id,
-                        };
-                        Ok(self.reject(&origin, r, seq, at, raw))
-                    }
-                }
-            }
-            Request::Grant(c) => self.grant(c, &origin, seq, at, raw),
+            } => self.status(referral_id, by, status, note, arrival),
+            Request::Grant(c) => self.grant(c, arrival),
             Request::Revoke {
                 consent_id,
                 at: revoked_at,
                 by,
-            } => self.revoke(
-                &consent_id,
-                revoked_at.unwrap_or(at).min(at),
-                &by,
-                &origin,
-                seq,
-                at,
-                raw,
-            ),
+            } => {
+                let revoked_at = revoked_at.unwrap_or(arrival.at).min(arrival.at);
+                self.revoke(&consent_id, revoked_at, &by, arrival)
+            }
             Request::Purged {
                 referral_id,
                 consent_id,
                 by,
-            } => {
-                span.record("referral_id", referral_id.as_str());
-                self.purged(&referral_id, &consent_id, &by, &origin, seq, at, raw)
+            } => self.purged(&referral_id, &consent_id, &by, arrival),
+            Request::Reject(refusal) => Ok(self.reject(arrival, refusal)),
+        }
+    }
+
+    /// A new referral: submitted if its id is new and the consent it cites (if any) covers
+    /// it, else recorded as refused.
+    fn submit(&mut self, new: NewReferral, arrival: &Arrival<'_>) -> Result<Outcome> {
+        if let Some(existing) = self.referral(&new.id)? {
+            return Ok(self.repeat_or_reject(&existing, &new.envelope, arrival));
+        }
+        let (at, origin) = (arrival.at, &arrival.origin);
+        if let Some(refusal) = self.cite_consent(&new, at)? {
+            let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
+            self.transition(t, &origin.dedup_key, at);
+            return Ok(self.reject(arrival, refusal));
+        }
+        tracing::info!(from = %new.from, to = %new.to, basis = %new.basis.label(), "referral submitted");
+        let t = referral::submit(new, &origin.message_id, at);
+        self.transition(t, &origin.dedup_key, at);
+        Ok(Outcome::Applied)
+    }
+
+    /// Why the consent a new referral cites does not cover it (`None`: it does, and now lists
+    /// the referral, so that its revocation withdraws it; or the referral cites a statute).
+    fn cite_consent(&mut self, new: &NewReferral, at: Millis) -> Result<Option<Refusal>> {
+        let Basis::Consent(cid) = &new.basis else {
+            return Ok(None);
+        };
+        let consent = self.consent(cid)?;
+        let ask = consent::Ask {
+            from: &new.from,
+            from_kind: &new.from_kind,
+            client: &new.client,
+            to: &new.to,
+            to_kind: &new.to_kind,
+            purpose: new.purpose,
+            categories: &new.categories,
+        };
+        if let Err(not) = consent::check(consent.as_ref(), ask, at) {
+            return Ok(Some(Refusal {
+                code: not_covered(&not),
+                detail: not.to_string(),
+                referral_id: new.id.clone(),
+            }));
+        }
+        if let Some(mut c) = consent {
+            c.referrals.push(new.id.clone());
+            self.consents.insert(c.id.clone(), c);
+        }
+        Ok(None)
+    }
+
+    /// A new referral that ingest refused: recorded as refused, unless its id is taken.
+    fn refuse(
+        &mut self,
+        new: NewReferral,
+        refusal: Refusal,
+        arrival: &Arrival<'_>,
+    ) -> Result<Outcome> {
+        if let Some(existing) = self.referral(&new.id)? {
+            return Ok(self.repeat_or_reject(&existing, &new.envelope, arrival));
+        }
+        let (at, origin) = (arrival.at, &arrival.origin);
+        let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
+        self.transition(t, &origin.dedup_key, at);
+        Ok(self.reject(arrival, refusal))
+    }
+
+    /// A party's status update on `referral_id`, applied if the state machine allows it.
+    fn status(
+        &mut self,
+        referral_id: String,
+        by: String,
+        status: Status,
+        note: String,
+        arrival: &Arrival<'_>,
+    ) -> Result<Outcome> {
+        let existing = self.referral(&referral_id)?;
+        let Some(current) = existing.filter(|r| r.from == by || r.to == by) else {
+            // A stranger learns nothing about whether the referral exists.
+            let r = Refusal {
+                code: ReasonCode::UnknownReferral,
+                detail: "no such referral for this agency".into(),
+                referral_id,
+            };
+            return Ok(self.reject(arrival, r));
+        };
+        let (at, origin) = (arrival.at, &arrival.origin);
+        let event = Event::Status { by, status, note };
+        match referral::apply(&current, &event, &origin.message_id, at) {
+            Ok(t) => {
+                tracing::info!(state = %t.referral.state, "referral status");
+                self.transition(t, &origin.dedup_key, at);
+                Ok(Outcome::Applied)
             }
-            Request::Reject(refusal) => Ok(self.reject(&origin, refusal, seq, at, raw)),
+            Err(e) => {
+                let r = Refusal {
+                    code: reason(&e),
+                    detail: e.to_string(),
+                    referral_id,
+                };
+                Ok(self.reject(arrival, r))
+            }
         }
     }
 
@@ -294,17 +339,31 @@ impl<'a> Batch<'a> {
     ) -> Result<Result<(), String>> {
         let cause = format!("replay/{}/{}", dead.stream_seq, dead.actions.len());
         let note = format!("replayed by {who}: {why}");
-        let outcome = match read.request {
+        let outcome = self.replayed(read.request, &cause, &note, at)?;
+        self.record_replay(dead, who, why, at, &outcome);
+        Ok(outcome)
+    }
+
+    /// Applies a dead letter's request again, under `cause` (with `note` in the history of a
+    /// referral it resubmits): `Err` says why it still cannot be applied.
+    fn replayed(
+        &mut self,
+        request: Request,
+        cause: &str,
+        note: &str,
+        at: Millis,
+    ) -> Result<Result<(), String>> {
+        Ok(match request {
             Request::Submit(new) => match self.referral(&new.id)? {
                 None => {
-                    let t = referral::submit(new, &cause, at);
-                    self.transition(t, &cause, at);
+                    let t = referral::submit(new, cause, at);
+                    self.transition(t, cause, at);
                     Ok(())
                 }
                 Some(old) if old.from == new.from => {
-                    match referral::resubmit(&old, new, &cause, &note, at) {
+                    match referral::resubmit(&old, new, cause, note, at) {
                         Ok(t) => {
-                            self.transition(t, &cause, at);
+                            self.transition(t, cause, at);
                             Ok(())
                         }
                         Err(e) => Err(e.to_string()),
@@ -324,9 +383,9 @@ impl<'a> Batch<'a> {
                         status,
                         note: status_note,
                     };
-                    match referral::apply(&r, &event, &cause, at) {
+                    match referral::apply(&r, &event, cause, at) {
                         Ok(t) => {
-                            self.transition(t, &cause, at);
+                            self.transition(t, cause, at);
                             Ok(())
                         }
                         Err(e) => Err(e.to_string()),
@@ -342,14 +401,25 @@ impl<'a> Batch<'a> {
                 r.code.as_str_name(),
                 r.detail
             )),
-        };
+        })
+    }
+
+    /// The dead letter's record of a replay and its outcome, and the audit entry.
+    fn record_replay(
+        &mut self,
+        dead: &DeadLetter,
+        who: &str,
+        why: &str,
+        at: Millis,
+        outcome: &std::result::Result<(), String>,
+    ) {
         let mut updated = dead.clone();
         updated.actions.push(OperatorAction {
             action: "replay".to_owned(),
             who: who.to_owned(),
             why: why.to_owned(),
             at,
-            outcome: match &outcome {
+            outcome: match outcome {
                 Ok(()) => "replayed".to_owned(),
                 Err(e) => format!("failed: {e}"),
             },
@@ -374,7 +444,6 @@ impl<'a> Batch<'a> {
             "dead letter replayed by an operator"
         );
         self.changes.dead_letter_updates.push(updated);
-        Ok(outcome)
     }
 
     /// An operator discards a dead letter.
@@ -472,6 +541,16 @@ impl<'a> Batch<'a> {
 
     fn transition(&mut self, t: Transition, cause: &str, at: Millis) {
         let Transition { referral, effects } = t;
+        self.record_transition(&referral, at);
+        for (n, effect) in effects.into_iter().enumerate() {
+            self.effect(&referral, effect, derive_id(cause, n), cause, at);
+        }
+        self.touched.insert(referral.id.clone(), referral);
+    }
+
+    /// The audit entry of a referral's new state, and (the first time it changes in this
+    /// batch) its summary before, for the operators' view.
+    fn record_transition(&mut self, referral: &Referral, at: Millis) {
         // Not touched yet in this batch: what the store holds is the "before" (read once).
         let stored = match self.touched.get(&referral.id) {
             Some(_) => None,
@@ -512,91 +591,78 @@ impl<'a> Batch<'a> {
             };
             self.before.insert(referral.id.clone(), old);
         }
-        for (n, effect) in effects.into_iter().enumerate() {
-            let id = derive_id(cause, n);
-            match effect {
-                Effect::Deliver { to } => {
-                    let payload = convert::delivery(&referral);
-                    self.publish(
-                        &to,
-                        OutKind::Delivery,
-                        id,
-                        at,
-                        PayloadType::Delivery,
-                        payload,
-                        Some(&referral.id),
-                    );
-                }
-                Effect::Notify { to, previous } => {
-                    let payload = convert::notification(&referral, previous);
-                    self.publish(
-                        &to,
-                        OutKind::Notification,
-                        id,
-                        at,
-                        PayloadType::Notification,
-                        payload,
-                        None,
-                    );
-                }
-                // Within one batch the last word on a deadline wins: the store applies all
-                // removals before all insertions, so a pair must cancel out here.
-                Effect::Schedule { kind, at } => {
-                    let d = Deadline {
-                        at,
-                        kind,
-                        referral_id: referral.id.clone(),
-                    };
-                    self.changes.deadlines_remove.retain(|x| *x != d);
-                    self.changes.deadlines_put.push(d);
-                }
-                Effect::Unschedule { kind, at } => {
-                    let d = Deadline {
-                        at,
-                        kind,
-                        referral_id: referral.id.clone(),
-                    };
-                    self.changes.deadlines_put.retain(|x| *x != d);
-                    self.changes.deadlines_remove.push(d);
-                }
-                Effect::Withdraw { .. } => self.withdraw(&referral, &id, at),
-                Effect::Escalate { kind, due } => {
-                    let mut targets = vec![referral.from.clone()];
-                    if let Some(c) = self.coordinator.filter(|c| *c != referral.from) {
-                        targets.push(c.to_owned());
-                    }
-                    tracing::warn!(referral_id = %referral.id, kind = kind.as_str(), to = %referral.to, "deadline passed: escalating");
-                    let payload = convert::escalation(&referral, kind, due);
-                    for (i, target) in targets.iter().enumerate() {
-                        let id = derive_id(&format!("{cause}/escalate"), i);
-                        self.publish(
-                            target,
-                            OutKind::Escalation,
-                            id,
-                            at,
-                            PayloadType::Escalation,
-                            payload.clone(),
-                            None,
-                        );
-                    }
-                }
-            }
-        }
-        self.touched.insert(referral.id.clone(), referral);
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Does what a transition asks (`id`: the message id derived for it from `cause`).
+    fn effect(&mut self, referral: &Referral, effect: Effect, id: String, cause: &str, at: Millis) {
+        match effect {
+            Effect::Deliver { to } => {
+                let payload = convert::delivery(referral);
+                self.publish(&to, OutKind::Delivery, id, at, payload, Some(&referral.id));
+            }
+            Effect::Notify { to, previous } => {
+                let payload = convert::notification(referral, previous);
+                self.publish(&to, OutKind::Notification, id, at, payload, None);
+            }
+            // Within one batch the last word on a deadline wins: the store applies all
+            // removals before all insertions, so a pair must cancel out here.
+            Effect::Schedule { kind, at } => {
+                let d = Deadline {
+                    at,
+                    kind,
+                    referral_id: referral.id.clone(),
+                };
+                self.changes.deadlines_remove.retain(|x| *x != d);
+                self.changes.deadlines_put.push(d);
+            }
+            Effect::Unschedule { kind, at } => {
+                let d = Deadline {
+                    at,
+                    kind,
+                    referral_id: referral.id.clone(),
+                };
+                self.changes.deadlines_put.retain(|x| *x != d);
+                self.changes.deadlines_remove.push(d);
+            }
+            Effect::Withdraw { .. } => self.withdraw(referral, &id, at),
+            Effect::Escalate { kind, due } => self.escalate(referral, kind, due, cause, at),
+        }
+    }
+
+    /// A deadline passed: the sender, and the coordinator if there is one, are told.
+    fn escalate(
+        &mut self,
+        referral: &Referral,
+        kind: DeadlineKind,
+        due: Millis,
+        cause: &str,
+        at: Millis,
+    ) {
+        let mut targets = vec![referral.from.clone()];
+        if let Some(c) = self.coordinator.filter(|c| *c != referral.from) {
+            targets.push(c.to_owned());
+        }
+        tracing::warn!(referral_id = %referral.id, kind = kind.as_str(), to = %referral.to, "deadline passed: escalating");
+        let payload = convert::escalation(referral, kind, due);
+        for (i, target) in targets.iter().enumerate() {
+            let id = derive_id(&format!("{cause}/escalate"), i);
+            self.publish(target, OutKind::Escalation, id, at, payload.clone(), None);
+        }
+    }
+
+    /// Puts a message of `kind` to agency `to` in the outbox (`confirms`: the referral whose
+    /// delivery it is), its envelope to be signed at `finish`.
     fn publish(
         &mut self,
         to: &str,
         kind: OutKind,
         message_id: String,
         at: Millis,
-        ty: PayloadType,
         payload: Vec<u8>,
         confirms: Option<&str>,
     ) {
-        let envelope = convert::broker_envelope(message_id.clone(), at, ty, payload);
+        let envelope =
+            convert::broker_envelope(message_id.clone(), at, payload_type(kind), payload);
         let key = match self.store.next_outbox_key() {
             Ok(k) => k,
             Err(e) => {
@@ -623,18 +689,15 @@ impl<'a> Batch<'a> {
         &mut self,
         existing: &Referral,
         envelope: &[u8],
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
+        arrival: &Arrival<'_>,
     ) -> Outcome {
-        if origin.reply_to.as_deref() == Some(existing.from.as_str())
+        if arrival.origin.reply_to.as_deref() == Some(existing.from.as_str())
             && convert::same_payload(&existing.envelope, envelope)
         {
             tracing::info!(referral_id = %existing.id, "referral sent again under a new message id: a repeat");
             return Outcome::Duplicate;
         }
-        self.reject(origin, duplicate_id(&existing.id), seq, at, raw)
+        self.reject(arrival, duplicate_id(&existing.id))
     }
 
     /// A query the responder refused (its reply subject was not the asker's inbox): audited and
@@ -664,7 +727,10 @@ impl<'a> Batch<'a> {
         });
     }
 
-    fn reject(&mut self, origin: &Origin, r: Refusal, seq: u64, at: Millis, raw: &[u8]) -> Outcome {
+    /// Refuses a message: audited, kept as a dead letter, and answered with a rejection when
+    /// the subject names an agency to answer.
+    fn reject(&mut self, arrival: &Arrival<'_>, r: Refusal) -> Outcome {
+        let (origin, seq, at, raw) = (&arrival.origin, arrival.seq, arrival.at, arrival.raw);
         self.audit.push(
             audit::Entry::draft("message.rejected", at)
                 .referral(&r.referral_id)
@@ -702,15 +768,7 @@ impl<'a> Batch<'a> {
             };
             let id = derive_id(&format!("{}/rejection/{seq}", origin.dedup_key), 0);
             let payload = prost::Message::encode_to_vec(&rejection);
-            self.publish(
-                to,
-                OutKind::Rejection,
-                id,
-                at,
-                PayloadType::Rejection,
-                payload,
-                None,
-            );
+            self.publish(to, OutKind::Rejection, id, at, payload, None);
         }
         Outcome::Rejected(r.code)
     }
@@ -741,6 +799,29 @@ fn seal(
             }
             entry.payload = prost::Message::encode_to_vec(&envelope);
         }
+    }
+}
+
+/// The referral a request is about, for its tracing span (none for consent grants and
+/// revocations, nor for a message rejected outright).
+fn traced_referral(request: &Request) -> Option<&str> {
+    match request {
+        Request::Submit(_)
+        | Request::Refuse(..)
+        | Request::Status { .. }
+        | Request::Purged { .. } => Some(request.referral_id()),
+        Request::Grant(_) | Request::Revoke { .. } | Request::Reject(_) => None,
+    }
+}
+
+/// The payload type of what the broker publishes: one for each outbound kind.
+fn payload_type(kind: OutKind) -> PayloadType {
+    match kind {
+        OutKind::Delivery => PayloadType::Delivery,
+        OutKind::Notification => PayloadType::Notification,
+        OutKind::Rejection => PayloadType::Rejection,
+        OutKind::Escalation => PayloadType::Escalation,
+        OutKind::Withdrawal => PayloadType::Withdrawal,
     }
 }
 

@@ -8,6 +8,7 @@
 mod bad_input;
 mod canary;
 mod consent;
+mod consent_audit;
 mod consent_parties;
 mod crash;
 mod deadline;

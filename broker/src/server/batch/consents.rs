@@ -3,25 +3,19 @@
 //! tracking purge confirmations.
 
 use yeongye_proto::subject::OutKind;
-use yeongye_proto::v1::{PayloadType, ReasonCode};
+use yeongye_proto::v1::ReasonCode;
 
-use super::{Batch, Outcome};
+use super::{Arrival, Batch, Outcome};
 use crate::audit;
 use crate::consent::{self, Consent};
 use crate::convert::{self, derive_id};
 use crate::error::Result;
-use crate::ingest::{Origin, Refusal};
+use crate::ingest::Refusal;
 use crate::referral::{self, BROKER, Event, Millis, Referral, State};
 
 impl Batch<'_> {
-    pub(super) fn grant(
-        &mut self,
-        c: Consent,
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
-    ) -> Result<Outcome> {
+    pub(super) fn grant(&mut self, c: Consent, arrival: &Arrival<'_>) -> Result<Outcome> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         if let Some(existing) = self.consent(&c.id)? {
             let same = existing.collected_by == c.collected_by
                 && existing.client == c.client
@@ -39,7 +33,7 @@ impl Batch<'_> {
                 detail: "a consent with this id is recorded".into(),
                 referral_id: String::new(),
             };
-            return Ok(self.reject(origin, r, seq, at, raw));
+            return Ok(self.reject(arrival, r));
         }
         tracing::info!(consent_id = %c.id, collected_by = %c.collected_by, "consent recorded");
         self.audit.push(
@@ -52,17 +46,14 @@ impl Batch<'_> {
         Ok(Outcome::Applied)
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn revoke(
         &mut self,
         id: &str,
         revoked_at: Millis,
         by: &str,
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
+        arrival: &Arrival<'_>,
     ) -> Result<Outcome> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         // A revocation by someone who is not a party is answered exactly as one of an unknown
         // consent: it must not learn that the id exists.
         let unknown = || Refusal {
@@ -71,20 +62,10 @@ impl Batch<'_> {
             referral_id: String::new(),
         };
         let Some(mut c) = self.consent(id)? else {
-            return Ok(self.reject(origin, unknown(), seq, at, raw));
+            return Ok(self.reject(arrival, unknown()));
         };
-        let mut recipients = Vec::new();
-        for rid in &c.referrals {
-            if let Some(r) = self.referral(rid)? {
-                recipients.push(r.to);
-            }
-        }
-        let may = c.collected_by == by
-            || c.recipient_agencies.iter().any(|a| a == by)
-            || recipients.iter().any(|a| a == by)
-            || self.coordinator == Some(by);
-        if !may {
-            return Ok(self.reject(origin, unknown(), seq, at, raw));
+        if !self.may_revoke(&c, by)? {
+            return Ok(self.reject(arrival, unknown()));
         }
         if c.revoked.is_some() {
             return Ok(Outcome::Duplicate);
@@ -105,6 +86,29 @@ impl Batch<'_> {
                 .message(&origin.message_id),
         );
         self.consents.insert(id.to_owned(), c.clone());
+        self.withdraw_citing(&c, arrival)?;
+        Ok(Outcome::Applied)
+    }
+
+    /// Who may revoke consent `c`: the agency that collected it, an agency it names, the
+    /// recipient of a referral that cites it, or the coordinator.
+    fn may_revoke(&self, c: &Consent, by: &str) -> Result<bool> {
+        let mut recipients = Vec::new();
+        for rid in &c.referrals {
+            if let Some(r) = self.referral(rid)? {
+                recipients.push(r.to);
+            }
+        }
+        Ok(c.collected_by == by
+            || c.recipient_agencies.iter().any(|a| a == by)
+            || recipients.iter().any(|a| a == by)
+            || self.coordinator == Some(by))
+    }
+
+    /// Withdraws every referral that cites revoked consent `c`: an open one moves to
+    /// WITHDRAWN; an ended one the recipient had is only asked to be purged.
+    fn withdraw_citing(&mut self, c: &Consent, arrival: &Arrival<'_>) -> Result<()> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         for (n, rid) in c.referrals.iter().enumerate() {
             let Some(r) = self.referral(rid)? else {
                 continue;
@@ -122,17 +126,17 @@ impl Batch<'_> {
                 Err(e) => tracing::warn!(referral_id = %rid, cause = %e, "withdrawal not applied"),
             }
         }
-        Ok(Outcome::Applied)
+        Ok(())
     }
 
-    /// Tells the recipient to purge `r` and tracks the confirmation — or, if the delivery has
-    /// not left the broker yet, cancels it (the recipient never had the data).
-    pub(super) fn withdraw(&mut self, r: &Referral, message_id: &str, at: Millis) {
+    /// Cancels the delivery of `referral_id` if it has not left the broker: put in the outbox
+    /// in this batch, or stored there and not yet published. Whether it was.
+    fn cancel_delivery(&mut self, referral_id: &str) -> bool {
         let cancelled_here = {
             let before = self.changes.outbox_put.len();
             self.changes
                 .outbox_put
-                .retain(|e| e.confirms.as_deref() != Some(r.id.as_str()));
+                .retain(|e| e.confirms.as_deref() != Some(referral_id));
             before != self.changes.outbox_put.len()
         };
         let cancelled_stored = match self.store.outbox() {
@@ -141,7 +145,7 @@ impl Batch<'_> {
                 // stored outbox is still to come.
                 let keys: Vec<u64> = stored
                     .iter()
-                    .filter(|e| e.confirms.as_deref() == Some(r.id.as_str()))
+                    .filter(|e| e.confirms.as_deref() == Some(referral_id))
                     .filter(|e| !self.left.contains(&e.key))
                     .map(|e| e.key)
                     .collect();
@@ -154,7 +158,13 @@ impl Batch<'_> {
                 false
             }
         };
-        if cancelled_here || cancelled_stored {
+        cancelled_here || cancelled_stored
+    }
+
+    /// Tells the recipient to purge `r` and tracks the confirmation — or, if the delivery has
+    /// not left the broker yet, cancels it (the recipient never had the data).
+    pub(super) fn withdraw(&mut self, r: &Referral, message_id: &str, at: Millis) {
+        if self.cancel_delivery(&r.id) {
             tracing::info!(referral_id = %r.id, "delivery cancelled before it left: nothing to purge");
             return;
         }
@@ -167,7 +177,6 @@ impl Batch<'_> {
             OutKind::Withdrawal,
             message_id.to_owned(),
             at,
-            PayloadType::Withdrawal,
             payload,
             None,
         );
@@ -191,17 +200,14 @@ impl Batch<'_> {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn purged(
         &mut self,
         referral_id: &str,
         consent_id: &str,
         by: &str,
-        origin: &Origin,
-        seq: u64,
-        at: Millis,
-        raw: &[u8],
+        arrival: &Arrival<'_>,
     ) -> Result<Outcome> {
+        let (origin, at) = (&arrival.origin, arrival.at);
         let consent = self.consent(consent_id)?;
         let Some(mut c) = consent.filter(|c| {
             c.purges
@@ -214,7 +220,7 @@ impl Batch<'_> {
                     .into(),
                 referral_id: referral_id.to_owned(),
             };
-            return Ok(self.reject(origin, r, seq, at, raw));
+            return Ok(self.reject(arrival, r));
         };
         let Some(p) = c
             .purges

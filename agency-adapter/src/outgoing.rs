@@ -298,6 +298,8 @@ fn status_update_with_id(
         referral_id: referral_id.to_owned(),
         status: status as i32,
         note: note.to_owned(),
+        sealed_note: None,
+        reason: 0,
     };
     Outgoing {
         subject: subject::inbound(me, InKind::Status),

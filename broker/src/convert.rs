@@ -105,6 +105,8 @@ pub fn notification(referral: &Referral, previous: State) -> Vec<u8> {
         from_agency: referral.from.clone(),
         to_agency: referral.to.clone(),
         legal_basis: referral.basis.label(),
+        sealed_note: None,
+        reason: 0,
     }
     .encode_to_vec()
 }

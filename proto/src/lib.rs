@@ -15,6 +15,7 @@
 
 pub mod credentials;
 pub mod rules;
+pub mod seal;
 pub mod signing;
 pub mod subject;
 

@@ -157,6 +157,7 @@ impl WireClient {
             referral_id: referral_id.to_owned(),
             status: status.into(),
             note: note.to_owned(),
+            ..Default::default()
         };
         envelope(
             &self.agency,
@@ -348,6 +349,7 @@ impl ReferralBuilder {
             ],
             receive_by_ms: 0,
             parent_referral_id: String::new(),
+            sealed: None,
             purpose: v1::Purpose::CaseManagement.into(),
         };
         ReferralBuilder { referral }

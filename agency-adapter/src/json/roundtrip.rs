@@ -57,6 +57,7 @@ fn referral(basis: v1::referral::LegalBasis) -> v1::Referral {
         receive_by_ms: 1_767_225_600_000,
         parent_referral_id: "r-0".into(),
         purpose: v1::Purpose::CaseManagement as i32,
+        ..Default::default()
     }
 }
 
@@ -124,6 +125,7 @@ fn every_message() -> Vec<(Option<&'static str>, Value)> {
                 referral_id: "r-1".into(),
                 status: v1::Status::InProgress as i32,
                 note: "가정 방문".into(),
+                ..Default::default()
             }),
         ),
         (
@@ -165,6 +167,7 @@ fn every_message() -> Vec<(Option<&'static str>, Value)> {
                 from_agency: "cc-1".into(),
                 to_agency: "hope-support".into(),
                 legal_basis: "statute:STATUTE_CHILD_WELFARE_ACT".into(),
+                ..Default::default()
             }),
         ),
         (

@@ -199,6 +199,7 @@ fn status_updates() {
             referral_id: "r-1".into(),
             status,
             note,
+            ..Default::default()
         }
         .encode_to_vec();
         read(

@@ -293,6 +293,7 @@ fn hostile_messages(c: &mut Canaries, key: &PrivateKey) -> Vec<(String, String, 
         referral_id: "r-1".into(),
         status: v1::Status::Accepted.into(),
         note: c.personal("note in a mistyped payload"),
+        ..Default::default()
     };
     add(
         "mistyped payload",
@@ -304,6 +305,7 @@ fn hostile_messages(c: &mut Canaries, key: &PrivateKey) -> Vec<(String, String, 
         referral_id: c.personal("status referral_id"),
         status: v1::Status::Accepted.into(),
         note: c.personal("status note on a bad id"),
+        ..Default::default()
     };
     add(
         "status referral_id",
@@ -314,6 +316,7 @@ fn hostile_messages(c: &mut Canaries, key: &PrivateKey) -> Vec<(String, String, 
         referral_id: "r-nowhere".into(),
         status: v1::Status::Accepted.into(),
         note: c.personal("overlong note").repeat(400),
+        ..Default::default()
     };
     add(
         "overlong note",
@@ -324,6 +327,7 @@ fn hostile_messages(c: &mut Canaries, key: &PrivateKey) -> Vec<(String, String, 
         referral_id: "r-nowhere".into(),
         status: v1::Status::Accepted.into(),
         note: c.personal("note on an unknown referral"),
+        ..Default::default()
     };
     add(
         "note on an unknown referral",
@@ -488,6 +492,7 @@ async fn no_secret_and_no_personal_data_reaches_a_log_or_a_dead_letter() {
         referral_id: valid.referral_id.clone(),
         status: v1::Status::Cancelled.into(),
         note: c.personal("rogue's cancel note"),
+        ..Default::default()
     };
     let mut e = envelope(ROGUE, v1::PayloadType::StatusUpdate, cancel.encode_to_vec());
     key.sign(&mut e);

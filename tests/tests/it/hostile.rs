@@ -217,6 +217,7 @@ fn hostile_inputs(replayed: &v1::Envelope) -> Vec<Hostile> {
             referral_id: new_id(),
             status: v1::Status::Accepted.into(),
             note: String::new(),
+            ..Default::default()
         }
         .encode_to_vec(),
     );

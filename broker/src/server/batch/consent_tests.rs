@@ -110,6 +110,7 @@ fn status(by: &str, id: &str, msg: &str, s: v1::Status) -> Msg {
         referral_id: id.into(),
         status: s as i32,
         note: String::new(),
+        ..Default::default()
     };
     (
         format!("yeongye.in.{by}.status"),

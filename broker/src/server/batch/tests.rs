@@ -59,6 +59,7 @@ fn status_msg(by: &str, id: &str, msg: &str, status: v1::Status) -> (String, Vec
         referral_id: id.into(),
         status: status as i32,
         note: String::new(),
+        ..Default::default()
     };
     (
         format!("yeongye.in.{by}.status"),

@@ -401,6 +401,7 @@ async fn wire_recipient(
                 referral_id: delivery.referral_id,
                 status: v1::Status::Received.into(),
                 note: String::new(),
+                ..Default::default()
             };
             let mut receipt = v1::Envelope {
                 message_id: yeongye_adapter::ids::receipt_message_id(&env.message_id),

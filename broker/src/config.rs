@@ -82,6 +82,17 @@ pub struct Config {
     pub max_clock_skew_secs: u64,
     /// How long before its arrival an envelope may have been built.
     pub max_message_age_secs: u64,
+    /// What to do with a referral whose client data is not sealed to its recipient (an
+    /// adapter from before sealing, docs/PROTOCOL.md "Sealed client data"): `refuse` it
+    /// (`PLAINTEXT_REFUSED`; the default), or `accept` it for a migration period.
+    pub plaintext_referrals: PlaintextReferrals,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextReferrals {
+    Refuse,
+    Accept,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +173,7 @@ impl fmt::Debug for Config {
             signing_key_file,
             max_clock_skew_secs,
             max_message_age_secs,
+            plaintext_referrals,
         } = self;
         f.debug_struct("Config")
             .field("nats_urls", &self.redacted_urls())
@@ -191,6 +203,7 @@ impl fmt::Debug for Config {
             .field("signing_key_file", signing_key_file)
             .field("max_clock_skew_secs", max_clock_skew_secs)
             .field("max_message_age_secs", max_message_age_secs)
+            .field("plaintext_referrals", plaintext_referrals)
             .finish()
     }
 }
@@ -242,6 +255,7 @@ impl Default for Config {
             signing_key_file: None,
             max_clock_skew_secs: 300,
             max_message_age_secs: DAY,
+            plaintext_referrals: PlaintextReferrals::Refuse,
         }
     }
 }

@@ -105,10 +105,18 @@ pub fn notification(referral: &Referral, previous: State) -> Vec<u8> {
         from_agency: referral.from.clone(),
         to_agency: referral.to.clone(),
         legal_basis: referral.basis.label(),
-        sealed_note: None,
-        reason: 0,
+        sealed_note: last.and_then(|h| sealed_note(&h.sealed_note)),
+        reason: last.map(|h| h.reason).unwrap_or_default(),
     }
     .encode_to_vec()
+}
+
+/// A history entry's sealed note as the wire carries it (stored encoded, as it came).
+pub fn sealed_note(bytes: &[u8]) -> Option<v1::Sealed> {
+    if bytes.is_empty() {
+        return None;
+    }
+    v1::Sealed::decode(bytes).ok()
 }
 
 pub fn deadline_kind_to_wire(k: DeadlineKind) -> v1::DeadlineKind {
@@ -185,6 +193,8 @@ pub fn history_to_wire(h: &HistoryEntry) -> v1::HistoryEntry {
         at_ms: h.at,
         note: h.note.clone(),
         cause_message_id: h.cause.clone(),
+        sealed_note: sealed_note(&h.sealed_note),
+        reason: h.reason,
     }
 }
 

@@ -3,9 +3,9 @@
 //! that need the store (dedup, existing referral, legal transition) happen in the event loop.
 
 use prost::Message;
-use yeongye_proto::rules;
 use yeongye_proto::subject::{self, InKind};
 use yeongye_proto::v1::{self, ReasonCode};
+use yeongye_proto::{rules, seal};
 
 use yeongye_proto::signing::SignatureError;
 
@@ -16,7 +16,9 @@ use crate::registry::Registry;
 
 /// Longest free-text note on a status update.
 pub const MAX_NOTE_CHARS: usize = 4000;
-
+/// Longest sealed note's ciphertext: the longest note in UTF-8 (4 bytes a character at most)
+/// and the tag.
+pub const MAX_SEALED_NOTE_BYTES: usize = MAX_NOTE_CHARS * 4 + 16;
 /// What the loop needs to know of a message to deduplicate and answer it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
@@ -83,6 +85,10 @@ pub enum Request {
         by: String,
         status: Status,
         note: String,
+        /// The note sealed to the other party (an encoded `v1::Sealed`; empty: none).
+        sealed_note: Vec<u8>,
+        /// The update's `ReasonCode` number (0: none).
+        reason: i32,
     },
     /// A consent to record.
     Grant(Consent),
@@ -117,10 +123,12 @@ pub struct Limits<'a> {
     /// How far `sent_at_ms` may be ahead of the arrival, and how long before it.
     pub max_skew_ms: Millis,
     pub max_age_ms: Millis,
+    /// Accept referrals whose client data is not sealed (adapters from before sealing).
+    pub accept_plaintext: bool,
 }
 
 impl Limits<'_> {
-    /// Limits for tests of pure logic: generous, signatures not required.
+    /// Limits for tests of pure logic: generous, signatures not required, plaintext accepted.
     #[cfg(test)]
     pub(crate) fn for_tests(deadlines: &dyn Fn(Urgency, i32) -> (Millis, Millis)) -> Limits<'_> {
         Limits {
@@ -129,6 +137,7 @@ impl Limits<'_> {
             require_signatures: false,
             max_skew_ms: Millis::MAX / 4,
             max_age_ms: Millis::MAX / 4,
+            accept_plaintext: true,
         }
     }
 }
@@ -385,7 +394,8 @@ fn read_referral(
     let new = new_referral(&r, sender, envelope_bytes, now, registry, limits);
     let fault = check_parties(&r, sender, registry)
         .and_then(|()| check_fields(&r, now))
-        .and_then(|()| check_basis(&r));
+        .and_then(|()| check_basis(&r))
+        .and_then(|()| check_privacy(&r, limits.accept_plaintext));
     match fault {
         Ok(()) => Request::Submit(new),
         Err((code, detail)) => Request::Refuse(new, refusal(code, detail, &r.referral_id)),
@@ -479,8 +489,7 @@ fn check_parties(r: &v1::Referral, sender: &str, registry: &Registry) -> Result<
     Ok(())
 }
 
-/// Every field holds a known value, and what the client block carries is declared in
-/// `data_categories`, so that consent is checked against what is actually sent.
+/// Every field holds a known value.
 fn check_fields(r: &v1::Referral, now: Millis) -> Result<(), Fault> {
     if urgency_from(r).is_none() {
         return Err(invalid("urgency must be ROUTINE, PRIORITY or CRISIS"));
@@ -511,20 +520,59 @@ fn check_fields(r: &v1::Referral, now: Millis) -> Result<(), Fault> {
             "data_categories holds an unknown category {bad}"
         )));
     }
-    if let Some((category, fields)) = r
-        .client
-        .as_ref()
-        .and_then(|c| rules::undeclared_category(c, &r.data_categories))
-    {
-        return Err(invalid(format!(
-            "{fields} is set, so data_categories must include {}",
-            category.as_str_name()
-        )));
-    }
     Ok(())
 }
 
-/// The referral cites a well-formed consent id, or a known statute with a justification.
+/// The client's personal data is sealed to the recipient (docs/PROTOCOL.md "Sealed client
+/// data"): nothing personal in clear beside the seal, and a seal of the right shape (the broker
+/// cannot open it: the recipient's adapter checks what is inside). A referral in clear is
+/// refused unless the broker accepts plaintext (adapters from before sealing); then what its
+/// client block carries must be declared in `data_categories`, so that consent is checked
+/// against what is actually sent.
+fn check_privacy(r: &v1::Referral, accept_plaintext: bool) -> Result<(), Fault> {
+    let malformed = |detail: &str| Err((ReasonCode::SealedMalformed, detail.to_owned()));
+    match &r.sealed {
+        Some(_) if seal::has_clear_personal_data(r) => malformed(
+            "a sealed referral carries personal data in clear: the client beyond pseudonym_id, \
+             reason and a statutory justification belong inside the seal",
+        ),
+        Some(s) => check_seal_shape(s).map_err(|d| (ReasonCode::SealedMalformed, d)),
+        None if !accept_plaintext => Err((
+            ReasonCode::PlaintextRefused,
+            "the referral is not sealed to its recipient, and this broker accepts only sealed \
+             referrals"
+                .to_owned(),
+        )),
+        None => match r
+            .client
+            .as_ref()
+            .and_then(|c| rules::undeclared_category(c, &r.data_categories))
+        {
+            Some((category, fields)) => Err(invalid(format!(
+                "{fields} is set, so data_categories must include {}",
+                category.as_str_name()
+            ))),
+            None => Ok(()),
+        },
+    }
+}
+
+/// A seal the reader could open: a well-formed key id, a 32-byte encapsulated key, a
+/// ciphertext at least as long as its tag. Its detail never quotes the seal.
+fn check_seal_shape(s: &v1::Sealed) -> Result<(), String> {
+    if !yeongye_proto::signing::is_well_formed_key_id(&s.key_id) {
+        Err("sealed.key_id is not a well-formed key id".to_owned())
+    } else if s.enc.len() != 32 {
+        Err("sealed.enc is not 32 bytes".to_owned())
+    } else if s.ciphertext.len() < 16 {
+        Err("sealed.ciphertext is shorter than its authentication tag".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
+/// The referral cites a well-formed consent id, or a known statute with a justification (in
+/// clear, or inside the seal, where the recipient's adapter sees it).
 fn check_basis(r: &v1::Referral) -> Result<(), Fault> {
     match &r.legal_basis {
         None => Err((
@@ -537,7 +585,7 @@ fn check_basis(r: &v1::Referral) -> Result<(), Fault> {
         Some(v1::referral::LegalBasis::StatutoryBasis(b))
             if b.statute == 0
                 || v1::Statute::try_from(b.statute).is_err()
-                || b.justification.trim().is_empty() =>
+                || (r.sealed.is_none() && b.justification.trim().is_empty()) =>
         {
             Err((
                 ReasonCode::StatutoryBasisInvalid,
@@ -734,11 +782,47 @@ fn read_status(sender: &str, payload: &[u8]) -> Request {
             &u.referral_id,
         ));
     }
+    let sealed_note = match &u.sealed_note {
+        None => Vec::new(),
+        Some(_) if !u.note.is_empty() => {
+            return Request::Reject(refusal(
+                ReasonCode::SealedMalformed,
+                "a status update has a note in clear and a sealed one",
+                &u.referral_id,
+            ));
+        }
+        Some(s) if s.ciphertext.len() > MAX_SEALED_NOTE_BYTES => {
+            return Request::Reject(refusal(
+                ReasonCode::InvalidField,
+                format!("sealed_note is longer than {MAX_SEALED_NOTE_BYTES} bytes"),
+                &u.referral_id,
+            ));
+        }
+        Some(s) => match check_seal_shape(s) {
+            Ok(()) => s.encode_to_vec(),
+            Err(detail) => {
+                return Request::Reject(refusal(
+                    ReasonCode::SealedMalformed,
+                    detail.replace("sealed.", "sealed_note."),
+                    &u.referral_id,
+                ));
+            }
+        },
+    };
+    if u.reason != 0 && ReasonCode::try_from(u.reason).is_err() {
+        return Request::Reject(refusal(
+            ReasonCode::InvalidField,
+            "reason must be a known ReasonCode",
+            &u.referral_id,
+        ));
+    }
     Request::Status {
         referral_id: u.referral_id,
         by: sender.to_owned(),
         status,
         note: u.note,
+        sealed_note,
+        reason: u.reason,
     }
 }
 

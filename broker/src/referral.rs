@@ -55,6 +55,8 @@ pub fn submit(new: NewReferral, cause: &str, now: Millis) -> Transition {
             at: now,
             note: String::new(),
             cause: cause.to_owned(),
+            sealed_note: Vec::new(),
+            reason: 0,
         }],
     };
     Transition {
@@ -85,6 +87,8 @@ pub fn refuse(new: NewReferral, cause: &str, note: &str, now: Millis) -> Transit
             at: now,
             note: note.to_owned(),
             cause: cause.to_owned(),
+            sealed_note: Vec::new(),
+            reason: 0,
         }],
         id: new.id,
         from: new.from,
@@ -161,6 +165,8 @@ pub fn apply(
         at: now,
         note: step.note.to_owned(),
         cause: cause.to_owned(),
+        sealed_note: Vec::new(),
+        reason: 0,
     });
     Ok(Transition {
         referral: next,

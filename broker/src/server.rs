@@ -561,6 +561,8 @@ impl EventLoop {
             require_signatures: self.cfg.require_signatures,
             max_skew_ms: secs(self.cfg.max_clock_skew_secs),
             max_age_ms: secs(self.cfg.max_message_age_secs),
+            accept_plaintext: self.cfg.plaintext_referrals
+                == crate::config::PlaintextReferrals::Accept,
         };
         ingest::read(subject, bytes, seq, at, registry, &limits)
     }

@@ -113,6 +113,7 @@ fn every_message() -> Vec<(Option<&'static str>, Value)> {
         at_ms: 5,
         note: "ok".into(),
         cause_message_id: "m-2".into(),
+        ..Default::default()
     };
     vec![
         (None, round_trip(&envelope)),

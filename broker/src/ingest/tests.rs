@@ -253,6 +253,7 @@ mod authenticity {
             require_signatures: true,
             max_skew_ms: 300_000,
             max_age_ms: 86_400_000,
+            accept_plaintext: true,
         }
     }
 
@@ -477,5 +478,163 @@ mod authenticity {
                 }
             }
         }
+    }
+}
+
+mod sealed {
+    use super::*;
+
+    /// The referral sealed to b's (test) key: personal fields inside, metadata in clear.
+    fn sealed_referral() -> v1::Referral {
+        let key = yeongye_proto::seal::PrivateKey::derive(
+            "b-seal-1",
+            b"b's test sealing key material...",
+        );
+        let mut r = referral();
+        r.reason = "생계 곤란".into();
+        r.client.as_mut().unwrap().name = "홍길동".into();
+        r.data_categories = vec![v1::DataCategory::Identity as i32];
+        seal::seal_referral(&mut r, &key.public()).unwrap();
+        r
+    }
+
+    fn read_with(r: v1::Referral, accept_plaintext: bool) -> Inbound {
+        let bytes = envelope("a", v1::PayloadType::Referral, r.encode_to_vec());
+        let deadlines = |_, _| (1000, 5000);
+        let mut limits = Limits::for_tests(&deadlines);
+        limits.accept_plaintext = accept_plaintext;
+        read(
+            "yeongye.in.a.referral",
+            &bytes,
+            9,
+            100,
+            &registry(),
+            &limits,
+        )
+    }
+
+    #[test]
+    fn a_sealed_referral_is_submitted_and_the_broker_keeps_no_personal_field() {
+        let i = read_with(sealed_referral(), false);
+        let Request::Submit(n) = &i.request else {
+            panic!("{:?}", i.request)
+        };
+        // A statutory basis's justification is inside the seal: not required in clear.
+        assert!(
+            matches!(&n.basis, Basis::Statute { justification, .. } if justification.is_empty())
+        );
+        assert_eq!(n.client, "p1");
+    }
+
+    #[test]
+    fn a_plaintext_referral_is_refused_unless_the_broker_accepts_plaintext() {
+        assert_eq!(
+            code(&read_with(referral(), false)),
+            Some(ReasonCode::PlaintextRefused)
+        );
+        assert!(matches!(
+            read_with(referral(), true).request,
+            Request::Submit(_)
+        ));
+        // Accepted in clear, the implied categories are still the broker's to check.
+        let mut named = referral();
+        named.client.as_mut().unwrap().name = "홍길동".into();
+        assert_eq!(
+            code(&read_with(named, true)),
+            Some(ReasonCode::InvalidField)
+        );
+    }
+
+    #[test]
+    fn a_sealed_referral_with_personal_data_in_clear_or_a_bad_seal_is_refused() {
+        let mut cases: Vec<(&str, v1::Referral)> = Vec::new();
+        let mut r = sealed_referral();
+        r.client.as_mut().unwrap().phone = "010-1111-2222".into();
+        cases.push(("a phone in clear", r));
+        let mut r = sealed_referral();
+        r.reason = "사유".into();
+        cases.push(("a reason in clear", r));
+        let mut r = sealed_referral();
+        if let Some(v1::referral::LegalBasis::StatutoryBasis(b)) = &mut r.legal_basis {
+            b.justification = "근거".into();
+        }
+        cases.push(("a justification in clear", r));
+        let mut r = sealed_referral();
+        r.sealed.as_mut().unwrap().enc.pop();
+        cases.push(("a short enc", r));
+        let mut r = sealed_referral();
+        r.sealed.as_mut().unwrap().ciphertext.truncate(3);
+        cases.push(("a short ciphertext", r));
+        let mut r = sealed_referral();
+        r.sealed.as_mut().unwrap().key_id = "b/../../etc".into();
+        cases.push(("a hostile key id", r));
+        for (what, r) in cases {
+            let i = read_with(r, true);
+            assert_eq!(code(&i), Some(ReasonCode::SealedMalformed), "{what}");
+            let Request::Refuse(_, refusal) = &i.request else {
+                panic!("{what}: {:?}", i.request)
+            };
+            for leaked in ["010-1111-2222", "사유", "근거", "etc"] {
+                assert!(
+                    !refusal.detail.contains(leaked),
+                    "{what}: {}",
+                    refusal.detail
+                );
+            }
+        }
+    }
+
+    fn status(u: v1::StatusUpdate) -> Inbound {
+        let bytes = envelope("b", v1::PayloadType::StatusUpdate, u.encode_to_vec());
+        read(
+            "yeongye.in.b.status",
+            &bytes,
+            9,
+            100,
+            &registry(),
+            &limits(),
+        )
+    }
+
+    #[test]
+    fn a_sealed_note_is_carried_as_it_came_and_a_bad_one_is_rejected() {
+        let key = yeongye_proto::seal::PrivateKey::derive(
+            "a-seal-1",
+            b"a's test sealing key material...",
+        );
+        let aad = seal::note_aad("r-1", "b", "a", v1::Status::Declined as i32, "a-seal-1");
+        let sealed = seal::seal(&key.public(), &aad, "정신건강 사례로 등록".as_bytes()).unwrap();
+        let update = v1::StatusUpdate {
+            referral_id: "r-1".into(),
+            status: v1::Status::Declined as i32,
+            sealed_note: Some(sealed.clone()),
+            reason: ReasonCode::SealedCategoryNotDeclared as i32,
+            ..Default::default()
+        };
+        let Request::Status {
+            sealed_note,
+            reason,
+            note,
+            ..
+        } = status(update.clone()).request
+        else {
+            panic!("not a status")
+        };
+        assert_eq!(sealed_note, sealed.encode_to_vec());
+        assert_eq!(reason, ReasonCode::SealedCategoryNotDeclared as i32);
+        assert!(note.is_empty());
+
+        let mut both = update.clone();
+        both.note = "in clear too".into();
+        assert_eq!(code(&status(both)), Some(ReasonCode::SealedMalformed));
+        let mut short = update.clone();
+        short.sealed_note.as_mut().unwrap().enc.clear();
+        assert_eq!(code(&status(short)), Some(ReasonCode::SealedMalformed));
+        let mut long = update.clone();
+        long.sealed_note.as_mut().unwrap().ciphertext = vec![0; MAX_SEALED_NOTE_BYTES + 1];
+        assert_eq!(code(&status(long)), Some(ReasonCode::InvalidField));
+        let mut unknown = update;
+        unknown.reason = 9999;
+        assert_eq!(code(&status(unknown)), Some(ReasonCode::InvalidField));
     }
 }

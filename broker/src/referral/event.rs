@@ -83,6 +83,12 @@ pub struct HistoryEntry {
     pub note: String,
     /// The id of the message that caused the change; empty for the broker's own events.
     pub cause: String,
+    /// The party's note sealed to the other party (an encoded `v1::Sealed`, relayed unopened:
+    /// the broker cannot read it); empty: none.
+    pub sealed_note: Vec<u8>,
+    /// The status update's `ReasonCode` number (a recipient's adapter declining a referral it
+    /// could not open, say); 0: none.
+    pub reason: i32,
 }
 
 /// The broker's record of one referral.

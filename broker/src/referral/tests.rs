@@ -61,6 +61,8 @@ fn referral_in(state: State, overdue: bool) -> Referral {
             at: RECEIVED_AT,
             note: String::new(),
             cause: "m-setup".to_owned(),
+            sealed_note: Vec::new(),
+            reason: 0,
         });
     }
     if !matches!(state, State::Submitted | State::Delivered) {

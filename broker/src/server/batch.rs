@@ -206,7 +206,15 @@ impl<'a> Batch<'a> {
                 by,
                 status,
                 note,
-            } => self.status(referral_id, by, status, note, arrival),
+                sealed_note,
+                reason: reason_code,
+            } => self.status(
+                referral_id,
+                by,
+                status,
+                (note, sealed_note, reason_code),
+                arrival,
+            ),
             Request::Grant(c) => self.grant(c, arrival),
             Request::Revoke {
                 consent_id,
@@ -284,6 +292,11 @@ impl<'a> Batch<'a> {
             return Ok(self.repeat_or_reject(&existing, &new.envelope, arrival));
         }
         let (at, origin) = (arrival.at, &arrival.origin);
+        let mut new = new;
+        if carries_clear_personal_data(refusal.code) {
+            // The broker keeps no copy of personal data it was sent in clear.
+            new.envelope.clear();
+        }
         let t = referral::refuse(new, &origin.message_id, &refusal.detail, at);
         self.transition(t, &origin.dedup_key, at);
         Ok(self.reject(arrival, refusal))
@@ -295,7 +308,7 @@ impl<'a> Batch<'a> {
         referral_id: String,
         by: String,
         status: Status,
-        note: String,
+        (note, sealed_note, reason_code): (String, Vec<u8>, i32),
         arrival: &Arrival<'_>,
     ) -> Result<Outcome> {
         let existing = self.referral(&referral_id)?;
@@ -311,7 +324,8 @@ impl<'a> Batch<'a> {
         let (at, origin) = (arrival.at, &arrival.origin);
         let event = Event::Status { by, status, note };
         match referral::apply(&current, &event, &origin.message_id, at) {
-            Ok(t) => {
+            Ok(mut t) => {
+                carry_note(&mut t, sealed_note, reason_code);
                 tracing::info!(state = %t.referral.state, "referral status");
                 self.transition(t, &origin.dedup_key, at);
                 Ok(Outcome::Applied)
@@ -376,6 +390,8 @@ impl<'a> Batch<'a> {
                 by,
                 status,
                 note: status_note,
+                sealed_note,
+                reason: reason_code,
             } => match self.referral(&referral_id)? {
                 Some(r) if r.from == by || r.to == by => {
                     let event = Event::Status {
@@ -384,7 +400,8 @@ impl<'a> Batch<'a> {
                         note: status_note,
                     };
                     match referral::apply(&r, &event, cause, at) {
-                        Ok(t) => {
+                        Ok(mut t) => {
+                            carry_note(&mut t, sealed_note, reason_code);
                             self.transition(t, cause, at);
                             Ok(())
                         }
@@ -754,7 +771,11 @@ impl<'a> Batch<'a> {
             code: r.code as i32,
             detail: r.detail.clone(),
             at,
-            raw: raw[..raw.len().min(MAX_DEAD_LETTER_BYTES)].to_vec(),
+            raw: if carries_clear_personal_data(r.code) {
+                Vec::new()
+            } else {
+                raw[..raw.len().min(MAX_DEAD_LETTER_BYTES)].to_vec()
+            },
             status: DeadLetterStatus::Open,
             actions: Vec::new(),
         });
@@ -865,3 +886,22 @@ mod consent_tests;
 mod consents;
 #[cfg(test)]
 mod tests;
+
+/// Puts a status update's sealed note and reason code on the history entry its transition
+/// added: carried to the notification unopened, no part of the state machine's decision.
+fn carry_note(t: &mut referral::Transition, sealed_note: Vec<u8>, reason: i32) {
+    if let Some(h) = t.referral.history.last_mut() {
+        h.sealed_note = sealed_note;
+        h.reason = reason;
+    }
+}
+
+/// Refusals of referrals that carry personal data in clear (not sealed, or sealed with personal
+/// fields beside the seal): the broker keeps neither the envelope nor a dead letter's bytes of
+/// them (there is nothing to replay: the sender must seal and send again).
+fn carries_clear_personal_data(code: ReasonCode) -> bool {
+    matches!(
+        code,
+        ReasonCode::PlaintextRefused | ReasonCode::SealedMalformed
+    )
+}

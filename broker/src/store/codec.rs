@@ -159,6 +159,10 @@ struct HistoryRecord {
     note: String,
     #[prost(string, tag = "5")]
     cause: String,
+    #[prost(bytes = "vec", tag = "6")]
+    sealed_note: Vec<u8>,
+    #[prost(int32, tag = "7")]
+    reason: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -292,6 +296,8 @@ pub(super) fn encode_referral(r: &Referral) -> Vec<u8> {
                 at: h.at,
                 note: h.note.clone(),
                 cause: h.cause.clone(),
+                sealed_note: h.sealed_note.clone(),
+                reason: h.reason,
             })
             .collect(),
     }
@@ -308,6 +314,8 @@ pub(super) fn decode_referral(key: &str, bytes: &[u8]) -> Result<Referral> {
             at: h.at,
             note: h.note,
             cause: h.cause,
+            sealed_note: h.sealed_note,
+            reason: h.reason,
         });
     }
     Ok(Referral {

@@ -34,6 +34,8 @@ fn referral(id: &str, state: State) -> Referral {
             at: 5,
             note: "n".into(),
             cause: "m1".into(),
+            sealed_note: Vec::new(),
+            reason: 0,
         }],
     }
 }

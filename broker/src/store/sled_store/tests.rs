@@ -27,6 +27,8 @@ fn referral(id: &str) -> Referral {
             at: 5,
             note: "n".into(),
             cause: "m1".into(),
+            sealed_note: Vec::new(),
+            reason: 0,
         }],
     }
 }

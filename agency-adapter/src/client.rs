@@ -27,6 +27,7 @@ use crate::config::AdapterConfig;
 use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
 use crate::outgoing::{self, Outgoing};
+use crate::sealing::Sealing;
 use publish::Publisher;
 
 /// How long [`Adapter::status`] waits for the broker's reply by default.
@@ -72,6 +73,10 @@ impl AdapterBuilder {
             warn!(agency = %self.cfg.agency, "no signing_key_file: envelopes go out unsigned");
         }
         let keys = self.cfg.key_ring()?;
+        let sealing = Sealing::from_config(&self.cfg)?;
+        if !sealing.seals() {
+            warn!(agency = %self.cfg.agency, "no registry: referrals go out in clear (a broker refuses them by default)");
+        }
         let agency = self.cfg.agency.clone();
         let events_agency = agency.clone();
         let mut options = ConnectOptions::new()
@@ -130,6 +135,7 @@ impl AdapterBuilder {
                 dedup: OnceCell::new(),
                 closed: AtomicBool::new(false),
                 keys,
+                sealing,
             }),
         })
     }
@@ -152,12 +158,19 @@ struct Inner {
     closed: AtomicBool,
     /// Senders' public keys, from the registry, to check deliveries' relayed signatures.
     keys: Option<KeyRing>,
+    /// The keys to seal to (the registry's) and to open with (the agency's own).
+    sealing: Sealing,
 }
 
 impl Adapter {
     /// The registry's key ring, when configured (deliveries are then verified).
     pub(crate) fn keys(&self) -> Option<&KeyRing> {
         self.inner.keys.as_ref()
+    }
+
+    /// The sealing keys: the registry's, to seal to; the agency's own, to open with.
+    pub fn sealing(&self) -> &Sealing {
+        &self.inner.sealing
     }
 
     /// Connects with default options (see [`AdapterBuilder`]).
@@ -205,9 +218,10 @@ impl Adapter {
         Ok(out.referral_id().to_owned())
     }
 
-    /// Checks a referral and builds its message, with its ids fixed, without sending it.
+    /// Checks a referral and builds its message, with its ids fixed and its personal fields
+    /// sealed to the recipient (when the registry is configured), without sending it.
     pub fn prepare_referral(&self, referral: v1::Referral) -> Result<Outgoing> {
-        outgoing::referral(self.agency(), referral)
+        outgoing::sealed_referral(self.agency(), referral, self.sealing())
     }
 
     /// Publishes a prepared message, awaiting JetStream's acknowledgement. Publishing the same
@@ -230,9 +244,43 @@ impl Adapter {
         status: v1::Status,
         note: &str,
     ) -> Result<String> {
-        let out = outgoing::status_update(self.agency(), referral_id, status, note)?;
+        let out = self
+            .prepare_status_update(referral_id, status, note)
+            .await?;
         self.publish(&out).await?;
         Ok(out.message_id().to_owned())
+    }
+
+    /// Checks a status update and builds its message without sending it. A note is sealed to
+    /// the referral's other party (when the registry is configured), whom the broker names:
+    /// so a note costs a status query first.
+    pub async fn prepare_status_update(
+        &self,
+        referral_id: &str,
+        status: v1::Status,
+        note: &str,
+    ) -> Result<Outgoing> {
+        outgoing::status_update(self.agency(), referral_id, status, note)?;
+        let sealed = if note.is_empty() || !self.sealing().seals() {
+            None
+        } else {
+            let reply = self.status(referral_id).await?;
+            if let Some(err) = &reply.error {
+                return Err(Error::invalid(
+                    "referral_id",
+                    format!(
+                        "the broker does not know it for this agency ({}): the note cannot be sealed",
+                        v1::ReasonCode::try_from(err.code)
+                            .map(|c| c.as_str_name())
+                            .unwrap_or("UNKNOWN")
+                    ),
+                ));
+            }
+            let reader = outgoing::other_party(self.agency(), &reply.from_agency, &reply.to_agency);
+            self.sealing()
+                .seal_note(self.agency(), reader, referral_id, status, note)?
+        };
+        outgoing::status_update_with_note(self.agency(), referral_id, status, note, sealed)
     }
 
     /// Asks the broker for a referral's state and history. A reply carrying `error` (unknown
@@ -369,6 +417,28 @@ impl Adapter {
     }
 
     /// Publishes the `RECEIVED` receipt for a delivery (derived message id).
+    /// Declines a delivered referral this adapter could not take in: its receipt, then its
+    /// `DECLINED` with the reason code (both under ids derived from the delivery's, so sending
+    /// them again is harmless).
+    pub(crate) async fn decline_delivery(
+        &self,
+        delivery_message_id: &str,
+        referral_id: &str,
+        reason: v1::ReasonCode,
+    ) -> Result<()> {
+        self.send_receipt(delivery_message_id, referral_id).await?;
+        let out =
+            outgoing::adapter_decline(self.agency(), delivery_message_id, referral_id, reason);
+        self.inner.publisher.publish(&out).await?;
+        warn!(
+            referral_id,
+            reason = reason.as_str_name(),
+            decline_message_id = out.message_id(),
+            "declined by this adapter"
+        );
+        Ok(())
+    }
+
     pub(crate) async fn send_receipt(
         &self,
         delivery_message_id: &str,

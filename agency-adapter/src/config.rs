@@ -72,9 +72,16 @@ pub struct AdapterConfig {
     #[serde(default)]
     pub signing_key_file: Option<PathBuf>,
     /// The agency registry (public keys only are read): set, every delivery's relayed
-    /// signature is checked against its sender's keys before it is handed over.
+    /// signature is checked against its sender's keys before it is handed over, and every
+    /// referral and status note is sealed to its reader's current sealing key (docs/PROTOCOL.md
+    /// "Sealed client data"). Absent: sent in clear, which a broker refuses by default.
     #[serde(default)]
     pub registry: Option<PathBuf>,
+    /// The agency's X25519 sealing keys (`referral-broker agency add` writes
+    /// `<secrets>/<agency>/sealing.key`): what was sealed to this agency opens with them.
+    /// Absent: a sealed referral delivered here cannot be opened and is declined.
+    #[serde(default)]
+    pub sealing_key_file: Option<PathBuf>,
     /// The local HTTP/JSON API (`agency-adapter serve`); absent: not configured.
     #[serde(default)]
     pub http: Option<HttpConfig>,
@@ -101,6 +108,7 @@ impl AdapterConfig {
             tls_ca_file: None,
             signing_key_file: None,
             registry: None,
+            sealing_key_file: None,
             http: None,
         }
     }
@@ -266,6 +274,20 @@ impl AdapterConfig {
         if self.key_ring()?.is_some() {
             found.push("registry keys: deliveries' signatures are checked".into());
         }
+        let sealing = crate::sealing::Sealing::from_config(self)?;
+        if sealing.seals() {
+            found.push("registry sealing keys: referrals and notes are sealed".into());
+        } else {
+            found.push(
+                "no registry: referrals would go out in clear, which a broker refuses by default"
+                    .into(),
+            );
+        }
+        match sealing.key_ids().as_slice() {
+            [] => found
+                .push("no sealing key: sealed referrals to this agency cannot be opened".into()),
+            ids => found.push(format!("sealing keys {ids:?}")),
+        }
         if let Some(ca) = &self.tls_ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| Error::Config(format!("tls_ca_file {}: {e}", ca.display())))?;
@@ -395,6 +417,7 @@ impl fmt::Debug for AdapterConfig {
             tls_ca_file,
             signing_key_file,
             registry,
+            sealing_key_file,
             http,
         } = self;
         f.debug_struct("AdapterConfig")
@@ -406,6 +429,7 @@ impl fmt::Debug for AdapterConfig {
             .field("tls_ca_file", tls_ca_file)
             .field("signing_key_file", signing_key_file)
             .field("registry", registry)
+            .field("sealing_key_file", sealing_key_file)
             .field("http", http)
             .finish()
     }

@@ -28,6 +28,17 @@ pub fn receipt_message_id(delivery_message_id: &str) -> String {
     .to_string()
 }
 
+/// The message id of the `DECLINED` status update an adapter sends itself for a delivery it
+/// could not take in (a seal that did not open, undeclared categories):
+/// `UUIDv5(NAMESPACE, "<delivery message id>/declined")`.
+pub fn decline_message_id(delivery_message_id: &str) -> String {
+    Uuid::new_v5(
+        &NAMESPACE,
+        format!("{delivery_message_id}/declined").as_bytes(),
+    )
+    .to_string()
+}
+
 /// The message id of the `PurgeConfirmation` an adapter sends for a withdrawal:
 /// `UUIDv5(NAMESPACE, "<withdrawal message id>/purged")`. The same withdrawal always yields the
 /// same confirmation id, so a confirmation sent again after a crash is recognised as a repeat.

@@ -28,7 +28,7 @@ use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use tracing::{Instrument, debug, error, info, info_span, warn};
-use yeongye_proto::subject;
+use yeongye_proto::{subject, v1};
 
 use crate::backoff::Backoff;
 use crate::client::Adapter;
@@ -185,7 +185,15 @@ impl Incoming {
             &payload,
             self.adapter.keys(),
         ) {
-            Ok(d) => d,
+            Ok(mut d) => {
+                decode::open(
+                    &mut d,
+                    self.adapter.agency(),
+                    self.adapter.sealing(),
+                    ids::now_ms(),
+                );
+                d
+            }
             Err(reason) => {
                 self.quarantine(stream_sequence, &subject, payload, &reason)
                     .await;
@@ -221,6 +229,25 @@ impl Incoming {
                         }
                         return Ok(None);
                     }
+                    ItemKind::Delivery { referral, .. } if decoded.declined.is_some() => {
+                        let (code, why) = decoded.declined.unwrap_or((
+                            v1::ReasonCode::SealedOpenFailed,
+                            "declined",
+                        ));
+                        warn!(reason = code.as_str_name(), why, "delivered referral declined by this adapter; nothing of it kept");
+                        let receipt = ids::receipt_message_id(&decoded.message_id);
+                        let decline = ids::decline_message_id(&decoded.message_id);
+                        self.dedup
+                            .record_all(&[&decoded.message_id, &receipt, &decline], ids::now_ms())?;
+                        self.dedup.flush().await?;
+                        self.adapter
+                            .decline_delivery(&decoded.message_id, &referral.referral_id, code)
+                            .await?;
+                        if let Err(e) = acker.double_ack().await {
+                            warn!(cause = %e, "ack of a declined delivery failed; it will come again");
+                        }
+                        return Ok(None);
+                    }
                     _ => {}
                 }
                 debug!(delivered, "new message");
@@ -250,6 +277,18 @@ impl Incoming {
     /// before, sends it again (same derived id: harmless if it arrived).
     async fn send_follow_up_again(&self, decoded: &decode::Decoded) -> Result<()> {
         match &decoded.kind {
+            ItemKind::Delivery { referral, .. }
+                if self
+                    .dedup
+                    .contains(&ids::decline_message_id(&decoded.message_id))? =>
+            {
+                let code = decoded
+                    .declined
+                    .map_or(v1::ReasonCode::SealedOpenFailed, |(c, _)| c);
+                self.adapter
+                    .decline_delivery(&decoded.message_id, &referral.referral_id, code)
+                    .await
+            }
             ItemKind::Delivery { referral, .. }
                 if self
                     .dedup

@@ -73,6 +73,7 @@ pub mod json;
 /// The binary's `tracing` filter (crate `yeongye-log`, shared with the broker).
 pub use yeongye_log as log_filter;
 mod outgoing;
+pub mod sealing;
 
 pub use client::{Adapter, AdapterBuilder};
 pub use config::{AdapterConfig, HttpConfig};
@@ -81,4 +82,5 @@ pub use inbox::{FolderInbox, Handoff};
 pub use incoming::Incoming;
 pub use item::{Item, ItemKind};
 pub use outgoing::{MAX_NOTE_CHARS, MAX_REFERRAL_ID_LEN, Outgoing, is_valid_id};
+pub use sealing::Sealing;
 pub use yeongye_proto::v1;

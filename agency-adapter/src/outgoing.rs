@@ -44,6 +44,17 @@ impl Outgoing {
         self::referral(me, referral)
     }
 
+    /// [`referral`](Self::referral), its personal fields sealed to the recipient with
+    /// `sealing`'s registry keys (in clear if it has no registry).
+    pub fn sealed_referral(
+        me: &str,
+        referral: v1::Referral,
+        sealing: &crate::sealing::Sealing,
+    ) -> Result<Outgoing> {
+        check_sender(me)?;
+        self::sealed_referral(me, referral, sealing)
+    }
+
     /// A status update from agency `me` under a fresh message id, for `yeongye.in.<me>.status`.
     pub fn status_update(
         me: &str,
@@ -174,6 +185,25 @@ pub(crate) fn referral(me: &str, mut referral: v1::Referral) -> Result<Outgoing>
     })
 }
 
+/// [`referral`], its personal fields then sealed to the recipient by `sealing` (in clear if
+/// it has no registry): checked in clear first, so that an error names the field.
+pub(crate) fn sealed_referral(
+    me: &str,
+    referral: v1::Referral,
+    sealing: &crate::sealing::Sealing,
+) -> Result<Outgoing> {
+    let checked = self::referral(me, referral)?;
+    if !sealing.seals() {
+        return Ok(checked);
+    }
+    let mut r = v1::Referral::decode(checked.envelope.payload.as_slice())
+        .map_err(|_| Error::invalid("referral", "could not be re-read to seal it"))?;
+    sealing.seal_referral(&mut r)?;
+    let mut out = checked;
+    out.envelope.payload = r.encode_to_vec();
+    Ok(out)
+}
+
 /// The field checks of a referral whose ids are already filled in.
 fn check_referral_fields(me: &str, r: &v1::Referral, now_ms: i64) -> Result<()> {
     check_agency("to_agency", &r.to_agency)?;
@@ -285,6 +315,67 @@ pub(crate) fn receipt(me: &str, delivery_message_id: &str, referral_id: &str) ->
         v1::Status::Received,
         "",
     )
+}
+
+/// A checked status update under a fresh message id whose note, if `sealed` is given, goes
+/// sealed (and not in clear).
+pub(crate) fn status_update_with_note(
+    me: &str,
+    referral_id: &str,
+    status: v1::Status,
+    note: &str,
+    sealed: Option<v1::Sealed>,
+) -> Result<Outgoing> {
+    let mut out = status_update(me, referral_id, status, note)?;
+    if let Some(sealed) = sealed {
+        let update = v1::StatusUpdate {
+            referral_id: referral_id.to_owned(),
+            status: status as i32,
+            note: String::new(),
+            sealed_note: Some(sealed),
+            reason: 0,
+        };
+        out.envelope.payload = update.encode_to_vec();
+    }
+    Ok(out)
+}
+
+/// The adapter's own decline of a delivered referral it could not take in (a seal that did not
+/// open, contents beyond the declared categories), with its reason code and a fixed note naming
+/// it: nothing personal. Its message id is derived from the delivery's, like the receipt's, so
+/// that a decline sent again after a crash is the same message.
+pub(crate) fn adapter_decline(
+    me: &str,
+    delivery_message_id: &str,
+    referral_id: &str,
+    reason: v1::ReasonCode,
+) -> Outgoing {
+    let update = v1::StatusUpdate {
+        referral_id: referral_id.to_owned(),
+        status: v1::Status::Declined as i32,
+        note: format!(
+            "declined by the recipient's adapter: {}",
+            reason.as_str_name()
+        ),
+        sealed_note: None,
+        reason: reason as i32,
+    };
+    Outgoing {
+        subject: subject::inbound(me, InKind::Status),
+        referral_id: referral_id.to_owned(),
+        consent_id: String::new(),
+        envelope: envelope(
+            me,
+            ids::decline_message_id(delivery_message_id),
+            v1::PayloadType::StatusUpdate,
+            update.encode_to_vec(),
+        ),
+    }
+}
+
+/// The party of a referral other than `me`.
+pub(crate) fn other_party<'a>(me: &str, from: &'a str, to: &'a str) -> &'a str {
+    if from == me { to } else { from }
 }
 
 fn status_update_with_id(

@@ -232,6 +232,24 @@ impl AdapterProcess {
                 toml::Value::String(key.display().to_string()),
             );
         }
+        if !config.extra.contains_key("sealing_key_file") {
+            // Open what is sealed to the agency, with its test sealing key.
+            let key = dir.join("sealing.key");
+            crate::registry::write_test_sealing_key(&config.agency, &key);
+            config.extra.insert(
+                "sealing_key_file".into(),
+                toml::Value::String(key.display().to_string()),
+            );
+        }
+        if !config.extra.contains_key("registry") {
+            // Seal to the recipients' keys (a registry of the agencies tests use).
+            let registry = dir.join("registry.toml");
+            crate::registry::write(&registry, &crate::registry::local_agencies(&config.agency));
+            config.extra.insert(
+                "registry".into(),
+                toml::Value::String(registry.display().to_string()),
+            );
+        }
         std::fs::write(dir.join("adapter.toml"), config.to_toml()).expect("write adapter.toml");
         let mut adapter = AdapterProcess {
             dir: dir.to_path_buf(),

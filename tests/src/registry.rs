@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use yeongye_proto::seal;
 use yeongye_proto::signing::{PrivateKey, SigningKey};
 
 /// The agencies a [`crate::System`] registers unless told otherwise: a welfare support group, a
@@ -44,16 +45,55 @@ pub fn write_test_key(agency: &str, path: &Path) {
         .unwrap_or_else(|e| panic!("write test key {}: {e}", path.display()));
 }
 
-/// Writes a registry listing `agencies`, each with its [`test_key`], to `path`.
+/// The sealing key a test agency opens sealed referrals with: derived from its id, like
+/// [`test_key`], so that the registry, the adapters, the SDK clients and the raw wire client
+/// agree without passing files around. For tests only.
+pub fn test_sealing_key(agency: &str) -> seal::PrivateKey {
+    use sha2::Digest;
+    let ikm: [u8; 32] = sha2::Sha256::digest(format!("yeongye-test-sealing-key/{agency}")).into();
+    seal::PrivateKey::derive(&format!("{agency}-seal-test"), &ikm)
+}
+
+/// Writes `agency`'s test sealing key file to `path` (mode 0600) unless one is there.
+pub fn write_test_sealing_key(agency: &str, path: &Path) {
+    if path.exists() {
+        return;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create key dir");
+    }
+    let file = seal::KeyFile {
+        keys: vec![test_sealing_key(agency)],
+    };
+    yeongye_proto::credentials::write_private(path, file.to_file_text().as_bytes())
+        .unwrap_or_else(|e| panic!("write test sealing key {}: {e}", path.display()));
+}
+
+/// The agencies a registry lists for a client that was given none: the defaults, the other
+/// agencies tests use, and `own`.
+pub fn local_agencies(own: &str) -> Vec<&str> {
+    let mut ids: Vec<&str> = DEFAULT_AGENCIES.to_vec();
+    ids.extend(["self-sufficiency", "elderly-care", "dream-start", own]);
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Writes a registry listing `agencies`, each with its [`test_key`] and [`test_sealing_key`],
+/// to `path`.
 pub fn write(path: &Path, agencies: &[&str]) {
     let mut toml = String::from("# Written by the yeongye test harness.\n");
     for id in agencies {
         let (name, kind) = describe(id);
         let key = test_key(id);
+        let sealing = test_sealing_key(id).entry();
         write!(
             toml,
             "\n[[agency]]\nid = \"{id}\"\nname = \"{name}\"\nkind = \"{kind}\"\n\
+             sealing_keys = [{{ id = \"{}\", public_key = \"{}\" }}]\n\
              [[agency.keys]]\nid = \"{}\"\npublic_key = \"{}\"\n",
+            sealing.id,
+            sealing.public_key,
             key.id,
             key.public_b64()
         )

@@ -19,6 +19,12 @@ pub async fn connect_to(url: &str, agency: &str, state_dir: &Path) -> Adapter {
     let key = state_dir.with_extension("signing.key");
     crate::registry::write_test_key(agency, &key);
     cfg.signing_key_file = Some(key);
+    let sealing = state_dir.with_extension("sealing.key");
+    crate::registry::write_test_sealing_key(agency, &sealing);
+    cfg.sealing_key_file = Some(sealing);
+    let registry = state_dir.with_extension("registry.toml");
+    crate::registry::write(&registry, &crate::registry::local_agencies(agency));
+    cfg.registry = Some(registry);
     Adapter::connect(cfg)
         .await
         .unwrap_or_else(|e| panic!("SDK connect as {agency} to {url}: {e}"))

@@ -129,7 +129,18 @@ impl System {
             !self.adapters.contains_key(agency),
             "the adapter of {agency} is already started"
         );
-        let adapter = AdapterProcess::start(&self.adapter_dir(agency), agency, &[self.url()]);
+        let mut config = crate::adapter::AdapterConfig {
+            agency: agency.to_owned(),
+            nats_urls: vec![self.url()],
+            state_dir: self.adapter_dir(agency).join("state"),
+            extra: toml::Table::new(),
+        };
+        // The system's registry: the recipients' sealing keys, the senders' signing keys.
+        config.extra.insert(
+            "registry".into(),
+            toml::Value::String(self.registry.display().to_string()),
+        );
+        let adapter = AdapterProcess::start_with(&self.adapter_dir(agency), config);
         self.adapters.entry(agency.to_owned()).or_insert(adapter)
     }
 

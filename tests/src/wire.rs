@@ -383,7 +383,19 @@ impl ReferralBuilder {
         self
     }
 
+    /// The referral as an adapter sends it: its personal fields sealed to the recipient's
+    /// test sealing key ([`crate::registry::test_sealing_key`]). Change its metadata after
+    /// this and the recipient's adapter cannot open it (the metadata is bound to the seal).
     pub fn build(self) -> v1::Referral {
+        let mut r = self.referral;
+        let key = crate::registry::test_sealing_key(&r.to_agency).public();
+        yeongye_proto::seal::seal_referral(&mut r, &key).expect("seal a test referral");
+        r
+    }
+
+    /// The referral in clear, as an adapter from before sealing sends it (a broker refuses it
+    /// unless `plaintext_referrals = "accept"`).
+    pub fn build_plain(self) -> v1::Referral {
         self.referral
     }
 }

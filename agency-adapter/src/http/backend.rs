@@ -9,11 +9,14 @@ use yeongye_proto::v1;
 use crate::client::Adapter;
 use crate::error::Result;
 use crate::outgoing::Outgoing;
+use crate::sealing::Sealing;
 
 /// The adapter as the HTTP handlers see it.
 pub(crate) trait Backend: Clone + Send + Sync + 'static {
     /// This agency's id.
     fn agency(&self) -> &str;
+    /// The keys referrals and notes are sealed to.
+    fn sealing(&self) -> &Sealing;
     /// Publishes a prepared message, returning once JetStream stored it.
     fn publish(&self, out: &Outgoing) -> impl Future<Output = Result<()>> + Send;
     /// Asks the broker about a referral.
@@ -25,6 +28,10 @@ pub(crate) trait Backend: Clone + Send + Sync + 'static {
 impl Backend for Adapter {
     fn agency(&self) -> &str {
         Adapter::agency(self)
+    }
+
+    fn sealing(&self) -> &Sealing {
+        Adapter::sealing(self)
     }
 
     async fn publish(&self, out: &Outgoing) -> Result<()> {

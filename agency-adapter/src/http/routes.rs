@@ -44,7 +44,7 @@ pub(crate) async fn post_referral<B: Backend>(
         let agency = st.backend.agency().to_owned();
         let prepare = || {
             let referral: v1::Referral = parse_json(&bytes)?;
-            let out = outgoing::referral(&agency, referral)?;
+            let out = outgoing::sealed_referral(&agency, referral, st.backend.sealing())?;
             let response = json!({
                 "referral_id": out.referral_id(),
                 "message_id": out.message_id(),
@@ -90,9 +90,27 @@ pub(crate) async fn post_status<B: Backend>(
         let key = idempotency_key(&headers)?;
         let bytes = read_body(&headers, body, st.body_limit, true).await?;
         let agency = st.backend.agency().to_owned();
+        // A note is sealed to the referral's other party, whom the broker names.
+        let (_, note) = status_update_of(&bytes, &id)?;
+        let reader = if note.is_empty() || !st.backend.sealing().seals() {
+            None
+        } else {
+            let reply = st.backend.status(&id).await?;
+            if let Some(err) = &reply.error {
+                return Err(Problem::from_rejection(err));
+            }
+            Some(outgoing::other_party(&agency, &reply.from_agency, &reply.to_agency).to_owned())
+        };
         let prepare = || {
             let (status, note) = status_update_of(&bytes, &id)?;
-            let out = outgoing::status_update(&agency, &id, status, &note)?;
+            let sealed = match &reader {
+                Some(reader) => st
+                    .backend
+                    .sealing()
+                    .seal_note(&agency, reader, &id, status, &note)?,
+                None => None,
+            };
+            let out = outgoing::status_update_with_note(&agency, &id, status, &note, sealed)?;
             let response = json!({
                 "referral_id": out.referral_id(),
                 "message_id": out.message_id(),

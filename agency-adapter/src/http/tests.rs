@@ -37,11 +37,16 @@ struct Stub {
     fail: Arc<AtomicBool>,
     status: Arc<Mutex<v1::StatusReply>>,
     consent: Arc<Mutex<v1::ConsentReply>>,
+    sealing: crate::sealing::Sealing,
 }
 
 impl Backend for Stub {
     fn agency(&self) -> &str {
         ME
+    }
+
+    fn sealing(&self) -> &crate::sealing::Sealing {
+        &self.sealing
     }
 
     async fn publish(&self, out: &Outgoing) -> Result<()> {

@@ -11,6 +11,7 @@ use yeongye_proto::subject::{self, OutKind};
 use yeongye_proto::{BROKER_ID, v1};
 
 use crate::item::ItemKind;
+use crate::sealing::{Opened, Sealing};
 
 /// A message that passed every check.
 #[derive(Debug)]
@@ -18,6 +19,22 @@ pub(crate) struct Decoded {
     pub(crate) message_id: String,
     pub(crate) referral_id: Option<String>,
     pub(crate) kind: ItemKind,
+    /// A delivered referral the adapter declines itself ([`open`]): not handed over.
+    pub(crate) declined: Option<(v1::ReasonCode, &'static str)>,
+}
+
+/// Opens what was sealed to this agency in a decoded message: a delivered referral's contents
+/// (refused, and so declined, if they do not open or carry an undeclared category: then the
+/// item keeps the sealed referral, metadata only), a notification's note.
+pub(crate) fn open(d: &mut Decoded, me: &str, sealing: &Sealing, now_ms: i64) {
+    match &mut d.kind {
+        ItemKind::Delivery { referral, .. } => match sealing.open_referral(referral, now_ms) {
+            Opened::Referral(r) => *referral = *r,
+            Opened::Refused(code, why) => d.declined = Some((code, why)),
+        },
+        ItemKind::Notification(n) => sealing.open_note(me, n, now_ms),
+        _ => {}
+    }
 }
 
 /// Longest message id accepted from the broker.
@@ -106,6 +123,7 @@ pub(crate) fn decode(
         message_id,
         referral_id,
         kind,
+        declined: None,
     })
 }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::json;
 use yeongye_adapter::json::{MAX_JSON_BYTES, parse_referral_json};
-use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, v1};
+use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, Sealing, v1};
 
 use crate::{UsageError, print_json};
 
@@ -16,8 +16,9 @@ use crate::{UsageError, print_json};
 pub(crate) async fn send(cfg: AdapterConfig, file: &Path) -> anyhow::Result<ExitCode> {
     let bytes = read_input(file, "referral")?;
     let referral = parse_referral_json(&bytes).with_context(|| describe(file, "referral"))?;
-    let out =
-        Outgoing::referral(&cfg.agency, referral).with_context(|| describe(file, "referral"))?;
+    let sealing = Sealing::from_config(&cfg)?;
+    let out = Outgoing::sealed_referral(&cfg.agency, referral, &sealing)
+        .with_context(|| describe(file, "referral"))?;
     let adapter = Adapter::connect(cfg).await?;
     adapter.publish(&out).await?;
     adapter.flush().await.ok();
@@ -32,8 +33,12 @@ pub(crate) async fn update(
     status: v1::Status,
     note: &str,
 ) -> anyhow::Result<ExitCode> {
-    let out = Outgoing::status_update(&cfg.agency, referral_id, status, note)?;
+    Outgoing::status_update(&cfg.agency, referral_id, status, note)?;
     let adapter = Adapter::connect(cfg).await?;
+    // A note is sealed to the referral's other party (a status query names it).
+    let out = adapter
+        .prepare_status_update(referral_id, status, note)
+        .await?;
     adapter.publish(&out).await?;
     adapter.flush().await.ok();
     print_json(&json!({ "message_id": out.message_id() }), false)?;

@@ -1,0 +1,202 @@
+//! The adapter's side of sealed client data (docs/PROTOCOL.md "Sealed client data"): the
+//! sender seals a referral's personal fields (and a status note) to the reader's current key
+//! from the registry; the recipient opens them with its own keys and takes in only what stays
+//! within the referral's declared categories. The broker between them sees metadata only.
+//!
+//! Sealing happens when the adapter has the registry (`registry` in its configuration): every
+//! referral is then sealed, and one whose recipient has no sealing key is refused before
+//! anything is sent. Without a registry the adapter sends in clear, as adapters did before
+//! sealing, which a broker refuses unless `plaintext_referrals = "accept"`.
+
+use yeongye_proto::seal::{self, Directory, KeyFile, PublicKey, SealError};
+use yeongye_proto::v1::{self, ReasonCode};
+use yeongye_proto::{rules, signing};
+
+use crate::config::AdapterConfig;
+use crate::error::{Error, Result};
+
+/// The keys an adapter seals to and opens with.
+#[derive(Debug, Clone, Default)]
+pub struct Sealing {
+    /// Every agency's public sealing keys (from `registry`); None: send in clear.
+    directory: Option<Directory>,
+    /// This agency's private sealing keys (`sealing_key_file`); None: nothing sealed to it
+    /// opens.
+    keys: Option<KeyFile>,
+}
+
+/// What came of opening a delivered referral.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    /// The referral as its sender wrote it (opened, or sent in clear).
+    Referral(Box<v1::Referral>),
+    /// Not to be handed over: the adapter declines it with this reason.
+    Refused(ReasonCode, &'static str),
+}
+
+impl Sealing {
+    /// Reads the registry's sealing keys and the agency's key file, as the configuration names
+    /// them.
+    pub fn from_config(cfg: &AdapterConfig) -> Result<Sealing> {
+        let directory = cfg
+            .registry
+            .as_deref()
+            .map(|p| Directory::load(p).map_err(|e| Error::Config(format!("registry: {e}"))))
+            .transpose()?;
+        let keys = cfg
+            .sealing_key_file
+            .as_deref()
+            .map(|p| KeyFile::load(p).map_err(|e| Error::Config(format!("sealing_key_file: {e}"))))
+            .transpose()?;
+        Ok(Sealing { directory, keys })
+    }
+
+    /// Sealing with these keys (for tests and embedders that hold the keys themselves).
+    pub fn new(directory: Option<Directory>, keys: Option<KeyFile>) -> Sealing {
+        Sealing { directory, keys }
+    }
+
+    /// Whether referrals and notes are sealed (the registry is known).
+    pub fn seals(&self) -> bool {
+        self.directory.is_some()
+    }
+
+    /// The ids of this agency's own sealing keys (for `check-config`).
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys
+            .as_ref()
+            .map(|k| k.keys.iter().map(|k| k.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The recipient's current key, if this adapter seals.
+    fn key_for(&self, agency: &str) -> Result<Option<&PublicKey>> {
+        match &self.directory {
+            None => Ok(None),
+            Some(d) => d.current(agency).map(Some).map_err(|_| {
+                Error::invalid(
+                    "to_agency",
+                    "has no sealing key in the registry: the referral cannot be sealed to it \
+                     (nothing was sent)",
+                )
+            }),
+        }
+    }
+
+    /// Seals a checked referral's personal fields to its recipient (metadata final: it is
+    /// bound to the seal). In clear if this adapter does not seal.
+    pub(crate) fn seal_referral(&self, r: &mut v1::Referral) -> Result<()> {
+        if let Some(key) = self.key_for(&r.to_agency)? {
+            seal::seal_referral(r, key)
+                .map_err(|_| Error::invalid("client", "could not be sealed"))?;
+        }
+        Ok(())
+    }
+
+    /// Seals `note` from `me` to `reader` for a status update, if this adapter seals and the
+    /// note is not empty.
+    pub(crate) fn seal_note(
+        &self,
+        me: &str,
+        reader: &str,
+        referral_id: &str,
+        status: v1::Status,
+        note: &str,
+    ) -> Result<Option<v1::Sealed>> {
+        if note.is_empty() {
+            return Ok(None);
+        }
+        let Some(key) = self.key_for(reader)? else {
+            return Ok(None);
+        };
+        let aad = seal::note_aad(referral_id, me, reader, status as i32, &key.id);
+        seal::seal(key, &aad, note.as_bytes())
+            .map(Some)
+            .map_err(|_| Error::invalid("note", "could not be sealed"))
+    }
+
+    /// Opens a referral delivered to `me`, and checks that its contents stay within its
+    /// declared categories (the check the broker cannot make on sealed data). A referral sent
+    /// in clear (accepted by a broker in migration) is handed over as it came.
+    pub(crate) fn open_referral(&self, r: &v1::Referral, now_ms: i64) -> Opened {
+        if r.sealed.is_none() {
+            return Opened::Referral(Box::new(r.clone()));
+        }
+        let Some(keys) = &self.keys else {
+            return Opened::Refused(
+                ReasonCode::SealedOpenFailed,
+                "sealed, and this adapter has no sealing key (sealing_key_file)",
+            );
+        };
+        let contents = match seal::open_referral(r, keys, now_ms) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Opened::Referral(Box::new(r.clone())),
+            Err(e) => return Opened::Refused(ReasonCode::SealedOpenFailed, open_failure(&e)),
+        };
+        let client = contents.client.clone().unwrap_or_default();
+        if rules::undeclared_category(&client, &r.data_categories).is_some() {
+            // Dropped here, unread beyond the check: nothing of it is kept.
+            return Opened::Refused(
+                ReasonCode::SealedCategoryNotDeclared,
+                "the sealed contents carry a data category the referral did not declare",
+            );
+        }
+        Opened::Referral(Box::new(seal::unsealed(r, contents)))
+    }
+
+    /// Opens a notification's sealed note for `me` into `note` (left sealed if it is not for
+    /// this agency's keys).
+    pub(crate) fn open_note(&self, me: &str, n: &mut v1::Notification, now_ms: i64) {
+        let (Some(sealed), Some(keys)) = (&n.sealed_note, &self.keys) else {
+            return;
+        };
+        let author = n.by_agency.as_str();
+        let status = note_status(n.state);
+        let aad = seal::note_aad(&n.referral_id, author, me, status, &sealed.key_id);
+        match seal::open(keys, sealed, &aad, now_ms)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+        {
+            Some(note) => {
+                n.note = note;
+                n.sealed_note = None;
+            }
+            None => tracing::warn!(
+                key_id = %signing::shown_key_id(&sealed.key_id),
+                "a notification's sealed note does not open with this agency's keys; passed on sealed"
+            ),
+        }
+    }
+}
+
+/// Why a seal did not open, in words that quote nothing from the wire.
+fn open_failure(e: &SealError) -> &'static str {
+    match e {
+        SealError::UnknownKey(_) => {
+            "sealed to a key this agency does not hold (unknown, or past its grace period)"
+        }
+        SealError::Open => {
+            "the seal does not open: its metadata was changed in transit, or it is not for us"
+        }
+        _ => "the seal is malformed",
+    }
+}
+
+/// The `Status` whose update moved a referral into `state` (the note's associated data names
+/// the status the author sent).
+fn note_status(state: i32) -> i32 {
+    use v1::ReferralState as S;
+    let status = match S::try_from(state) {
+        Ok(S::Received) => v1::Status::Received,
+        Ok(S::Accepted) => v1::Status::Accepted,
+        Ok(S::Declined) => v1::Status::Declined,
+        Ok(S::InProgress) => v1::Status::InProgress,
+        Ok(S::Completed) => v1::Status::Completed,
+        Ok(S::Cancelled) => v1::Status::Cancelled,
+        _ => v1::Status::Unspecified,
+    };
+    status as i32
+}
+
+#[cfg(test)]
+mod tests;

@@ -484,3 +484,69 @@ fn the_seal_test_vectors_open_with_the_implementation() {
     );
     assert_eq!(seal::open(reader, &note, &swapped, 0), Err(SealError::Open));
 }
+
+/// Runs tests/install-python-agency.sh and returns the python it prints.
+fn python_agency() -> std::path::PathBuf {
+    let script = yeongye_tests::repo_root().join("tests/install-python-agency.sh");
+    let out = std::process::Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Cross-language, offline: the Python example agency (pyhpke) opens the seal vectors the Rust
+/// code wrote, and what it seals itself opens here.
+#[test]
+fn python_opens_the_seal_vectors_and_rust_opens_what_python_seals() {
+    use yeongye_proto::seal::{self, KeyFile};
+    let python = python_agency();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sealed_out = dir.path().join("python-sealed.json");
+    let out = std::process::Command::new(&python)
+        .arg(yeongye_tests::repo_root().join("examples/python-agency/raw_agency.py"))
+        .args(["vectors", &seal_vectors_path().display().to_string()])
+        .arg("--sealed-out")
+        .arg(&sealed_out)
+        .output()
+        .expect("run raw_agency.py vectors");
+    assert!(
+        out.status.success(),
+        "raw_agency.py vectors failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&sealed_out).expect("what Python sealed");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+
+    let (recipient, reader) = seal_sample::keys();
+    let recipient = KeyFile {
+        keys: vec![recipient],
+    };
+    let reader = KeyFile { keys: vec![reader] };
+    let payload = unhex(str_of(&v, "referral_payload_hex"));
+    let r = v1::Referral::decode(payload.as_slice()).expect("a Referral");
+    assert!(!seal::has_clear_personal_data(&r));
+    let contents = seal::open_referral(&r, &recipient, 0)
+        .expect("what Python sealed opens")
+        .expect("sealed");
+    assert_eq!(seal::unsealed(&r, contents), seal_sample::referral());
+
+    let note = sealed_of(&v["note"]);
+    let aad = seal::note_aad(
+        seal_sample::NOTE_REFERRAL_ID,
+        seal_sample::RECIPIENT,
+        seal_sample::READER,
+        v1::Status::InProgress as i32,
+        &note.key_id,
+    );
+    assert_eq!(
+        seal::open(&reader, &note, &aad, 0).expect("Python's note opens"),
+        seal_sample::NOTE.as_bytes()
+    );
+}

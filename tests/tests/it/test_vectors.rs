@@ -410,7 +410,8 @@ fn the_seal_test_vectors_open_with_the_implementation() {
     // Not with the other party's key.
     assert!(seal::open_referral(&r, &files[r.from_agency.as_str()], 0).is_err());
     // Metadata changed in transit, or the ciphertext moved onto other metadata: does not open.
-    let changes: [(&str, fn(&mut v1::Referral)); 8] = [
+    type Change = fn(&mut v1::Referral);
+    let changes: [(&str, Change); 8] = [
         ("referral_id", |r| r.referral_id.push('0')),
         ("from_agency", |r| r.from_agency = "cc-saebit".into()),
         ("pseudonym_id", |r| {

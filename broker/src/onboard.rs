@@ -865,11 +865,12 @@ pub fn rotate_key(paths: &Paths, who: &str, grace: Duration, now_ms: i64) -> Res
         cutoff.saturating_sub(now_ms) / 1000
     ));
     report.note(format!(
-        "next: restart {who}'s {} so that it signs with the new key",
+        "next: restart {who}'s {}",
         if who == yeongye_proto::BROKER_ID {
-            "broker"
+            "broker so that it signs with the new key"
         } else {
-            "adapter"
+            "adapter so that it signs with the new key and holds the new sealing key — before \
+             the other agencies' adapters read the new registry and seal to it"
         }
     ));
     reload_notes(&mut report, conf.is_some());

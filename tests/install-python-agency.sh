@@ -3,7 +3,8 @@
 # examples/python-agency/raw_agency.py: installs the pinned packages of
 # examples/python-agency/requirements-raw.txt unless they are already there, generates the
 # protobuf modules from proto/yeongye/v1/*.proto into .tools/python-agency/gen (every time, so
-# they never go stale), and prints the venv's python. Used by tests/tests/it/python_agency.rs.
+# they never go stale), and prints the venv's python. Used by tests/tests/it/python_agency.rs and
+# test_vectors.rs (the cross-language seal check).
 #
 # Versions are pinned exactly; hashes are not (the wheels differ by Python version, and this
 # is a test tool that never ships).

@@ -163,8 +163,8 @@ enum OperatorCommand {
 
 #[derive(Subcommand)]
 enum AgencyCommand {
-    /// Registers an agency: generates its signing key and NATS credentials (files 0600, never
-    /// overwritten), adds it to the registry and regenerates the NATS config.
+    /// Registers an agency: generates its signing key, sealing key and NATS credentials (files
+    /// 0600, never overwritten), adds it to the registry and regenerates the NATS config.
     Add {
         /// The agency id: 1-64 of a-z, 0-9 and '-'.
         id: String,
@@ -184,10 +184,11 @@ enum AgencyCommand {
         files: OnboardFiles,
     },
     /// Gives an agency (or `broker`) a new signing key, accepted at once; the old one is
-    /// accepted for the grace period more.
+    /// accepted for the grace period more. An agency also gets a new sealing key, sealed to
+    /// from now on; it keeps the old one for the grace period (dropped at a later rotation).
     RotateKey {
         id: String,
-        /// How long the old key is still accepted, seconds.
+        /// How long the old key is still accepted (and an old sealing key kept), seconds.
         #[arg(long, default_value_t = onboard::DEFAULT_GRACE.as_secs())]
         grace_secs: u64,
         /// The agency registry file.

@@ -1,13 +1,18 @@
 //! Onboarding: giving the broker and each agency an identity — an Ed25519 signing key and a NATS
-//! user with a random password — recording the public halves in the registry, and generating
-//! the NATS server's authorization config from the registry. The library side of
+//! user with a random password, and for each agency an X25519 sealing key (the key its client
+//! data is sealed to, PROTOCOL.md "Sealed client data"; the broker has none) — recording the
+//! public halves in the registry, and generating the NATS server's authorization config from the
+//! registry. The library side of
 //! `referral-broker init` and `referral-broker agency add|remove|rotate-key`.
 //!
 //! ```text
 //! <secrets>/<who>/signing.key          the private signing key (0600), <who> = agency id or broker
 //! <secrets>/<who>/signing.key.<old id> a key rotated out (kept for the record)
 //! <secrets>/<who>/nats.creds           TOML user + password (0600)
-//! <registry>                           [[agency]] / [broker]: keys, nats_password_bcrypt
+//! <secrets>/<agency>/sealing.key       the agency's private sealing keys (0600): the current one
+//!                                      and those rotated out still in their grace period
+//! <registry>                           [[agency]] / [broker]: keys, sealing_keys (agencies),
+//!                                      nats_password_bcrypt
 //! <nats-conf>                          authorization { users = [...] } (+ tls), an include file
 //! ```
 //!
@@ -33,6 +38,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use yeongye_proto::seal;
 use yeongye_proto::signing::{PrivateKey, PublicKeyEntry};
 use yeongye_proto::subject::is_valid_agency_id;
 
@@ -40,14 +46,17 @@ use crate::error::{Error, Result};
 use files::{Lock, Undo};
 pub use nats_conf::ServerTls;
 pub use operators::{add_operator, remove_operator};
-use registry_doc::RegistryDoc;
+use registry_doc::{RegistryDoc, SEALING, SIGNING};
 use yeongye_proto::credentials::Credentials;
 
 /// The private signing key's file name in a secrets directory.
 pub const SIGNING_KEY_FILE: &str = "signing.key";
+/// An agency's private sealing key file's name in its secrets directory.
+pub const SEALING_KEY_FILE: &str = "sealing.key";
 /// The NATS credentials file's name in a secrets directory.
 pub const CREDENTIALS_FILE: &str = "nats.creds";
-/// How long a rotated-out key is still accepted, by default.
+/// How long a rotated-out key is still accepted (a signing key) or held (a sealing key), by
+/// default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// The longest grace period `rotate-key` accepts.
 pub const MAX_GRACE: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -93,6 +102,11 @@ impl Paths {
     /// `<secrets>/<who>/signing.key`.
     pub fn signing_key(&self, who: &str) -> PathBuf {
         self.secret_dir(who).join(SIGNING_KEY_FILE)
+    }
+
+    /// `<secrets>/<agency>/sealing.key`.
+    pub fn sealing_key(&self, agency: &str) -> PathBuf {
+        self.secret_dir(agency).join(SEALING_KEY_FILE)
     }
 
     /// `<secrets>/<who>/nats.creds`.
@@ -267,11 +281,27 @@ fn ensure_parent(path: &Path) -> Result<()> {
     }
 }
 
-/// A new identity's files, written with undo.
+fn seal_err(e: seal::SealError) -> Error {
+    Error::Onboard(e.to_string())
+}
+
+/// Writes a sealing key file (0600), refusing to overwrite one.
+fn save_sealing_keys(path: &Path, keys: &seal::KeyFile) -> Result<()> {
+    yeongye_proto::credentials::write_private(path, keys.to_file_text().as_bytes()).map_err(|e| {
+        Error::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// A new identity's files, written with undo: the signing key, an agency's sealing key (`None`
+/// for the broker), the NATS credentials.
 fn write_identity(
     paths: &Paths,
     who: &str,
     key: &PrivateKey,
+    sealing: Option<&seal::PrivateKey>,
     creds: &Credentials,
     undo: &mut Undo,
     report: &mut Report,
@@ -282,6 +312,15 @@ fn write_identity(
     key.save(&key_path)?;
     undo.created(key_path.clone());
     report.wrote("signing key (0600)", &key_path);
+    if let Some(sealing) = sealing {
+        let path = paths.sealing_key(who);
+        let file = seal::KeyFile {
+            keys: vec![sealing.clone()],
+        };
+        save_sealing_keys(&path, &file)?;
+        undo.created(path.clone());
+        report.wrote(&format!("sealing key {} (0600)", sealing.id), &path);
+    }
     let creds_path = paths.credentials(who);
     creds.save(&creds_path)?;
     undo.created(creds_path.clone());
@@ -293,6 +332,7 @@ fn write_identity(
 fn no_identity_yet(paths: &Paths, who: &str) -> Result<()> {
     let hint = "a key or password is never overwritten; move the old secrets away first";
     files::must_not_exist(&paths.signing_key(who), hint)?;
+    files::must_not_exist(&paths.sealing_key(who), hint)?;
     files::must_not_exist(&paths.credentials(who), hint)
 }
 
@@ -411,7 +451,7 @@ pub fn init(paths: &Paths, tls: Option<ServerTls>) -> Result<Report> {
 
     let mut report = Report::default();
     let mut undo = Undo::default();
-    write_identity(paths, broker, &key, &creds, &mut undo, &mut report)?;
+    write_identity(paths, broker, &key, None, &creds, &mut undo, &mut report)?;
     write_conf_and_registry(paths, Some((conf, &conf_text)), &registry_text, &mut report)?;
     undo.commit();
     if let Some(t) = &tls {
@@ -442,9 +482,9 @@ pub fn init(paths: &Paths, tls: Option<ServerTls>) -> Result<Report> {
     Ok(report)
 }
 
-/// Registers agency `id`: a signing key `<id>-1`, a NATS user `<id>` with a random password
-/// allowed only its own subjects, a new `[[agency]]` in the registry, and the NATS config
-/// regenerated.
+/// Registers agency `id`: a signing key `<id>-1`, a sealing key `<id>-seal-1`, a NATS user
+/// `<id>` with a random password allowed only its own subjects, a new `[[agency]]` in the
+/// registry, and the NATS config regenerated.
 pub fn add_agency(paths: &Paths, id: &str, name: &str, kind: &str) -> Result<Report> {
     check_agency_id(id)?;
     check_name(name)?;
@@ -462,20 +502,34 @@ pub fn add_agency(paths: &Paths, id: &str, name: &str, kind: &str) -> Result<Rep
     no_identity_yet(paths, id)?;
 
     let key = PrivateKey::generate(&format!("{id}-1"))?;
+    let sealing = seal::PrivateKey::generate(&sealing_key_id(id, 1));
     let creds = Credentials::generate(id)?;
     let entry = PublicKeyEntry {
         id: key.id.clone(),
         public_key: key.public_b64(),
         not_after_ms: 0,
     };
-    if !doc.push_agency(id, name, kind, &entry, &bcrypt_hash(&creds.password)?) {
+    if !doc.push_agency(
+        id,
+        name,
+        kind,
+        &entry,
+        &sealing.entry(),
+        &bcrypt_hash(&creds.password)?,
+    ) {
         return Err(Error::Registry {
             path: paths.registry.clone(),
             message: "`agency` is not a list of tables".into(),
         });
     }
     let (registry_text, registry) = doc.render(&paths.registry)?;
-    if registry.nats_password_bcrypt(id).is_none() || !registry.keys().knows(id) {
+    let sealing_listed = seal::Directory::from_registry_toml(&registry_text)
+        .ok()
+        .and_then(|d| d.current(id).ok().map(seal::PublicKey::to_b64));
+    if registry.nats_password_bcrypt(id).is_none()
+        || !registry.keys().knows(id)
+        || sealing_listed != Some(sealing.public().to_b64())
+    {
         return Err(Error::Registry {
             path: paths.registry.clone(),
             message: format!("agency {id} did not come out as written"),
@@ -485,7 +539,15 @@ pub fn add_agency(paths: &Paths, id: &str, name: &str, kind: &str) -> Result<Rep
 
     let mut report = Report::default();
     let mut undo = Undo::default();
-    write_identity(paths, id, &key, &creds, &mut undo, &mut report)?;
+    write_identity(
+        paths,
+        id,
+        &key,
+        Some(&sealing),
+        &creds,
+        &mut undo,
+        &mut report,
+    )?;
     write_conf_and_registry(paths, Some((conf, &conf_text)), &registry_text, &mut report)?;
     undo.commit();
     report.note(format!(
@@ -494,9 +556,12 @@ pub fn add_agency(paths: &Paths, id: &str, name: &str, kind: &str) -> Result<Rep
         nats_conf::agency_subscribe(id).join(" ")
     ));
     report.note(format!(
-        "give its adapter nats_credentials_file = {:?} and signing_key_file = {:?}",
+        "give its adapter nats_credentials_file = {:?}, signing_key_file = {:?}, \
+         sealing_key_file = {:?} and registry = {:?}",
         shown(&paths.credentials(id)),
-        shown(&paths.signing_key(id))
+        shown(&paths.signing_key(id)),
+        shown(&paths.sealing_key(id)),
+        shown(&paths.registry)
     ));
     reload_notes(&mut report, true);
     Ok(report)
@@ -534,9 +599,130 @@ fn key_number(who: &str, key_id: &str) -> Option<u64> {
     key_id.strip_prefix(who)?.strip_prefix('-')?.parse().ok()
 }
 
+/// An agency's `n`-th sealing key id: `<agency>-seal-<n>` (its signing keys are `<agency>-<n>`).
+fn sealing_key_id(agency: &str, n: u64) -> String {
+    format!("{agency}-seal-{n}")
+}
+
+/// The sealing half of `rotate-key` for an agency, prepared in memory: the registry document is
+/// edited (the current key gets its cutoff, the new key is appended), the key file's new
+/// content is returned.
+struct SealingRotation {
+    new_id: String,
+    /// The key rotated out and the end of its grace period; `None` if the agency had no sealing
+    /// key yet (a registry from before sealing: this rotation gives it its first).
+    old: Option<(String, i64)>,
+    /// Keys dropped from the file: their grace period had ended.
+    dropped: Vec<String>,
+    file: seal::KeyFile,
+}
+
+fn plan_sealing_rotation(
+    paths: &Paths,
+    doc: &mut RegistryDoc,
+    who: &str,
+    grace_ms: i64,
+    now_ms: i64,
+) -> Result<SealingRotation> {
+    let path = paths.sealing_key(who);
+    let listed = doc.sealing_keys(who);
+    let exists = match std::fs::symlink_metadata(&path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(Error::File {
+                path,
+                message: e.to_string(),
+            });
+        }
+    };
+    let mut file = if exists {
+        seal::KeyFile::load(&path).map_err(seal_err)?
+    } else if listed.is_empty() {
+        seal::KeyFile::default()
+    } else {
+        return Err(Error::Onboard(format!(
+            "the registry lists sealing keys for {who} but {} does not exist: restore it (without \
+             it, {who} cannot open what is sealed to it)",
+            path.display()
+        )));
+    };
+    let had_keys = !file.keys.is_empty();
+    let old = match file.keys.iter_mut().rev().find(|k| k.not_after_ms == 0) {
+        Some(current) => {
+            let Some(entry) = listed.iter().find(|k| k.id == current.id) else {
+                return Err(Error::Onboard(format!(
+                    "{} holds sealing key {:?}, which the registry does not list for {who}",
+                    path.display(),
+                    current.id
+                )));
+            };
+            if entry.public_key.trim() != current.public().to_b64() {
+                return Err(Error::Onboard(format!(
+                    "{} does not match the public sealing key the registry lists as {:?}",
+                    path.display(),
+                    current.id
+                )));
+            }
+            let mut cutoff = now_ms.saturating_add(grace_ms);
+            if entry.not_after_ms != 0 {
+                cutoff = cutoff.min(entry.not_after_ms);
+            }
+            current.not_after_ms = cutoff;
+            if !doc.set_cutoff(who, SEALING, &current.id, cutoff) {
+                return Err(Error::Registry {
+                    path: paths.registry.clone(),
+                    message: format!("cannot edit the sealing keys of {who}"),
+                });
+            }
+            Some((current.id.clone(), cutoff))
+        }
+        None if !had_keys => None,
+        None => {
+            return Err(Error::Onboard(format!(
+                "{} holds no current sealing key (every key has an end): it does not match the \
+                 registry",
+                path.display()
+            )));
+        }
+    };
+    let prefix = format!("{who}-seal");
+    let next = listed
+        .iter()
+        .map(|k| k.id.as_str())
+        .chain(file.keys.iter().map(|k| k.id.as_str()))
+        .filter_map(|id| key_number(&prefix, id))
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
+    let new = seal::PrivateKey::generate(&sealing_key_id(who, next));
+    if !doc.push_key(who, SEALING, &(&new.entry()).into()) {
+        return Err(Error::Registry {
+            path: paths.registry.clone(),
+            message: format!("cannot edit the sealing keys of {who}"),
+        });
+    }
+    file.keys.push(new.clone());
+    let kept = file.without_expired(now_ms);
+    let dropped = file
+        .keys
+        .iter()
+        .filter(|k| !kept.keys.iter().any(|c| c.id == k.id))
+        .map(|k| k.id.clone())
+        .collect();
+    Ok(SealingRotation {
+        new_id: new.id,
+        old,
+        dropped,
+        file: kept,
+    })
+}
+
 /// Gives `who` (an agency, or `broker`) a new signing key `<who>-<n+1>`, accepted at once; the
 /// current key stays accepted until `now_ms + grace`, and its file is kept as
-/// `signing.key.<old id>`.
+/// `signing.key.<old id>`. An agency also gets a new sealing key `<who>-seal-<n+1>`, current at
+/// once (senders seal to it); the old one stays in `sealing.key`, usable until `now_ms + grace`,
+/// and keys whose grace period has ended are dropped from the file.
 pub fn rotate_key(paths: &Paths, who: &str, grace: Duration, now_ms: i64) -> Result<Report> {
     if who != yeongye_proto::BROKER_ID {
         check_agency_id(who)?;
@@ -598,11 +784,28 @@ pub fn rotate_key(paths: &Paths, who: &str, grace: Duration, now_ms: i64) -> Res
         public_key: new.public_b64(),
         not_after_ms: 0,
     };
-    if !doc.set_cutoff(who, &old.id, cutoff) || !doc.push_key(who, &entry) {
+    if !doc.set_cutoff(who, SIGNING, &old.id, cutoff)
+        || !doc.push_key(who, SIGNING, &(&entry).into())
+    {
         return Err(Error::Registry {
             path: paths.registry.clone(),
             message: format!("cannot edit the keys of {who}"),
         });
+    }
+    let sealing = if who == yeongye_proto::BROKER_ID {
+        None
+    } else {
+        Some(plan_sealing_rotation(
+            paths, &mut doc, who, grace_ms, now_ms,
+        )?)
+    };
+    let sealing_path = paths.sealing_key(who);
+    let sealing_staged = dir.join(format!("{SEALING_KEY_FILE}.new"));
+    if sealing.is_some() {
+        files::must_not_exist(
+            &sealing_staged,
+            "an earlier rotation was interrupted: check the registry, then remove it",
+        )?;
     }
     let (registry_text, registry) = doc.render(&paths.registry)?;
     let conf = match paths.nats_conf.as_deref() {
@@ -617,6 +820,10 @@ pub fn rotate_key(paths: &Paths, who: &str, grace: Duration, now_ms: i64) -> Res
     let mut undo = Undo::default();
     new.save(&staged)?;
     undo.created(staged.clone());
+    if let Some(s) = &sealing {
+        save_sealing_keys(&sealing_staged, &s.file)?;
+        undo.created(sealing_staged.clone());
+    }
     write_conf_and_registry(
         paths,
         conf.as_ref().map(|(p, t)| (*p, t.as_str())),
@@ -628,6 +835,29 @@ pub fn rotate_key(paths: &Paths, who: &str, grace: Duration, now_ms: i64) -> Res
     files::rename_new(&staged, &key_path)?;
     report.wrote(&format!("new signing key {} (0600)", new.id), &key_path);
     report.wrote(&format!("retired signing key {}", old.id), &retired);
+    if let Some(s) = &sealing {
+        std::fs::rename(&sealing_staged, &sealing_path).map_err(|e| Error::File {
+            path: sealing_path.clone(),
+            message: e.to_string(),
+        })?;
+        report.wrote(
+            &format!("new sealing key {} (0600)", s.new_id),
+            &sealing_path,
+        );
+        if let Some((old_id, end)) = &s.old {
+            report.note(format!(
+                "senders seal to {} from now; {who} still opens what was sealed to {old_id} \
+                 until {end} (Unix ms), and a rotation after that drops it from {}",
+                s.new_id, SEALING_KEY_FILE
+            ));
+        }
+        if !s.dropped.is_empty() {
+            report.note(format!(
+                "dropped the sealing keys past their grace period: {}",
+                s.dropped.join(", ")
+            ));
+        }
+    }
     report.note(format!(
         "key {} is accepted from now; key {} until {cutoff} (Unix ms, {} s from now)",
         new.id,
@@ -635,11 +865,12 @@ pub fn rotate_key(paths: &Paths, who: &str, grace: Duration, now_ms: i64) -> Res
         cutoff.saturating_sub(now_ms) / 1000
     ));
     report.note(format!(
-        "next: restart {who}'s {} so that it signs with the new key",
+        "next: restart {who}'s {}",
         if who == yeongye_proto::BROKER_ID {
-            "broker"
+            "broker so that it signs with the new key"
         } else {
-            "adapter"
+            "adapter so that it signs with the new key and holds the new sealing key — before \
+             the other agencies' adapters read the new registry and seal to it"
         }
     ));
     reload_notes(&mut report, conf.is_some());

@@ -1,11 +1,13 @@
 //! The agency registry: which agencies exist, their Korean display names and kinds, their
-//! signing keys, and their NATS identities (`nats_password_bcrypt`, from which
+//! signing keys, their public sealing keys (checked here, used only by the adapters: the broker
+//! never seals nor opens), and their NATS identities (`nats_password_bcrypt`, from which
 //! `referral-broker agency add` generates the NATS server's authorization config).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use yeongye_proto::seal::{self, SealingKeyEntry};
 use yeongye_proto::signing::{KeyRing, PublicKeyEntry};
 use yeongye_proto::subject::is_valid_agency_id;
 
@@ -44,6 +46,10 @@ struct Entry {
     /// Its Ed25519 public keys (see `referral-broker agency add` and `rotate-key`).
     #[serde(default)]
     keys: Vec<PublicKeyEntry>,
+    /// Its X25519 public sealing keys (PROTOCOL.md, "Sealed client data"): the senders' adapters
+    /// seal to the current one. Checked at load; the broker itself never uses them.
+    #[serde(default)]
+    sealing_keys: Vec<SealingKeyEntry>,
     /// The bcrypt hash of its NATS password (the user is the agency id); absent: the agency has
     /// no NATS identity yet and cannot connect to a server configured from this registry.
     nats_password_bcrypt: Option<String>,
@@ -73,6 +79,8 @@ impl Registry {
         let mut agencies = BTreeMap::new();
         let mut keys = KeyRing::default();
         let mut nats_passwords = BTreeMap::new();
+        // Only to check the sealing keys: well-formed ids, 32-byte X25519 keys, no id twice.
+        let mut sealing = seal::Directory::default();
         if let Some(b) = &file.broker {
             for k in &b.keys {
                 keys.add(yeongye_proto::BROKER_ID, k)
@@ -95,6 +103,11 @@ impl Registry {
             }
             for k in &e.keys {
                 keys.add(&e.id, k)
+                    .map_err(|err| format!("agency {}: {err}", e.id))?;
+            }
+            for k in &e.sealing_keys {
+                sealing
+                    .add(&e.id, k)
                     .map_err(|err| format!("agency {}: {err}", e.id))?;
             }
             if let Some(hash) = &e.nats_password_bcrypt {
@@ -194,6 +207,48 @@ mod tests {
         assert_eq!(r.nats_password_bcrypt("broker"), Some(hash.as_str()));
         assert_eq!(r.nats_password_bcrypt("a"), Some(hash.as_str()));
         assert_eq!(r.nats_password_bcrypt("b"), None);
+    }
+
+    #[test]
+    fn sealing_keys_are_checked() {
+        let key = seal::PrivateKey::derive("a-seal-1", &[7; 32]);
+        let good = format!(
+            "[[agency]]\nid = \"a\"\nname = \"x\"\nkind = \"k\"\nsealing_keys = [{{ id = \"a-seal-1\", public_key = \"{}\", not_after_ms = 5 }}, {{ id = \"a-seal-2\", public_key = \"{}\" }}]\n",
+            key.public().to_b64(),
+            seal::PrivateKey::derive("a-seal-2", &[8; 32])
+                .public()
+                .to_b64(),
+        );
+        let r = Registry::from_toml(&good).unwrap();
+        assert!(r.contains("a"));
+        let d = seal::Directory::from_registry_toml(&good).unwrap();
+        assert_eq!(d.current("a").unwrap().id, "a-seal-2");
+        let entry = |id: &str, public_key: &str, extra: &str| {
+            format!(
+                "[[agency]]\nid = \"a\"\nname = \"x\"\nkind = \"k\"\n[[agency.sealing_keys]]\nid = \"{id}\"\npublic_key = \"{public_key}\"\n{extra}"
+            )
+        };
+        let pk = key.public().to_b64();
+        for (text, needle) in [
+            (entry("a-seal-1", "not base64!", ""), "not base64"),
+            (entry("a-seal-1", "AAAA", ""), "32-byte"),
+            (entry("a seal", &pk, ""), "key id"),
+            (entry("a-seal-1", &pk, "colour = 1\n"), "colour"),
+            (
+                entry("a-seal-1", &pk, "not_after_ms = \"soon\"\n"),
+                "not_after_ms",
+            ),
+            (
+                format!(
+                    "{}[[agency.sealing_keys]]\nid = \"a-seal-1\"\npublic_key = \"{pk}\"\n",
+                    entry("a-seal-1", &pk, "")
+                ),
+                "listed twice",
+            ),
+        ] {
+            let err = Registry::from_toml(&text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""An agency that speaks the Yeongye wire protocol itself: NATS JetStream, protobuf, Ed25519.
+"""An agency that speaks the Yeongye wire protocol itself: NATS JetStream, protobuf, Ed25519,
+HPKE.
 
 Written from docs/PROTOCOL.md and proto/yeongye/v1/*.proto alone (no adapter), with nats-py,
-protobuf and PyNaCl. It connects as its NATS user with the inbox prefix `_INBOX_<agency>`,
+protobuf, PyNaCl and pyhpke. It connects as its NATS user with the inbox prefix `_INBOX_<agency>`,
 signs every envelope with its key file, and can
 
   grant    record a consent (ConsentGrant on yeongye.in.<me>.consent)
@@ -16,7 +17,13 @@ signs every envelope with its key file, and can
   status   ask the broker for a referral's state (StatusQuery), verifying the signed reply
   revoke   record that the client withdrew a consent (ConsentRevocation)
   consent  ask the broker about a consent (ConsentQuery), verifying the signed reply
-  vectors  check docs/test-vectors/ against this implementation, offline
+  vectors  check docs/test-vectors/ against this implementation, offline (given yeongye-v1.json,
+           also yeongye-v1-seal.json beside it)
+
+Sealed client data (PROTOCOL.md, "Sealed client data"): with --sealing-key (its sealing.key),
+`send --seal` seals the referral to the recipient's current key from the registry, and `run`
+opens each sealed delivery before keeping it (one that does not open is not kept: the line says
+why). Without --seal, referrals go out in clear as before.
 
 Publishes go through JetStream with `Nats-Msg-Id` = the envelope's message id, and are retried
 with the same bytes until a PubAck comes (PROTOCOL.md, "Retries"). Output is JSON on stdout;
@@ -28,6 +35,7 @@ installs the pinned packages into .tools/python-agency); it prints the Python to
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -100,6 +108,9 @@ class Agency:
         self.user, self.password = read_creds(args.creds)
         self.key = wire.PrivateKey.load(args.key)
         self.keys = wire.KeyRing.load(args.registry)
+        # Public sealing keys of every agency (to seal to), and our own private ones (to open).
+        self.sealing_directory = wire.SealingDirectory.load(args.registry)
+        self.sealing_keys = wire.SealingKeyFile.load(args.sealing_key) if args.sealing_key else None
         self.state = args.state
         os.makedirs(os.path.join(self.state, "referrals"), exist_ok=True)
         self.nc = None
@@ -190,6 +201,24 @@ class Agency:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    # -- sealed client data --
+
+    def seal_outgoing(self, referral):
+        """Seals a referral we send to its recipient's current key (from the registry), in place.
+        Its metadata must be final."""
+        wire.seal_referral(referral, self.sealing_directory.current(referral.to_agency))
+
+    def open_delivery(self, referral):
+        """A delivered referral as its sender wrote it: opened with our sealing keys if sealed
+        (judged now), unchanged if not. Raises wire.SealError if it does not open, or if it is
+        sealed and we hold no sealing key."""
+        if not referral.HasField("sealed"):
+            return referral
+        if self.sealing_keys is None:
+            raise wire.SealError("sealed, and no --sealing-key to open it with")
+        contents = wire.open_referral(referral, self.sealing_keys, now_ms())
+        return wire.unsealed(referral, contents)
+
     # -- receiving --
 
     async def run(self, idle_exit_s, redeliver_once):
@@ -246,6 +275,14 @@ class Agency:
             referral = referral_pb2.Referral.FromString(original.payload)
             if referral.to_agency != self.me or referral.from_agency != original.sender:
                 return {**line, "kind": "refused", "why": "delivery is not addressed to me"}
+            sealed = referral.HasField("sealed")
+            if sealed:
+                try:
+                    referral = self.open_delivery(referral)
+                except wire.SealError as e:
+                    # Nothing of it is kept. (PROTOCOL.md: an adapter then declines it with
+                    # SEALED_OPEN_FAILED; this example only reports it, for now.)
+                    return {**line, "kind": "refused", "referral_id": referral.referral_id, "why": f"seal: {e}"}
             if not repeat:
                 self.keep_referral(referral)
             # Receipt under the derived id, sent again for a repeat (step 3).
@@ -262,6 +299,7 @@ class Agency:
                 "from": referral.from_agency,
                 "receipt_message_id": receipt.message_id,
                 "receipt_duplicate": bool(ack.duplicate),
+                "sealed": sealed,
             }
         if env.payload_type == PT.PAYLOAD_TYPE_NOTIFICATION:
             n = referral_pb2.Notification.FromString(env.payload)
@@ -304,7 +342,7 @@ class Agency:
 
 async def main_async(args):
     if args.command == "vectors":
-        return check_vectors(args.file)
+        return check_vector_files(args.files, args.sealed_out)
     agency = Agency(args)
     await agency.connect()
     try:
@@ -335,9 +373,11 @@ async def main_async(args):
                 data_categories=[referral_pb2.DATA_CATEGORY_IDENTITY, referral_pb2.DATA_CATEGORY_HOUSEHOLD],
                 purpose=referral_pb2.PURPOSE_CASE_MANAGEMENT,
             )
+            if args.seal:
+                agency.seal_outgoing(r)
             env = agency.envelope(PT.PAYLOAD_TYPE_REFERRAL, r)
             await agency.publish("referral", env)
-            out({"referral_id": r.referral_id, "message_id": env.message_id})
+            out({"referral_id": r.referral_id, "message_id": env.message_id, "sealed": args.seal})
         elif args.command == "run":
             await agency.run(args.idle_exit, args.redeliver_once)
         elif args.command == "update":
@@ -373,16 +413,156 @@ async def main_async(args):
     return 0
 
 
-def check_vectors(path):
-    """Checks docs/test-vectors/ against yeongye_wire; prints what was checked, exits 1 on a mismatch."""
-    with open(path, encoding="utf-8") as f:
-        v = json.load(f)
+SEAL_VECTORS = "yeongye-v1-seal.json"
+
+
+def check_vector_files(paths, sealed_out=None):
+    """Checks each test vector file (by its content: signing and ids, or sealing); given
+    yeongye-v1.json alone, also yeongye-v1-seal.json beside it if there. Prints one line of what
+    was checked; exits 1 on a mismatch. With sealed_out, writes there (JSON) what this
+    implementation sealed of the seal vectors, for the Rust side to open."""
+    paths = list(paths)
+    for p in list(paths):
+        beside = os.path.join(os.path.dirname(p), SEAL_VECTORS)
+        if os.path.basename(p) == "yeongye-v1.json" and os.path.exists(beside) and beside not in paths:
+            paths.append(beside)
     failures = []
+    sealed = None
 
     def check(what, got, want):
         if got != want:
             failures.append(f"{what}: got {got}, want {want}")
 
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            v = json.load(f)
+        try:
+            if "signature" in v:
+                check_vectors(v, check)
+            elif "referral" in v and "keys" in v:
+                sealed = check_seal_vectors(v, check)
+            else:
+                failures.append(f"{path}: not a test vector file this checker knows")
+        except (wire.SealError, wire.SignatureError, ValueError, KeyError) as e:
+            failures.append(f"{path}: {type(e).__name__}: {e}")
+    if sealed_out and sealed is None:
+        failures.append("--sealed-out: no seal vectors were checked")
+    if failures:
+        for f in failures:
+            print(f, file=sys.stderr)
+        return 1
+    if sealed_out:
+        with open(sealed_out, "w", encoding="utf-8") as f:
+            json.dump(sealed, f, indent=2)
+    out({"vectors": paths[0] if len(paths) == 1 else paths, "checked": "ok"})
+    return 0
+
+
+def check_seal_vectors(v, check):
+    """docs/test-vectors/yeongye-v1-seal.json: the keys derive, the AADs recompute, the sealed
+    referral and note open to the plaintexts, changed metadata does not open, and what this
+    implementation seals opens again."""
+    files = {}
+    for k in v["keys"]:
+        key = wire.SealingKey.derive(k["key_id"], bytes.fromhex(k["ikm_hex"]))
+        check(f"public key {k['key_id']}", key.public().b64(), k["public_key_base64"])
+        check(f"key file {k['key_id']}", key.line(), k["key_file"])
+        parsed = wire.SealingKeyFile.parse(k["key_file"])
+        check(f"parsed key file {k['key_id']}", parsed.keys[0].public().b64(), k["public_key_base64"])
+        files[k["agency"]] = parsed
+    directory = wire.SealingDirectory(
+        {k["agency"]: [wire.SealingPublicKey(k["key_id"], base64.b64decode(k["public_key_base64"]))] for k in v["keys"]}
+    )
+
+    rv = v["referral"]
+    r = referral_pb2.Referral.FromString(bytes.fromhex(rv["payload_hex"]))
+    clear = rv["clear"]
+    got_clear = {
+        "referral_id": r.referral_id,
+        "from_agency": r.from_agency,
+        "to_agency": r.to_agency,
+        "pseudonym_id": r.client.pseudonym_id,
+        "field": r.field,
+        "urgency": r.urgency,
+        "purpose": r.purpose,
+        "data_categories": list(r.data_categories),
+        "basis": wire.basis_text(r),
+        "receive_by_ms": str(r.receive_by_ms),
+        "parent_referral_id": r.parent_referral_id,
+    }
+    check("clear metadata", got_clear, clear)
+    check("nothing personal in clear", wire.has_clear_personal_data(r), False)
+    sealed = {"key_id": r.sealed.key_id, "enc_hex": r.sealed.enc.hex(), "ciphertext_hex": r.sealed.ciphertext.hex()}
+    check("sealed", sealed, rv["sealed"])
+    check("referral aad", wire.referral_aad(r, r.sealed.key_id).hex(), rv["aad_hex"])
+    recipient = files[r.to_agency]
+    contents = wire.open_referral(r, recipient, 0)
+    check("referral plaintext", contents.SerializeToString().hex(), rv["plaintext_hex"])
+    c = rv["contents"]
+    check("client", json_format.MessageToDict(contents.client, preserving_proto_field_name=True), c["client"])
+    check("reason", contents.reason, c["reason"])
+    check("justification", contents.justification, c["justification"])
+    whole = wire.unsealed(r, contents)
+    check("unsealed client", whole.client.name, c["client"]["name"])
+    check("unsealed justification", whole.statutory_basis.justification, c["justification"])
+    for what, change in [
+        ("to_agency", lambda m: setattr(m, "to_agency", "cc-saebit")),
+        ("purpose", lambda m: setattr(m, "purpose", referral_pb2.PURPOSE_CASE_MANAGEMENT)),
+        ("data_categories", lambda m: m.data_categories.append(referral_pb2.DATA_CATEGORY_MENTAL_HEALTH)),
+        ("referral_id", lambda m: setattr(m, "referral_id", m.referral_id + "0")),
+        ("receive_by_ms", lambda m: setattr(m, "receive_by_ms", m.receive_by_ms + 1)),
+    ]:
+        moved = referral_pb2.Referral()
+        moved.CopyFrom(r)
+        change(moved)
+        try:
+            wire.open_referral(moved, recipient, 0)
+            check(f"{what} changed in transit", "opened", "refused")
+        except wire.SealError:
+            pass
+
+    nv = v["note"]
+    aad = wire.note_aad(nv["referral_id"], nv["author"], nv["reader"], nv["status"], nv["sealed"]["key_id"])
+    check("note aad", aad.hex(), nv["aad_hex"])
+    check("note status", referral_pb2.Status.Name(nv["status"]), nv["status_name"])
+    note = referral_pb2.Sealed(
+        key_id=nv["sealed"]["key_id"],
+        enc=bytes.fromhex(nv["sealed"]["enc_hex"]),
+        ciphertext=bytes.fromhex(nv["sealed"]["ciphertext_hex"]),
+    )
+    reader = files[nv["reader"]]
+    check(
+        "note",
+        wire.open_note(nv["referral_id"], nv["author"], nv["reader"], nv["status"], note, reader, 0),
+        nv["note"],
+    )
+    try:
+        wire.open_note(nv["referral_id"], nv["reader"], nv["author"], nv["status"], note, reader, 0)
+        check("note opened with author and reader swapped", "opened", "refused")
+    except wire.SealError:
+        pass
+
+    # What this implementation seals opens again: the referral, resealed, and a note.
+    again = wire.unsealed(r, contents)
+    wire.seal_referral(again, directory.current(again.to_agency))
+    check("resealed: nothing personal in clear", wire.has_clear_personal_data(again), False)
+    check("resealed opens", wire.open_referral(again, recipient, 0).SerializeToString().hex(), rv["plaintext_hex"])
+    mine = wire.seal_note(
+        nv["referral_id"], nv["author"], nv["reader"], nv["status"], nv["note"], directory.current(nv["reader"])
+    )
+    check(
+        "own note opens",
+        wire.open_note(nv["referral_id"], nv["author"], nv["reader"], nv["status"], mine, reader, 0),
+        nv["note"],
+    )
+    return {
+        "referral_payload_hex": again.SerializeToString().hex(),
+        "note": {"key_id": mine.key_id, "enc_hex": mine.enc.hex(), "ciphertext_hex": mine.ciphertext.hex()},
+    }
+
+
+def check_vectors(v, check):
+    """docs/test-vectors/yeongye-v1.json: signing and derived ids."""
     s = v["signature"]
     key = wire.PrivateKey(s["key_id"], bytes.fromhex(s["seed_hex"]))
     check("public key", key.public_b64(), s["public_key_base64"])
@@ -416,12 +596,6 @@ def check_vectors(path):
         )
     for d in v["broker_ids"]:
         check(f"broker id of {d['cause']!r}/{d['i']}", wire.broker_id(d["cause"], d["i"]), d["id"])
-    if failures:
-        for f in failures:
-            print(f, file=sys.stderr)
-        return 1
-    out({"vectors": path, "checked": "ok"})
-    return 0
 
 
 def parse_args(argv):
@@ -432,6 +606,7 @@ def parse_args(argv):
     p.add_argument("--key", help="the signing key file (yeongye-ed25519-v1 <id> <base64 seed>)")
     p.add_argument("--registry", help="the agency registry (public keys of agencies and broker)")
     p.add_argument("--state", help="directory for handled ids and received referrals")
+    p.add_argument("--sealing-key", help="its sealing key file (yeongye-x25519-v1 lines), to open sealed deliveries")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grant")
     g.add_argument("--client", required=True)
@@ -444,6 +619,7 @@ def parse_args(argv):
     s.add_argument("--consent", required=True)
     s.add_argument("--household", default="")
     s.add_argument("--reason", default="통합사례관리 의뢰")
+    s.add_argument("--seal", action="store_true", help="seal the client data to the recipient's current key")
     r = sub.add_parser("run")
     r.add_argument("--idle-exit", type=float, default=0, help="exit after this many idle seconds (0: never)")
     r.add_argument("--redeliver-once", action="store_true", help="nak each new message once (tests)")
@@ -458,7 +634,8 @@ def parse_args(argv):
     c = sub.add_parser("consent")
     c.add_argument("consent_id")
     v = sub.add_parser("vectors")
-    v.add_argument("file")
+    v.add_argument("files", nargs="+", metavar="file")
+    v.add_argument("--sealed-out", help="write what it sealed of the seal vectors here (JSON), for the Rust side")
     args = p.parse_args(argv)
     if args.command != "vectors":
         missing = [n for n in ("agency", "creds", "key", "registry", "state") if getattr(args, n) is None]

@@ -1,5 +1,6 @@
 //! Editing the registry file in place with `toml_edit`, keeping its comments and layout: add or
-//! remove an `[[agency]]`, set the `[broker]` identity, add a key, set a key's cutoff.
+//! remove an `[[agency]]`, set the `[broker]` identity, add a key, set a key's cutoff — for the
+//! signing keys (`keys`) and the agencies' sealing keys (`sealing_keys`) alike.
 //!
 //! Every edit is checked afterwards by parsing the result as a [`Registry`], so a change that
 //! would leave the broker unable to load the file is never written.
@@ -7,6 +8,7 @@
 use std::path::Path;
 
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
+use yeongye_proto::seal::SealingKeyEntry;
 use yeongye_proto::signing::PublicKeyEntry;
 
 use crate::error::{Error, Result};
@@ -16,11 +18,45 @@ use crate::registry::Registry;
 pub(super) const NEW_REGISTRY: &str = "\
 # The agency registry, written by `referral-broker init` and `referral-broker agency
 # add|remove|rotate-key` (they keep comments and layout). Each [[agency]]: `id` (its NATS subject
-# token and user name), `name`, `kind`, its Ed25519 public keys ([[agency.keys]]) and the bcrypt
-# hash of its NATS password. [broker]: the broker's keys and NATS identity.
+# token and user name), `name`, `kind`, its Ed25519 public keys ([[agency.keys]]), its X25519
+# public sealing keys ([[agency.sealing_keys]]) and the bcrypt hash of its NATS password.
+# [broker]: the broker's keys and NATS identity.
 
 [broker]
 ";
+
+/// The list of a signer's Ed25519 public keys.
+pub(super) const SIGNING: &str = "keys";
+/// The list of an agency's X25519 public sealing keys.
+pub(super) const SEALING: &str = "sealing_keys";
+
+/// A key entry of either list: id, base64 public key, cutoff (0: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct KeyEntry {
+    pub(super) id: String,
+    pub(super) public_key: String,
+    pub(super) not_after_ms: i64,
+}
+
+impl From<&PublicKeyEntry> for KeyEntry {
+    fn from(k: &PublicKeyEntry) -> KeyEntry {
+        KeyEntry {
+            id: k.id.clone(),
+            public_key: k.public_key.clone(),
+            not_after_ms: k.not_after_ms,
+        }
+    }
+}
+
+impl From<&SealingKeyEntry> for KeyEntry {
+    fn from(k: &SealingKeyEntry) -> KeyEntry {
+        KeyEntry {
+            id: k.id.clone(),
+            public_key: k.public_key.clone(),
+            not_after_ms: k.not_after_ms,
+        }
+    }
+}
 
 /// The registry file being edited.
 pub(super) struct RegistryDoc {
@@ -45,8 +81,10 @@ impl RegistryDoc {
             && let Some(agencies) = as_array_of_tables(item)
         {
             for t in agencies.iter_mut() {
-                if let Some(keys) = t.get_mut("keys") {
-                    as_array_of_tables(keys);
+                for list in [SIGNING, SEALING] {
+                    if let Some(keys) = t.get_mut(list) {
+                        as_array_of_tables(keys);
+                    }
                 }
             }
         }
@@ -98,8 +136,32 @@ impl RegistryDoc {
         self.agencies_mut()?.get_mut(i)
     }
 
-    /// The key entries listed for `id` (an agency or the broker).
+    /// The signing key entries listed for `id` (an agency or the broker).
     pub(super) fn keys(&self, id: &str) -> Vec<PublicKeyEntry> {
+        self.key_list(id, SIGNING)
+            .into_iter()
+            .map(|k| PublicKeyEntry {
+                id: k.id,
+                public_key: k.public_key,
+                not_after_ms: k.not_after_ms,
+            })
+            .collect()
+    }
+
+    /// The sealing key entries listed for agency `id`.
+    pub(super) fn sealing_keys(&self, id: &str) -> Vec<SealingKeyEntry> {
+        self.key_list(id, SEALING)
+            .into_iter()
+            .map(|k| SealingKeyEntry {
+                id: k.id,
+                public_key: k.public_key,
+                not_after_ms: k.not_after_ms,
+            })
+            .collect()
+    }
+
+    /// The entries of `id`'s key list `list` ([`SIGNING`] or [`SEALING`]).
+    fn key_list(&self, id: &str, list: &str) -> Vec<KeyEntry> {
         let table = if id == yeongye_proto::BROKER_ID {
             self.doc.get("broker").and_then(Item::as_table)
         } else {
@@ -107,13 +169,13 @@ impl RegistryDoc {
                 .and_then(|i| self.agencies().and_then(|a| a.get(i)))
         };
         let Some(keys) = table
-            .and_then(|t| t.get("keys"))
+            .and_then(|t| t.get(list))
             .and_then(Item::as_array_of_tables)
         else {
             return Vec::new();
         };
         keys.iter()
-            .map(|k| PublicKeyEntry {
+            .map(|k| KeyEntry {
                 id: k.get("id").and_then(Item::as_str).unwrap_or("").to_owned(),
                 public_key: k
                     .get("public_key")
@@ -128,13 +190,15 @@ impl RegistryDoc {
             .collect()
     }
 
-    /// Appends a new `[[agency]]`; `false` if the file's `agency` is not a list of tables.
+    /// Appends a new `[[agency]]` with its first signing and sealing keys; `false` if the file's
+    /// `agency` is not a list of tables.
     pub(super) fn push_agency(
         &mut self,
         id: &str,
         name: &str,
         kind: &str,
         key: &PublicKeyEntry,
+        sealing_key: &SealingKeyEntry,
         bcrypt: &str,
     ) -> bool {
         let mut t = Table::new();
@@ -143,8 +207,10 @@ impl RegistryDoc {
         t.insert("name", value(name));
         t.insert("kind", value(kind));
         t.insert("nats_password_bcrypt", value(bcrypt));
-        t.insert("keys", Item::ArrayOfTables(ArrayOfTables::new()));
-        push_key_into(&mut t, key);
+        t.insert(SIGNING, Item::ArrayOfTables(ArrayOfTables::new()));
+        push_key_into(&mut t, SIGNING, &key.into());
+        t.insert(SEALING, Item::ArrayOfTables(ArrayOfTables::new()));
+        push_key_into(&mut t, SEALING, &sealing_key.into());
         match self.agencies_mut() {
             Some(agencies) => {
                 agencies.push(t);
@@ -228,29 +294,36 @@ impl RegistryDoc {
         match as_table(item) {
             Some(t) => {
                 t.insert("nats_password_bcrypt", value(bcrypt));
-                push_key_into(t, key);
+                push_key_into(t, SIGNING, &key.into());
                 true
             }
             None => false,
         }
     }
 
-    /// Adds a key to `id`'s list; `false` if there is no such signer.
-    pub(super) fn push_key(&mut self, id: &str, key: &PublicKeyEntry) -> bool {
+    /// Adds a key to `id`'s list `list` ([`SIGNING`] or [`SEALING`]); `false` if there is no
+    /// such signer.
+    pub(super) fn push_key(&mut self, id: &str, list: &str, key: &KeyEntry) -> bool {
         match self.signer_mut(id) {
             Some(t) => {
-                push_key_into(t, key);
+                push_key_into(t, list, key);
                 true
             }
             None => false,
         }
     }
 
-    /// Sets the cutoff of `id`'s key `key_id`; `false` if there is no such key.
-    pub(super) fn set_cutoff(&mut self, id: &str, key_id: &str, not_after_ms: i64) -> bool {
+    /// Sets the cutoff of key `key_id` in `id`'s list `list`; `false` if there is no such key.
+    pub(super) fn set_cutoff(
+        &mut self,
+        id: &str,
+        list: &str,
+        key_id: &str,
+        not_after_ms: i64,
+    ) -> bool {
         let Some(keys) = self
             .signer_mut(id)
-            .and_then(|t| t.get_mut("keys"))
+            .and_then(|t| t.get_mut(list))
             .and_then(Item::as_array_of_tables_mut)
         else {
             return false;
@@ -268,7 +341,7 @@ impl RegistryDoc {
     }
 }
 
-fn push_key_into(table: &mut Table, key: &PublicKeyEntry) {
+fn push_key_into(table: &mut Table, list: &str, key: &KeyEntry) {
     let mut k = Table::new();
     k.insert("id", value(key.id.as_str()));
     k.insert("public_key", value(key.public_key.as_str()));
@@ -276,7 +349,7 @@ fn push_key_into(table: &mut Table, key: &PublicKeyEntry) {
         k.insert("not_after_ms", value(key.not_after_ms));
     }
     let item = table
-        .entry("keys")
+        .entry(list)
         .or_insert(Item::ArrayOfTables(ArrayOfTables::new()));
     if let Some(keys) = as_array_of_tables(item) {
         keys.push(k);

@@ -540,3 +540,224 @@ fn rotate_key_refuses_what_does_not_add_up() {
     std::fs::remove_file(&staged).unwrap();
     rotate_key(&e.paths, "a", DEFAULT_GRACE, 0).unwrap();
 }
+
+fn sealing_keys(e: &Env, who: &str) -> yeongye_proto::seal::KeyFile {
+    yeongye_proto::seal::KeyFile::load(&e.paths.sealing_key(who)).unwrap()
+}
+
+#[test]
+fn add_gives_an_agency_a_sealing_key_listed_in_the_registry() {
+    let e = initialised();
+    let report = add_agency(&e.paths, "cc-1", "행복1동", "community_service_centre").unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("sealing_key_file") && text.contains("registry = "),
+        "{text}"
+    );
+    let file = sealing_keys(&e, "cc-1");
+    assert_eq!(file.keys.len(), 1);
+    assert_eq!(file.keys[0].id, "cc-1-seal-1");
+    assert_eq!(file.keys[0].not_after_ms, 0);
+    #[cfg(unix)]
+    assert_eq!(mode(&e.paths.sealing_key("cc-1")), 0o600);
+    Registry::load(&e.paths.registry).unwrap();
+    let d = yeongye_proto::seal::Directory::load(&e.paths.registry).unwrap();
+    let current = d.current("cc-1").unwrap();
+    assert_eq!(current.id, "cc-1-seal-1");
+    assert_eq!(current.to_b64(), file.keys[0].public().to_b64());
+    // What is sealed to the listed key opens with the file's.
+    let sealed = yeongye_proto::seal::seal(current, b"aad", "김하늘".as_bytes()).unwrap();
+    assert_eq!(
+        yeongye_proto::seal::open(&file, &sealed, b"aad", 0).unwrap(),
+        "김하늘".as_bytes()
+    );
+    // The broker has no sealing key, and its secrets hold none.
+    assert!(d.current("broker").is_err());
+    assert!(!e.paths.sealing_key("broker").exists());
+    // The secret is in the file only: neither in the registry nor in the report.
+    let secret = file.keys[0].secret_b64();
+    assert!(!registry_text(&e).contains(&secret));
+    assert!(!text.contains(&secret));
+    // An existing sealing key is never overwritten by a new identity.
+    remove_agency(&e.paths, "cc-1").unwrap();
+    std::fs::remove_file(e.paths.signing_key("cc-1")).unwrap();
+    std::fs::remove_file(e.paths.credentials("cc-1")).unwrap();
+    refused(
+        &e,
+        |p| add_agency(p, "cc-1", "행복1동", "community_service_centre"),
+        "sealing.key already exists",
+    );
+}
+
+#[test]
+fn rotate_key_rotates_the_sealing_key_and_drops_it_after_the_grace() {
+    use yeongye_proto::seal::{Directory, open, seal};
+    let e = initialised();
+    add_agency(&e.paths, "a", "A", "other").unwrap();
+    let first = sealing_keys(&e, "a");
+    let to_first = Directory::load(&e.paths.registry)
+        .unwrap()
+        .current("a")
+        .unwrap()
+        .clone();
+    let in_flight = seal(&to_first, b"m", b"in flight").unwrap();
+
+    let report = rotate_key(&e.paths, "a", Duration::from_secs(60), 1_000_000).unwrap();
+    assert!(report.to_string().contains("a-seal-2"), "{report}");
+    let file = sealing_keys(&e, "a");
+    #[cfg(unix)]
+    assert_eq!(mode(&e.paths.sealing_key("a")), 0o600);
+    let ids: Vec<(&str, i64)> = file
+        .keys
+        .iter()
+        .map(|k| (k.id.as_str(), k.not_after_ms))
+        .collect();
+    assert_eq!(ids, [("a-seal-1", 1_060_000), ("a-seal-2", 0)]);
+    assert_eq!(file.keys[0].secret_b64(), first.keys[0].secret_b64());
+    Registry::load(&e.paths.registry).unwrap();
+    let d = Directory::load(&e.paths.registry).unwrap();
+    assert_eq!(d.current("a").unwrap().id, "a-seal-2");
+    assert_eq!(
+        d.current("a").unwrap().to_b64(),
+        file.keys[1].public().to_b64()
+    );
+    let listed = RegistryDoc::parse(&registry_text(&e), &e.paths.registry)
+        .unwrap()
+        .sealing_keys("a");
+    let cutoffs: Vec<(&str, i64)> = listed
+        .iter()
+        .map(|k| (k.id.as_str(), k.not_after_ms))
+        .collect();
+    assert_eq!(cutoffs, [("a-seal-1", 1_060_000), ("a-seal-2", 0)]);
+    // What was in flight still opens within the grace period, not after.
+    assert_eq!(
+        open(&file, &in_flight, b"m", 1_060_000).unwrap(),
+        b"in flight"
+    );
+    assert!(open(&file, &in_flight, b"m", 1_060_001).is_err());
+
+    // A rotation within the grace period keeps a-seal-1; one after it drops it from the file.
+    rotate_key(&e.paths, "a", Duration::from_secs(60), 1_010_000).unwrap();
+    let ids: Vec<String> = sealing_keys(&e, "a")
+        .keys
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(ids, ["a-seal-1", "a-seal-2", "a-seal-3"]);
+    let report = rotate_key(&e.paths, "a", Duration::from_secs(60), 2_000_000).unwrap();
+    assert!(report.to_string().contains("dropped"), "{report}");
+    let file = sealing_keys(&e, "a");
+    let ids: Vec<(&str, i64)> = file
+        .keys
+        .iter()
+        .map(|k| (k.id.as_str(), k.not_after_ms))
+        .collect();
+    assert_eq!(ids, [("a-seal-3", 2_060_000), ("a-seal-4", 0)]);
+    assert!(open(&file, &in_flight, b"m", 1_000_000).is_err());
+    assert!(!e.paths.secret_dir("a").join("sealing.key.new").exists());
+    Registry::load(&e.paths.registry).unwrap();
+    assert_eq!(
+        Directory::load(&e.paths.registry)
+            .unwrap()
+            .current("a")
+            .unwrap()
+            .id,
+        "a-seal-4"
+    );
+}
+
+#[test]
+fn rotate_key_gives_an_agency_from_before_sealing_its_first_sealing_key() {
+    let e = env();
+    std::fs::write(
+        &e.paths.registry,
+        "[[agency]]\nid = \"old\"\nname = \"예전 기관\"\nkind = \"other\"\n",
+    )
+    .unwrap();
+    init(&e.paths, None).unwrap();
+    // Its signing key as an older onboarding made it.
+    let key = PrivateKey::generate("old-1").unwrap();
+    files::private_dir(&e.paths.secret_dir("old")).unwrap();
+    key.save(&e.paths.signing_key("old")).unwrap();
+    let mut doc = RegistryDoc::parse(&registry_text(&e), &e.paths.registry).unwrap();
+    assert!(
+        doc.push_key(
+            "old",
+            SIGNING,
+            &(&PublicKeyEntry {
+                id: key.id.clone(),
+                public_key: key.public_b64(),
+                not_after_ms: 0,
+            })
+                .into()
+        )
+    );
+    std::fs::write(&e.paths.registry, doc.render(&e.paths.registry).unwrap().0).unwrap();
+
+    rotate_key(&e.paths, "old", DEFAULT_GRACE, 0).unwrap();
+    let file = sealing_keys(&e, "old");
+    assert_eq!(file.keys.len(), 1);
+    assert_eq!(file.keys[0].id, "old-seal-1");
+    let d = yeongye_proto::seal::Directory::load(&e.paths.registry).unwrap();
+    assert_eq!(
+        d.current("old").unwrap().to_b64(),
+        file.keys[0].public().to_b64()
+    );
+}
+
+#[test]
+fn rotate_key_refuses_a_sealing_key_file_that_does_not_add_up() {
+    let e = initialised();
+    add_agency(&e.paths, "a", "A", "other").unwrap();
+    add_agency(&e.paths, "b", "B", "other").unwrap();
+    let a_key = e.paths.sealing_key("a");
+    let saved = std::fs::read(&a_key).unwrap();
+    // b's sealing key in a's file: not one the registry lists for a.
+    std::fs::remove_file(&a_key).unwrap();
+    std::fs::copy(e.paths.sealing_key("b"), &a_key).unwrap();
+    refused(
+        &e,
+        |p| rotate_key(p, "a", DEFAULT_GRACE, 0),
+        "does not list",
+    );
+    // The same id with another key.
+    let other = yeongye_proto::seal::KeyFile {
+        keys: vec![yeongye_proto::seal::PrivateKey::generate("a-seal-1")],
+    };
+    std::fs::write(&a_key, other.to_file_text()).unwrap();
+    refused(
+        &e,
+        |p| rotate_key(p, "a", DEFAULT_GRACE, 0),
+        "does not match",
+    );
+    // Not a key file; then gone while the registry lists keys.
+    std::fs::write(&a_key, "garbage").unwrap();
+    refused(
+        &e,
+        |p| rotate_key(p, "a", DEFAULT_GRACE, 0),
+        "sealing key file",
+    );
+    std::fs::remove_file(&a_key).unwrap();
+    refused(
+        &e,
+        |p| rotate_key(p, "a", DEFAULT_GRACE, 0),
+        "does not exist",
+    );
+    // Readable by others: refused, as a signing key would be.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&a_key, &saved).unwrap();
+        std::fs::set_permissions(&a_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        refused(&e, |p| rotate_key(p, "a", DEFAULT_GRACE, 0), "chmod");
+        std::fs::set_permissions(&a_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    #[cfg(not(unix))]
+    std::fs::write(&a_key, &saved).unwrap();
+    // An interrupted rotation left a staged sealing key.
+    let staged = e.paths.secret_dir("a").join("sealing.key.new");
+    std::fs::write(&staged, "x").unwrap();
+    refused(&e, |p| rotate_key(p, "a", DEFAULT_GRACE, 0), "interrupted");
+    std::fs::remove_file(&staged).unwrap();
+    rotate_key(&e.paths, "a", DEFAULT_GRACE, 0).unwrap();
+}

@@ -8,6 +8,9 @@
 //! anything is sent. Without a registry the adapter sends in clear, as adapters did before
 //! sealing, which a broker refuses unless `plaintext_referrals = "accept"`.
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
 use yeongye_proto::seal::{self, Directory, KeyFile, PublicKey, SealError};
 use yeongye_proto::v1::{self, ReasonCode};
 use yeongye_proto::{rules, signing};
@@ -15,14 +18,15 @@ use yeongye_proto::{rules, signing};
 use crate::config::AdapterConfig;
 use crate::error::{Error, Result};
 
-/// The keys an adapter seals to and opens with.
+/// The keys an adapter seals to and opens with. Cheap to clone (clones share the keys).
 #[derive(Debug, Clone, Default)]
 pub struct Sealing {
     /// Every agency's public sealing keys (from `registry`); None: send in clear.
     directory: Option<Directory>,
     /// This agency's private sealing keys (`sealing_key_file`); None: nothing sealed to it
-    /// opens.
-    keys: Option<KeyFile>,
+    /// opens. Read again when a seal names a key it does not hold (a rotation since start).
+    keys: Arc<RwLock<Option<KeyFile>>>,
+    key_file: Option<PathBuf>,
 }
 
 /// What came of opening a delivered referral.
@@ -48,12 +52,43 @@ impl Sealing {
             .as_deref()
             .map(|p| KeyFile::load(p).map_err(|e| Error::Config(format!("sealing_key_file: {e}"))))
             .transpose()?;
-        Ok(Sealing { directory, keys })
+        Ok(Sealing {
+            directory,
+            keys: Arc::new(RwLock::new(keys)),
+            key_file: cfg.sealing_key_file.clone(),
+        })
+    }
+
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, Option<KeyFile>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the key file again (after a seal named a key this adapter did not hold); keeps
+    /// what it had if the file does not read.
+    fn reload_keys(&self) -> bool {
+        let Some(path) = &self.key_file else {
+            return false;
+        };
+        match KeyFile::load(path) {
+            Ok(k) => {
+                *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(k);
+                tracing::info!("sealing key file read again");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "reading the sealing key file again failed");
+                false
+            }
+        }
     }
 
     /// Sealing with these keys (for tests and embedders that hold the keys themselves).
     pub fn new(directory: Option<Directory>, keys: Option<KeyFile>) -> Sealing {
-        Sealing { directory, keys }
+        Sealing {
+            directory,
+            keys: Arc::new(RwLock::new(keys)),
+            key_file: None,
+        }
     }
 
     /// Whether referrals and notes are sealed (the registry is known).
@@ -63,7 +98,7 @@ impl Sealing {
 
     /// The ids of this agency's own sealing keys (for `check-config`).
     pub fn key_ids(&self) -> Vec<String> {
-        self.keys
+        self.keys()
             .as_ref()
             .map(|k| k.keys.iter().map(|k| k.id.clone()).collect())
             .unwrap_or_default()
@@ -122,13 +157,15 @@ impl Sealing {
         if r.sealed.is_none() {
             return Opened::Referral(Box::new(r.clone()));
         }
-        let Some(keys) = &self.keys else {
-            return Opened::Refused(
-                ReasonCode::SealedOpenFailed,
-                "sealed, and this adapter has no sealing key (sealing_key_file)",
-            );
+        let open = || match self.keys().as_ref() {
+            Some(keys) => seal::open_referral(r, keys, now_ms),
+            None => Err(SealError::UnknownKey(String::new())),
         };
-        let contents = match seal::open_referral(r, keys, now_ms) {
+        let mut opened = open();
+        if matches!(opened, Err(SealError::UnknownKey(_))) && self.reload_keys() {
+            opened = open();
+        }
+        let contents = match opened {
             Ok(Some(c)) => c,
             Ok(None) => return Opened::Referral(Box::new(r.clone())),
             Err(e) => return Opened::Refused(ReasonCode::SealedOpenFailed, open_failure(&e)),
@@ -147,16 +184,21 @@ impl Sealing {
     /// Opens a notification's sealed note for `me` into `note` (left sealed if it is not for
     /// this agency's keys).
     pub(crate) fn open_note(&self, me: &str, n: &mut v1::Notification, now_ms: i64) {
-        let (Some(sealed), Some(keys)) = (&n.sealed_note, &self.keys) else {
+        let Some(sealed) = &n.sealed_note else {
             return;
         };
         let author = n.by_agency.as_str();
         let status = note_status(n.state);
         let aad = seal::note_aad(&n.referral_id, author, me, status, &sealed.key_id);
-        match seal::open(keys, sealed, &aad, now_ms)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-        {
+        let open = || match self.keys().as_ref() {
+            Some(keys) => seal::open(keys, sealed, &aad, now_ms),
+            None => Err(SealError::UnknownKey(String::new())),
+        };
+        let mut opened = open();
+        if matches!(opened, Err(SealError::UnknownKey(_))) && self.reload_keys() {
+            opened = open();
+        }
+        match opened.ok().and_then(|b| String::from_utf8(b).ok()) {
             Some(note) => {
                 n.note = note;
                 n.sealed_note = None;

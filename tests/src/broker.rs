@@ -210,6 +210,15 @@ impl BrokerProcess {
                 toml::Value::String(file.display().to_string()),
             );
         }
+        if !config.extra.contains_key("signing_key_file") {
+            // Sign as the broker, with its test key (the harness's registries list it).
+            let key = dir.join("signing.key");
+            crate::registry::write_test_key(yeongye_proto::BROKER_ID, &key);
+            config.extra.insert(
+                "signing_key_file".into(),
+                toml::Value::String(key.display().to_string()),
+            );
+        }
         let mut broker = BrokerProcess {
             dir: dir.to_path_buf(),
             config,

@@ -255,11 +255,18 @@ impl ServeProcess {
         // Sign as the agency, with its test key (see registry::test_key).
         let key = dir.join("signing.key");
         crate::registry::write_test_key(agency, &key);
+        // Seal to the recipients' test keys, open with its own (see registry::test_sealing_key).
+        let sealing = dir.join("sealing.key");
+        crate::registry::write_test_sealing_key(agency, &sealing);
+        let registry = dir.join("registry.toml");
+        crate::registry::write(&registry, &crate::registry::local_agencies(agency));
         let mut config = format!(
-            "agency = {agency:?}\nnats_urls = [{}]\nstate_dir = {:?}\nsigning_key_file = {:?}\n\n[http]\nbind = \"127.0.0.1:{port}\"\ntoken_file = {:?}\nwebhook_max_backoff_secs = 1\n",
+            "agency = {agency:?}\nnats_urls = [{}]\nstate_dir = {:?}\nsigning_key_file = {:?}\nsealing_key_file = {:?}\nregistry = {:?}\n\n[http]\nbind = \"127.0.0.1:{port}\"\ntoken_file = {:?}\nwebhook_max_backoff_secs = 1\n",
             urls.join(", "),
             dir.join("state").display().to_string(),
             key.display().to_string(),
+            sealing.display().to_string(),
+            registry.display().to_string(),
             dir.join("token").display().to_string(),
         );
         match &delivery {

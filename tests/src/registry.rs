@@ -99,6 +99,15 @@ pub fn write(path: &Path, agencies: &[&str]) {
         )
         .expect("write to String");
     }
+    // The broker signs what it publishes (see broker::BrokerProcess::start).
+    let broker = test_key(yeongye_proto::BROKER_ID);
+    write!(
+        toml,
+        "\n[broker]\n[[broker.keys]]\nid = \"{}\"\npublic_key = \"{}\"\n",
+        broker.id,
+        broker.public_b64()
+    )
+    .expect("write to String");
     std::fs::write(path, toml)
         .unwrap_or_else(|e| panic!("cannot write registry {}: {e}", path.display()));
 }

@@ -170,6 +170,11 @@ impl Identities {
     pub fn signing_key(&self, who: &str) -> PathBuf {
         self.secrets.join(who).join("signing.key")
     }
+
+    /// `<secrets>/<who>/sealing.key` (agencies only).
+    pub fn sealing_key(&self, who: &str) -> PathBuf {
+        self.secrets.join(who).join("sealing.key")
+    }
 }
 
 /// A nats-server whose configuration includes the generated authorization (and TLS) config;
@@ -587,6 +592,7 @@ pub fn adapter_config(
         extra.insert("tls_ca_file".into(), s(ca));
     }
     extra.insert("signing_key_file".into(), s(&ids.signing_key(agency)));
+    extra.insert("sealing_key_file".into(), s(&ids.sealing_key(agency)));
     extra.insert("registry".into(), s(&ids.registry));
     AdapterConfig {
         agency: agency.to_owned(),

@@ -137,8 +137,20 @@ impl WireClient {
         .await
     }
 
-    /// The envelope that carries `referral` from this agency.
+    /// The envelope that carries `referral` from this agency, its personal fields sealed to
+    /// the recipient's test sealing key ([`crate::registry::test_sealing_key`]) as an adapter
+    /// seals them (unless it is sealed already).
     pub fn referral_envelope(&self, referral: &v1::Referral) -> v1::Envelope {
+        envelope(
+            &self.agency,
+            v1::PayloadType::Referral,
+            sealed(referral).encode_to_vec(),
+        )
+    }
+
+    /// The envelope that carries `referral` in clear, as an adapter from before sealing sent
+    /// it (a broker refuses it unless `plaintext_referrals = "accept"`).
+    pub fn plaintext_referral_envelope(&self, referral: &v1::Referral) -> v1::Envelope {
         envelope(
             &self.agency,
             v1::PayloadType::Referral,
@@ -383,19 +395,32 @@ impl ReferralBuilder {
         self
     }
 
-    /// The referral as an adapter sends it: its personal fields sealed to the recipient's
-    /// test sealing key ([`crate::registry::test_sealing_key`]). Change its metadata after
-    /// this and the recipient's adapter cannot open it (the metadata is bound to the seal).
+    /// The referral in clear: [`WireClient::referral_envelope`] seals it as an adapter does,
+    /// as the last step before sending.
     pub fn build(self) -> v1::Referral {
-        let mut r = self.referral;
-        let key = crate::registry::test_sealing_key(&r.to_agency).public();
-        yeongye_proto::seal::seal_referral(&mut r, &key).expect("seal a test referral");
-        r
-    }
-
-    /// The referral in clear, as an adapter from before sealing sends it (a broker refuses it
-    /// unless `plaintext_referrals = "accept"`).
-    pub fn build_plain(self) -> v1::Referral {
         self.referral
     }
+}
+
+/// `referral` as an adapter sends it: its personal fields sealed to the recipient's test
+/// sealing key. Already sealed: as it is.
+pub fn sealed(referral: &v1::Referral) -> v1::Referral {
+    let mut r = referral.clone();
+    if r.sealed.is_none() {
+        let key = crate::registry::test_sealing_key(&r.to_agency).public();
+        yeongye_proto::seal::seal_referral(&mut r, &key).expect("seal a test referral");
+    }
+    r
+}
+
+/// `referral` sealed to its recipient's current key in `registry` (a real, onboarded registry).
+pub fn sealed_with(referral: &v1::Referral, registry: &std::path::Path) -> v1::Referral {
+    let directory =
+        yeongye_proto::seal::Directory::load(registry).expect("the registry's sealing keys");
+    let key = directory
+        .current(&referral.to_agency)
+        .expect("the recipient's sealing key");
+    let mut r = referral.clone();
+    yeongye_proto::seal::seal_referral(&mut r, key).expect("seal a referral");
+    r
 }

@@ -193,3 +193,42 @@ fn a_note_moved_to_another_status_does_not_open() {
     sender().open_note(FROM, &mut n, 0);
     assert!(n.note.is_empty() && n.sealed_note.is_some());
 }
+
+/// A rotation while the adapter runs: the new key is in the file before anyone seals to it;
+/// the first seal naming it makes the adapter read the file again.
+#[test]
+fn a_key_added_to_the_file_after_start_is_read_when_a_seal_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sealing.key");
+    let write = |keys: Vec<PrivateKey>| {
+        let _ = std::fs::remove_file(&path);
+        yeongye_proto::credentials::write_private(
+            &path,
+            KeyFile { keys }.to_file_text().as_bytes(),
+        )
+        .unwrap();
+    };
+    write(vec![recipient_key()]);
+    let mut cfg = AdapterConfig::new(TO, ["nats://127.0.0.1:1"], dir.path().join("state"));
+    cfg.sealing_key_file = Some(path.clone());
+    let sealing = Sealing::from_config(&cfg).unwrap();
+    let rotated = PrivateKey::derive("mental-health-seal-2", b"mental-health rotated key.......");
+    let mut r = referral();
+    seal::seal_referral(&mut r, &rotated.public()).unwrap();
+    // Not in the file yet: refused (nothing to read again that helps).
+    assert!(matches!(
+        sealing.open_referral(&r, 0),
+        Opened::Refused(ReasonCode::SealedOpenFailed, _)
+    ));
+    let mut old = recipient_key();
+    old.not_after_ms = 1_000;
+    write(vec![old, rotated]);
+    assert!(matches!(sealing.open_referral(&r, 0), Opened::Referral(_)));
+    assert_eq!(
+        sealing.key_ids(),
+        vec![
+            "mental-health-seal-1".to_owned(),
+            "mental-health-seal-2".to_owned()
+        ]
+    );
+}

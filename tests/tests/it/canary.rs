@@ -28,7 +28,7 @@ use yeongye_proto::subject::{self, InKind};
 use yeongye_tests::http::HttpClient;
 use yeongye_tests::ops::OpsHttp;
 use yeongye_tests::secure::{Conn, SecureSystem};
-use yeongye_tests::wire::{ReferralBuilder, envelope, new_id};
+use yeongye_tests::wire::{self, ReferralBuilder, envelope, new_id};
 use yeongye_tests::{Rng, process, v1};
 
 use crate::{REDELIVERY, SHORT};
@@ -479,7 +479,7 @@ async fn no_secret_and_no_personal_data_reaches_a_log_or_a_dead_letter() {
     // cancellation with a canary note, then every hostile message.
     let rogue = system.connect_as(ROGUE).connect(&system.url()).await;
     let key = PrivateKey::load(&system.ids.signing_key(ROGUE)).expect("the rogue's key");
-    let valid = rogue_referral(&mut c);
+    let valid = wire::sealed_with(&rogue_referral(&mut c), &system.ids.registry);
     let mut e = envelope(ROGUE, v1::PayloadType::Referral, valid.encode_to_vec());
     key.sign(&mut e);
     publish(
@@ -524,7 +524,10 @@ async fn no_secret_and_no_personal_data_reaches_a_log_or_a_dead_letter() {
     .await;
     // A barrier: the broker applies in stream order, so once this is delivered every message
     // before it was applied or refused.
-    let barrier = ReferralBuilder::new(ROGUE, RECIPIENT).build();
+    let barrier = wire::sealed_with(
+        &ReferralBuilder::new(ROGUE, RECIPIENT).build(),
+        &system.ids.registry,
+    );
     let mut e = envelope(ROGUE, v1::PayloadType::Referral, barrier.encode_to_vec());
     key.sign(&mut e);
     publish(

@@ -16,7 +16,7 @@ use yeongye_proto::subject::{self, InKind};
 use yeongye_tests::adapter::AdapterConfig;
 use yeongye_tests::http::HttpClient;
 use yeongye_tests::registry::{UNREGISTERED, test_key};
-use yeongye_tests::wire::{ReferralBuilder, envelope, new_id, sign};
+use yeongye_tests::wire::{self, ReferralBuilder, envelope, new_id, sign};
 use yeongye_tests::{AdapterProcess, System, WireClient, now_ms, v1};
 
 use crate::{CENTRE, HOPE, MENTAL, SHORT, WELFARE};
@@ -90,15 +90,14 @@ fn reason(row: &Value) -> &str {
     r.strip_prefix("REASON_CODE_").unwrap_or(r)
 }
 
-/// Flips one ASCII letter's case in the payload (in the referral's `reason` text), so that the
-/// payload still decodes and only the signature can tell.
+/// Flips one ASCII letter's case in the payload (in the client's pseudonym, which stays in
+/// clear beside the seal), so that the payload still decodes and only the signature can tell.
 fn flip_one_payload_byte(e: &mut v1::Envelope) {
     let at = e
         .payload
-        .windows(6)
-        .position(|w| w == b"(test)")
-        .expect("the builder's reason ends in (test)")
-        + 1;
+        .windows(7)
+        .position(|w| w == b"client-")
+        .expect("the builder's pseudonym starts with client-");
     e.payload[at] ^= 0x20;
 }
 
@@ -149,7 +148,7 @@ fn hostile_inputs(replayed: &v1::Envelope) -> Vec<Hostile> {
         envelope(
             from,
             v1::PayloadType::Referral,
-            referral(from, to).encode_to_vec(),
+            wire::sealed(&referral(from, to)).encode_to_vec(),
         )
     };
     let mut out = Vec::new();

@@ -577,29 +577,20 @@ async fn bad_input_gets_its_problem_document_and_sends_nothing() {
         "bad input sent something"
     );
 
-    // An agency id of the right form that is not registered: only the broker knows. The POST
-    // is accepted; the broker's answer is a rejection item (and the referral is REFUSED).
+    // An agency id of the right form that is not in the registry: it has no sealing key, so
+    // the client's data cannot be sealed to it, and nothing is sent (the broker would refuse it
+    // as UNKNOWN_RECIPIENT; the raw-wire tests show that).
     let mut unknown = good.clone();
     unknown["toAgency"] = json!(yeongye_tests::registry::UNREGISTERED);
     let r = client.post_json("/v1/referrals", &unknown, None).await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    let rid = r.json()["referral_id"].as_str().expect("id").to_owned();
-    let mut seen = Vec::new();
-    pull_until(&centre, &mut seen, "the rejection", |s| {
-        s.iter()
-            .any(|i| i["kind"] == "rejection" && i["referral_id"] == rid.as_str())
-    })
-    .await;
-    let rejection = seen
-        .iter()
-        .find(|i| i["kind"] == "rejection")
-        .expect("rejection");
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["field"], "toAgency", "{}", r.text());
+    assert!(r.text().contains("no sealing key"), "{}", r.text());
     assert_eq!(
-        rejection["item"]["code"], "REASON_CODE_UNKNOWN_RECIPIENT",
-        "{rejection}"
+        inbound_referrals(&system, CENTRE).await,
+        0,
+        "a referral that cannot be sealed was sent"
     );
-    let r = client.get(&format!("/v1/referrals/{rid}")).await;
-    assert_eq!(r.json()["state"], "REFERRAL_STATE_REFUSED");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,21 @@ async fn full_lifecycle_sender_to_recipient_and_back() {
         "{}",
         sender.describe()
     );
+    // Each note reached the sender's inbox opened (it was sealed to the sender's key).
+    let notes: Vec<String> = sender
+        .lines_of("notification")
+        .iter()
+        .filter(|l| l.referral_id() == Some(rid.as_str()))
+        .filter_map(|l| sender.item_file(l))
+        .filter_map(|n| n["note"].as_str().map(str::to_owned))
+        .filter(|n| !n.is_empty())
+        .collect();
+    assert_eq!(
+        notes,
+        ["담당자 배정", "가정 방문 완료", "긴급 주거지원 연계 완료"],
+        "{}",
+        sender.describe()
+    );
     // The recipient was told of nothing (it made every change after delivery itself).
     assert_eq!(recipient.notified_states(&rid), Vec::<String>::new());
     assert_eq!(recipient.deliveries_of(&rid), 1);
@@ -116,7 +131,15 @@ async fn full_lifecycle_sender_to_recipient_and_back() {
         reply.history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
         "history in time order: {reply:?}"
     );
-    assert_eq!(reply.history[4].note, "가정 방문 완료");
+    // The note went sealed to the sender: the broker's history holds it, unreadable.
+    assert_eq!(reply.history[4].note, "");
+    let sealed = reply.history[4].sealed_note.as_ref().expect("a sealed note");
+    assert!(
+        !sealed
+            .ciphertext
+            .windows("가정 방문 완료".len())
+            .any(|w| w == "가정 방문 완료".as_bytes())
+    );
     // The receipt is the one the adapter derives from the delivery's message id.
     let delivery = recipient
         .lines_of("delivery")

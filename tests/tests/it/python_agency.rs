@@ -66,6 +66,8 @@ impl Python {
                 s(&system.ids.signing_key(PY)),
                 "--registry".into(),
                 s(&system.ids.registry),
+                "--sealing-key".into(),
+                s(&system.ids.sealing_key(PY)),
                 "--state".into(),
                 s(&dir.join("state")),
             ],
@@ -179,6 +181,7 @@ async fn a_python_agency_written_from_the_protocol_works_end_to_end() {
     let sent = py
         .run(&[
             "send",
+            "--seal",
             "--to",
             HOPE,
             "--client",

@@ -12,7 +12,7 @@ use prost::Message as _;
 use yeongye_proto::signing::PrivateKey;
 use yeongye_proto::subject::{self, InKind};
 use yeongye_tests::secure::{Conn, ConnectAs, Pki, SecureSystem};
-use yeongye_tests::wire::{ReferralBuilder, envelope};
+use yeongye_tests::wire::{self, ReferralBuilder, envelope};
 use yeongye_tests::{v1, wait_for};
 
 use crate::{CENTRE, HOPE, SHORT};
@@ -84,7 +84,7 @@ pub(crate) async fn send_until_delivered(
     conn: &Conn,
     builder: ReferralBuilder,
 ) -> v1::Referral {
-    let referral = builder.build();
+    let referral = wire::sealed_with(&builder.build(), &system.ids.registry);
     let from = referral.from_agency.clone();
     let env = signed(
         system,
@@ -358,7 +358,10 @@ async fn only_registered_users_log_in_and_the_shared_inbox_is_closed() {
     }
     .connect(&url)
     .await;
-    let referral = ReferralBuilder::new(CENTRE, HOPE).build();
+    let referral = wire::sealed_with(
+        &ReferralBuilder::new(CENTRE, HOPE).build(),
+        &system.ids.registry,
+    );
     let env = signed(
         &system,
         CENTRE,

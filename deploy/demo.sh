@@ -93,6 +93,7 @@ agency = "$a"
 nats_urls = ["nats://127.0.0.1:$port"]
 nats_credentials_file = "$secrets/$a/nats.creds"
 signing_key_file = "$secrets/$a/signing.key"
+sealing_key_file = "$secrets/$a/sealing.key"
 registry = "$registry"
 state_dir = "$run/adapters/$a"
 TOML
@@ -112,5 +113,24 @@ say "an operator action (authenticated with demo-operator's token): registry rel
 
 say "checking the audit log's hash chain"
 "$bin/referral-broker" --config "$run/config/broker.toml" --api "http://127.0.0.1:$broker_http" audit verify
+
+say "checking that the hub never held a client's name (sealed to the recipients)"
+# No client name of the case in the broker's store, the NATS store or any log; the names of
+# the referrals that were taken in are in their recipients' inboxes (a withdrawn one's purged).
+names=$(python3 -c 'import re,sys; print("\n".join(sorted(set(re.findall(r"\"name\": *\"([^\"]+)\"", open(sys.argv[1], encoding="utf-8").read())))))' deploy/demo/play_case.py)
+leaked=0
+received=0
+while IFS= read -r n; do
+  [ -n "$n" ] || continue
+  if grep -rqF -- "$n" "$run/inbox"; then received=$((received + 1)); fi
+  if grep -rlF -- "$n" "$run/broker-store" "$run/nats-store" "$run/logs" 2>/dev/null | grep -q .; then
+    echo "demo: $n is held by the hub:" >&2
+    grep -rlF -- "$n" "$run/broker-store" "$run/nats-store" "$run/logs" >&2
+    leaked=1
+  fi
+done <<< "$names"
+[ "$leaked" = 0 ] || exit 1
+[ "$received" -gt 0 ] || { echo "demo: no client name in any inbox: the check looks in the wrong place" >&2; exit 1; }
+echo "client names: $(echo "$names" | wc -l) in the case, $received in recipients' inboxes, none held by the hub"
 
 say "done: stopping everything (logs and inboxes stay in .demo/run)"

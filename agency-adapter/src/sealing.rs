@@ -5,7 +5,8 @@
 //!
 //! Sealing happens when the adapter has the registry (`registry` in its configuration): every
 //! referral is then sealed, and one whose recipient has no sealing key is refused before
-//! anything is sent. Without a registry the adapter sends in clear, as adapters did before
+//! anything is sent. The registry is read again when its file changes, and the key file when a
+//! seal names a key it does not hold, so rotations need no restart. Without a registry the adapter sends in clear, as adapters did before
 //! sealing, which a broker refuses unless `plaintext_referrals = "accept"`.
 
 use std::path::PathBuf;
@@ -21,12 +22,26 @@ use crate::error::{Error, Result};
 /// The keys an adapter seals to and opens with. Cheap to clone (clones share the keys).
 #[derive(Debug, Clone, Default)]
 pub struct Sealing {
-    /// Every agency's public sealing keys (from `registry`); None: send in clear.
-    directory: Option<Directory>,
+    /// Every agency's public sealing keys (from `registry`); None: send in clear. Read again
+    /// when the registry file changed (an agency added, a key rotated), so that a long-running
+    /// adapter seals to the current keys.
+    directory: Option<Arc<RwLock<Known>>>,
+    registry: Option<PathBuf>,
     /// This agency's private sealing keys (`sealing_key_file`); None: nothing sealed to it
     /// opens. Read again when a seal names a key it does not hold (a rotation since start).
     keys: Arc<RwLock<Option<KeyFile>>>,
     key_file: Option<PathBuf>,
+}
+
+/// The directory as last read, and when its file was modified then.
+#[derive(Debug)]
+struct Known {
+    directory: Directory,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// What came of opening a delivered referral.
@@ -45,7 +60,14 @@ impl Sealing {
         let directory = cfg
             .registry
             .as_deref()
-            .map(|p| Directory::load(p).map_err(|e| Error::Config(format!("registry: {e}"))))
+            .map(|p| {
+                let known = Known {
+                    modified: modified(p),
+                    directory: Directory::load(p)
+                        .map_err(|e| Error::Config(format!("registry: {e}")))?,
+                };
+                Ok::<_, Error>(Arc::new(RwLock::new(known)))
+            })
             .transpose()?;
         let keys = cfg
             .sealing_key_file
@@ -54,6 +76,7 @@ impl Sealing {
             .transpose()?;
         Ok(Sealing {
             directory,
+            registry: cfg.registry.clone(),
             keys: Arc::new(RwLock::new(keys)),
             key_file: cfg.sealing_key_file.clone(),
         })
@@ -85,7 +108,13 @@ impl Sealing {
     /// Sealing with these keys (for tests and embedders that hold the keys themselves).
     pub fn new(directory: Option<Directory>, keys: Option<KeyFile>) -> Sealing {
         Sealing {
-            directory,
+            directory: directory.map(|directory| {
+                Arc::new(RwLock::new(Known {
+                    directory,
+                    modified: None,
+                }))
+            }),
+            registry: None,
             keys: Arc::new(RwLock::new(keys)),
             key_file: None,
         }
@@ -104,25 +133,54 @@ impl Sealing {
             .unwrap_or_default()
     }
 
+    /// The registry read again if its file changed since (kept as it was if it does not read).
+    fn refresh(&self, known: &RwLock<Known>) {
+        let Some(path) = &self.registry else { return };
+        let now = modified(path);
+        let stale = known.read().map_or(true, |k| k.modified != now);
+        if !stale {
+            return;
+        }
+        match Directory::load(path) {
+            Ok(directory) => {
+                *known.write().unwrap_or_else(|p| p.into_inner()) = Known {
+                    directory,
+                    modified: now,
+                };
+                tracing::info!("registry read again: sealing keys updated");
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "reading the changed registry failed; sealing to the keys read before")
+            }
+        }
+    }
+
     /// The recipient's current key, if this adapter seals.
-    fn key_for(&self, agency: &str) -> Result<Option<&PublicKey>> {
-        match &self.directory {
-            None => Ok(None),
-            Some(d) => d.current(agency).map(Some).map_err(|_| {
+    fn key_for(&self, agency: &str) -> Result<Option<PublicKey>> {
+        let Some(known) = &self.directory else {
+            return Ok(None);
+        };
+        self.refresh(known);
+        let known = known.read().unwrap_or_else(|p| p.into_inner());
+        known
+            .directory
+            .current(agency)
+            .cloned()
+            .map(Some)
+            .map_err(|_| {
                 Error::invalid(
                     "to_agency",
                     "has no sealing key in the registry: the referral cannot be sealed to it \
-                     (nothing was sent)",
+                 (nothing was sent)",
                 )
-            }),
-        }
+            })
     }
 
     /// Seals a checked referral's personal fields to its recipient (metadata final: it is
     /// bound to the seal). In clear if this adapter does not seal.
     pub(crate) fn seal_referral(&self, r: &mut v1::Referral) -> Result<()> {
         if let Some(key) = self.key_for(&r.to_agency)? {
-            seal::seal_referral(r, key)
+            seal::seal_referral(r, &key)
                 .map_err(|_| Error::invalid("client", "could not be sealed"))?;
         }
         Ok(())
@@ -145,7 +203,7 @@ impl Sealing {
             return Ok(None);
         };
         let aad = seal::note_aad(referral_id, me, reader, status as i32, &key.id);
-        seal::seal(key, &aad, note.as_bytes())
+        seal::seal(&key, &aad, note.as_bytes())
             .map(Some)
             .map_err(|_| Error::invalid("note", "could not be sealed"))
     }

@@ -232,3 +232,51 @@ fn a_key_added_to_the_file_after_start_is_read_when_a_seal_names_it() {
         ]
     );
 }
+
+/// A long-running sender seals to the registry's current keys: a rotation (or a new agency)
+/// written to the registry file is read at the next seal.
+#[test]
+fn a_changed_registry_is_read_again_before_sealing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.toml");
+    let registry = |keys: &[&PrivateKey]| {
+        let entries: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                let e = k.entry();
+                format!(
+                    "{{ id = \"{}\", public_key = \"{}\", not_after_ms = {} }}",
+                    e.id, e.public_key, e.not_after_ms
+                )
+            })
+            .collect();
+        format!(
+            "[[agency]]\nid = \"{TO}\"\nname = \"x\"\nkind = \"other\"\nsealing_keys = [{}]\n",
+            entries.join(", ")
+        )
+    };
+    std::fs::write(&path, registry(&[&recipient_key()])).unwrap();
+    let mut cfg = AdapterConfig::new(FROM, ["nats://127.0.0.1:1"], dir.path().join("state"));
+    cfg.registry = Some(path.clone());
+    let sealing = Sealing::from_config(&cfg).unwrap();
+    let mut r = referral();
+    sealing.seal_referral(&mut r).unwrap();
+    assert_eq!(r.sealed.as_ref().unwrap().key_id, "mental-health-seal-1");
+
+    let mut old = recipient_key();
+    old.not_after_ms = 1_000;
+    let rotated = PrivateKey::derive("mental-health-seal-2", b"mental-health rotated key.......");
+    // Written with a later modification time than the first (file systems keep whole
+    // seconds on some machines).
+    let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+    loop {
+        std::fs::write(&path, registry(&[&old, &rotated])).unwrap();
+        if std::fs::metadata(&path).unwrap().modified().unwrap() != before {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let mut r = referral();
+    sealing.seal_referral(&mut r).unwrap();
+    assert_eq!(r.sealed.as_ref().unwrap().key_id, "mental-health-seal-2");
+}

@@ -133,7 +133,10 @@ async fn full_lifecycle_sender_to_recipient_and_back() {
     );
     // The note went sealed to the sender: the broker's history holds it, unreadable.
     assert_eq!(reply.history[4].note, "");
-    let sealed = reply.history[4].sealed_note.as_ref().expect("a sealed note");
+    let sealed = reply.history[4]
+        .sealed_note
+        .as_ref()
+        .expect("a sealed note");
     assert!(
         !sealed
             .ciphertext

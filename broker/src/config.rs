@@ -86,6 +86,10 @@ pub struct Config {
     /// adapter from before sealing, docs/PROTOCOL.md "Sealed client data"): `refuse` it
     /// (`PLAINTEXT_REFUSED`; the default), or `accept` it for a migration period.
     pub plaintext_referrals: PlaintextReferrals,
+    /// Replicas of the streams (and so of their consumers) the broker creates: 1 on a single
+    /// NATS server; 3 on a three-node JetStream cluster, so that a node's death loses nothing
+    /// and stops nothing (NATS's own Raft keeps them). An existing stream is updated to it.
+    pub stream_replicas: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,6 +178,7 @@ impl fmt::Debug for Config {
             max_clock_skew_secs,
             max_message_age_secs,
             plaintext_referrals,
+            stream_replicas,
         } = self;
         f.debug_struct("Config")
             .field("nats_urls", &self.redacted_urls())
@@ -204,6 +209,7 @@ impl fmt::Debug for Config {
             .field("max_clock_skew_secs", max_clock_skew_secs)
             .field("max_message_age_secs", max_message_age_secs)
             .field("plaintext_referrals", plaintext_referrals)
+            .field("stream_replicas", stream_replicas)
             .finish()
     }
 }
@@ -256,6 +262,7 @@ impl Default for Config {
             max_clock_skew_secs: 300,
             max_message_age_secs: DAY,
             plaintext_referrals: PlaintextReferrals::Refuse,
+            stream_replicas: 1,
         }
     }
 }
@@ -407,6 +414,12 @@ impl Config {
             return bad(format!(
                 "nats_urls {:?} carries credentials: give them in nats_credentials_file instead",
                 redact_url(u)
+            ));
+        }
+        if !matches!(self.stream_replicas, 1 | 3 | 5) {
+            return bad(format!(
+                "stream_replicas {} is not 1, 3 or 5 (a JetStream cluster's quorum needs an odd count)",
+                self.stream_replicas
             ));
         }
         if !(1..=10_000).contains(&self.batch_size) {

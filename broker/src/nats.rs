@@ -90,8 +90,15 @@ pub fn context(client: async_nats::Client) -> jetstream::Context {
         .build(client)
 }
 
-fn stream_config(name: &str, subjects: &str, days: u32, max_msg: usize) -> stream::Config {
+fn stream_config(
+    name: &str,
+    subjects: &str,
+    days: u32,
+    max_msg: usize,
+    replicas: usize,
+) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: name.to_owned(),
         subjects: vec![subjects.to_owned()],
         storage: stream::StorageType::File,
@@ -111,6 +118,7 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &Config) -> Result<()>
         subject::IN_SUBJECTS,
         cfg.inbound_retention_days,
         cfg.max_message_bytes,
+        cfg.stream_replicas,
     );
     // Deliveries carry the sender's whole envelope, so the outbound limit is a little larger.
     let outbound = stream_config(
@@ -118,6 +126,7 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &Config) -> Result<()>
         subject::OUT_SUBJECTS,
         cfg.outbound_retention_days,
         cfg.max_message_bytes + 4096,
+        cfg.stream_replicas,
     );
     for config in [inbound, outbound] {
         let name = config.name.clone();

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 pub use adapter::{AdapterProcess, Line};
 pub use broker::{BrokerConfig, BrokerProcess};
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use system::System;
 pub use wire::{ReferralBuilder, WireClient};
 pub use yeongye_proto::v1;

@@ -25,6 +25,91 @@ pub struct NatsServer {
     child: Option<Child>,
     /// "Server is ready" lines in the log before the current process was spawned.
     ready_before: usize,
+    /// Its place in a cluster ([`NatsCluster`]); `None`: a single server.
+    cluster: Option<Node>,
+}
+
+/// A cluster node's name, its route port, and every node's route port.
+#[derive(Debug, Clone)]
+struct Node {
+    name: String,
+    route_port: u16,
+    routes: Vec<u16>,
+}
+
+/// Three (or `n`) real nats-servers on loopback in one JetStream cluster (NATS's own Raft:
+/// the tests of replicated streams and node loss run on it). Each node has its own ports,
+/// store and log, like a [`NatsServer`], and can be killed and started again alone.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until JetStream answers (its meta leader is elected).
+    pub async fn start(n: usize) -> NatsCluster {
+        let bin = NatsServer::binary();
+        let route_ports: Vec<u16> = (0..n).map(|_| process::free_port()).collect();
+        let mut nodes: Vec<NatsServer> = (0..n)
+            .map(|i| NatsServer {
+                dir: Some(
+                    tempfile::Builder::new()
+                        .prefix("yeongye-nats-node-")
+                        .tempdir()
+                        .expect("tempdir"),
+                ),
+                bin: bin.clone(),
+                port: process::free_port(),
+                child: None,
+                ready_before: 0,
+                cluster: Some(Node {
+                    name: format!("n{}", i + 1),
+                    route_port: route_ports[i],
+                    routes: route_ports.clone(),
+                }),
+            })
+            .collect();
+        for node in &mut nodes {
+            node.write_config();
+            node.spawn();
+        }
+        for node in &mut nodes {
+            assert!(
+                node.wait_ready().await,
+                "cluster node did not start\n{}",
+                node.log_tail()
+            );
+        }
+        let cluster = NatsCluster { nodes };
+        cluster.wait_jetstream().await;
+        cluster
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// Waits until JetStream answers an account query on every running node (a cluster
+    /// needs a meta leader before it does).
+    pub async fn wait_jetstream(&self) {
+        let start = Instant::now();
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let client = node.connect().await;
+            let js = async_nats::jetstream::new(client);
+            loop {
+                if js.query_account().await.is_ok() {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < READY_TIMEOUT * 2,
+                    "JetStream not answering on {}\n{}",
+                    node.url(),
+                    node.log_tail()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 impl NatsServer {
@@ -55,6 +140,7 @@ impl NatsServer {
             port: 0,
             child: None,
             ready_before: 0,
+            cluster: None,
         };
         // The port was free when picked but another test may take it first: try a few.
         for attempt in 1..=5 {
@@ -158,7 +244,7 @@ impl NatsServer {
 
     fn write_config(&self) {
         let js = self.store_dir();
-        let config = format!(
+        let mut config = format!(
             "# Written by the yeongye test harness.\n\
              listen: 127.0.0.1:{port}\n\
              max_payload: 1MB\n\
@@ -166,6 +252,20 @@ impl NatsServer {
             port = self.port,
             js = js.display(),
         );
+        if let Some(node) = &self.cluster {
+            let routes: Vec<String> = node
+                .routes
+                .iter()
+                .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            config.push_str(&format!(
+                "server_name: {name}\n\
+                 cluster {{\n  name: yeongye-test\n  listen: 127.0.0.1:{port}\n  routes: [{routes}]\n}}\n",
+                name = node.name,
+                port = node.route_port,
+                routes = routes.join(", "),
+            ));
+        }
         std::fs::write(self.root().join("nats.conf"), config).expect("write nats.conf");
     }
 

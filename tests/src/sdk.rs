@@ -13,9 +13,16 @@ use yeongye_proto::v1;
 
 use crate::System;
 
-/// Connects the SDK as `agency` to the servers at `url`, with state in `state_dir`.
+/// Connects the SDK as `agency` to the server at `url`, with state in `state_dir`.
 pub async fn connect_to(url: &str, agency: &str, state_dir: &Path) -> Adapter {
-    let mut cfg = AdapterConfig::new(agency, [url], state_dir);
+    connect_to_all(&[url.to_owned()], agency, state_dir).await
+}
+
+/// Connects the SDK as `agency` to any of the servers at `urls` (a cluster), with state in
+/// `state_dir`.
+pub async fn connect_to_all(urls: &[String], agency: &str, state_dir: &Path) -> Adapter {
+    let url = urls.join(",");
+    let mut cfg = AdapterConfig::new(agency, urls.iter().cloned(), state_dir);
     let key = state_dir.with_extension("signing.key");
     crate::registry::write_test_key(agency, &key);
     cfg.signing_key_file = Some(key);

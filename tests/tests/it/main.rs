@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod canary;
+mod cluster;
 mod consent;
 mod consent_audit;
 mod consent_parties;

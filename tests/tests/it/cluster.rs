@@ -1,0 +1,172 @@
+//! On a three-node JetStream cluster (issue #14, its first promise): the broker's streams are
+//! R3 (`stream_replicas = 3`), the broker, the sender and the recipient's adapter are given all
+//! three servers, and each node in turn is killed (-9) under traffic — stream leaders included,
+//! whoever they are at the moment — and started again. Nothing acknowledged is lost and nothing is
+//! applied twice: every referral the sender's SDK stored reaches RECEIVED, with one SUBMITTED and
+//! one RECEIVED in its history, and one delivery in the outbound stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use yeongye_tests::adapter::AdapterConfig;
+use yeongye_tests::{
+    AdapterProcess, BrokerConfig, BrokerProcess, NatsCluster, ReferralBuilder, WireClient,
+    registry, sdk, v1,
+};
+
+use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
+
+/// Referrals sent while each node is down (and before and after).
+const PER_PHASE: usize = 8;
+
+/// Waits until `sent` has grown by `more` (the sender goes on while nodes die and return).
+async fn wait_sent(sent: &AtomicUsize, target: usize, what: &str) {
+    let start = Instant::now();
+    while sent.load(Ordering::SeqCst) < target {
+        assert!(
+            start.elapsed() < REDELIVERY,
+            "{what}: only {} of {target} referrals stored",
+            sent.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deliveries in the outbound stream for `agency`, counted by an ephemeral consumer.
+async fn deliveries_in_stream(js: &jetstream::Context, agency: &str) -> u64 {
+    let stream = js
+        .get_stream(yeongye_proto::subject::OUT_STREAM)
+        .await
+        .expect("the outbound stream");
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: format!("yeongye.out.{agency}.delivery"),
+            ..Default::default()
+        })
+        .await
+        .expect("an ephemeral consumer");
+    consumer.info().await.expect("consumer info").num_pending
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing() {
+    let mut cluster = NatsCluster::start(3).await;
+    let urls = cluster.urls();
+    let dir = tempfile::Builder::new()
+        .prefix("yeongye-cluster-")
+        .tempdir()
+        .expect("tempdir");
+    let registry_path = dir.path().join("registry.toml");
+    registry::write(&registry_path, &[CENTRE, HOPE]);
+
+    let mut config = BrokerConfig::new(&urls[0], &dir.path().join("broker/store"), &registry_path);
+    config.nats_urls = urls.clone();
+    config
+        .extra
+        .insert("stream_replicas".into(), toml::Value::Integer(3));
+    let broker = BrokerProcess::start(&dir.path().join("broker"), config).await;
+
+    let mut recipient_config = AdapterConfig {
+        agency: HOPE.to_owned(),
+        nats_urls: urls.clone(),
+        state_dir: dir.path().join("hope/state"),
+        extra: toml::Table::new(),
+    };
+    recipient_config.extra.insert(
+        "registry".into(),
+        toml::Value::String(registry_path.display().to_string()),
+    );
+    let recipient = AdapterProcess::start_with(&dir.path().join("hope"), recipient_config);
+    let sender = sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await;
+
+    // The sender: one referral after another, each retried by the SDK (same message id) until
+    // stored; the ids of those stored.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let total = PER_PHASE * 7;
+    let traffic = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..total {
+                let referral = ReferralBuilder::new(CENTRE, HOPE).build();
+                let id = sender
+                    .send(referral)
+                    .await
+                    .expect("stored within the budget");
+                ids.push(id);
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+            ids
+        })
+    };
+
+    // Each node in turn: killed while referrals flow, started again, caught up.
+    let mut target = PER_PHASE;
+    wait_sent(&sent, target, "before any kill").await;
+    for i in 0..cluster.nodes.len() {
+        let started = Instant::now();
+        cluster.nodes[i].kill9();
+        target += PER_PHASE;
+        wait_sent(&sent, target, &format!("with node {} down", i + 1)).await;
+        eprintln!(
+            "node {} down: {PER_PHASE} referrals stored in {:?}",
+            i + 1,
+            started.elapsed()
+        );
+        cluster.nodes[i].start_again().await;
+        cluster.wait_jetstream().await;
+        target += PER_PHASE;
+        wait_sent(&sent, target, &format!("after node {} returned", i + 1)).await;
+    }
+    let ids = traffic.await.expect("the sender");
+    assert_eq!(ids.len(), total);
+
+    // Everything the sender stored reaches RECEIVED, once.
+    let wire = WireClient::connect(&urls[0], CENTRE).await;
+    wire.wait_all_in_state(&ids, v1::ReferralState::Received, REDELIVERY, || {
+        format!("{}\n{}", broker.log_tail(), recipient.describe())
+    })
+    .await;
+    for id in &ids {
+        let reply = wire.query(id).await;
+        let count = |s: v1::ReferralState| reply.history.iter().filter(|h| h.state() == s).count();
+        assert_eq!(
+            (
+                count(v1::ReferralState::Submitted),
+                count(v1::ReferralState::Received)
+            ),
+            (1, 1),
+            "{reply:?}"
+        );
+    }
+    recipient
+        .wait_lines("every delivery", SHORT, |lines| {
+            ids.iter().all(|id| {
+                lines
+                    .iter()
+                    .any(|l| l.kind() == "delivery" && l.referral_id() == Some(id.as_str()))
+            })
+        })
+        .await;
+    for id in &ids {
+        assert_eq!(recipient.deliveries_of(id), 1, "{id} handed over twice");
+    }
+    let js = jetstream::new(cluster.nodes[0].connect().await);
+    assert_eq!(
+        deliveries_in_stream(&js, HOPE).await,
+        total as u64,
+        "one delivery per referral in the R3 outbound stream"
+    );
+    // The streams really are replicated (the test would prove nothing on R1).
+    let info = js
+        .get_stream(yeongye_proto::subject::IN_STREAM)
+        .await
+        .expect("the inbound stream")
+        .info()
+        .await
+        .expect("stream info")
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+}

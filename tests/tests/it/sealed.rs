@@ -6,8 +6,13 @@
 //! Each refused referral must reach no inbox, and the broker must show it DECLINED by the
 //! recipient with the reason code (the sender's notification carries it too).
 
+use std::time::Duration;
+
 use prost::Message as _;
-use yeongye_proto::subject::InKind;
+use yeongye_proto::seal;
+use yeongye_proto::signing::PrivateKey;
+use yeongye_proto::subject::{self, InKind};
+use yeongye_tests::secure::SecureSystem;
 use yeongye_tests::wire::{self, ReferralBuilder, envelope};
 use yeongye_tests::{AdapterProcess, Rng, System, WireClient, v1};
 
@@ -226,5 +231,179 @@ async fn sealed_contents_beyond_the_declared_categories_are_refused_and_purged()
     assert!(
         !log.contains(&token),
         "HOPE's log holds the refused household"
+    );
+}
+
+/// The sender and recipient of the rotation test (onboarded for real).
+const ROT_SENDER: &str = "cc-rotate";
+const ROT_RECIPIENT: &str = "hope-rotate";
+
+/// `referral-broker agency rotate-key <agency> --grace-secs <grace>` on the system's files.
+fn rotate_key(system: &SecureSystem, agency: &str, grace_secs: u64) {
+    let ids = &system.ids;
+    let s = |p: &std::path::Path| p.display().to_string();
+    let args: Vec<String> = vec![
+        "agency".into(),
+        "rotate-key".into(),
+        agency.into(),
+        "--grace-secs".into(),
+        grace_secs.to_string(),
+        "--registry".into(),
+        s(&ids.registry),
+        "--secrets".into(),
+        s(&ids.secrets),
+        "--nats-conf".into(),
+        s(&ids.nats_conf),
+    ];
+    ids.run(&args);
+}
+
+/// The recipient's current public sealing key, as the registry lists it now.
+fn current_key(system: &SecureSystem, agency: &str) -> seal::PublicKey {
+    seal::Directory::load(&system.ids.registry)
+        .expect("the registry's sealing keys")
+        .current(agency)
+        .expect("a current sealing key")
+        .clone()
+}
+
+/// Sends `count` referrals with the sender adapter's one-shot `send` (a fresh process: it reads
+/// the registry, so seals to the recipient's current key), and waits until each is DELIVERED
+/// (in the recipient's queue).
+async fn send_with_cli(system: &SecureSystem, count: usize, tag: &str) -> Vec<String> {
+    let sender = system.adapter(ROT_SENDER);
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let r = ReferralBuilder::new(ROT_SENDER, ROT_RECIPIENT).build();
+        let file = system.dir().join(format!("referral-{tag}-{i}.json"));
+        std::fs::write(&file, serde_json::to_vec(&r).expect("JSON")).expect("write");
+        sender
+            .cli(&["send", file.to_str().expect("utf-8 path")])
+            .await
+            .assert_success();
+        ids.push(r.referral_id);
+    }
+    for id in &ids {
+        sender.wait_notified(id, "DELIVERED", SHORT).await;
+    }
+    ids
+}
+
+/// Key rotation with referrals in flight: what was sealed to the old key before the rotation
+/// and to the new one after it all opens at a recipient whose adapter starts after the rotation
+/// (within the grace period); after the grace period, the next rotation drops the old key from
+/// the key file, and a referral still sealed to it is declined SEALED_OPEN_FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrals_in_flight_across_a_key_rotation_open_and_the_old_key_goes() {
+    /// Long enough for the recipient's adapter to start and open what waits for it.
+    const GRACE_SECS: u64 = 8;
+    let mut system = SecureSystem::start(&[ROT_SENDER, ROT_RECIPIENT], false).await;
+    system.start_adapter(ROT_SENDER);
+
+    // N referrals sealed to the recipient's first key; its adapter is not running.
+    let first = current_key(&system, ROT_RECIPIENT);
+    let before = send_with_cli(&system, 3, "before").await;
+
+    rotate_key(&system, ROT_RECIPIENT, GRACE_SECS);
+    let second = current_key(&system, ROT_RECIPIENT);
+    assert_ne!(first.id, second.id, "rotate-key gave a new current key");
+    let keys = seal::KeyFile::load(&system.ids.sealing_key(ROT_RECIPIENT)).expect("key file");
+    let not_after_ms = keys
+        .keys
+        .iter()
+        .find(|k| k.id == first.id)
+        .expect("the first key is kept for its grace period")
+        .not_after_ms;
+    assert!(not_after_ms > yeongye_tests::now_ms(), "a grace period");
+    // The broker reads the registry at start: the recipient's new signing key (its receipts
+    // are signed with it) is known to it once restarted.
+    system.restart_broker().await;
+
+    // M more, sealed to the second key by fresh `send` processes.
+    let after = send_with_cli(&system, 3, "after").await;
+
+    // The recipient's adapter starts now, in the grace period: everything opens.
+    system.start_adapter(ROT_RECIPIENT);
+    let recipient = system.adapter(ROT_RECIPIENT);
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    for id in &all {
+        system
+            .adapter(ROT_SENDER)
+            .wait_notified(id, "RECEIVED", SHORT)
+            .await;
+        assert!(
+            recipient.inbox_files("referrals").contains(id),
+            "{id} is not in the recipient's inbox"
+        );
+    }
+    assert!(
+        yeongye_tests::now_ms() < not_after_ms,
+        "the grace period ended before the recipient opened what was sealed to its first key: \
+         the test cannot tell (raise GRACE_SECS)"
+    );
+
+    // After the grace period: a `send` still seals to the second key, which opens.
+    yeongye_tests::wait_until(
+        "the first key's grace period to end",
+        Duration::from_secs(GRACE_SECS + 5),
+        || yeongye_tests::now_ms() > not_after_ms,
+        String::new,
+    )
+    .await;
+    let late = send_with_cli(&system, 1, "late").await;
+    system
+        .adapter(ROT_SENDER)
+        .wait_notified(&late[0], "RECEIVED", SHORT)
+        .await;
+
+    // The next rotation drops the first key from the key file.
+    rotate_key(&system, ROT_RECIPIENT, GRACE_SECS);
+    let keys = seal::KeyFile::load(&system.ids.sealing_key(ROT_RECIPIENT)).expect("key file");
+    let held: Vec<&str> = keys.keys.iter().map(|k| k.id.as_str()).collect();
+    assert!(
+        !held.contains(&first.id.as_str()),
+        "the first key is still in the key file: {held:?}"
+    );
+    assert!(held.contains(&second.id.as_str()), "{held:?}");
+
+    // A referral still sealed to the first key is declined, and not handed over.
+    let mut stale = ReferralBuilder::new(ROT_SENDER, ROT_RECIPIENT).build();
+    seal::seal_referral(&mut stale, &first).expect("seal to the first key");
+    let conn = system.connect_as(ROT_SENDER).connect(&system.url()).await;
+    let key = PrivateKey::load(&system.ids.signing_key(ROT_SENDER)).expect("the sender's key");
+    let mut e = envelope(ROT_SENDER, v1::PayloadType::Referral, stale.encode_to_vec());
+    key.sign(&mut e);
+    let msg = async_nats::jetstream::message::PublishMessage::build()
+        .payload(e.encode_to_vec().into())
+        .message_id(e.message_id.clone());
+    conn.jetstream()
+        .send_publish(subject::inbound(ROT_SENDER, InKind::Referral), msg)
+        .await
+        .expect("publish")
+        .await
+        .expect("PubAck");
+    let sender = system.adapter(ROT_SENDER);
+    sender
+        .wait_notified(&stale.referral_id, "DECLINED", SHORT)
+        .await;
+    let line = sender
+        .lines_of("notification")
+        .into_iter()
+        .find(|l| {
+            l.referral_id() == Some(stale.referral_id.as_str())
+                && l.state().as_deref() == Some("DECLINED")
+        })
+        .expect("the DECLINED notification");
+    let file = sender.item_file(&line).expect("its inbox file");
+    assert!(
+        file.to_string()
+            .contains(v1::ReasonCode::SealedOpenFailed.as_str_name()),
+        "{file}"
+    );
+    assert!(
+        !recipient
+            .inbox_files("referrals")
+            .contains(&stale.referral_id),
+        "the stale referral was handed over"
     );
 }

@@ -327,9 +327,13 @@ async fn referrals_in_flight_across_a_key_rotation_open_and_the_old_key_goes() {
     let recipient = system.adapter(ROT_RECIPIENT);
     let all: Vec<String> = before.iter().chain(&after).cloned().collect();
     for id in &all {
-        system
-            .adapter(ROT_SENDER)
-            .wait_notified(id, "RECEIVED", SHORT)
+        // Handed over (a referral that does not open is declined after its receipt instead).
+        recipient
+            .wait_lines(&format!("the delivery of {id}"), SHORT, |lines| {
+                lines
+                    .iter()
+                    .any(|l| l.kind() == "delivery" && l.referral_id() == Some(id.as_str()))
+            })
             .await;
         assert!(
             recipient.inbox_files("referrals").contains(id),
@@ -351,10 +355,20 @@ async fn referrals_in_flight_across_a_key_rotation_open_and_the_old_key_goes() {
     )
     .await;
     let late = send_with_cli(&system, 1, "late").await;
-    system
-        .adapter(ROT_SENDER)
-        .wait_notified(&late[0], "RECEIVED", SHORT)
+    recipient
+        .wait_lines("the delivery of the late referral", SHORT, |lines| {
+            lines
+                .iter()
+                .any(|l| l.kind() == "delivery" && l.referral_id() == Some(late[0].as_str()))
+        })
         .await;
+    for id in all.iter().chain(&late) {
+        let states = system.adapter(ROT_SENDER).notified_states(id);
+        assert!(
+            !states.iter().any(|s| s == "DECLINED"),
+            "{id} was declined: {states:?}"
+        );
+    }
 
     // The next rotation drops the first key from the key file.
     rotate_key(&system, ROT_RECIPIENT, GRACE_SECS);

@@ -717,6 +717,35 @@ impl SecureSystem {
             .unwrap_or_else(|| panic!("no adapter for {agency}"))
     }
 
+    /// Stops the broker (SIGTERM, then kill -9 after 10 s) and starts it again on the same
+    /// store, configuration and identities, so that it reads a changed registry (the secure
+    /// broker has no operators file for `registry reload`). Its earlier log is kept as
+    /// `broker.log.<n>`, so that readiness is judged on the new one.
+    pub async fn restart_broker(&mut self) {
+        if let Some(mut child) = self.broker.child.take() {
+            process::signal(child.id(), "TERM");
+            if process::wait_exit(&mut child, Duration::from_secs(10)).is_none() {
+                process::kill9(&mut child);
+            }
+        }
+        let dir = self.dir().join("broker");
+        let mut n = 1;
+        while dir.join(format!("broker.log.{n}")).exists() {
+            n += 1;
+        }
+        std::fs::rename(self.broker.log_path(), dir.join(format!("broker.log.{n}")))
+            .expect("keep the broker's log");
+        let ca = self.ca();
+        self.broker = SecureBroker::start_logged(
+            &dir,
+            &self.url(),
+            &self.ids,
+            ca.as_deref(),
+            self.rust_log.as_deref(),
+        )
+        .await;
+    }
+
     /// Logs of everything, for failure messages.
     pub fn describe(&self) -> String {
         let mut out = self.broker.log_tail();

@@ -25,6 +25,7 @@ mod operators;
 mod python_agency;
 mod restart;
 mod sdk;
+mod sealed;
 mod secret_files;
 mod security;
 mod test_vectors;

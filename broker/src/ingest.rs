@@ -35,6 +35,9 @@ pub struct Origin {
     /// What the message means ([`meaning_digest`]), once its envelope has been read: a resend
     /// under the same id that differs only in `sent_at_ms` (and so its signature) has the same.
     pub meaning: Option<[u8; 32]>,
+    /// The message carries a client's personal data in clear where the broker does not accept
+    /// plaintext ([`holds_clear_personal_data`]): refused, it leaves no copy of its bytes.
+    pub clear_personal_data: bool,
 }
 
 /// The digest the broker keeps for an applied message id and compares a resend's with: the
@@ -197,6 +200,7 @@ pub fn read(
         reply_to: None,
         subject: shown_subject(subject),
         meaning: None,
+        clear_personal_data: !limits.accept_plaintext && holds_clear_personal_data(bytes),
     };
     let request = match read_checked(&mut origin, subject, bytes, now, registry, limits) {
         Ok(request) => request,
@@ -461,6 +465,8 @@ fn new_referral(
 }
 
 /// The legal basis the referral cites (an empty consent id when it cites none: it is refused).
+/// A statute's justification is free text about the case (inside the seal of a sealed
+/// referral): the broker checks that a plaintext one has it, and keeps no copy of it.
 fn basis_of(r: &v1::Referral) -> Basis {
     match &r.legal_basis {
         Some(v1::referral::LegalBasis::ConsentId(c)) => Basis::Consent(c.clone()),
@@ -469,7 +475,7 @@ fn basis_of(r: &v1::Referral) -> Basis {
             name: v1::Statute::try_from(b.statute)
                 .map(|s| s.as_str_name().to_owned())
                 .unwrap_or_default(),
-            justification: b.justification.clone(),
+            justification: String::new(),
         },
         None => Basis::Consent(String::new()),
     }
@@ -555,6 +561,21 @@ fn check_privacy(r: &v1::Referral, accept_plaintext: bool) -> Result<(), Fault> 
             None => Ok(()),
         },
     }
+}
+
+/// Whether `raw` (an inbound message as received) carries a client's personal data in clear:
+/// an envelope whose payload is a referral with personal fields beside (or without) a seal.
+/// Unless the broker accepts plaintext (a migration), it keeps no copy of such a message when
+/// it refuses it — neither the refused referral's envelope nor the dead letter's bytes —
+/// whatever the reason it was refused for. (Free-text notes in clear are kept: the adapters'
+/// own fixed notes travel in clear.)
+pub fn holds_clear_personal_data(raw: &[u8]) -> bool {
+    let Ok(envelope) = v1::Envelope::decode(raw) else {
+        return false;
+    };
+    envelope.payload_type == v1::PayloadType::Referral as i32
+        && v1::Referral::decode(envelope.payload.as_slice())
+            .is_ok_and(|r| seal::has_clear_personal_data(&r))
 }
 
 /// A seal the reader could open: a well-formed key id, a 32-byte encapsulated key, a

@@ -637,4 +637,28 @@ mod sealed {
         unknown.reason = 9999;
         assert_eq!(code(&status(unknown)), Some(ReasonCode::InvalidField));
     }
+
+    /// A refused message with client data in clear leaves no copy where plaintext is refused,
+    /// whatever it is refused for (here: an unregistered recipient, checked before privacy).
+    #[test]
+    fn a_message_with_client_data_in_clear_is_marked_to_leave_no_copy() {
+        let mut named = referral();
+        named.to_agency = "nobody".into();
+        named.client.as_mut().unwrap().name = "홍길동".into();
+        let bytes = envelope("a", v1::PayloadType::Referral, named.encode_to_vec());
+        assert!(holds_clear_personal_data(&bytes));
+        let i = read_with(named.clone(), false);
+        assert_eq!(code(&i), Some(ReasonCode::UnknownRecipient));
+        assert!(i.origin.clear_personal_data);
+        // Accepted in clear (a migration): kept like any referral, for a replay.
+        assert!(!read_with(named, true).origin.clear_personal_data);
+        // Sealed, or not a referral: nothing personal in clear.
+        let sealed = envelope(
+            "a",
+            v1::PayloadType::Referral,
+            sealed_referral().encode_to_vec(),
+        );
+        assert!(!holds_clear_personal_data(&sealed));
+        assert!(!holds_clear_personal_data(b"garbage"));
+    }
 }

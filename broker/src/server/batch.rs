@@ -293,7 +293,7 @@ impl<'a> Batch<'a> {
         }
         let (at, origin) = (arrival.at, &arrival.origin);
         let mut new = new;
-        if carries_clear_personal_data(refusal.code) {
+        if arrival.origin.clear_personal_data {
             // The broker keeps no copy of personal data it was sent in clear.
             new.envelope.clear();
         }
@@ -771,7 +771,7 @@ impl<'a> Batch<'a> {
             code: r.code as i32,
             detail: r.detail.clone(),
             at,
-            raw: if carries_clear_personal_data(r.code) {
+            raw: if origin.clear_personal_data {
                 Vec::new()
             } else {
                 raw[..raw.len().min(MAX_DEAD_LETTER_BYTES)].to_vec()
@@ -894,14 +894,4 @@ fn carry_note(t: &mut referral::Transition, sealed_note: Vec<u8>, reason: i32) {
         h.sealed_note = sealed_note;
         h.reason = reason;
     }
-}
-
-/// Refusals of referrals that carry personal data in clear (not sealed, or sealed with personal
-/// fields beside the seal): the broker keeps neither the envelope nor a dead letter's bytes of
-/// them (there is nothing to replay: the sender must seal and send again).
-fn carries_clear_personal_data(code: ReasonCode) -> bool {
-    matches!(
-        code,
-        ReasonCode::PlaintextRefused | ReasonCode::SealedMalformed
-    )
 }

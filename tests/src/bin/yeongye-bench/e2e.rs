@@ -187,6 +187,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
                     a,
                     s.nats_url,
                     key,
+                    keys.sealing_file(a).context("a sealing key")?,
                     &registry,
                     s.adapter_inbox,
                 )?);
@@ -219,6 +220,9 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     for a in &agencies {
         let mut cfg = AdapterConfig::new(a.clone(), [s.nats_url], s.dir.join("sdk").join(a));
         cfg.signing_key_file = keys.of(a).map(|(_, _, path)| path.clone());
+        // Sealing on, as in production: every referral sealed to its recipient.
+        cfg.registry = Some(registry.clone());
+        cfg.sealing_key_file = keys.sealing_file(a).map(Path::to_path_buf);
         senders.push(Adapter::connect(cfg).await.context("SDK connect")?);
     }
     let reason = padding_for(&senders[0], &agencies[1 % agencies.len()], s.message_bytes)?;

@@ -233,12 +233,14 @@ impl Drop for Nats {
     }
 }
 
-/// The signing keys of a run: the broker's and each agency's, saved as key files (0600) in
-/// `dir`, as `referral-broker init` and `agency add` would.
+/// The keys of a run: the broker's and each agency's signing key, and each agency's sealing
+/// key, saved as key files (0600) in `dir`, as `referral-broker init` and `agency add` would.
 pub(crate) struct Keys {
     pub(crate) broker: PathBuf,
     pub(crate) agencies: Vec<(String, PrivateKey, PathBuf)>,
     broker_key: PrivateKey,
+    /// Each agency's sealing key and its file (`<agency>.sealing.key`).
+    sealing: Vec<(String, yeongye_proto::seal::PrivateKey, PathBuf)>,
 }
 
 impl Keys {
@@ -252,15 +254,33 @@ impl Keys {
         };
         let (broker_key, broker) = save("broker", "broker-1")?;
         let mut list = Vec::new();
+        let mut sealing = Vec::new();
         for a in agencies {
             let (key, path) = save(a, &format!("{a}-1"))?;
             list.push((a.clone(), key, path));
+            let key = yeongye_proto::seal::PrivateKey::generate(&format!("{a}-seal-1"));
+            let path = dir.join(format!("{a}.sealing.key"));
+            let file = yeongye_proto::seal::KeyFile {
+                keys: vec![key.clone()],
+            };
+            yeongye_proto::credentials::write_private(&path, file.to_file_text().as_bytes())
+                .with_context(|| format!("write {}", path.display()))?;
+            sealing.push((a.clone(), key, path));
         }
         Ok(Keys {
             broker,
             agencies: list,
             broker_key,
+            sealing,
         })
+    }
+
+    /// The sealing key file of `agency`.
+    pub(crate) fn sealing_file(&self, agency: &str) -> Option<&Path> {
+        self.sealing
+            .iter()
+            .find(|(a, _, _)| a == agency)
+            .map(|(_, _, p)| p.as_path())
     }
 
     /// The key of `agency`.
@@ -276,10 +296,19 @@ impl Keys {
             self.broker_key.public_b64()
         );
         for (id, key, _) in &self.agencies {
+            let sealing = self
+                .sealing
+                .iter()
+                .find(|(a, _, _)| a == id)
+                .map(|(_, k, _)| k.entry())
+                .context("a sealing key for every agency")?;
             toml.push_str(&format!(
                 "\n[[agency]]\nid = \"{id}\"\nname = \"bench agency {id}\"\n\
-                 kind = \"community_service_centre\"\n[[agency.keys]]\nid = \"{}\"\n\
-                 public_key = \"{}\"\n",
+                 kind = \"community_service_centre\"\n\
+                 sealing_keys = [{{ id = \"{}\", public_key = \"{}\" }}]\n\
+                 [[agency.keys]]\nid = \"{}\"\npublic_key = \"{}\"\n",
+                sealing.id,
+                sealing.public_key,
                 key.id,
                 key.public_b64()
             ));
@@ -450,6 +479,7 @@ impl AdapterProc {
         agency: &str,
         nats_url: &str,
         key: &Path,
+        sealing_key: &Path,
         registry: &Path,
         inbox: bool,
     ) -> Result<AdapterProc> {
@@ -459,9 +489,10 @@ impl AdapterProc {
             &conf,
             format!(
                 "agency = \"{agency}\"\nnats_urls = [\"{nats_url}\"]\nstate_dir = \"{}\"\n\
-                 signing_key_file = \"{}\"\nregistry = \"{}\"\n",
+                 signing_key_file = \"{}\"\nsealing_key_file = \"{}\"\nregistry = \"{}\"\n",
                 dir.join("state").display(),
                 key.display(),
+                sealing_key.display(),
                 registry.display()
             ),
         )?;

@@ -24,10 +24,10 @@ use yeongye_proto::subject;
 use yeongye_proto::v1;
 
 use crate::config::AdapterConfig;
-use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
 use crate::outgoing::{self, Outgoing};
 use crate::sealing::Sealing;
+use crate::storage::Storage;
 use publish::Publisher;
 
 /// How long [`Adapter::status`] waits for the broker's reply by default.
@@ -132,7 +132,7 @@ impl AdapterBuilder {
                 client,
                 publisher,
                 query_timeout: self.query_timeout,
-                dedup: OnceCell::new(),
+                store: OnceCell::new(),
                 closed: AtomicBool::new(false),
                 keys,
                 sealing,
@@ -154,7 +154,7 @@ struct Inner {
     query_timeout: Duration,
     /// Opened by the first [`Adapter::incoming`], not by `connect`: one-shot calls must work
     /// while a long-running adapter holds the store's lock.
-    dedup: OnceCell<DedupStore>,
+    store: OnceCell<Storage>,
     closed: AtomicBool,
     /// Senders' public keys, from the registry, to check deliveries' relayed signatures.
     keys: Option<KeyRing>,
@@ -382,13 +382,13 @@ impl Adapter {
     }
 
     /// The adapter's durable store under `state_dir` (opened on first use; shared after).
-    pub(crate) async fn store(&self) -> Result<DedupStore> {
+    pub(crate) async fn store(&self) -> Result<Storage> {
         let store = self
             .inner
-            .dedup
+            .store
             .get_or_try_init(|| async {
                 let cfg = &self.inner.cfg;
-                DedupStore::open(&cfg.dedup_dir(), cfg.dedup_retention_days)
+                Storage::open_async(cfg.dedup_dir(), cfg.dedup_retention_days).await
             })
             .await?;
         Ok(store.clone())

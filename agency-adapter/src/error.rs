@@ -6,6 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The store's own error, as [`Error::Store`] carries it.
+pub use crate::storage::StoreError;
+
 /// What can go wrong in the adapter.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -82,12 +85,12 @@ pub enum Error {
     )]
     StateDirInUse { path: PathBuf },
 
-    /// The dedup store failed.
+    /// The adapter's store (handled ids, the HTTP bridge's queue and keys) failed.
     #[error("dedup store at {path:?}: {source}")]
     Store {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: StoreError,
     },
 
     /// A file-system operation failed.

@@ -26,7 +26,7 @@
 //! - `body.rs`: body size, media type and JSON parsing into problems; [`problem`]: the problem
 //!   documents.
 //! - `auth.rs`: the bearer token; [`signature`]: HMAC-SHA256 webhook signatures.
-//! - `idempotency.rs`: `Idempotency-Key`, kept in sled.
+//! - `idempotency.rs`: `Idempotency-Key`, kept in the adapter's store (`crate::storage`).
 //! - `queue.rs`: the durable queue of incoming items; `receiver.rs` fills it from the
 //!   consumer; `worker.rs` empties it (webhook pushes, follow-ups); [`webhook`]: the POST.
 //! - `backend.rs`: the [`Adapter`] as the handlers see it (a trait, stubbed in tests).
@@ -173,8 +173,8 @@ pub async fn serve(
         _ => None,
     };
     let store = adapter.store().await?;
-    let queue = Queue::open(&store)?;
-    let idem = IdempotencyStore::open(&store)?;
+    let queue = Queue::open(&store);
+    let idem = IdempotencyStore::open(&store);
     let listener = tokio::net::TcpListener::bind(http.bind)
         .await
         .map_err(|e| Error::io(format!("cannot listen on {}", http.bind), e))?;

@@ -26,17 +26,17 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use yeongye_proto::{subject, v1};
 
 use crate::backoff::Backoff;
 use crate::client::Adapter;
-use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::inbox::{self, Handoff};
 use crate::item::{Item, ItemKind};
+use crate::storage::Storage;
 
 /// How often old dedup entries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60 * 60);
@@ -56,8 +56,8 @@ impl Adapter {
     /// does not exist yet (broker not started), waits and retries, logging as it goes. Fails if
     /// another process holds the state directory.
     pub async fn incoming(&self) -> Result<Incoming> {
-        let dedup = self.store().await?;
-        Incoming::bind(self.clone(), dedup).await
+        let store = self.store().await?;
+        Incoming::bind(self.clone(), store).await
     }
 }
 
@@ -65,7 +65,7 @@ impl Adapter {
 /// [`Adapter::incoming`].
 pub struct Incoming {
     adapter: Adapter,
-    dedup: DedupStore,
+    store: Storage,
     consumer: PullConsumer,
     messages: Option<pull::Stream>,
     last_prune: Option<Instant>,
@@ -75,11 +75,11 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    pub(crate) async fn bind(adapter: Adapter, dedup: DedupStore) -> Result<Incoming> {
+    pub(crate) async fn bind(adapter: Adapter, store: Storage) -> Result<Incoming> {
         let consumer = bind_consumer(&adapter).await?;
         Ok(Incoming {
             adapter,
-            dedup,
+            store,
             consumer,
             messages: None,
             last_prune: None,
@@ -94,7 +94,7 @@ impl Incoming {
     /// adapter was [drained](Adapter::drain).
     pub async fn next(&mut self) -> Option<Result<Item>> {
         loop {
-            self.maybe_prune();
+            self.maybe_prune().await;
             let message = match self.pull().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
@@ -104,6 +104,55 @@ impl Incoming {
                 Ok(Some(item)) => return Some(Ok(item)),
                 Ok(None) => continue,
                 Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Waits for the next new message like [`next`](Self::next), then takes every other new
+    /// message already received (up to `max` in all) without waiting: the items ready now,
+    /// in the order the broker sent them. Handing them over in that order and then calling
+    /// [`Item::done`] on all of them at once lets their records share one flush (the store
+    /// commits in groups) and their receipts and acks travel together. A message that fails
+    /// after the first is left unacknowledged (it comes again) and ends the batch.
+    pub async fn next_ready(&mut self, max: usize) -> Option<Result<Vec<Item>>> {
+        let first = match self.next().await? {
+            Ok(item) => item,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut items = vec![first];
+        while items.len() < max {
+            let Some(message) = self.pull_ready() else {
+                break;
+            };
+            match self.admit(message).await {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(cause = %e, "a message could not be taken; it will come again");
+                    break;
+                }
+            }
+        }
+        Some(Ok(items))
+    }
+
+    /// A message already received, without waiting; None if none is ready now (trouble is
+    /// left to [`pull`](Self::pull)).
+    fn pull_ready(&mut self) -> Option<async_nats::jetstream::Message> {
+        if self.adapter.is_closed() {
+            return None;
+        }
+        let messages = self.messages.as_mut()?;
+        match messages.next().now_or_never()? {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                warn!(cause = %e, "reading the consumer failed; continuing");
+                self.messages = None;
+                None
+            }
+            None => {
+                self.messages = None;
+                None
             }
         }
     }
@@ -211,19 +260,21 @@ impl Incoming {
             stream_seq = stream_sequence,
         );
         async {
-            if !self.dedup.contains(&decoded.message_id)? {
+            if !self.store.contains(&decoded.message_id)? {
                 match &decoded.kind {
                     ItemKind::Withdrawal(w) => {
                         // Marks the referral so that a late delivery of it is dropped.
-                        self.dedup
-                            .record(&withdrawn_key(&w.referral_id), ids::now_ms())?;
+                        self.store
+                            .record_all(&[&withdrawn_key(&w.referral_id)], ids::now_ms())
+                            .await?;
                     }
                     ItemKind::Delivery { referral, .. }
-                        if self.dedup.contains(&withdrawn_key(&referral.referral_id))? =>
+                        if self.store.contains(&withdrawn_key(&referral.referral_id))? =>
                     {
                         info!(delivered, "delivery of a withdrawn referral; dropped");
-                        self.dedup.record(&decoded.message_id, ids::now_ms())?;
-                        self.dedup.flush().await?;
+                        self.store
+                            .record_all(&[&decoded.message_id], ids::now_ms())
+                            .await?;
                         if let Err(e) = acker.double_ack().await {
                             warn!(cause = %e, "ack of a dropped delivery failed; it will come again");
                         }
@@ -237,9 +288,9 @@ impl Incoming {
                         warn!(reason = code.as_str_name(), why, "delivered referral declined by this adapter; nothing of it kept");
                         let receipt = ids::receipt_message_id(&decoded.message_id);
                         let decline = ids::decline_message_id(&decoded.message_id);
-                        self.dedup
-                            .record_all(&[&decoded.message_id, &receipt, &decline], ids::now_ms())?;
-                        self.dedup.flush().await?;
+                        self.store
+                            .record_all(&[&decoded.message_id, &receipt, &decline], ids::now_ms())
+                            .await?;
                         self.adapter
                             .decline_delivery(&decoded.message_id, &referral.referral_id, code)
                             .await?;
@@ -259,7 +310,8 @@ impl Incoming {
                     delivered,
                     acker,
                     adapter: self.adapter.clone(),
-                    dedup: self.dedup.clone(),
+                    store: self.store.clone(),
+                    recorded: false,
                 }));
             }
             info!(delivered, "already handled; acknowledging again");
@@ -279,7 +331,7 @@ impl Incoming {
         match &decoded.kind {
             ItemKind::Delivery { referral, .. }
                 if self
-                    .dedup
+                    .store
                     .contains(&ids::decline_message_id(&decoded.message_id))? =>
             {
                 let code = decoded
@@ -291,7 +343,7 @@ impl Incoming {
             }
             ItemKind::Delivery { referral, .. }
                 if self
-                    .dedup
+                    .store
                     .contains(&ids::receipt_message_id(&decoded.message_id))? =>
             {
                 self.adapter
@@ -300,7 +352,7 @@ impl Incoming {
             }
             ItemKind::Withdrawal(w)
                 if self
-                    .dedup
+                    .store
                     .contains(&ids::purge_message_id(&decoded.message_id))? =>
             {
                 self.adapter
@@ -347,12 +399,14 @@ impl Incoming {
         }
     }
 
-    fn maybe_prune(&mut self) {
+    /// Prunes old handled ids, once an hour (the scan on the blocking pool, the removal in a
+    /// group commit).
+    async fn maybe_prune(&mut self) {
         if self.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
             return;
         }
         self.last_prune = Some(Instant::now());
-        match self.dedup.prune(ids::now_ms()) {
+        match self.store.prune_handled(ids::now_ms()).await {
             Ok(0) => {}
             Ok(n) => info!(removed = n, "pruned old message ids from the dedup store"),
             Err(e) => warn!(cause = %e, "pruning the dedup store failed"),

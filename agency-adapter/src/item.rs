@@ -10,10 +10,10 @@ use tracing::{Instrument, debug, info_span};
 use yeongye_proto::v1;
 
 use crate::client::Adapter;
-use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::json::item_json;
+use crate::storage::Storage;
 
 /// What one message on the agency's consumer holds.
 // One per message and moved rarely: boxing the delivery would only make matching clumsier.
@@ -92,7 +92,9 @@ pub struct Item {
     pub(crate) delivered: Option<i64>,
     pub(crate) acker: Acker,
     pub(crate) adapter: Adapter,
-    pub(crate) dedup: DedupStore,
+    pub(crate) store: Storage,
+    /// Whether [`Item::record`] made the record already (then `done` does not again).
+    pub(crate) recorded: bool,
 }
 
 impl Item {
@@ -135,15 +137,11 @@ impl Item {
             kind = self.kind.name(),
         );
         async move {
-            // The delivery and its receipt are recorded together: a duplicate of a handled
-            // delivery always gets its receipt again (see the module docs).
-            let receipt = ids::receipt_message_id(&self.message_id);
-            let mut handled = vec![self.message_id.as_str()];
-            if matches!(self.kind, ItemKind::Delivery { .. }) {
-                handled.push(&receipt);
+            // Durable (flushed, in a group with whatever else is ready) before the receipt
+            // and the ack.
+            if !self.recorded {
+                self.write_record().await?;
             }
-            self.dedup.record_all(&handled, ids::now_ms())?;
-            self.dedup.flush().await?;
             if let ItemKind::Delivery { referral, .. } = &self.kind {
                 self.adapter
                     .send_receipt(&self.message_id, &referral.referral_id)
@@ -158,6 +156,33 @@ impl Item {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl Item {
+    /// The first part of [`done`](Item::done) on its own: records the item as handled,
+    /// durably (flushed), without the receipt or the ack, which `done` then sends without
+    /// recording again. For a reader that logs each handoff and wants at most one item logged
+    /// but not recorded at any time (a crash then repeats at most that one line) while the
+    /// receipts and acks of many items travel together. An item recorded but not done comes
+    /// again after the ack wait and is recognised as handled (its receipt is sent again).
+    pub async fn record(&mut self) -> Result<()> {
+        if !self.recorded {
+            self.write_record().await?;
+            self.recorded = true;
+        }
+        Ok(())
+    }
+
+    /// Records the message id — and for a delivery its receipt's id, together: a duplicate of
+    /// a handled delivery always gets its receipt again (see `incoming`) — in one group commit.
+    async fn write_record(&self) -> Result<()> {
+        let receipt = ids::receipt_message_id(&self.message_id);
+        let mut handled = vec![self.message_id.as_str()];
+        if matches!(self.kind, ItemKind::Delivery { .. }) {
+            handled.push(&receipt);
+        }
+        self.store.record_all(&handled, ids::now_ms()).await
     }
 }
 
@@ -179,8 +204,7 @@ impl Item {
             .adapter
             .send_purge_confirmation(&self.message_id, &w.referral_id, &w.consent_id)
             .await?;
-        self.dedup.record(&id, ids::now_ms())?;
-        self.dedup.flush().await?;
+        self.store.record_all(&[&id], ids::now_ms()).await?;
         Ok(id)
     }
 

@@ -43,8 +43,9 @@
 //!   in envelopes ([`Outgoing`]); `outgoing/consent.rs` holds the consent messages.
 //! - [`incoming`]: [`Incoming`] and [`Item`], the agency's consumer with exactly-once effect;
 //!   `incoming/decode.rs` checks and decodes what arrives.
-//! - `dedup`: the sled store of handled message ids (and the database the HTTP bridge's trees
-//!   live in).
+//! - `storage`: the adapter's one sled store — handled message ids, the HTTP bridge's queue
+//!   and idempotency keys — committing in groups (one flush for every write that is ready);
+//!   nothing else names sled.
 //! - [`inbox`]: [`FolderInbox`], crash-safe no-replace handoff of items to a folder.
 //! - [`http`]: the local HTTP/JSON API (`agency-adapter serve`): handlers, problem documents,
 //!   idempotency keys, the durable webhook/pull queue and its worker.
@@ -62,7 +63,6 @@
 mod backoff;
 pub mod client;
 pub mod config;
-mod dedup;
 pub mod error;
 pub mod http;
 pub mod ids;
@@ -74,6 +74,7 @@ pub mod json;
 pub use yeongye_log as log_filter;
 mod outgoing;
 pub mod sealing;
+mod storage;
 
 pub use client::{Adapter, AdapterBuilder};
 pub use config::{AdapterConfig, HttpConfig};

@@ -1,6 +1,7 @@
 //! [`IdempotencyStore`]: `Idempotency-Key` for the API's POSTs, kept durably in the adapter's
-//! sled store (tree `http_idempotency`), so that a POST retried — after a timeout, a lost
-//! response, a restart of the adapter — returns the first result instead of sending again.
+//! store (tree `http_idempotency`, owned by `crate::storage`), so that a POST retried — after
+//! a timeout, a lost response, a restart of the adapter — returns the first result instead of
+//! sending again.
 //!
 //! The first request with a key builds its message (ids fixed) and stores it with a
 //! fingerprint of the request (SHA-256 of method, path and body) and the response, flushed,
@@ -14,11 +15,9 @@ use serde_json::Value;
 use yeongye_proto::v1;
 
 use super::problem::{Problem, ProblemType};
-use crate::dedup::{self, DedupStore};
 use crate::error::{Error, Result};
 use crate::outgoing::Outgoing;
-
-const TREE: &str = "http_idempotency";
+use crate::storage::Storage;
 /// Longest key accepted.
 pub(crate) const MAX_KEY_LEN: usize = 255;
 
@@ -56,24 +55,22 @@ pub(crate) enum Begin {
 /// The key store. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct IdempotencyStore {
-    store: DedupStore,
-    tree: sled::Tree,
+    store: Storage,
+}
+
+/// What storing a new key found.
+enum Stored {
+    /// The record was stored.
+    Now,
+    /// A concurrent request with the same key stored first: this is its record.
+    Before(Vec<u8>),
 }
 
 impl IdempotencyStore {
-    pub(crate) fn open(store: &DedupStore) -> Result<IdempotencyStore> {
-        let tree = store
-            .db()
-            .open_tree(TREE)
-            .map_err(|e| dedup::store_err(store.path(), e))?;
-        Ok(IdempotencyStore {
+    pub(crate) fn open(store: &Storage) -> IdempotencyStore {
+        IdempotencyStore {
             store: store.clone(),
-            tree,
-        })
-    }
-
-    fn err(&self, e: sled::Error) -> Error {
-        dedup::store_err(self.store.path(), e)
+        }
     }
 
     /// Looks `key` up; if it is new, calls `prepare` (whose error — bad input — is returned as
@@ -85,7 +82,7 @@ impl IdempotencyStore {
         now_ms: i64,
         prepare: impl FnOnce() -> std::result::Result<Prepared, Problem>,
     ) -> std::result::Result<Begin, Problem> {
-        if let Some(existing) = self.tree.get(key.as_bytes()).map_err(|e| self.err(e))? {
+        if let Some(existing) = self.store.idempotency_record(key)? {
             return self.resolve(&existing, fingerprint);
         }
         let prepared = prepare()?;
@@ -102,23 +99,20 @@ impl IdempotencyStore {
         let bytes = serde_json::to_vec(&record).map_err(|e| {
             Problem::from_error(&Error::Protocol(format!("idempotency record: {e}")))
         })?;
-        match self
-            .tree
-            .compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(bytes))
-            .map_err(|e| self.err(e))?
-        {
-            Ok(()) => {
-                self.store.flush().await?;
-                Ok(Begin::Publish(Box::new(prepared)))
-            }
-            // A concurrent request with the same key stored first: follow it.
-            Err(cas) => match cas.current {
-                Some(current) => self.resolve(&current, fingerprint),
-                None => Err(Problem::new(
-                    ProblemType::Internal,
-                    "idempotency record vanished; retry",
-                )),
-            },
+        let owned_key = key.to_owned();
+        let stored = self
+            .store
+            .commit(move |tx| {
+                if let Some(current) = tx.idempotency_get(&owned_key)? {
+                    return Ok(Stored::Before(current));
+                }
+                tx.idempotency_put(&owned_key, &bytes)?;
+                Ok(Stored::Now)
+            })
+            .await?;
+        match stored {
+            Stored::Now => Ok(Begin::Publish(Box::new(prepared))),
+            Stored::Before(current) => self.resolve(&current, fingerprint),
         }
     }
 
@@ -154,37 +148,38 @@ impl IdempotencyStore {
         })))
     }
 
-    /// Marks `key`'s message published: later requests replay the response.
+    /// Marks `key`'s message published: later requests replay the response. Flushed.
     pub(crate) async fn complete(&self, key: &str) -> Result<()> {
-        let Some(bytes) = self.tree.get(key.as_bytes()).map_err(|e| self.err(e))? else {
-            return Ok(());
-        };
-        let Ok(mut record) = serde_json::from_slice::<Record>(&bytes) else {
-            return Ok(());
-        };
-        record.completed = true;
-        let updated = serde_json::to_vec(&record)
-            .map_err(|e| Error::Protocol(format!("idempotency record: {e}")))?;
-        self.tree
-            .insert(key.as_bytes(), updated)
-            .map_err(|e| self.err(e))?;
-        self.store.flush().await
+        let key = key.to_owned();
+        self.store
+            .commit(move |tx| {
+                let Some(bytes) = tx.idempotency_get(&key)? else {
+                    return Ok(());
+                };
+                let Ok(mut record) = serde_json::from_slice::<Record>(&bytes) else {
+                    return Ok(());
+                };
+                record.completed = true;
+                // Serializing a record read back always works; if not, it stays incomplete
+                // (a retry publishes the same message id again: harmless).
+                if let Ok(updated) = serde_json::to_vec(&record) {
+                    tx.idempotency_put(&key, &updated)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
-    /// Removes keys created before `cutoff_ms`; returns how many.
-    pub(crate) fn prune(&self, cutoff_ms: i64) -> Result<usize> {
-        let mut removed = 0;
-        for entry in self.tree.iter() {
-            let (key, value) = entry.map_err(|e| self.err(e))?;
-            let old = serde_json::from_slice::<Record>(&value)
-                .map(|r| r.created_at_ms < cutoff_ms)
-                .unwrap_or(true);
-            if old {
-                self.tree.remove(&key).map_err(|e| self.err(e))?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+    /// Removes keys created before `cutoff_ms` (and unreadable ones); returns how many. The
+    /// scan runs on the blocking pool.
+    pub(crate) async fn prune(&self, cutoff_ms: i64) -> Result<usize> {
+        self.store
+            .prune_idempotency(move |value| {
+                serde_json::from_slice::<Record>(value)
+                    .map(|r| r.created_at_ms < cutoff_ms)
+                    .unwrap_or(true)
+            })
+            .await
     }
 }
 
@@ -225,8 +220,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dedup");
         let first = {
-            let store = DedupStore::open(&path, 14).unwrap();
-            let idem = IdempotencyStore::open(&store).unwrap();
+            let store = Storage::open(&path, 14).unwrap();
+            let idem = IdempotencyStore::open(&store);
             let Begin::Publish(p) = idem
                 .begin("k-1", "f-1", 10, || Ok(prepared()))
                 .await
@@ -248,8 +243,8 @@ mod tests {
             p
         };
         // After a restart: the response is replayed.
-        let store = DedupStore::open(&path, 14).unwrap();
-        let idem = IdempotencyStore::open(&store).unwrap();
+        let store = Storage::open(&path, 14).unwrap();
+        let idem = IdempotencyStore::open(&store);
         match idem.begin("k-1", "f-1", 12, || panic!("no")).await.unwrap() {
             Begin::Replay(v) => assert_eq!(v, first.response),
             other => panic!("{other:?}"),
@@ -273,8 +268,8 @@ mod tests {
                 .unwrap(),
             Begin::Publish(_)
         ));
-        assert_eq!(idem.prune(11).unwrap(), 1);
-        assert_eq!(idem.prune(13).unwrap(), 1);
+        assert_eq!(idem.prune(11).await.unwrap(), 1);
+        assert_eq!(idem.prune(13).await.unwrap(), 1);
     }
 
     #[test]

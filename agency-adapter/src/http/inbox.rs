@@ -33,7 +33,7 @@ pub(crate) async fn list<B: Backend>(
 ) -> Response {
     respond(async {
         let limit = parse_limit(query.as_deref())?;
-        let entries = st.queue.pending(limit)?;
+        let entries = st.queue.pending(limit).await?;
         let items: Vec<_> = entries.iter().map(|(_, e)| e.document()).collect();
         Ok((
             StatusCode::OK,

@@ -1,5 +1,6 @@
 //! [`Queue`]: the HTTP bridge's durable queue of incoming items, between the agency's consumer
-//! and the agency system (webhook or pull), in the adapter's sled store.
+//! and the agency system (webhook or pull), in the adapter's store (`crate::storage`, which
+//! owns the trees below).
 //!
 //! ```text
 //! http_pending    seq (u64 BE) -> Entry (JSON)   not yet taken by the agency system, in order
@@ -8,7 +9,7 @@
 //! ```
 //!
 //! An item is queued and its message id recorded as handled in the dedup store in **one**
-//! transaction, flushed, before the JetStream message is acknowledged: a crash before that
+//! commit, flushed, before the JetStream message is acknowledged: a crash before that
 //! leaves the message to come again; after it, the message is recognised and never queued
 //! twice. When the agency system takes an entry (webhook 2xx, or pull ack) it moves to
 //! `http_finishing` (or is removed if nothing follows up); the follow-up — the `RECEIVED`
@@ -20,16 +21,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sled::transaction::{ConflictableTransactionResult, TransactionError, Transactional};
 
-use crate::dedup::{self, DedupStore};
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::item::{Item, ItemKind};
-
-const PENDING: &str = "http_pending";
-const FINISHING: &str = "http_finishing";
-const INDEX: &str = "http_index";
+use crate::storage::Storage;
 
 /// What must be published once the agency system has taken an item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,139 +114,95 @@ pub(crate) enum Taken {
 /// The queue. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Queue {
-    dedup: DedupStore,
-    pending: sled::Tree,
-    finishing: sled::Tree,
-    index: sled::Tree,
+    store: Storage,
 }
 
 impl Queue {
-    /// Opens the queue's trees in the adapter's store.
-    pub(crate) fn open(dedup: &DedupStore) -> Result<Queue> {
-        let db = dedup.db();
-        let open = |name: &str| {
-            db.open_tree(name)
-                .map_err(|e| dedup::store_err(dedup.path(), e))
-        };
-        Ok(Queue {
-            pending: open(PENDING)?,
-            finishing: open(FINISHING)?,
-            index: open(INDEX)?,
-            dedup: dedup.clone(),
-        })
-    }
-
-    fn err(&self, e: sled::Error) -> Error {
-        dedup::store_err(self.dedup.path(), e)
-    }
-
-    fn tx_err(&self, e: TransactionError<()>) -> Error {
-        match e {
-            TransactionError::Storage(e) => self.err(e),
-            TransactionError::Abort(()) => Error::Protocol("queue transaction aborted".into()),
+    /// The queue in the adapter's store.
+    pub(crate) fn open(store: &Storage) -> Queue {
+        Queue {
+            store: store.clone(),
         }
     }
 
-    /// Queues `entry` and records its message id as handled, in one transaction, flushed.
+    /// Queues `entry` and records its message id as handled, in one commit (flushed).
     /// Returns false (and changes nothing) if the id was recorded already.
     pub(crate) async fn enqueue(&self, entry: &Entry) -> Result<bool> {
         let bytes = serde_json::to_vec(entry)
             .map_err(|e| Error::Protocol(format!("cannot encode a queue entry: {e}")))?;
-        let seq = self.dedup.db().generate_id().map_err(|e| self.err(e))?;
-        let key = seq.to_be_bytes();
-        let id = entry.message_id.as_bytes();
+        let id = entry.message_id.clone();
         let at = entry.queued_at_ms;
-        let (handled, by_time) = self.dedup.trees();
-        let added = (handled, by_time, &self.pending, &self.index)
-            .transaction(
-                |(handled, by_time, pending, index)| -> ConflictableTransactionResult<bool, ()> {
-                    if !dedup::record_in(handled, by_time, id, at)? {
-                        return Ok(false);
-                    }
-                    pending.insert(&key, bytes.as_slice())?;
-                    index.insert(id, &key)?;
-                    Ok(true)
-                },
-            )
-            .map_err(|e| self.tx_err(e))?;
-        self.dedup.flush().await?;
-        Ok(added)
+        self.store
+            .commit(move |tx| {
+                if !tx.record(&id, at)? {
+                    return Ok(false);
+                }
+                tx.queue_push(&id, &bytes)?;
+                Ok(true)
+            })
+            .await
     }
 
     /// Up to `limit` pending entries, oldest first.
-    pub(crate) fn pending(&self, limit: usize) -> Result<Vec<(u64, Entry)>> {
-        self.pending
-            .iter()
-            .take(limit)
-            .map(|r| r.map_err(|e| self.err(e)).and_then(decode))
+    pub(crate) async fn pending(&self, limit: usize) -> Result<Vec<(u64, Entry)>> {
+        self.store
+            .queue_pending(limit)
+            .await?
+            .into_iter()
+            .map(decode)
             .collect()
     }
 
     /// How many entries are pending.
     pub(crate) fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.store.queue_pending_len()
     }
 
     /// Every entry whose follow-up is still to be published, oldest first.
-    pub(crate) fn finishing(&self) -> Result<Vec<(u64, Entry)>> {
-        self.finishing
-            .iter()
-            .map(|r| r.map_err(|e| self.err(e)).and_then(decode))
+    pub(crate) async fn finishing(&self) -> Result<Vec<(u64, Entry)>> {
+        self.store
+            .queue_finishing()
+            .await?
+            .into_iter()
+            .map(decode)
             .collect()
     }
 
     /// Marks the pending entry of `message_id` taken by the agency system, flushed.
     pub(crate) async fn take(&self, message_id: &str) -> Result<Taken> {
-        let Some(seq) = self
-            .index
-            .get(message_id.as_bytes())
-            .map_err(|e| self.err(e))?
-        else {
-            return Ok(if self.dedup.contains(message_id)? {
+        let Some(seq) = self.store.queue_index(message_id)? else {
+            return Ok(if self.store.contains(message_id)? {
                 Taken::Already
             } else {
                 Taken::Unknown
             });
         };
-        let seq: [u8; 8] = seq
-            .as_ref()
-            .try_into()
-            .map_err(|_| Error::Protocol("corrupt queue index entry".into()))?;
-        self.take_seq(u64::from_be_bytes(seq)).await
+        self.take_seq(seq).await
     }
 
     /// Marks the pending entry `seq` taken: moved to finishing if something follows up,
     /// removed otherwise. Flushed.
     pub(crate) async fn take_seq(&self, seq: u64) -> Result<Taken> {
-        let key = seq.to_be_bytes();
-        let taken = (&self.pending, &self.finishing, &self.index)
-            .transaction(
-                |(pending, finishing, index)| -> ConflictableTransactionResult<Taken, ()> {
-                    let Some(bytes) = pending.remove(&key)? else {
-                        return Ok(Taken::Already);
-                    };
-                    let follows = serde_json::from_slice::<Entry>(&bytes)
-                        .map(|e| e.follow_up.is_some())
-                        .unwrap_or(false);
-                    if follows {
-                        finishing.insert(&key, bytes)?;
-                    } else if let Ok(e) = serde_json::from_slice::<Entry>(&bytes) {
-                        index.remove(e.message_id.as_bytes())?;
-                    }
-                    Ok(Taken::Now)
-                },
-            )
-            .map_err(|e| self.tx_err(e))?;
-        self.dedup.flush().await?;
-        Ok(taken)
+        self.store
+            .commit(move |tx| {
+                let Some(bytes) = tx.pending_remove(seq)? else {
+                    return Ok(Taken::Already);
+                };
+                match serde_json::from_slice::<Entry>(&bytes) {
+                    Ok(e) if e.follow_up.is_some() => tx.finishing_put(seq, &bytes)?,
+                    Ok(e) => tx.index_remove(&e.message_id)?,
+                    Err(_) => {}
+                }
+                Ok(Taken::Now)
+            })
+            .await
     }
 
     /// Takes every pending delivery of `referral_id` (whose receipt is yet to be sent). Returns
     /// how many.
     pub(crate) async fn take_deliveries_of(&self, referral_id: &str) -> Result<usize> {
         let mut taken = 0;
-        for entry in self.pending.iter() {
-            let (seq, e) = entry.map_err(|e| self.err(e)).and_then(decode)?;
+        for (seq, e) in self.pending(usize::MAX).await? {
             if matches!(&e.follow_up, Some(FollowUp::Receipt { referral_id: r }) if r == referral_id)
                 && self.take_seq(seq).await? == Taken::Now
             {
@@ -263,33 +215,24 @@ impl Queue {
     /// Removes a finishing entry once its follow-up `follow_up_id` is published, recording
     /// that id as sent. Flushed.
     pub(crate) async fn finish(&self, seq: u64, entry: &Entry, follow_up_id: &str) -> Result<()> {
-        let key = seq.to_be_bytes();
-        let (handled, by_time) = self.dedup.trees();
         let now = ids::now_ms();
-        (handled, by_time, &self.finishing, &self.index)
-            .transaction(
-                |(handled, by_time, finishing, index)| -> ConflictableTransactionResult<(), ()> {
-                    if !follow_up_id.is_empty() {
-                        dedup::record_in(handled, by_time, follow_up_id.as_bytes(), now)?;
-                    }
-                    finishing.remove(&key)?;
-                    index.remove(entry.message_id.as_bytes())?;
-                    Ok(())
-                },
-            )
-            .map_err(|e| self.tx_err(e))?;
-        self.dedup.flush().await
+        let (message_id, follow_up_id) = (entry.message_id.clone(), follow_up_id.to_owned());
+        self.store
+            .commit(move |tx| {
+                if !follow_up_id.is_empty() {
+                    tx.record(&follow_up_id, now)?;
+                }
+                tx.finishing_remove(seq)?;
+                tx.index_remove(&message_id)
+            })
+            .await
     }
 }
 
-fn decode((key, value): (sled::IVec, sled::IVec)) -> Result<(u64, Entry)> {
-    let seq: [u8; 8] = key
-        .as_ref()
-        .try_into()
-        .map_err(|_| Error::Protocol("corrupt queue key".into()))?;
-    let entry = serde_json::from_slice(&value)
+fn decode((seq, bytes): (u64, Vec<u8>)) -> Result<(u64, Entry)> {
+    let entry = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Protocol(format!("corrupt queue entry: {e}")))?;
-    Ok((u64::from_be_bytes(seq), entry))
+    Ok((seq, entry))
 }
 
 #[cfg(test)]
@@ -323,8 +266,8 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dedup");
         {
-            let store = DedupStore::open(&path, 14).unwrap();
-            let q = Queue::open(&store).unwrap();
+            let store = Storage::open(&path, 14).unwrap();
+            let q = Queue::open(&store);
             assert!(q.enqueue(&entry("m-1", receipt())).await.unwrap());
             assert!(q.enqueue(&entry("m-2", None)).await.unwrap());
             // A repeat is not queued twice.
@@ -332,12 +275,12 @@ pub(crate) mod tests {
             assert!(store.contains("m-1").unwrap());
         }
         // Everything survives a reopen (the flush happened before enqueue returned).
-        let store = DedupStore::open(&path, 14).unwrap();
-        let q = Queue::open(&store).unwrap();
-        let pending = q.pending(10).unwrap();
+        let store = Storage::open(&path, 14).unwrap();
+        let q = Queue::open(&store);
+        let pending = q.pending(10).await.unwrap();
         let ids: Vec<_> = pending.iter().map(|(_, e)| e.message_id.as_str()).collect();
         assert_eq!(ids, ["m-1", "m-2"]);
-        assert_eq!(q.pending(1).unwrap().len(), 1);
+        assert_eq!(q.pending(1).await.unwrap().len(), 1);
 
         // Taking a notification removes it; taking a delivery leaves its follow-up to do.
         assert_eq!(q.take("m-2").await.unwrap(), Taken::Now);
@@ -346,11 +289,11 @@ pub(crate) mod tests {
         assert_eq!(q.take("m-1").await.unwrap(), Taken::Already);
         assert_eq!(q.take("never").await.unwrap(), Taken::Unknown);
         assert_eq!(q.pending_len(), 0);
-        let finishing = q.finishing().unwrap();
+        let finishing = q.finishing().await.unwrap();
         assert_eq!(finishing.len(), 1);
         let (seq, e) = &finishing[0];
         q.finish(*seq, e, "follow-1").await.unwrap();
-        assert!(q.finishing().unwrap().is_empty());
+        assert!(q.finishing().await.unwrap().is_empty());
         assert!(store.contains("follow-1").unwrap());
         assert_eq!(q.take("m-1").await.unwrap(), Taken::Already);
 
@@ -359,7 +302,7 @@ pub(crate) mod tests {
         assert_eq!(q.take_deliveries_of("r-other").await.unwrap(), 0);
         assert_eq!(q.take_deliveries_of("r-1").await.unwrap(), 1);
         assert_eq!(q.pending_len(), 0);
-        assert_eq!(q.finishing().unwrap().len(), 1);
+        assert_eq!(q.finishing().await.unwrap().len(), 1);
     }
 
     #[test]

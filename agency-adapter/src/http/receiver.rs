@@ -15,6 +15,9 @@ use crate::client::Adapter;
 use crate::ids;
 use crate::item::Item;
 
+/// The most items taken in one batch.
+const MAX_BATCH: usize = 256;
+
 /// Reads the consumer until `cancel`.
 pub(crate) async fn run(
     adapter: Adapter,
@@ -37,15 +40,21 @@ pub(crate) async fn run(
         let next = tokio::select! {
             biased;
             () = cancel.cancelled() => return,
-            next = incoming.next() => next,
+            next = incoming.next_ready(MAX_BATCH) => next,
         };
         match next {
             None => return,
-            Some(Ok(item)) => {
-                // Not raced against cancellation: the item in hand is finished.
-                if handle(&queue, item).await {
+            Some(Ok(items)) => {
+                // Not raced against cancellation: the items in hand are finished. Queued
+                // together, they share the store's flushes.
+                let handled =
+                    futures::future::join_all(items.into_iter().map(|i| handle(&queue, i))).await;
+                if handled.iter().any(|&queued| queued) {
                     wake.notify_one();
-                } else if sleep_or_cancel(Duration::from_secs(1), &cancel).await {
+                }
+                if !handled.iter().all(|&queued| queued)
+                    && sleep_or_cancel(Duration::from_secs(1), &cancel).await
+                {
                     return;
                 }
             }

@@ -23,10 +23,10 @@ use super::problem::PROBLEM_JSON;
 use super::queue::{Entry, FollowUp, Queue};
 use super::worker::finish_all;
 use super::{AppState, OPENAPI_JSON, router};
-use crate::dedup::DedupStore;
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::outgoing::Outgoing;
+use crate::storage::Storage;
 
 const TOKEN: &str = "test-token-0123456789";
 const ME: &str = "cc-1";
@@ -79,12 +79,12 @@ struct Api {
 impl Api {
     fn new() -> Api {
         let dir = tempfile::tempdir().unwrap();
-        let store = DedupStore::open(&dir.path().join("dedup"), 14).unwrap();
-        let queue = Queue::open(&store).unwrap();
+        let store = Storage::open(&dir.path().join("dedup"), 14).unwrap();
+        let queue = Queue::open(&store);
         let stub = Stub::default();
         let state = AppState {
             backend: stub.clone(),
-            idem: IdempotencyStore::open(&store).unwrap(),
+            idem: IdempotencyStore::open(&store),
             queue: queue.clone(),
             body_limit: 4096,
             wake: Arc::new(Notify::new()),

@@ -56,7 +56,7 @@ impl<B: Backend> Worker<B> {
             if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
                 last_prune = Some(Instant::now());
                 let cutoff = ids::now_ms().saturating_sub(self.idempotency_retention_ms);
-                match self.idem.prune(cutoff) {
+                match self.idem.prune(cutoff).await {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "pruned old idempotency keys"),
                     Err(e) => warn!(cause = %e, "pruning idempotency keys failed"),
@@ -104,7 +104,7 @@ impl<B: Backend> Worker<B> {
 
     /// Posts the oldest pending item to the webhook.
     async fn push_first(&self, hook: &Webhook) -> Push {
-        let first = match self.queue.pending(1) {
+        let first = match self.queue.pending(1).await {
             Ok(mut v) => v.pop(),
             Err(e) => {
                 error!(cause = %e, "cannot read the queue");
@@ -164,7 +164,7 @@ enum Push {
 /// first failure (the rest wait for the next round).
 pub(crate) async fn finish_all<B: Backend>(backend: &B, queue: &Queue) -> Result<usize> {
     let mut done = 0;
-    for (seq, entry) in queue.finishing()? {
+    for (seq, entry) in queue.finishing().await? {
         let id = follow_up(backend, &entry).await?;
         queue.finish(seq, &entry, &id).await?;
         done += 1;

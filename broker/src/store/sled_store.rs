@@ -90,19 +90,25 @@ impl Deref for Db<'_> {
 }
 
 /// `open()` again while it fails because a just-closed database's last threads still hold its
-/// file lock (sled releases it a moment after the drop), for at most `wait`.
+/// file lock (sled releases it a moment after the drop), for at most `wait`. For callers with a
+/// generic error (the tests' `reopen`): the lock is recognised by its message, the constant the
+/// shared crate `yeongye-sled` recognises it by too; typed callers use
+/// [`yeongye_sled::retry_while_locked`], which also checks the variant and the kind.
+#[cfg(test)]
 pub(super) fn retry_while_locked<T, E: std::fmt::Display>(
     wait: Duration,
-    mut open: impl FnMut() -> std::result::Result<T, E>,
+    open: impl FnMut() -> std::result::Result<T, E>,
 ) -> std::result::Result<T, E> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match open() {
-            Err(e) if Instant::now() < deadline && e.to_string().contains("acquire lock") => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            done => return done,
-        }
+    yeongye_sled::retry_while(
+        wait,
+        |e: &E| e.to_string().contains(yeongye_sled::LOCK_MESSAGE),
+        open,
+    )
+}
+
+impl yeongye_sled::LockError for Error {
+    fn is_lock_error(&self) -> bool {
+        matches!(self, Error::Store(e) if yeongye_sled::is_lock_error(e))
     }
 }
 
@@ -527,9 +533,10 @@ impl Store for SledStore {
             *slot = Some(db);
             return Err(e.into());
         }
-        let db = retry_while_locked(REOPEN_WAIT, || open_db(dir)).inspect_err(|e| {
-            tracing::error!(cause = %e, store = %dir.display(), "reopening the store failed");
-        })?;
+        let db =
+            yeongye_sled::retry_while_locked(REOPEN_WAIT, || open_db(dir)).inspect_err(|e| {
+                tracing::error!(cause = %e, store = %dir.display(), "reopening the store failed");
+            })?;
         *slot = Some(db);
         let written = self.written.swap(0, Ordering::Relaxed);
         tracing::info!(

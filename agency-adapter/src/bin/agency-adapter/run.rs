@@ -3,6 +3,14 @@
 //! states (never personal data) to stdout, then marks it done. A signal lets the item in hand
 //! finish before the adapter drains its connection and exits.
 //!
+//! Items come in batches — every new message already received when the first arrives
+//! ([`Incoming::next_ready`]) — handed over, printed and recorded ([`Item::record`], flushed)
+//! one by one in the order the broker sent them, then marked done together: their receipts
+//! and acks are in flight together. Nothing is acknowledged before its record is flushed. The
+//! records are not grouped across the batch on purpose: a line printed but not yet recorded
+//! is printed again after a crash, and recording each before printing the next keeps that to
+//! one line (the store still groups whatever else is ready with each record).
+//!
 //! Exactly once is the inbox: an item handed over again (the adapter died before marking it
 //! done) finds its file present and leaves it. The stdout line is a log of the handoff and is
 //! printed again in that case: at least once.
@@ -19,6 +27,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use yeongye_adapter::{Adapter, AdapterConfig, FolderInbox, Handoff, Item, ItemKind, v1};
+
+/// The most items taken in one batch.
+const MAX_BATCH: usize = 256;
 
 use crate::print_json;
 
@@ -48,13 +59,13 @@ pub(crate) async fn run(cfg: AdapterConfig, inbox: Option<PathBuf>) -> anyhow::R
                 info!(signal, "stopping");
                 break ExitCode::SUCCESS;
             }
-            next = incoming.next() => next,
+            next = incoming.next_ready(MAX_BATCH) => next,
         };
         match next {
             None => break ExitCode::SUCCESS,
-            Some(Ok(item)) => {
-                // Not raced against the signal: the item in hand is finished.
-                if let Err(e) = handle(inbox.as_ref(), item).await {
+            Some(Ok(items)) => {
+                // Not raced against the signal: the items in hand are finished.
+                if let Err(e) = handle_all(inbox.as_ref(), items).await {
                     error!(cause = %format!("{e:#}"), "stopping");
                     break ExitCode::FAILURE;
                 }
@@ -79,45 +90,73 @@ pub(crate) async fn run(cfg: AdapterConfig, inbox: Option<PathBuf>) -> anyhow::R
     Ok(code)
 }
 
-/// Hands one item over, prints its line, marks it done. Errors other than a broken stdout are
-/// logged and leave the item to come again; a broken stdout stops the adapter.
-async fn handle(inbox: Option<&FolderInbox>, item: Item) -> anyhow::Result<()> {
-    let span = info_span!(
+/// Hands a batch over item by item, in order (a withdrawal's purge after the delivery it
+/// withdraws), printing each line and recording the item before the next, then marks every
+/// item recorded done at once (receipts and acks). Errors
+/// other than a broken stdout are logged and leave the item to come again; a broken stdout
+/// stops the adapter (the items of the batch not yet printed come again).
+async fn handle_all(inbox: Option<&FolderInbox>, items: Vec<Item>) -> anyhow::Result<()> {
+    let mut ready = Vec::with_capacity(items.len());
+    for mut item in items {
+        let span = span_of(&item);
+        if !hand_over(inbox, &item).instrument(span.clone()).await {
+            continue;
+        }
+        print_json(&summary(&item), false)?;
+        match item.record().instrument(span.clone()).await {
+            Ok(()) => ready.push((item, span)),
+            Err(e) => {
+                error!(parent: &span, cause = %e, "recording the item failed; it will come again");
+            }
+        }
+    }
+    futures::future::join_all(ready.into_iter().map(|(item, span)| {
+        async move {
+            if let Err(e) = item.done().await {
+                error!(cause = %e, "marking the item done failed; it will come again");
+            }
+        }
+        .instrument(span)
+    }))
+    .await;
+    Ok(())
+}
+
+fn span_of(item: &Item) -> tracing::Span {
+    info_span!(
         "item",
         message_id = item.message_id(),
         referral_id = item.referral_id().unwrap_or(""),
         kind = item.kind().name(),
-    );
-    async move {
-        if let Some(inbox) = inbox {
-            match inbox.hand_over(&item).await {
-                Ok((path, Handoff::Written)) => info!(path = %path.display(), "handed over"),
-                Ok((path, Handoff::AlreadyPresent)) => {
-                    debug!(path = %path.display(), "was already handed over");
-                }
-                Err(e) => {
-                    error!(cause = %e, "handoff failed; the item will come again");
-                    return Ok(());
-                }
-            }
-            if matches!(item.kind(), ItemKind::Withdrawal(_)) {
-                match item.confirm_purge().await {
-                    Ok(id) => info!(purge_message_id = %id, "purged and confirmed"),
-                    Err(e) => {
-                        error!(cause = %e, "purge confirmation failed; the item will come again");
-                        return Ok(());
-                    }
-                }
-            }
+    )
+}
+
+/// Hands one item to the inbox (if any), purging and confirming a withdrawal. False (logged)
+/// if that failed: the item comes again.
+async fn hand_over(inbox: Option<&FolderInbox>, item: &Item) -> bool {
+    let Some(inbox) = inbox else {
+        return true;
+    };
+    match inbox.hand_over(item).await {
+        Ok((path, Handoff::Written)) => info!(path = %path.display(), "handed over"),
+        Ok((path, Handoff::AlreadyPresent)) => {
+            debug!(path = %path.display(), "was already handed over");
         }
-        print_json(&summary(&item), false)?;
-        if let Err(e) = item.done().await {
-            error!(cause = %e, "marking the item done failed; it will come again");
+        Err(e) => {
+            error!(cause = %e, "handoff failed; the item will come again");
+            return false;
         }
-        Ok(())
     }
-    .instrument(span)
-    .await
+    if matches!(item.kind(), ItemKind::Withdrawal(_)) {
+        match item.confirm_purge().await {
+            Ok(id) => info!(purge_message_id = %id, "purged and confirmed"),
+            Err(e) => {
+                error!(cause = %e, "purge confirmation failed; the item will come again");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The stdout line for an item: ids and states only.

@@ -1,0 +1,146 @@
+//! What the broker's and the adapter's sled stores share: telling a held lock on a store
+//! directory apart from every other open failure, and opening again while that lock lasts.
+//!
+//! sled 0.34 takes an exclusive `flock` on `<dir>/db` when it opens a database and reports a
+//! lock held elsewhere as `sled::Error::Io(e)` with `e.kind() == ErrorKind::Other` and a message
+//! "could not acquire lock on ...". It releases the lock a moment *after* the last handle is
+//! dropped (its background threads let go last), so a process that closes and reopens a store
+//! — the broker's snapshot reopen, any test that reopens — must wait for that moment, while
+//! another process holding the store must be reported as such ([`is_lock_error`]).
+//!
+//! [`is_lock_error`] is the one place that recognises the lock error: the variant, the kind and
+//! the message, all three, so that an I/O failure of another kind or with another message is
+//! never mistaken for it (and never retried).
+
+use std::io::ErrorKind;
+use std::time::{Duration, Instant};
+
+/// The start of the message sled 0.34 gives a held lock (`sled::config`, `try_lock`).
+pub const LOCK_MESSAGE: &str = "could not acquire lock";
+
+/// How long [`retry_while_locked`] sleeps between attempts.
+const RETRY_EVERY: Duration = Duration::from_millis(20);
+
+/// Whether `e` is sled's report that another handle (this process's or another's) holds the
+/// store directory's lock.
+pub fn is_lock_error(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == ErrorKind::Other && io.to_string().contains(LOCK_MESSAGE)
+        }
+        _ => false,
+    }
+}
+
+/// An error that may be sled's held-lock error, possibly wrapped (a crate's own error type
+/// holding a `sled::Error`).
+pub trait LockError {
+    /// Whether this is (or wraps) sled's held-lock error: see [`is_lock_error`].
+    fn is_lock_error(&self) -> bool;
+}
+
+impl LockError for sled::Error {
+    fn is_lock_error(&self) -> bool {
+        is_lock_error(self)
+    }
+}
+
+/// Calls `open` again while it fails with the held-lock error, for at most `wait`; returns its
+/// first success, its first other error, or the lock error once `wait` is over. Blocks the
+/// thread (it sleeps between attempts): call it where blocking is allowed.
+pub fn retry_while_locked<T, E: LockError>(
+    wait: Duration,
+    open: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    retry_while(wait, E::is_lock_error, open)
+}
+
+/// [`retry_while_locked`] with the test for the lock error given: for callers whose error type
+/// cannot implement [`LockError`] (a generic `E`), which must still recognise it through
+/// [`is_lock_error`] or [`LOCK_MESSAGE`].
+pub fn retry_while<T, E>(
+    wait: Duration,
+    locked: impl Fn(&E) -> bool,
+    mut open: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match open() {
+            Err(e) if locked(&e) && Instant::now() < deadline => std::thread::sleep(RETRY_EVERY),
+            done => return done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_the_lock_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = sled::open(dir.path()).unwrap();
+        let e = sled::open(dir.path()).expect_err("the directory is locked");
+        assert!(is_lock_error(&e), "{e:?}");
+        assert!(e.is_lock_error());
+    }
+
+    #[test]
+    fn other_errors_are_not_the_lock_error() {
+        let other_kind = sled::Error::Io(std::io::Error::new(
+            ErrorKind::PermissionDenied,
+            format!("{LOCK_MESSAGE} on /x"),
+        ));
+        let other_text = sled::Error::Io(std::io::Error::other("disk full"));
+        let not_io = sled::Error::Unsupported(LOCK_MESSAGE.into());
+        for e in [other_kind, other_text, not_io] {
+            assert!(!is_lock_error(&e), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn retries_until_the_lock_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = std::cell::RefCell::new(Some(sled::open(dir.path()).unwrap()));
+        let (attempts, locked) = (Cell::new(0), Cell::new(0));
+        let db = retry_while_locked(Duration::from_secs(10), || {
+            attempts.set(attempts.get() + 1);
+            let r = sled::open(dir.path());
+            if r.as_ref().is_err_and(is_lock_error) {
+                locked.set(locked.get() + 1);
+                // Closing the first handle frees the lock (a moment later).
+                first.borrow_mut().take();
+            }
+            r
+        });
+        assert!(db.is_ok(), "{:?}", db.err());
+        assert!(locked.get() >= 1, "the first attempt met the lock");
+        assert_eq!(attempts.get(), locked.get() + 1);
+    }
+
+    #[test]
+    fn another_error_is_not_retried() {
+        let attempts = Cell::new(0);
+        let r: Result<(), sled::Error> = retry_while_locked(Duration::from_secs(10), || {
+            attempts.set(attempts.get() + 1);
+            Err(sled::Error::Io(std::io::Error::other("disk full")))
+        });
+        assert!(r.is_err());
+        assert_eq!(attempts.get(), 1);
+    }
+
+    #[test]
+    fn a_lock_that_lasts_is_reported_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = sled::open(dir.path()).unwrap();
+        let attempts = Cell::new(0);
+        let r = retry_while_locked(Duration::from_millis(100), || {
+            attempts.set(attempts.get() + 1);
+            sled::open(dir.path())
+        });
+        assert!(r.as_ref().is_err_and(is_lock_error), "{:?}", r.err());
+        assert!(attempts.get() > 1, "retried while locked");
+    }
+}

@@ -24,6 +24,8 @@ step cargo clippy --workspace --all-targets -- -D warnings
 step cargo build --workspace --bins
 # Licences, duplicate crates and sources (deny.toml); advisories need a network CI lacks.
 deny=$(./tests/install-deny.sh)
+# cargo-deny reads the crates of every target, not only this host's: fetch them first.
+step cargo fetch --quiet
 step "$deny" --offline check licenses bans sources
 step cargo test --workspace "$@"
 # A short fuzz run of every target (docs/FUZZING.md): the stable runner, random and mutated

@@ -91,26 +91,37 @@ pub(crate) async fn run(cfg: AdapterConfig, inbox: Option<PathBuf>) -> anyhow::R
 }
 
 /// Hands a batch over item by item, in order (a withdrawal's purge after the delivery it
-/// withdraws), printing each line and recording the item before the next, then marks every
-/// item recorded done at once (receipts and acks). Errors
-/// other than a broken stdout are logged and leave the item to come again; a broken stdout
-/// stops the adapter (the items of the batch not yet printed come again).
+/// withdraws), printing each line; then records every item handed over at once (the records
+/// share one flush: the store commits concurrent records as one group), then marks them done
+/// (receipts and acks). A crash before the records are flushed brings the batch's messages
+/// again: the inbox handoff is idempotent (one file per item), and the lines of that one batch
+/// (at most `MAX_BATCH`) may be printed again: stdout is at-least-once, repeats carry the same
+/// message ids. Errors other than a broken stdout are logged and leave the item to come again;
+/// a broken stdout stops the adapter (the items of the batch not yet printed come again).
 async fn handle_all(inbox: Option<&FolderInbox>, items: Vec<Item>) -> anyhow::Result<()> {
-    let mut ready = Vec::with_capacity(items.len());
-    for mut item in items {
+    let mut handed = Vec::with_capacity(items.len());
+    for item in items {
         let span = span_of(&item);
         if !hand_over(inbox, &item).instrument(span.clone()).await {
             continue;
         }
         print_json(&summary(&item), false)?;
-        match item.record().instrument(span.clone()).await {
-            Ok(()) => ready.push((item, span)),
-            Err(e) => {
-                error!(parent: &span, cause = %e, "recording the item failed; it will come again");
+        handed.push((item, span));
+    }
+    let recorded = futures::future::join_all(handed.into_iter().map(|(mut item, span)| {
+        async move {
+            match item.record().await {
+                Ok(()) => Some((item, tracing::Span::current())),
+                Err(e) => {
+                    error!(cause = %e, "recording the item failed; it will come again");
+                    None
+                }
             }
         }
-    }
-    futures::future::join_all(ready.into_iter().map(|(item, span)| {
+        .instrument(span)
+    }))
+    .await;
+    futures::future::join_all(recorded.into_iter().flatten().map(|(item, span)| {
         async move {
             if let Err(e) = item.done().await {
                 error!(cause = %e, "marking the item done failed; it will come again");

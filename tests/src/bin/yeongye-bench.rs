@@ -314,6 +314,7 @@ async fn run(args: Args) -> Result<()> {
         },
         runs,
         scale,
+        sealing: Some(e2e::seal_cost(2000)?),
     };
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -450,3 +450,35 @@ fn check_rejections(adapters: &[AdapterProc], wire: &LineCounts) -> Result<()> {
     }
     Ok(())
 }
+
+/// Seals and opens `n` bench referrals in this process: the CPU sealing adds per referral.
+pub(crate) fn seal_cost(n: usize) -> Result<crate::report::SealCost> {
+    use yeongye_proto::seal;
+    let key = seal::PrivateKey::generate("bench-seal-1");
+    let keys = seal::KeyFile {
+        keys: vec![key.clone()],
+    };
+    let public = key.public();
+    let mut sealed = Vec::with_capacity(n);
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let mut r = referral("bench-recipient", "긴급 생계지원 연계 요청 (benchmark)");
+        r.referral_id = format!("seal-cost-{i}");
+        r.from_agency = "bench-sender".to_owned();
+        seal::seal_referral(&mut r, &public).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sealed.push(r);
+    }
+    let seal_us = started.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64;
+    let started = std::time::Instant::now();
+    for r in &sealed {
+        seal::open_referral(r, &keys, 0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .context("sealed")?;
+    }
+    let open_us = started.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64;
+    Ok(crate::report::SealCost {
+        seal_us,
+        open_us,
+        referrals: n,
+    })
+}

@@ -74,6 +74,9 @@ impl AdapterBuilder {
         }
         let keys = self.cfg.key_ring()?;
         let sealing = Sealing::from_config(&self.cfg)?;
+        if sealing.key_ids().is_empty() && sealing.registry_has_key_of(&self.cfg.agency) {
+            error!(agency = %self.cfg.agency, "the registry lists this agency's sealing key but sealing_key_file is not set: sealed referrals to it will be declined");
+        }
         if !sealing.seals() {
             warn!(agency = %self.cfg.agency, "no registry: referrals go out in clear (a broker refuses them by default)");
         }

@@ -284,6 +284,13 @@ impl AdapterConfig {
             );
         }
         match sealing.key_ids().as_slice() {
+            [] if sealing.registry_has_key_of(&self.agency) => {
+                return Err(Error::Config(format!(
+                    "the registry lists a sealing key of {:?}, so others seal to it, but \
+                     sealing_key_file is not set: nothing sealed to this agency could be opened",
+                    self.agency
+                )));
+            }
             [] => found
                 .push("no sealing key: sealed referrals to this agency cannot be opened".into()),
             ids => found.push(format!("sealing keys {ids:?}")),

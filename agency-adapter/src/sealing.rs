@@ -125,6 +125,16 @@ impl Sealing {
         self.directory.is_some()
     }
 
+    /// Whether the registry lists a current sealing key of `agency` (others seal to it).
+    pub fn registry_has_key_of(&self, agency: &str) -> bool {
+        self.directory.as_ref().is_some_and(|known| {
+            known
+                .read()
+                .map(|k| k.directory.current(agency).is_ok())
+                .unwrap_or(false)
+        })
+    }
+
     /// The ids of this agency's own sealing keys (for `check-config`).
     pub fn key_ids(&self) -> Vec<String> {
         self.keys()

@@ -381,9 +381,25 @@ async def main_async(args):
         elif args.command == "run":
             await agency.run(args.idle_exit, args.redeliver_once)
         elif args.command == "update":
-            u = referral_pb2.StatusUpdate(
-                referral_id=args.referral_id, status=referral_pb2.Status.Value(args.status), note=args.note
-            )
+            status = referral_pb2.Status.Value(args.status)
+            u = referral_pb2.StatusUpdate(referral_id=args.referral_id, status=status, note=args.note)
+            if args.note and args.seal:
+                # Sealed to the referral's other party, whom the broker names (PROTOCOL.md
+                # "Sealed client data"): the note goes in the seal, not in clear.
+                reply = await agency.query(
+                    PT.PAYLOAD_TYPE_STATUS_QUERY,
+                    referral_pb2.StatusQuery(referral_id=args.referral_id),
+                    PT.PAYLOAD_TYPE_STATUS_REPLY,
+                    referral_pb2.StatusReply,
+                )
+                if reply.HasField("error"):
+                    raise SystemExit("the broker does not know this referral for this agency: the note cannot be sealed")
+                reader = reply.to_agency if reply.from_agency == agency.me else reply.from_agency
+                u.note = ""
+                u.sealed_note.CopyFrom(
+                    wire.seal_note(args.referral_id, agency.me, reader, status, args.note,
+                                   agency.sealing_directory.current(reader))
+                )
             env = agency.envelope(PT.PAYLOAD_TYPE_STATUS_UPDATE, u)
             await agency.publish("status", env)
             out({"message_id": env.message_id})
@@ -627,6 +643,7 @@ def parse_args(argv):
     u.add_argument("referral_id")
     u.add_argument("status", help="e.g. STATUS_ACCEPTED")
     u.add_argument("--note", default="")
+    u.add_argument("--seal", action="store_true", help="seal the note to the referral's other party")
     st = sub.add_parser("status")
     st.add_argument("referral_id")
     rv = sub.add_parser("revoke")

@@ -280,3 +280,41 @@ fn a_changed_registry_is_read_again_before_sealing() {
     sealing.seal_referral(&mut r).unwrap();
     assert_eq!(r.sealed.as_ref().unwrap().key_id, "mental-health-seal-2");
 }
+
+/// An agency whose registry entry has a sealing key must have its key file, or everything
+/// sealed to it would be declined: `check-config` says so.
+#[test]
+fn check_config_refuses_a_registry_key_without_the_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.toml");
+    let e = recipient_key().entry();
+    std::fs::write(
+        &registry,
+        format!(
+            "[[agency]]\nid = \"{TO}\"\nname = \"x\"\nkind = \"other\"\n\
+             sealing_keys = [{{ id = \"{}\", public_key = \"{}\" }}]\n",
+            e.id, e.public_key
+        ),
+    )
+    .unwrap();
+    let mut cfg = AdapterConfig::new(TO, ["nats://127.0.0.1:1"], dir.path().join("state"));
+    cfg.registry = Some(registry);
+    let err = cfg.check_files().unwrap_err().to_string();
+    assert!(err.contains("sealing_key_file"), "{err}");
+    let key = dir.path().join("sealing.key");
+    yeongye_proto::credentials::write_private(
+        &key,
+        KeyFile {
+            keys: vec![recipient_key()],
+        }
+        .to_file_text()
+        .as_bytes(),
+    )
+    .unwrap();
+    cfg.sealing_key_file = Some(key);
+    let found = cfg.check_files().unwrap();
+    assert!(
+        found.iter().any(|f| f.contains("mental-health-seal-1")),
+        "{found:?}"
+    );
+}

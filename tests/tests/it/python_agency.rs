@@ -248,9 +248,29 @@ async fn a_python_agency_written_from_the_protocol_works_end_to_end() {
     assert!(kept.is_file(), "the delivery is kept in {}", kept.display());
     hope.wait_notified(&in_id, "RECEIVED", SHORT).await;
 
-    py.run(&["update", &in_id, "STATUS_ACCEPTED", "--note", "담당자 배정"])
-        .await;
+    py.run(&[
+        "update",
+        &in_id,
+        "STATUS_ACCEPTED",
+        "--note",
+        "담당자 배정",
+        "--seal",
+    ])
+    .await;
     hope.wait_notified(&in_id, "ACCEPTED", SHORT).await;
+    // The note went sealed to the sender (Python sealed, Rust opened it).
+    let opened: Vec<String> = hope
+        .lines_of("notification")
+        .iter()
+        .filter(|l| l.referral_id() == Some(in_id.as_str()))
+        .filter_map(|l| hope.item_file(l))
+        .filter_map(|n| n["note"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        opened.iter().any(|n| n == "담당자 배정"),
+        "{opened:?}\n{}",
+        hope.describe()
+    );
     let status = py.run(&["status", &in_id]).await;
     assert_eq!(status["verified"], true);
     assert_eq!(status["state"], "REFERRAL_STATE_ACCEPTED", "{status}");

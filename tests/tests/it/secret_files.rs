@@ -26,12 +26,13 @@ fn adapter_config(dir: &Path, ids: &Identities, key: &Path, token: &Path) -> Pat
     let s = |p: &Path| p.display().to_string();
     let text = format!(
         "agency = {CENTRE:?}\nnats_urls = [\"nats://127.0.0.1:1\"]\nstate_dir = {:?}\n\
-         nats_credentials_file = {:?}\nsigning_key_file = {:?}\nregistry = {:?}\n\n\
-         [http]\ntoken_file = {:?}\n",
+         nats_credentials_file = {:?}\nsigning_key_file = {:?}\nregistry = {:?}\n\
+         sealing_key_file = {:?}\n\n[http]\ntoken_file = {:?}\n",
         s(&dir.join("state")),
         s(&ids.creds(CENTRE)),
         s(key),
         s(&ids.registry),
+        s(&ids.sealing_key(CENTRE)),
         s(token),
     );
     let path = dir.join(format!("adapter-{}.toml", tag(key)));

@@ -82,14 +82,20 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
     let sender = sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await;
 
     // The sender: one referral after another, each retried by the SDK (same message id) until
-    // stored; the ids of those stored.
+    // stored, up to the number `allowed` (so that each phase's referrals are sent while that
+    // phase's node is down, not before); the ids of those stored.
     let sent = Arc::new(AtomicUsize::new(0));
+    let allowed = Arc::new(AtomicUsize::new(PER_PHASE));
     let total = PER_PHASE * 7;
     let traffic = {
         let sent = sent.clone();
+        let allowed = allowed.clone();
         tokio::spawn(async move {
             let mut ids = Vec::new();
-            for _ in 0..total {
+            for n in 0..total {
+                while n >= allowed.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 let referral = ReferralBuilder::new(CENTRE, HOPE).build();
                 let id = sender
                     .send(referral)
@@ -109,6 +115,7 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
         let started = Instant::now();
         cluster.nodes[i].kill9();
         target += PER_PHASE;
+        allowed.store(target, Ordering::SeqCst);
         wait_sent(&sent, target, &format!("with node {} down", i + 1)).await;
         eprintln!(
             "node {} down: {PER_PHASE} referrals stored in {:?}",
@@ -118,6 +125,7 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
         cluster.nodes[i].start_again().await;
         cluster.wait_jetstream().await;
         target += PER_PHASE;
+        allowed.store(target, Ordering::SeqCst);
         wait_sent(&sent, target, &format!("after node {} returned", i + 1)).await;
     }
     let ids = traffic.await.expect("the sender");

@@ -62,6 +62,9 @@ use store::{SledStore, Store};
 
 /// Runs the broker until `shutdown` completes, then stops taking messages, finishes the batch in
 /// hand, and returns once everything it committed is flushed.
+/// How often the streams' replicas and leaders are read for the metrics.
+const STREAM_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let registry = Arc::new(Registry::load(&cfg.registry)?);
     // Before anything is opened or connected: a missing, malformed or exposed key stops the
@@ -129,6 +132,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             served
         })
     };
+    // The streams' health, for operators (metrics, alerts): every few seconds.
+    {
+        let (ops, js, token) = (ops.clone(), js.clone(), token.clone());
+        let replicas = cfg.stream_replicas;
+        tracker.spawn(async move {
+            loop {
+                ops.set_streams(nats::stream_health(&js, replicas).await);
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(STREAM_HEALTH_EVERY) => {}
+                }
+            }
+        });
+    }
     let event_loop = server::EventLoop {
         signer,
         store: store.clone(),

@@ -137,6 +137,42 @@ pub async fn ensure_streams(js: &jetstream::Context, cfg: &Config) -> Result<()>
     Ok(())
 }
 
+/// How the broker's streams stand (for operators' metrics): for each, its replicas, how many
+/// are up to date, and its leader. A stream NATS does not answer for (no quorum, no leader)
+/// counts no current replica and no leader.
+pub async fn stream_health(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Vec<crate::ops::StreamHealth> {
+    let mut out = Vec::new();
+    for name in [subject::IN_STREAM, subject::OUT_STREAM] {
+        let info = match js.get_stream(name).await {
+            Ok(mut s) => s.info().await.cloned().ok(),
+            Err(_) => None,
+        };
+        let (current, leader) = match info.as_ref().and_then(|i| i.cluster.clone()) {
+            Some(c) => {
+                let peers = c
+                    .replicas
+                    .iter()
+                    .filter(|p| p.current && !p.offline)
+                    .count();
+                (usize::from(c.leader.is_some()) + peers, c.leader)
+            }
+            // A single server without a cluster: it is the stream.
+            None if info.is_some() => (1, Some("(single server)".to_owned())),
+            None => (0, None),
+        };
+        out.push(crate::ops::StreamHealth {
+            name: name.to_owned(),
+            replicas,
+            current,
+            leader,
+        });
+    }
+    out
+}
+
 /// Creates the durable consumer `agency-<id>` of every registered agency (existing ones are
 /// left as they are).
 pub async fn ensure_agency_consumers(js: &jetstream::Context, registry: &Registry) -> Result<()> {

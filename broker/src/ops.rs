@@ -37,6 +37,21 @@ pub struct Ops {
     pub queries_alive: AtomicBool,
     /// The event loop's background work (pruning, the store's reopen): steps and the longest.
     pub background: BackgroundStats,
+    /// The broker's streams as NATS last reported them (replicas, leader), every few seconds.
+    pub streams: RwLock<Vec<StreamHealth>>,
+}
+
+/// One of the broker's streams as its JetStream cluster reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHealth {
+    pub name: String,
+    /// Replicas configured (`stream_replicas`).
+    pub replicas: usize,
+    /// Replicas up to date: the leader and every peer the group calls current.
+    pub current: usize,
+    /// The server leading the stream's Raft group, if it has one (a single server leads its
+    /// own streams).
+    pub leader: Option<String>,
 }
 
 /// A kind of background work the event loop does between turns.
@@ -107,7 +122,20 @@ impl Ops {
             turns: AtomicU64::new(0),
             queries_alive: AtomicBool::new(true),
             background: BackgroundStats::default(),
+            streams: RwLock::new(Vec::new()),
         }
+    }
+
+    /// The streams as last reported.
+    pub fn streams(&self) -> Vec<StreamHealth> {
+        self.streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_streams(&self, streams: Vec<StreamHealth>) {
+        *self.streams.write().unwrap_or_else(|p| p.into_inner()) = streams;
     }
 
     /// For reads only: the event loop is the only writer.

@@ -188,6 +188,29 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
         "1 while a prune of applied ids past retention is under way (a step between turns)",
         i64::from(bg.pruning.load(Ordering::Relaxed)),
     );
+    let replicas = family(
+        &mut reg,
+        "stream_replicas",
+        "Replicas configured for the broker's stream (stream_replicas)",
+    );
+    let current = family(
+        &mut reg,
+        "stream_replicas_current",
+        "Replicas of the stream up to date: its leader and the peers the group calls current (0: NATS does not answer for it)",
+    );
+    let leader = family(
+        &mut reg,
+        "stream_leader",
+        "1 if the stream's Raft group has a leader (it takes writes), else 0",
+    );
+    for s in state.ops.streams() {
+        let labels = vec![("stream", s.name.clone())];
+        replicas.get_or_create(&labels).set(int(s.replicas as u64));
+        current.get_or_create(&labels).set(int(s.current as u64));
+        leader
+            .get_or_create(&labels)
+            .set(i64::from(s.leader.is_some()));
+    }
     reg.register(
         "commit_latency_seconds",
         "From an inbound message's arrival in the stream to its commit in the broker's store",

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use yeongye_tests::adapter::AdapterConfig;
+use yeongye_tests::ops::OpsHttp;
 use yeongye_tests::{
     AdapterProcess, BrokerConfig, BrokerProcess, NatsCluster, ReferralBuilder, WireClient,
     registry, sdk, v1,
@@ -31,6 +32,27 @@ async fn wait_sent(sent: &AtomicUsize, target: usize, what: &str) {
             sent.load(Ordering::SeqCst)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the broker's metrics say `current` replicas of the inbound stream are up to date
+/// (and it has a leader when any is).
+async fn wait_replicas_current(ops: &OpsHttp, current: f64, what: &str) {
+    let start = Instant::now();
+    loop {
+        let m = ops.metrics().await;
+        let labels = "stream=\"YEONGYE_IN\"";
+        let now = m.get("yeongye_stream_replicas_current", labels);
+        let leader = m.get("yeongye_stream_leader", labels);
+        if now == Some(current) && leader == Some(1.0) {
+            assert_eq!(m.get("yeongye_stream_replicas", labels), Some(3.0));
+            return;
+        }
+        assert!(
+            start.elapsed() < REDELIVERY,
+            "{what}: the metrics say {now:?} current, leader {leader:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -108,7 +130,10 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
         })
     };
 
-    // Each node in turn: killed while referrals flow, started again, caught up.
+    // Each node in turn: killed while referrals flow, started again, caught up. The broker's
+    // metrics follow: 3 replicas current, 2 while a node is down, 3 again once it caught up.
+    let ops = OpsHttp::new(&broker.config().http_addr);
+    wait_replicas_current(&ops, 3.0, "at start").await;
     let mut target = PER_PHASE;
     wait_sent(&sent, target, "before any kill").await;
     for i in 0..cluster.nodes.len() {
@@ -122,8 +147,10 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
             i + 1,
             started.elapsed()
         );
+        wait_replicas_current(&ops, 2.0, &format!("node {} down", i + 1)).await;
         cluster.nodes[i].start_again().await;
         cluster.wait_jetstream().await;
+        wait_replicas_current(&ops, 3.0, &format!("node {} back", i + 1)).await;
         target += PER_PHASE;
         allowed.store(target, Ordering::SeqCst);
         wait_sent(&sent, target, &format!("after node {} returned", i + 1)).await;

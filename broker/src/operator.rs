@@ -246,6 +246,25 @@ pub fn render_queues(q: &Value) -> String {
         s(q, "dead_letters"),
         s(q, "outbox")
     ));
+    let streams: Vec<String> = q
+        .get("streams")
+        .and_then(Value::as_array)
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|st| {
+            format!(
+                "{} {}/{} current, leader {}",
+                s(st, "name"),
+                s(st, "replicas_current"),
+                s(st, "replicas"),
+                st.get("leader").and_then(Value::as_str).unwrap_or("NONE")
+            )
+        })
+        .collect();
+    if !streams.is_empty() {
+        out.push_str(&format!("streams: {}\n", streams.join("; ")));
+    }
     out
 }
 
@@ -361,5 +380,23 @@ mod tests {
     fn path_segments_are_escaped() {
         assert_eq!(Api::segment("ab-1_2"), "ab-1_2");
         assert_eq!(Api::segment("../x y"), "..%2Fx%20y");
+    }
+
+    #[test]
+    fn status_shows_each_streams_replicas_and_leader() {
+        let q = serde_json::json!({
+            "agencies": [], "overdue": 0, "dead_letters": 0, "outbox": 0,
+            "streams": [
+                {"name": "YEONGYE_IN", "replicas": 3, "replicas_current": 2, "leader": "n2"},
+                {"name": "YEONGYE_OUT", "replicas": 3, "replicas_current": 0, "leader": null},
+            ],
+        });
+        let out = render_queues(&q);
+        assert!(
+            out.contains(
+                "streams: YEONGYE_IN 2/3 current, leader n2; YEONGYE_OUT 0/3 current, leader NONE"
+            ),
+            "{out}"
+        );
     }
 }

@@ -49,6 +49,16 @@ pub(crate) struct Queues {
     dead_letters: u64,
     refusals: std::collections::BTreeMap<String, u64>,
     outbox: u64,
+    /// The broker's streams as JetStream last reported them.
+    streams: Vec<StreamRow>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct StreamRow {
+    name: String,
+    replicas: usize,
+    replicas_current: usize,
+    leader: Option<String>,
 }
 
 pub(crate) fn queues_now(state: &AppState) -> Queues {
@@ -79,6 +89,17 @@ pub(crate) fn queues_now(state: &AppState) -> Queues {
             .map(|(c, n)| (reason_name(*c), *n))
             .collect(),
         outbox: state.ops.outbox.load(std::sync::atomic::Ordering::Relaxed),
+        streams: state
+            .ops
+            .streams()
+            .into_iter()
+            .map(|s| StreamRow {
+                name: s.name,
+                replicas: s.replicas,
+                replicas_current: s.current,
+                leader: s.leader,
+            })
+            .collect(),
     }
 }
 

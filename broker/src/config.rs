@@ -616,12 +616,35 @@ mod tests {
             "max_message_bytes = 10",
             "http_addr = \"0.0.0.0:8470\"",
             "http_allowed_hosts = []",
+            "stream_replicas = 0",
+            "stream_replicas = 2",
+            "stream_replicas = 7",
             "http_allowed_hosts = [\"evil.example/x\"]",
             "[http_limits]\nheader_timeout_secs = 0",
             "operators_file = \"\"",
         ] {
             let cfg = Config::from_toml(text).unwrap();
             assert!(cfg.validate().is_err(), "{text:?} should not validate");
+        }
+    }
+
+    #[test]
+    fn plaintext_referrals_takes_only_refuse_or_accept_and_defaults_to_refuse() {
+        assert_eq!(
+            Config::from_toml("").unwrap().plaintext_referrals,
+            PlaintextReferrals::Refuse
+        );
+        assert_eq!(
+            Config::from_toml("plaintext_referrals = \"accept\"")
+                .unwrap()
+                .plaintext_referrals,
+            PlaintextReferrals::Accept
+        );
+        for bad in ["\"Accept\"", "\"yes\"", "true", "1", "\"\""] {
+            assert!(
+                Config::from_toml(&format!("plaintext_referrals = {bad}")).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -295,3 +295,19 @@ fn the_directory_seals_to_each_agencys_current_key() {
     let bad = toml.replace(&new.entry().public_key, "AAAA");
     assert!(Directory::from_registry_toml(&bad).is_err());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_key_file_others_may_read_is_refused_without_quoting_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sealing.key");
+    let (file, _) = keys();
+    std::fs::write(&path, file.to_file_text()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = KeyFile::load(&path).unwrap_err().to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(!err.contains(&file.keys[0].secret_b64()), "{err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(KeyFile::load(&path).unwrap().keys.len(), 1);
+}

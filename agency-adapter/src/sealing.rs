@@ -86,6 +86,22 @@ impl Sealing {
         self.keys.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `open` with this agency's keys; if it names a key they lack, once more after reading the
+    /// key file again (a rotation since start).
+    fn with_keys<T>(
+        &self,
+        open: impl Fn(&KeyFile) -> std::result::Result<T, SealError>,
+    ) -> std::result::Result<T, SealError> {
+        let attempt = || match self.keys().as_ref() {
+            Some(keys) => open(keys),
+            None => Err(SealError::UnknownKey(String::new())),
+        };
+        match attempt() {
+            Err(SealError::UnknownKey(_)) if self.reload_keys() => attempt(),
+            done => done,
+        }
+    }
+
     /// Reads the key file again (after a seal named a key this adapter did not hold); keeps
     /// what it had if the file does not read.
     fn reload_keys(&self) -> bool {
@@ -225,15 +241,7 @@ impl Sealing {
         if r.sealed.is_none() {
             return Opened::Referral(Box::new(r.clone()));
         }
-        let open = || match self.keys().as_ref() {
-            Some(keys) => seal::open_referral(r, keys, now_ms),
-            None => Err(SealError::UnknownKey(String::new())),
-        };
-        let mut opened = open();
-        if matches!(opened, Err(SealError::UnknownKey(_))) && self.reload_keys() {
-            opened = open();
-        }
-        let contents = match opened {
+        let contents = match self.with_keys(|keys| seal::open_referral(r, keys, now_ms)) {
             Ok(Some(c)) => c,
             Ok(None) => return Opened::Referral(Box::new(r.clone())),
             Err(e) => return Opened::Refused(ReasonCode::SealedOpenFailed, open_failure(&e)),
@@ -258,14 +266,7 @@ impl Sealing {
         let author = n.by_agency.as_str();
         let status = note_status(n.state);
         let aad = seal::note_aad(&n.referral_id, author, me, status, &sealed.key_id);
-        let open = || match self.keys().as_ref() {
-            Some(keys) => seal::open(keys, sealed, &aad, now_ms),
-            None => Err(SealError::UnknownKey(String::new())),
-        };
-        let mut opened = open();
-        if matches!(opened, Err(SealError::UnknownKey(_))) && self.reload_keys() {
-            opened = open();
-        }
+        let opened = self.with_keys(|keys| seal::open(keys, sealed, &aad, now_ms));
         match opened.ok().and_then(|b| String::from_utf8(b).ok()) {
             Some(note) => {
                 n.note = note;

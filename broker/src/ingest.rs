@@ -35,8 +35,8 @@ pub struct Origin {
     /// What the message means ([`meaning_digest`]), once its envelope has been read: a resend
     /// under the same id that differs only in `sent_at_ms` (and so its signature) has the same.
     pub meaning: Option<[u8; 32]>,
-    /// The message carries a client's personal data in clear where the broker does not accept
-    /// plaintext ([`holds_clear_personal_data`]): refused, it leaves no copy of its bytes.
+    /// The message is refused and carries a client's personal data in clear where the broker
+    /// does not accept plaintext ([`holds_clear_personal_data`]): it leaves no copy of its bytes.
     pub clear_personal_data: bool,
 }
 
@@ -200,12 +200,16 @@ pub fn read(
         reply_to: None,
         subject: shown_subject(subject),
         meaning: None,
-        clear_personal_data: !limits.accept_plaintext && holds_clear_personal_data(bytes),
+        clear_personal_data: false,
     };
     let request = match read_checked(&mut origin, subject, bytes, now, registry, limits) {
         Ok(request) => request,
         Err(refused) => Request::Reject(refused),
     };
+    // Only what is refused needs the look (a second decode): an accepted message is kept anyway.
+    let refused = matches!(request, Request::Reject(_) | Request::Refuse(..));
+    origin.clear_personal_data =
+        refused && !limits.accept_plaintext && holds_clear_personal_data(bytes);
     Inbound { origin, request }
 }
 
@@ -542,7 +546,7 @@ fn check_privacy(r: &v1::Referral, accept_plaintext: bool) -> Result<(), Fault> 
             "a sealed referral carries personal data in clear: the client beyond pseudonym_id, \
              reason and a statutory justification belong inside the seal",
         ),
-        Some(s) => check_seal_shape(s).map_err(|d| (ReasonCode::SealedMalformed, d)),
+        Some(s) => check_seal_shape(s, "sealed").map_err(|d| (ReasonCode::SealedMalformed, d)),
         None if !accept_plaintext => Err((
             ReasonCode::PlaintextRefused,
             "the referral is not sealed to its recipient, and this broker accepts only sealed \
@@ -578,15 +582,17 @@ pub fn holds_clear_personal_data(raw: &[u8]) -> bool {
             .is_ok_and(|r| seal::has_clear_personal_data(&r))
 }
 
-/// A seal the reader could open: a well-formed key id, a 32-byte encapsulated key, a
-/// ciphertext at least as long as its tag. Its detail never quotes the seal.
-fn check_seal_shape(s: &v1::Sealed) -> Result<(), String> {
+/// A seal (the wire's `field`) the reader could open: a well-formed key id, a 32-byte
+/// encapsulated key, a ciphertext at least as long as its tag. Its detail never quotes the seal.
+fn check_seal_shape(s: &v1::Sealed, field: &str) -> Result<(), String> {
     if !yeongye_proto::signing::is_well_formed_key_id(&s.key_id) {
-        Err("sealed.key_id is not a well-formed key id".to_owned())
+        Err(format!("{field}.key_id is not a well-formed key id"))
     } else if s.enc.len() != 32 {
-        Err("sealed.enc is not 32 bytes".to_owned())
+        Err(format!("{field}.enc is not 32 bytes"))
     } else if s.ciphertext.len() < 16 {
-        Err("sealed.ciphertext is shorter than its authentication tag".to_owned())
+        Err(format!(
+            "{field}.ciphertext is shorter than its authentication tag"
+        ))
     } else {
         Ok(())
     }
@@ -819,12 +825,12 @@ fn read_status(sender: &str, payload: &[u8]) -> Request {
                 &u.referral_id,
             ));
         }
-        Some(s) => match check_seal_shape(s) {
+        Some(s) => match check_seal_shape(s, "sealed_note") {
             Ok(()) => s.encode_to_vec(),
             Err(detail) => {
                 return Request::Reject(refusal(
                     ReasonCode::SealedMalformed,
-                    detail.replace("sealed.", "sealed_note."),
+                    detail,
                     &u.referral_id,
                 ));
             }

@@ -11,7 +11,8 @@ use crate::referral::{HistoryEntry, State, Urgency};
 /// Ids a prune step forgets per segment (both implementations).
 const IDS_PER_SEGMENT: usize = 64;
 
-fn referral(id: &str, state: State) -> Referral {
+/// A referral as the store tests use it (the sled store's own tests too).
+pub(super) fn referral(id: &str, state: State) -> Referral {
     Referral {
         id: id.into(),
         from: "a".into(),

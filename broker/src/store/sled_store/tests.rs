@@ -2,35 +2,10 @@
 //! snapshot reopen. What every store promises is in `store/contract.rs`.
 
 use super::*;
-use crate::referral::{HistoryEntry, State, Urgency};
+use crate::referral::State;
 
 fn referral(id: &str) -> Referral {
-    Referral {
-        id: id.into(),
-        from: "a".into(),
-        to: "b".into(),
-        urgency: Urgency::Crisis,
-        state: State::Submitted,
-        created_at: 5,
-        receive_by: 100,
-        accept_within: 50,
-        accept_by: 0,
-        overdue: false,
-        client: "p".into(),
-        basis: crate::consent::Basis::Consent("c1".into()),
-        purpose: 1,
-        categories: vec![1, 2],
-        envelope: vec![1, 2, 3],
-        history: vec![HistoryEntry {
-            state: State::Submitted,
-            by: "a".into(),
-            at: 5,
-            note: "n".into(),
-            cause: "m1".into(),
-            sealed_note: Vec::new(),
-            reason: 0,
-        }],
-    }
+    crate::store::contract::referral(id, State::Submitted)
 }
 
 #[test]

@@ -90,6 +90,12 @@ pub struct Config {
     /// NATS server; 3 on a three-node JetStream cluster, so that a node's death loses nothing
     /// and stops nothing (NATS's own Raft keeps them). An existing stream is updated to it.
     pub stream_replicas: usize,
+    /// This broker's name in its group (the state log's `leader` records, the lease, status and
+    /// metrics): distinct for every broker sharing the streams. Default: `broker`.
+    pub broker_name: String,
+    /// How long the leader's lease outlives its last renewal (renewed every third of it): a
+    /// standby takes over about this long after a leader dies.
+    pub lease_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -179,6 +185,8 @@ impl fmt::Debug for Config {
             max_message_age_secs,
             plaintext_referrals,
             stream_replicas,
+            broker_name,
+            lease_ttl_secs,
         } = self;
         f.debug_struct("Config")
             .field("nats_urls", &self.redacted_urls())
@@ -210,6 +218,8 @@ impl fmt::Debug for Config {
             .field("max_message_age_secs", max_message_age_secs)
             .field("plaintext_referrals", plaintext_referrals)
             .field("stream_replicas", stream_replicas)
+            .field("broker_name", broker_name)
+            .field("lease_ttl_secs", lease_ttl_secs)
             .finish()
     }
 }
@@ -263,6 +273,8 @@ impl Default for Config {
             max_message_age_secs: DAY,
             plaintext_referrals: PlaintextReferrals::Refuse,
             stream_replicas: 1,
+            broker_name: "broker".to_owned(),
+            lease_ttl_secs: 3,
         }
     }
 }
@@ -340,6 +352,9 @@ impl Config {
         }
         if let Some(v) = var("REFERRAL_OPERATORS_FILE") {
             self.operators_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("REFERRAL_BROKER_NAME") {
+            self.broker_name = v;
         }
         if let Some(v) = var("REFERRAL_BATCH_SIZE") {
             self.batch_size = v.parse().map_err(|_| {
@@ -420,6 +435,27 @@ impl Config {
             return bad(format!(
                 "stream_replicas {} is not 1, 3 or 5 (a JetStream cluster's quorum needs an odd count)",
                 self.stream_replicas
+            ));
+        }
+        // A KV key's value and a header of the state log: plain, short, never free text.
+        if self.broker_name.is_empty()
+            || self.broker_name.len() > 64
+            || !self
+                .broker_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return bad(format!(
+                "broker_name {:?} must be 1 to 64 of a-z, A-Z, 0-9, '-' and '_'",
+                self.broker_name.chars().take(80).collect::<String>()
+            ));
+        }
+        // Whole seconds: JetStream's KV age limit; under 2 s a renewal (every third) races
+        // its own expiry, over a minute a dead leader stops referrals that long.
+        if !(2..=60).contains(&self.lease_ttl_secs) {
+            return bad(format!(
+                "lease_ttl_secs {} is not within 2..=60",
+                self.lease_ttl_secs
             ));
         }
         if !(1..=10_000).contains(&self.batch_size) {
@@ -619,6 +655,12 @@ mod tests {
             "stream_replicas = 0",
             "stream_replicas = 2",
             "stream_replicas = 7",
+            "broker_name = \"\"",
+            "broker_name = \"a.b\"",
+            "broker_name = \"x y\"",
+            "broker_name = \"a>\"",
+            "lease_ttl_secs = 1",
+            "lease_ttl_secs = 61",
             "http_allowed_hosts = [\"evil.example/x\"]",
             "[http_limits]\nheader_timeout_secs = 0",
             "operators_file = \"\"",

@@ -23,6 +23,10 @@ pub enum Error {
     CorruptRecord { key: String, message: String },
     #[error("nats: {0}")]
     Nats(String),
+    /// The state log refused an append: another broker wrote since this one's position. This
+    /// broker must stop leading (it publishes and acknowledges nothing of the refused change).
+    #[error("state log append fenced (expected last sequence {expected}): {detail}")]
+    Fenced { expected: u64, detail: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     /// An onboarding command (`init`, `agency add|remove|rotate-key`) was refused: bad input,

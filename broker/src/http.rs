@@ -6,7 +6,7 @@
 //! Who may do what:
 //! - every request: its `Host` must be one of `http_allowed_hosts`, and a state change must not
 //!   come from another `Origin` ([`guard`]);
-//! - operator actions (`POST` replay, discard, registry reload): an operator's bearer token
+//! - operator actions (`POST` replay, discard, registry reload, step-down): an operator's bearer token
 //!   ([`auth`]), whose name is recorded as `who`;
 //! - the JSON API's reads: open on loopback (they hold no personal data, and whoever can reach
 //!   loopback can read the store anyway); an operator's token when `http_allow_remote` binds
@@ -79,6 +79,7 @@ pub fn router(state: AppState, access: Access) -> Router {
         || axum::middleware::from_fn_with_state(Arc::clone(&operators), auth::require_operator);
     let mut reads = Router::new()
         .route("/api/v1/queues", get(api::queues))
+        .route("/api/v1/cluster", get(api::cluster))
         .route("/api/v1/overdue", get(api::overdue))
         .route("/api/v1/referrals/{id}", get(api::referral))
         .route("/api/v1/dead-letters", get(api::dead_letters))
@@ -94,6 +95,7 @@ pub fn router(state: AppState, access: Access) -> Router {
         .route("/api/v1/dead-letters/{seq}/replay", post(api::replay))
         .route("/api/v1/dead-letters/{seq}/discard", post(api::discard))
         .route("/api/v1/registry/reload", post(api::reload_registry))
+        .route("/api/v1/step-down", post(api::step_down))
         .route_layer(require_operator());
     Router::new()
         .route("/", get(dashboard))
@@ -153,6 +155,10 @@ struct Readiness {
     event_loop_alive: bool,
     store_ok: bool,
     queries_answered: bool,
+    /// `leader` or `standby`. A standby is ready when it follows the state log closely (its
+    /// store no more than [`READY_BACKLOG`] records behind): it can take over at once.
+    role: &'static str,
+    state_log_lag: u64,
 }
 
 pub(crate) fn readiness(state: &AppState) -> (bool, impl serde::Serialize) {
@@ -163,7 +169,13 @@ pub(crate) fn readiness(state: &AppState) -> (bool, impl serde::Serialize) {
         clock::now_ms() - state.ops.last_turn.load(Ordering::Relaxed) < READY_LOOP_STALL_MS;
     let store_ok = state.ops.store_ok.load(Ordering::Relaxed);
     let queries_answered = state.ops.queries_alive.load(Ordering::Relaxed);
-    let ready = nats_connected && caught_up && event_loop_alive && store_ok && queries_answered;
+    let cluster = state.ops.cluster();
+    let state_log_lag = cluster.lag();
+    let ready = if cluster.leading {
+        nats_connected && caught_up && event_loop_alive && store_ok && queries_answered
+    } else {
+        nats_connected && state_log_lag <= READY_BACKLOG
+    };
     (
         ready,
         Readiness {
@@ -174,6 +186,8 @@ pub(crate) fn readiness(state: &AppState) -> (bool, impl serde::Serialize) {
             event_loop_alive,
             store_ok,
             queries_answered,
+            role: if cluster.leading { "leader" } else { "standby" },
+            state_log_lag,
         },
     )
 }

@@ -26,6 +26,7 @@
 pub mod audit;
 pub mod audit_report;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod consent;
 pub mod convert;
@@ -60,11 +61,18 @@ pub use error::{Error, Result};
 use registry::Registry;
 use store::{SledStore, Store};
 
-/// Runs the broker until `shutdown` completes, then stops taking messages, finishes the batch in
-/// hand, and returns once everything it committed is flushed.
 /// How often the streams' replicas and leaders are read for the metrics.
 const STREAM_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a broker that stepped down leaves the lease to the others before it may take it
+/// again (it takes it back after that if no other broker did).
+const STEP_DOWN_HOLD_OFF: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Runs the broker until `shutdown` completes, then stops taking messages, finishes the batch in
+/// hand, gives its lease back if it leads, and returns once everything it committed is flushed.
+///
+/// The broker is a member of its group (`cluster`): it follows the state log as a standby until
+/// it takes the lease, then leads until it stops, steps down, loses the lease or is fenced, and
+/// then follows again. A single broker is a group of one: the same path.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let registry = Arc::new(Registry::load(&cfg.registry)?);
     // Before anything is opened or connected: a missing, malformed or exposed key stops the
@@ -77,61 +85,41 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     if let Some(path) = &cfg.testing_clock_offset_file {
         clock::use_offset_file(path.clone());
     }
-    let checkpoint = store.checkpoint()?;
     tracing::info!(
+        broker = %cfg.broker_name,
         agencies = registry.len(),
-        checkpoint,
+        checkpoint = store.checkpoint()?,
+        state_position = store.state_position()?,
         store = %cfg.store_dir.display(),
         nats = ?cfg.redacted_urls(),
         "starting"
     );
-    // From the stored counters and the summaries of the referrals the view watches, never
-    // every referral: with millions stored, reading each would take most of the start-up time
-    // and memory.
-    let view = {
-        let mut v = view::View::start(store.counts()?);
-        store.for_each_watched(&mut |summary| v.watch(&summary))?;
-        v.add_dead_letters(&store.dead_letters()?);
-        v
-    };
+    let view = view::View::load(store.as_ref())?;
     let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
 
     let client = nats::connect(&cfg).await?;
     let js = nats::context(client.clone());
     nats::ensure_streams(&js, &cfg).await?;
     nats::ensure_agency_consumers(&js, &registry).await?;
-    let consumer = nats::broker_consumer(&js, &cfg, checkpoint).await?;
+    let member = cluster::Member::join(
+        js.clone(),
+        &cfg.broker_name,
+        store.clone(),
+        ops.clone(),
+        std::time::Duration::from_secs(cfg.lease_ttl_secs),
+        cfg.stream_replicas,
+    )
+    .await?;
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (commands, command_rx) = tokio::sync::mpsc::channel(16);
+    let (commands, mut command_rx) = tokio::sync::mpsc::channel(16);
     let http_state = http::AppState {
         ops: ops.clone(),
         nats: client.clone(),
         commands,
     };
-    let responder = query::Responder {
-        store: store.clone(),
-        signer: signer.clone(),
-        ops: ops.clone(),
-        commands: http_state.commands.clone(),
-    };
-    let (http_addr, http_task) = http::serve(&cfg, http_state, token.clone()).await?;
-    let queries = {
-        let (ops, client, token) = (ops.clone(), client.clone(), token.clone());
-        tracker.spawn(async move {
-            let served = query::serve(client, responder, token.clone()).await;
-            ops.queries_alive
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            if !token.is_cancelled() {
-                match &served {
-                    Err(e) => tracing::error!(cause = %e, "the query responder stopped: not ready"),
-                    Ok(()) => tracing::error!("the query responder stopped: not ready"),
-                }
-            }
-            served
-        })
-    };
+    let (http_addr, http_task) = http::serve(&cfg, http_state.clone(), token.clone()).await?;
     // The streams' health, for operators (metrics, alerts): every few seconds.
     {
         let (ops, js, token) = (ops.clone(), js.clone(), token.clone());
@@ -146,36 +134,150 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             }
         });
     }
-    let event_loop = server::EventLoop {
-        signer,
-        store: store.clone(),
-        ops,
-        js,
-        cfg: Arc::new(cfg),
-    };
-    let mut main = tracker.spawn(event_loop.run(consumer, command_rx, token.clone()));
     tracker.close();
     tracing::info!(http = %http_addr, "broker ready");
-
-    let joined = tokio::select! {
-        _ = shutdown => {
-            tracing::info!("shutdown requested");
-            token.cancel();
-            (&mut main).await
+    let cfg = Arc::new(cfg);
+    let members = async {
+        let mut hold_off = std::time::Duration::ZERO;
+        loop {
+            let followed = member.follow(&mut command_rx, &token, hold_off).await;
+            let taken = match followed {
+                Ok(Some((lease, tail))) => member.take_over(lease, tail).await,
+                Ok(None) => return Ok(()),
+                Err(e) => Err(e),
+            };
+            hold_off = std::time::Duration::ZERO;
+            let (lease, writer) = match taken {
+                Ok(Some(taken)) => taken,
+                Ok(None) => continue,
+                // NATS unreachable, a stream without a leader for a while: follow again.
+                Err(e @ (Error::Nats(_) | Error::Fenced { .. })) => {
+                    tracing::warn!(cause = %e, "following the state log failed; again in a second");
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            ops.set_cluster(|c| c.takeovers += 1);
+            let lead = Leadership {
+                cfg: cfg.clone(),
+                store: store.clone(),
+                ops: ops.clone(),
+                js: js.clone(),
+                client: client.clone(),
+                signer: signer.clone(),
+                commands: http_state.commands.clone(),
+            };
+            let lead_token = token.child_token();
+            let keeper = member.keep(lease, lead_token.clone());
+            let leading = lead.run(writer, &mut command_rx, lead_token.clone());
+            let led = leading.await;
+            lead_token.cancel();
+            let kept = keeper.await.unwrap_or(None);
+            ops.set_cluster(|c| c.leading = false);
+            if let Some(lease) = kept {
+                member.release(lease).await;
+            }
+            match led {
+                _ if token.is_cancelled() => return led.map(|_| ()),
+                Ok(server::Stop::StepDown) => hold_off = STEP_DOWN_HOLD_OFF,
+                Ok(server::Stop::Cancelled) => {}
+                Err(e @ (Error::Fenced { .. } | Error::Nats(_))) => {
+                    tracing::warn!(cause = %e, "stopped leading: following the state log");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        r = &mut main => r,
     };
-    token.cancel();
+    let members = async {
+        let r: Result<()> = members.await;
+        token.cancel();
+        r
+    };
+    let watch = async {
+        tokio::select! {
+            _ = shutdown => {
+                tracing::info!("shutdown requested");
+                token.cancel();
+            }
+            _ = token.cancelled() => {}
+        }
+    };
+    let (result, ()) = tokio::join!(members, watch);
     tracker.wait().await;
-    let loop_result = joined.map_err(|e| Error::Nats(format!("event loop task: {e}")))?;
     let _ = http_task.await;
-    if let Ok(Err(e)) = queries.await {
-        tracing::warn!(cause = %e, "status responder stopped with an error");
-    }
     if let Err(e) = client.drain().await {
         tracing::warn!(cause = %e, "draining the nats connection");
     }
-    loop_result?;
+    result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What a broker needs to lead: the event loop and the query responder, for as long as its
+/// token lasts.
+struct Leadership {
+    cfg: Arc<Config>,
+    store: Arc<dyn Store>,
+    ops: Arc<ops::Ops>,
+    js: async_nats::jetstream::Context,
+    client: async_nats::Client,
+    signer: Option<Arc<yeongye_proto::signing::PrivateKey>>,
+    commands: tokio::sync::mpsc::Sender<server::Command>,
+}
+
+impl Leadership {
+    async fn run(
+        self,
+        writer: cluster::log::Writer,
+        command_rx: &mut tokio::sync::mpsc::Receiver<server::Command>,
+        token: CancellationToken,
+    ) -> Result<server::Stop> {
+        // What the store holds now (a standby's view was refreshed only now and then).
+        let view = tokio::task::block_in_place(|| view::View::load(self.store.as_ref()))?;
+        self.ops.update_view(|v| *v = view);
+        let consumer = nats::broker_consumer(&self.js, &self.cfg, self.store.checkpoint()?).await?;
+        // Only the leader answers queries: a standby's store may be a moment behind.
+        let responder = query::Responder {
+            store: self.store.clone(),
+            signer: self.signer.clone(),
+            ops: self.ops.clone(),
+            commands: self.commands.clone(),
+        };
+        let queries = {
+            let (ops, client, token) = (self.ops.clone(), self.client.clone(), token.clone());
+            ops.queries_alive
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let served = query::serve(client, responder, token.clone()).await;
+                ops.queries_alive
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                if !token.is_cancelled() {
+                    match &served {
+                        Err(e) => {
+                            tracing::error!(cause = %e, "the query responder stopped: not ready")
+                        }
+                        Ok(()) => tracing::error!("the query responder stopped: not ready"),
+                    }
+                }
+                served
+            })
+        };
+        let event_loop = server::EventLoop {
+            signer: self.signer,
+            store: self.store,
+            ops: self.ops,
+            js: self.js,
+            cfg: self.cfg,
+            log: Arc::new(writer),
+        };
+        let stop = event_loop.run(consumer, command_rx, token.clone()).await;
+        token.cancel();
+        if let Ok(Err(e)) = queries.await {
+            tracing::warn!(cause = %e, "status responder stopped with an error");
+        }
+        stop
+    }
 }

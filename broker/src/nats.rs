@@ -145,7 +145,14 @@ pub async fn stream_health(
     replicas: usize,
 ) -> Vec<crate::ops::StreamHealth> {
     let mut out = Vec::new();
-    for name in [subject::IN_STREAM, subject::OUT_STREAM] {
+    let lease = format!("KV_{}", crate::cluster::lease::LEASE_BUCKET);
+    let names = [
+        subject::IN_STREAM,
+        subject::OUT_STREAM,
+        crate::cluster::log::STATE_STREAM,
+        lease.as_str(),
+    ];
+    for name in names {
         let info = match js.get_stream(name).await {
             Ok(mut s) => s.info().await.cloned().ok(),
             Err(_) => None,
@@ -217,7 +224,15 @@ fn broker_consumer_config(cfg: &Config, checkpoint: u64) -> consumer::pull::Conf
     }
 }
 
-/// The broker's durable consumer on `YEONGYE_IN`, positioned after `checkpoint`.
+/// The broker's durable consumer on `YEONGYE_IN`, for a broker that begins to lead (at every
+/// start, and at a takeover) with its store at `checkpoint`.
+///
+/// Kept as it is if nothing is outstanding on it and it has acknowledged no further than the
+/// store holds. Otherwise recreated to start right after the lower of its ack floor and the
+/// checkpoint: messages the previous leader was given but did not acknowledge come again at
+/// once, not after `ack_wait` (they are recognised as applied if they were), and if the store
+/// is behind what was acknowledged (it lost its last writes, or was deleted), that part is
+/// replayed from the stream.
 pub async fn broker_consumer(
     js: &jetstream::Context,
     cfg: &Config,
@@ -227,26 +242,36 @@ pub async fn broker_consumer(
         .get_stream(subject::IN_STREAM)
         .await
         .map_err(Error::nats)?;
+    let mut start = checkpoint;
     if let Ok(info) = inbound.consumer_info(subject::BROKER_CONSUMER).await {
         let acked = info.ack_floor.stream_sequence;
-        if acked <= checkpoint {
+        if acked <= checkpoint && info.num_ack_pending == 0 {
             return inbound
                 .get_consumer(subject::BROKER_CONSUMER)
                 .await
                 .map_err(Error::nats);
         }
-        tracing::warn!(
-            acked,
-            checkpoint,
-            "the store is behind what the broker acknowledged: replaying the inbound stream from the checkpoint"
-        );
+        if acked > checkpoint {
+            tracing::warn!(
+                acked,
+                checkpoint,
+                "the store is behind what the broker acknowledged: replaying the inbound stream from the checkpoint"
+            );
+        } else {
+            tracing::info!(
+                acked,
+                outstanding = info.num_ack_pending,
+                "taking over messages given to a previous leader: from the ack floor on"
+            );
+        }
+        start = acked.min(checkpoint);
         inbound
             .delete_consumer(subject::BROKER_CONSUMER)
             .await
             .map_err(Error::nats)?;
     }
     inbound
-        .create_consumer(broker_consumer_config(cfg, checkpoint))
+        .create_consumer(broker_consumer_config(cfg, start))
         .await
         .map_err(Error::nats)
 }

@@ -39,6 +39,34 @@ pub struct Ops {
     pub background: BackgroundStats,
     /// The broker's streams as NATS last reported them (replicas, leader), every few seconds.
     pub streams: RwLock<Vec<StreamHealth>>,
+    /// This broker in its group: who leads, where it is in the state log.
+    cluster: RwLock<ClusterState>,
+}
+
+/// This broker as a member of its group (`cluster`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// This broker's name.
+    pub me: String,
+    /// Whether this broker leads (consumes, decides, publishes).
+    pub leading: bool,
+    /// The leader as the state log last named it.
+    pub leader: Option<String>,
+    /// The term of that leader (the lease revision it took).
+    pub term: u64,
+    /// The state-log sequence this broker's store has applied.
+    pub position: u64,
+    /// The state log's last sequence, as last read.
+    pub log_last: u64,
+    /// Times this broker took the lead since it started.
+    pub takeovers: u64,
+}
+
+impl ClusterState {
+    /// How far this broker's store is behind the log.
+    pub fn lag(&self) -> u64 {
+        self.log_last.saturating_sub(self.position)
+    }
 }
 
 /// One of the broker's streams as its JetStream cluster reports it.
@@ -123,7 +151,19 @@ impl Ops {
             queries_alive: AtomicBool::new(true),
             background: BackgroundStats::default(),
             streams: RwLock::new(Vec::new()),
+            cluster: RwLock::new(ClusterState::default()),
         }
+    }
+
+    pub fn cluster(&self) -> ClusterState {
+        self.cluster
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_cluster(&self, f: impl FnOnce(&mut ClusterState)) {
+        f(&mut self.cluster.write().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// The streams as last reported.

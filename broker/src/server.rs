@@ -70,6 +70,18 @@ pub struct EventLoop {
     pub cfg: Arc<Config>,
     /// The broker's signing key, if configured.
     pub signer: Option<Arc<yeongye_proto::signing::PrivateKey>>,
+    /// The state log, as this leader writes it: every change set is appended (fenced) before
+    /// it is committed to the store.
+    pub log: Arc<crate::cluster::log::Writer>,
+}
+
+/// Why the event loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Its token was cancelled (shutdown, or the lease was lost).
+    Cancelled,
+    /// An operator asked it to step down.
+    StepDown,
 }
 
 /// What operators ask of the event loop (the only writer).
@@ -91,6 +103,34 @@ pub enum Command {
     /// Record a query the responder refused to answer (its reply subject was not the asker's
     /// inbox) as a dead letter.
     RefusedQuery(RefusedQuery),
+    /// Stop leading (graceful hand-over): finish the turns in flight, give the lease back, and
+    /// leave it to another broker for a while.
+    StepDown {
+        /// The authenticated operator, for the log.
+        who: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+impl Command {
+    /// Answers the command with `why` without doing it (a standby's answer: it does not lead).
+    pub fn refuse(self, why: &str) {
+        match self {
+            Command::DeadLetter { reply, .. } => {
+                let _ = reply.send(Err(why.to_owned()));
+            }
+            Command::ReloadRegistry { reply, .. } => {
+                let _ = reply.send(Err(why.to_owned()));
+            }
+            Command::StepDown { reply, .. } => {
+                let _ = reply.send(Err(why.to_owned()));
+            }
+            // Recorded by the leader only; the query it was about got no answer.
+            Command::RefusedQuery(q) => {
+                tracing::warn!(agency = %q.sender, "refused query not recorded: {why}");
+            }
+        }
+    }
 }
 
 /// A query not answered because of its reply subject. Its dead letter is numbered above
@@ -180,9 +220,9 @@ impl EventLoop {
     pub async fn run(
         self,
         consumer: PullConsumer,
-        mut commands: mpsc::Receiver<Command>,
+        commands: &mut mpsc::Receiver<Command>,
         token: CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<Stop> {
         let mut pending = Pending::new(self.store.outbox()?);
         if pending.waiting() > 0 {
             tracing::info!(
@@ -201,6 +241,7 @@ impl EventLoop {
             BACKGROUND_PAUSE,
         );
         let retention = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
+        let mut stop = Stop::Cancelled;
         loop {
             // Take in the flights that have landed.
             while let Some(Some(landed)) = flights.next().now_or_never() {
@@ -219,6 +260,12 @@ impl EventLoop {
             let first = tokio::select! {
                 _ = token.cancelled() => break,
                 Some(cmd) = commands.recv() => {
+                    if let Command::StepDown { who, reply } = cmd {
+                        tracing::info!(operator = %who, "stepping down");
+                        let _ = reply.send(Ok(format!("{} steps down", self.cfg.broker_name)));
+                        stop = Stop::StepDown;
+                        break;
+                    }
                     self.command(cmd, &mut pending).await?;
                     continue;
                 }
@@ -265,7 +312,7 @@ impl EventLoop {
         }
         self.land_all(&mut flights, &mut pending).await;
         tracing::info!(outbox = pending.waiting(), "event loop stopped");
-        Ok(())
+        Ok(stop)
     }
 
     /// Everything already received, up to a batch. Unconstrained: tokio's cooperative budget
@@ -449,6 +496,10 @@ impl EventLoop {
                 let _ = reply.send(result);
             }
             Command::RefusedQuery(q) => self.record_refused_query(q, pending).await?,
+            // Taken by the loop itself (`run`).
+            Command::StepDown { reply, .. } => {
+                let _ = reply.send(Err("already stepping down".to_owned()));
+            }
             Command::DeadLetter {
                 seq,
                 action,
@@ -660,6 +711,14 @@ impl EventLoop {
             return Ok(false);
         }
         let started = Instant::now();
+        // The state log first: once the append lands the change is committed (the store is
+        // this broker's materialisation of the log). A fenced append stops the loop before
+        // anything of it reaches the store, the streams or an acknowledgement.
+        let log = &self.log;
+        let appended = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(log.append_change(&changes))
+        })?;
+        changes.state_seq = Some(appended);
         let committed = tokio::task::block_in_place(|| self.store.commit(&changes));
         tracing::debug!(
             commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),

@@ -7,6 +7,7 @@
 //! types stay free of serialization derives). `memory` is a second implementation for unit
 //! tests, and `contract` the tests every implementation passes.
 
+mod change_codec;
 mod codec;
 #[cfg(test)]
 mod contract;
@@ -23,6 +24,7 @@ fn reopen<T, E: std::fmt::Display>(open: impl FnMut() -> std::result::Result<T, 
 }
 
 pub use crate::dead_letter::{DeadLetter, DeadLetterStatus, OperatorAction};
+pub use change_codec::{decode_change_set, encode_change_set};
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
@@ -81,6 +83,9 @@ pub struct ChangeSet {
     /// The view's counters over every referral once this change set is applied (None: the
     /// referrals' counts did not change). Whoever writes `referrals` must say.
     pub counts: Option<Counts>,
+    /// The state-log sequence this change set was appended at (`cluster`): the store's
+    /// replication position once it is applied. Never moves backwards.
+    pub state_seq: Option<u64>,
 }
 
 impl ChangeSet {
@@ -97,6 +102,7 @@ impl ChangeSet {
             && self.consents.is_empty()
             && self.audit.is_empty()
             && self.counts.is_none()
+            && self.state_seq.is_none()
     }
 }
 
@@ -121,7 +127,8 @@ pub trait Store: Send + Sync + 'static {
     fn seen_digest(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Applies all of `changes` atomically; on return they survive a crash of the process.
     fn commit(&self, changes: &ChangeSet) -> Result<()>;
-    /// A fresh, monotonically increasing outbox key.
+    /// A fresh, monotonically increasing outbox key: above every key committed, also those a
+    /// change set from another broker (through the state log) put.
     fn next_outbox_key(&self) -> Result<u64>;
     /// The outbox, in key order.
     fn outbox(&self) -> Result<Vec<OutboxEntry>>;
@@ -129,6 +136,9 @@ pub trait Store: Send + Sync + 'static {
     fn due(&self, now: Millis, limit: usize) -> Result<Vec<Deadline>>;
     /// The highest inbound stream sequence applied (0: none).
     fn checkpoint(&self) -> Result<u64>;
+    /// The state-log sequence of the last change set applied (0: none): where this store's
+    /// replication resumes (`cluster`).
+    fn state_position(&self) -> Result<u64>;
     /// One bounded step of forgetting applied message ids older than `before`: at most
     /// `segments` whole segments of them (about 64 ids each), or as many ids of an older
     /// store's one-key-per-id index, in one write. Returns how many ids it forgot; 0 means

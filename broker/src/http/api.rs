@@ -51,6 +51,90 @@ pub(crate) struct Queues {
     outbox: u64,
     /// The broker's streams as JetStream last reported them.
     streams: Vec<StreamRow>,
+    /// This broker in its group: who leads, where its store is in the state log.
+    cluster: ClusterRow,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ClusterRow {
+    broker: String,
+    /// `leader` or `standby`.
+    role: &'static str,
+    leader: Option<String>,
+    term: u64,
+    state_log_position: u64,
+    state_log_last: u64,
+    lag: u64,
+    takeovers: u64,
+}
+
+pub(crate) fn cluster_row(state: &AppState) -> ClusterRow {
+    let c = state.ops.cluster();
+    ClusterRow {
+        role: if c.leading { "leader" } else { "standby" },
+        lag: c.lag(),
+        broker: c.me,
+        leader: c.leader,
+        term: c.term,
+        state_log_position: c.position,
+        state_log_last: c.log_last,
+        takeovers: c.takeovers,
+    }
+}
+
+pub(super) async fn cluster(State(state): State<AppState>) -> Json<ClusterRow> {
+    Json(cluster_row(&state))
+}
+
+/// A standby does not act: the answer says who does (503, so that a client may try the
+/// leader; the body names it).
+fn standby(state: &AppState) -> Option<Response> {
+    let c = state.ops.cluster();
+    if c.leading {
+        return None;
+    }
+    Some(problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        match c.leader {
+            Some(l) => format!("this broker is a standby: the leader is {l}"),
+            None => "this broker is a standby and no broker leads right now".to_owned(),
+        },
+    ))
+}
+
+/// Graceful hand-over: the leader finishes the turns in flight, gives its lease back and
+/// leaves it to another broker (it takes it back after a few seconds if no other did).
+pub(super) async fn step_down(
+    State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
+) -> Response {
+    if let Some(refused) = standby(&state) {
+        return refused;
+    }
+    tracing::info!(operator = %operator.0, "step-down requested");
+    #[derive(Serialize)]
+    struct SteppedDown {
+        detail: String,
+    }
+    let (tx, rx) = oneshot::channel();
+    let cmd = Command::StepDown {
+        who: operator.0.clone(),
+        reply: tx,
+    };
+    if state.commands.send(cmd).await.is_err() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is shutting down",
+        );
+    }
+    match rx.await {
+        Ok(Ok(detail)) => Json(SteppedDown { detail }).into_response(),
+        Ok(Err(e)) => problem(StatusCode::CONFLICT, e),
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is shutting down",
+        ),
+    }
 }
 
 #[derive(Serialize)]
@@ -100,6 +184,7 @@ pub(crate) fn queues_now(state: &AppState) -> Queues {
                 leader: s.leader,
             })
             .collect(),
+        cluster: cluster_row(state),
     }
 }
 
@@ -295,6 +380,9 @@ async fn act(
             "why is required (≤ 2000 bytes)",
         );
     }
+    if let Some(refused) = standby(&state) {
+        return refused;
+    }
     let (tx, rx) = oneshot::channel();
     let cmd = Command::DeadLetter {
         seq,
@@ -343,6 +431,9 @@ pub(super) async fn reload_registry(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
 ) -> Response {
+    if let Some(refused) = standby(&state) {
+        return refused;
+    }
     tracing::info!(operator = %operator.0, "registry reload requested");
     #[derive(Serialize)]
     struct Reloaded {

@@ -211,6 +211,38 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
             .get_or_create(&labels)
             .set(i64::from(s.leader.is_some()));
     }
+    let cluster = state.ops.cluster();
+    gauge(
+        &mut reg,
+        "broker_leading",
+        "1 if this broker leads its group (consumes, decides, publishes), 0 if it is a standby",
+        i64::from(cluster.leading),
+    );
+    gauge(
+        &mut reg,
+        "broker_term",
+        "The term of the leader this broker last saw (the lease revision it took)",
+        int(cluster.term),
+    );
+    gauge(
+        &mut reg,
+        "state_log_position",
+        "The state-log sequence this broker's store has applied",
+        int(cluster.position),
+    );
+    gauge(
+        &mut reg,
+        "state_log_lag",
+        "State-log records this broker's store has not applied yet (a standby's lag)",
+        int(cluster.lag()),
+    );
+    let takeovers = prometheus_client::metrics::counter::Counter::<u64>::default();
+    takeovers.inc_by(cluster.takeovers);
+    reg.register(
+        "broker_takeovers",
+        "Times this broker took the lead since it started",
+        takeovers,
+    );
     reg.register(
         "commit_latency_seconds",
         "From an inbound message's arrival in the stream to its commit in the broker's store",

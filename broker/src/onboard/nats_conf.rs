@@ -50,7 +50,8 @@ pub fn agency_subscribe(agency: &str) -> Vec<String> {
 /// What the broker's own NATS user may publish: the outbound subjects, replies to each
 /// registered agency's own inbox, and the exact JetStream API and ack subjects it uses (its two
 /// streams' info/create/update, each agency's consumer's info/create, its own consumer's
-/// info/create/delete/next/ack). Never `yeongye.in.>` (it would be writing as an agency), never
+/// info/create/delete/next/ack; the state log — append, info/create/update, its readers'
+/// consumers — and the leader lease's KV bucket). Never `yeongye.in.>` (it would be writing as an agency), never
 /// a stream purge, delete or message delete: a broker tricked into publishing somewhere —
 /// the confused deputy of issue 12 — is stopped by the server.
 pub fn broker_publish<'a>(agencies: impl Iterator<Item = &'a str>) -> Vec<String> {
@@ -68,6 +69,23 @@ pub fn broker_publish<'a>(agencies: impl Iterator<Item = &'a str>) -> Vec<String
         format!("$JS.API.CONSUMER.DELETE.{inn}.{own}"),
         format!("$JS.API.CONSUMER.MSG.NEXT.{inn}.{own}"),
         format!("$JS.ACK.{inn}.{own}.>"),
+    ]);
+    let state = crate::cluster::log::STATE_STREAM;
+    let lease = crate::cluster::lease::LEASE_BUCKET;
+    allow.push(crate::cluster::log::STATE_SUBJECT.to_owned());
+    for op in ["INFO", "CREATE", "UPDATE"] {
+        allow.push(format!("$JS.API.STREAM.{op}.{state}"));
+        allow.push(format!("$JS.API.STREAM.{op}.KV_{lease}"));
+    }
+    // Its readers are ordered consumers the server names (`CREATE.<stream>`, no name).
+    allow.push(format!("$JS.API.CONSUMER.CREATE.{state}"));
+    for op in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
+        allow.push(format!("$JS.API.CONSUMER.{op}.{state}.>"));
+    }
+    allow.extend([
+        format!("$KV.{lease}.>"),
+        format!("$JS.API.DIRECT.GET.KV_{lease}.>"),
+        format!("$JS.API.STREAM.MSG.GET.KV_{lease}"),
     ]);
     for agency in agencies {
         let consumer = subject::agency_consumer(agency);

@@ -331,6 +331,89 @@ fn pruning_goes_in_bounded_steps_and_keeps_what_is_young(s: &dyn Store) {
     assert_eq!(s.prune_seen(51).unwrap(), 0, "nothing left");
 }
 
+fn the_state_position_is_the_last_change_sets_and_never_goes_back(s: &dyn Store) {
+    assert_eq!(s.state_position().unwrap(), 0);
+    for (seq, expected) in [(4, 4), (2, 4), (9, 9)] {
+        s.commit(&ChangeSet {
+            state_seq: Some(seq),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.state_position().unwrap(), expected);
+    }
+}
+
+fn outbox_keys_stay_above_keys_another_broker_put(s: &dyn Store) {
+    let mine = s.next_outbox_key().unwrap();
+    // A change set from the state log, its keys drawn by another broker's store.
+    s.commit(&ChangeSet {
+        outbox_put: vec![outbox(mine + 1000)],
+        ..Default::default()
+    })
+    .unwrap();
+    let next = s.next_outbox_key().unwrap();
+    assert!(
+        next > mine + 1000,
+        "{next} after a replicated key {}",
+        mine + 1000
+    );
+    assert!(s.next_outbox_key().unwrap() > next);
+}
+
+/// A change set through the state log's encoding, applied to a second store, leaves what
+/// committing it directly leaves.
+fn a_change_set_through_the_log_encoding_is_the_same_change(s: &dyn Store) {
+    let c = ChangeSet {
+        referrals: vec![referral("r1", State::Submitted)],
+        seen: vec![("a/m1".into(), 5, [7; 32])],
+        outbox_put: vec![outbox(3), outbox(4)],
+        outbox_remove: vec![1],
+        deadlines_put: vec![
+            deadline(100, "r1"),
+            Deadline {
+                at: 7,
+                kind: DeadlineKind::Acceptance,
+                referral_id: "r1".into(),
+            },
+        ],
+        deadlines_remove: vec![deadline(50, "r0")],
+        checkpoint: Some(7),
+        consents: vec![consent("c1")],
+        dead_letters: vec![dead_letter(3)],
+        dead_letter_updates: vec![dead_letter(2)],
+        audit: vec![audit::Entry {
+            seq: 1,
+            at: 5,
+            event: "referral.submitted".into(),
+            referral_id: "r1".into(),
+            prev_hash: vec![0; 32],
+            hash: vec![1; 32],
+            ..Default::default()
+        }],
+        counts: Some(Counts::default()),
+        state_seq: None,
+    };
+    let back = decode_change_set(&encode_change_set(&c)).unwrap();
+    s.commit(&back).unwrap();
+    let direct = MemoryStore::new();
+    direct.commit(&c).unwrap();
+    assert_eq!(s.referrals().unwrap(), direct.referrals().unwrap());
+    assert_eq!(s.outbox().unwrap(), direct.outbox().unwrap());
+    assert_eq!(
+        s.due(i64::MAX, 10).unwrap(),
+        direct.due(i64::MAX, 10).unwrap()
+    );
+    assert_eq!(s.dead_letters().unwrap(), direct.dead_letters().unwrap());
+    assert_eq!(s.consents().unwrap(), direct.consents().unwrap());
+    assert_eq!(s.audit_raw().unwrap(), direct.audit_raw().unwrap());
+    assert_eq!(s.seen_digest("a/m1").unwrap(), Some(vec![7; 32]));
+    assert_eq!(s.checkpoint().unwrap(), 7);
+    assert!(
+        decode_change_set(b"\xff\xff not a change set").is_err(),
+        "garbage is refused"
+    );
+}
+
 /// Each contract test, once for every implementation.
 macro_rules! every_store {
     ($($name:ident),* $(,)?) => {
@@ -360,4 +443,7 @@ every_store!(
     the_audit_chain_appends_across_commits,
     counts_are_as_committed_and_only_watched_referrals_are_listed,
     pruning_goes_in_bounded_steps_and_keeps_what_is_young,
+    the_state_position_is_the_last_change_sets_and_never_goes_back,
+    outbox_keys_stay_above_keys_another_broker_put,
+    a_change_set_through_the_log_encoding_is_the_same_change,
 );

@@ -36,6 +36,7 @@ struct State {
     dead_letters: BTreeMap<u64, DeadLetter>,
     consents: BTreeMap<String, Consent>,
     checkpoint: u64,
+    state_seq: u64,
     audit: Vec<audit::Stored>,
     audit_head: Option<(u64, audit::Hash)>,
     counts: Option<Counts>,
@@ -119,6 +120,12 @@ impl Store for MemoryStore {
         if let Some(seq) = c.checkpoint {
             s.checkpoint = s.checkpoint.max(seq);
         }
+        if let Some(seq) = c.state_seq {
+            s.state_seq = s.state_seq.max(seq);
+        }
+        if let Some(last) = c.outbox_put.iter().map(|e| e.key).max() {
+            s.next_outbox_key = s.next_outbox_key.max(last);
+        }
         Ok(())
     }
 
@@ -141,6 +148,10 @@ impl Store for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    fn state_position(&self) -> Result<u64> {
+        Ok(self.state().state_seq)
     }
 
     fn checkpoint(&self) -> Result<u64> {

@@ -17,6 +17,7 @@
 //! a/<u64 BE>                            (stores written before A/: one audit entry a key)
 //! m/audit-head                          last audit sequence (u64 BE) + hash (32 bytes)
 //! m/checkpoint                          highest applied inbound stream sequence (u64 BE)
+//! m/state-seq                           state-log sequence of the last change set (u64 BE)
 //! m/view-counts                         the view's counters over every referral (read at start)
 //! ```
 //! The two append-only records (audit entries, applied ids by time) are packed into segments
@@ -44,6 +45,7 @@ use crate::referral::{DeadlineKind, Millis, Referral};
 use crate::view::{Counts, Summary};
 
 const CHECKPOINT: &[u8] = b"m/checkpoint";
+const STATE_SEQ: &[u8] = b"m/state-seq";
 const AUDIT_HEAD: &[u8] = b"m/audit-head";
 /// Marks a store (before view counts) whose every referral had a `v/` summary.
 const SUMMARIES: &[u8] = b"m/summaries";
@@ -74,6 +76,9 @@ pub struct SledStore {
     snapshot_after: u64,
     audit: Segments,
     applied: Segments,
+    /// No outbox key below this is handed out: one above the highest key ever committed here
+    /// (also by change sets applied from another broker's state log).
+    outbox_floor: AtomicU64,
 }
 
 /// The open database, read-locked.
@@ -125,7 +130,12 @@ impl SledStore {
     }
 
     fn on(db: sled::Db, dir: Option<PathBuf>) -> Result<SledStore> {
+        let outbox_floor = match db.scan_prefix(b"o/").keys().next_back() {
+            Some(k) => u64_from("outbox", &k?[2..])?.saturating_add(1),
+            None => 0,
+        };
         let store = SledStore {
+            outbox_floor: AtomicU64::new(outbox_floor),
             audit: Segments::open(&db, b"A/", AUDIT_PER_SEGMENT)?,
             applied: Segments::open(&db, b"d/", APPLIED_PER_SEGMENT)?,
             db: RwLock::new(Some(db)),
@@ -352,6 +362,12 @@ impl Store for SledStore {
                 b.insert(CHECKPOINT, &seq.to_be_bytes());
             }
         }
+        if let Some(seq) = c.state_seq
+            && seq > self.state_position()?
+        {
+            b.insert(STATE_SEQ, &seq.to_be_bytes());
+        }
+        let last_outbox_key = c.outbox_put.iter().map(|e| e.key).max();
         written += entries
             .iter()
             .chain(&applied_records)
@@ -363,6 +379,10 @@ impl Store for SledStore {
         self.audit.install(audit);
         self.applied.install(applied);
         self.db()?.flush()?;
+        if let Some(k) = last_outbox_key {
+            self.outbox_floor
+                .fetch_max(k.saturating_add(1), Ordering::Relaxed);
+        }
         self.written.fetch_add(
             u64::try_from(written).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -371,7 +391,14 @@ impl Store for SledStore {
     }
 
     fn next_outbox_key(&self) -> Result<u64> {
-        Ok(self.db()?.generate_id()?)
+        // sled's generator knows only the keys this process drew: a change set applied from
+        // the state log (another broker's) may have put higher ones.
+        let drawn = self.db()?.generate_id()?;
+        let floor = self.outbox_floor.load(Ordering::Relaxed);
+        let key = drawn.max(floor);
+        self.outbox_floor
+            .fetch_max(key.saturating_add(1), Ordering::Relaxed);
+        Ok(key)
     }
 
     fn outbox(&self) -> Result<Vec<OutboxEntry>> {
@@ -409,6 +436,13 @@ impl Store for SledStore {
             });
         }
         Ok(out)
+    }
+
+    fn state_position(&self) -> Result<u64> {
+        match self.db()?.get(STATE_SEQ)? {
+            Some(v) => u64_from("m/state-seq", &v),
+            None => Ok(0),
+        }
     }
 
     fn checkpoint(&self) -> Result<u64> {

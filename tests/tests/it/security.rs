@@ -300,7 +300,12 @@ async fn an_agency_acts_only_as_itself_and_reads_only_its_own() {
     stream_names.sort();
     assert_eq!(
         stream_names,
-        [subject::IN_STREAM, subject::OUT_STREAM],
+        [
+            "KV_YEONGYE_LEADER",
+            subject::IN_STREAM,
+            subject::OUT_STREAM,
+            "YEONGYE_STATE"
+        ],
         "no SPY stream"
     );
     assert_eq!(

@@ -1,0 +1,240 @@
+//! Replicated broker state on JetStream: brokers as members of one group, one leading.
+//!
+//! Every broker — the only one of a single-node install too: one code path — is a [`Member`]:
+//! - as a **standby** ([`Member::follow`]) it reads the state log (`log.rs`) and applies each
+//!   change set to its own store, and tries now and then to take the lease (`lease.rs`);
+//! - having taken it, it **takes over** ([`Member::take_over`]): reads the log to its end,
+//!   appends (fenced) a `leader` record, and then leads: the event loop (`server.rs`) appends
+//!   each turn's change set to the log before it commits it to the store, publishes or
+//!   acknowledges anything;
+//! - while leading, [`Member::keep`] renews the lease; if it is lost, or an append is fenced,
+//!   the broker stops leading and follows again.
+//!
+//! JetStream (R3 streams, a KV revision, expected-sequence headers) is the only consensus here:
+//! see ARCHITECTURE.md, "Replication".
+
+pub mod lease;
+pub mod log;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::ops::Ops;
+use crate::server::Command;
+use crate::store::{ChangeSet, Store};
+use lease::{Lease, Leases, Renewal};
+use log::{Record, Tail, Writer};
+
+/// How often a standby refreshes what operators see (the view, the log's length).
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// This broker as a member of its group.
+pub struct Member {
+    pub name: String,
+    js: jetstream::Context,
+    store: Arc<dyn Store>,
+    ops: Arc<Ops>,
+    leases: Leases,
+    ttl: Duration,
+}
+
+impl Member {
+    /// Creates (or updates) the state log and the lease bucket.
+    pub async fn join(
+        js: jetstream::Context,
+        name: &str,
+        store: Arc<dyn Store>,
+        ops: Arc<Ops>,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Member> {
+        log::ensure_stream(&js, replicas).await?;
+        let leases = Leases::open(&js, name, ttl, replicas).await?;
+        ops.set_cluster(|c| {
+            c.me = name.to_owned();
+            c.position = store.state_position().unwrap_or(0);
+        });
+        Ok(Member {
+            name: name.to_owned(),
+            js,
+            store,
+            ops,
+            leases,
+            ttl,
+        })
+    }
+
+    /// How often a standby tries to take the lease.
+    fn attempt_every(&self) -> Duration {
+        (self.ttl / 6).max(Duration::from_millis(100))
+    }
+
+    /// As a standby: applies the log as it grows, answers operators' commands with who leads,
+    /// and returns the lease once this broker takes it (not before `hold_off` has passed), or
+    /// None once `token` is cancelled.
+    pub async fn follow(
+        &self,
+        commands: &mut mpsc::Receiver<Command>,
+        token: &CancellationToken,
+        hold_off: Duration,
+    ) -> Result<Option<(Lease, Tail)>> {
+        self.ops.set_cluster(|c| c.leading = false);
+        let mut tail = Tail::open(&self.js, &self.name, self.store.state_position()?).await?;
+        let may_take = Instant::now() + hold_off;
+        let mut attempt = tokio::time::interval(self.attempt_every());
+        let mut refresh = tokio::time::interval(REFRESH);
+        let mut changed = true;
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return Ok(None),
+                record = tail.next() => match record? {
+                    Some((seq, record)) => {
+                        self.apply(seq, record)?;
+                        changed = true;
+                    }
+                    None => return Err(Error::Nats("the state log reader ended".into())),
+                },
+                Some(cmd) = commands.recv() => {
+                    let leader = self.leases.holder().await;
+                    cmd.refuse(&not_leading(leader.as_deref()));
+                }
+                _ = refresh.tick() => {
+                    self.refresh(changed).await;
+                    changed = false;
+                }
+                _ = attempt.tick(), if Instant::now() >= may_take => {
+                    if let Some(lease) = self.leases.try_take().await {
+                        tracing::info!(term = lease.term, "took the lease");
+                        return Ok(Some((lease, tail)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one record of the log to the store (a standby's, or a new leader's catching up).
+    fn apply(&self, seq: u64, record: Record) -> Result<()> {
+        let mut change = match record {
+            Record::Change(c) => *c,
+            Record::Leader { name, term } => {
+                tracing::info!(leader = %name, term, seq, "a broker took the lead");
+                self.ops.set_cluster(|c| {
+                    c.leader = Some(name);
+                    c.term = term;
+                });
+                ChangeSet::default()
+            }
+        };
+        change.state_seq = Some(seq);
+        tokio::task::block_in_place(|| self.store.commit(&change))?;
+        self.ops.set_cluster(|c| c.position = seq);
+        Ok(())
+    }
+
+    /// What operators see of a standby: the view from the store, the log's length.
+    async fn refresh(&self, changed: bool) {
+        if changed {
+            match tokio::task::block_in_place(|| crate::view::View::load(self.store.as_ref())) {
+                Ok(view) => self.ops.update_view(|v| *v = view),
+                Err(e) => tracing::warn!(cause = %e, "reading the view from the store"),
+            }
+        }
+        if let Ok(last) = log::last_sequence(&self.js).await {
+            self.ops.set_cluster(|c| c.log_last = last);
+        }
+    }
+
+    /// Having taken the lease: reads the log to its end and appends, fenced, this broker's
+    /// `leader` record. Returns the writer to lead with, or None if another broker appended
+    /// first (the lease is then given back).
+    pub async fn take_over(&self, lease: Lease, mut tail: Tail) -> Result<Option<(Lease, Writer)>> {
+        let started = Instant::now();
+        let last = log::last_sequence(&self.js).await?;
+        while tail.read < last {
+            match tail.next().await? {
+                Some((seq, record)) => self.apply(seq, record)?,
+                None => return Err(Error::Nats("the state log reader ended".into())),
+            }
+        }
+        drop(tail);
+        let writer = Writer::new(self.js.clone(), &self.name, lease.term, last);
+        let record = Record::Leader {
+            name: self.name.clone(),
+            term: lease.term,
+        };
+        match writer.append(&record).await {
+            Ok(seq) => {
+                self.apply(seq, record)?;
+                self.ops.set_cluster(|c| {
+                    c.leading = true;
+                    c.log_last = seq;
+                });
+                tracing::info!(
+                    term = lease.term,
+                    seq,
+                    caught_up_ms = started.elapsed().as_millis() as u64,
+                    "leading"
+                );
+                Ok(Some((lease, writer)))
+            }
+            Err(Error::Fenced { .. }) => {
+                tracing::warn!("another broker appended to the state log first: following");
+                self.leases.release(lease).await;
+                Ok(None)
+            }
+            Err(e) => {
+                self.leases.release(lease).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// While leading: renews the lease, on a task of its own (never starved by the event loop's
+    /// turns), until `token` is cancelled (then hands the lease back, to give back) or it is
+    /// lost (then cancels `token` and hands back None).
+    pub fn keep(
+        &self,
+        mut lease: Lease,
+        token: CancellationToken,
+    ) -> tokio::task::JoinHandle<Option<Lease>> {
+        let leases = self.leases.clone();
+        let every = self.ttl / 3;
+        tokio::spawn(async move {
+            let mut renew = tokio::time::interval(every);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return Some(lease),
+                    _ = renew.tick() => match leases.renew(&mut lease).await {
+                        Ok(()) => {}
+                        Err(Renewal::Lost) => {
+                            tracing::warn!(term = lease.term, "lost the lease: stepping down");
+                            token.cancel();
+                            return None;
+                        }
+                        Err(Renewal::Unavailable(cause)) => {
+                            tracing::warn!(%cause, "renewing the lease failed; the state log's fence keeps writes safe");
+                        }
+                    },
+                }
+            }
+        })
+    }
+
+    pub async fn release(&self, lease: Lease) {
+        self.leases.release(lease).await;
+    }
+}
+
+fn not_leading(leader: Option<&str>) -> String {
+    match leader {
+        Some(l) => format!("this broker is a standby: the leader is {l}"),
+        None => "this broker is a standby and no broker leads right now: try again".to_owned(),
+    }
+}

@@ -1,0 +1,319 @@
+//! The state log: the stream `YEONGYE_STATE`, to which the leading broker appends every change
+//! set before it applies it to its own store, publishes an effect or acknowledges a message.
+//!
+//! **The fence.** Every append carries `Nats-Expected-Last-Sequence` = the last sequence the
+//! writer applied: JetStream refuses it (10071) if anything else was appended since, so a broker
+//! that is not up to date — a deposed leader back from a pause — cannot write, whatever it
+//! believes about its lease. Each append's `Nats-Msg-Id` is unique to it (writer, term,
+//! position, part): a retry after a lost PubAck that JetStream reports as a duplicate is this
+//! very append, landed (the dedup check comes before the fence: NATS-NOTES.md).
+//!
+//! **Parts.** A record larger than [`PART_BYTES`] is appended in consecutive parts, each fenced
+//! on the one before, so no other writer's append can come between them. A reader applies a
+//! record once its last part is read; parts of a record whose writer died before its last are
+//! dropped when the next record begins (the next leader's `leader` record).
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::store::{ChangeSet, decode_change_set, encode_change_set};
+
+pub const STATE_STREAM: &str = "YEONGYE_STATE";
+pub const STATE_SUBJECT: &str = "yeongye.state";
+/// Largest part of a record (NATS's default `max_payload` is 1 MiB).
+pub const PART_BYTES: usize = 256 * 1024;
+/// How long an append is retried (with the same id) while JetStream cannot take it (a stream
+/// leader election takes up to ~10 s on nats-server 2.12): past it the writer steps down.
+const APPEND_BUDGET: Duration = Duration::from_secs(30);
+
+const KIND: &str = "Yeongye-Kind";
+const PART: &str = "Yeongye-Part";
+const RECORD: &str = "Yeongye-Record";
+
+/// One record of the log.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// A change set, committed by the leader of `term`.
+    Change(Box<ChangeSet>),
+    /// A broker took the lead: everything after it is its own.
+    Leader { name: String, term: u64 },
+}
+
+impl Record {
+    fn kind(&self) -> &'static str {
+        match self {
+            Record::Change(_) => "change",
+            Record::Leader { .. } => "leader",
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Record::Change(c) => encode_change_set(c),
+            Record::Leader { name, term } => format!("{term} {name}").into_bytes(),
+        }
+    }
+
+    fn decode(kind: &str, bytes: &[u8]) -> Result<Record> {
+        match kind {
+            "change" => Ok(Record::Change(Box::new(decode_change_set(bytes)?))),
+            "leader" => {
+                let text = std::str::from_utf8(bytes).map_err(|_| corrupt("leader record"))?;
+                let (term, name) = text.split_once(' ').ok_or_else(|| corrupt(text))?;
+                let term = term.parse().map_err(|_| corrupt(text))?;
+                Ok(Record::Leader {
+                    name: name.to_owned(),
+                    term,
+                })
+            }
+            other => Err(corrupt(&format!("unknown record kind {other:?}"))),
+        }
+    }
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::CorruptRecord {
+        key: "state log".into(),
+        message: what.chars().take(120).collect(),
+    }
+}
+
+/// Creates or updates `YEONGYE_STATE`: file storage, `replicas`, kept until trimmed behind a
+/// snapshot (no age limit: a broker on an empty disk needs it all, from the last snapshot).
+pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    js.create_or_update_stream(stream::Config {
+        name: STATE_STREAM.to_owned(),
+        subjects: vec![STATE_SUBJECT.to_owned()],
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_message_size: i32::try_from(PART_BYTES + 4096).unwrap_or(i32::MAX),
+        duplicate_window: Duration::from_secs(120),
+        // Never drop a record to make room: an append is refused instead.
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::Nats(format!("stream {STATE_STREAM}: {e}")))?;
+    Ok(())
+}
+
+/// The log's last sequence (0: empty).
+pub async fn last_sequence(js: &jetstream::Context) -> Result<u64> {
+    let mut s = js.get_stream(STATE_STREAM).await.map_err(Error::nats)?;
+    let info = s.info().await.map_err(Error::nats)?;
+    Ok(info.state.last_sequence)
+}
+
+/// The leader's pen: appends fenced on the last sequence it wrote or read.
+pub struct Writer {
+    js: jetstream::Context,
+    name: String,
+    term: u64,
+    position: std::sync::Mutex<u64>,
+}
+
+impl Writer {
+    /// A writer for broker `name` leading in `term`, its store applied up to `position`.
+    pub fn new(js: jetstream::Context, name: &str, term: u64, position: u64) -> Writer {
+        Writer {
+            js,
+            name: name.to_owned(),
+            term,
+            position: std::sync::Mutex::new(position),
+        }
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    pub fn position(&self) -> u64 {
+        *self.position.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `record`, fenced; returns the sequence of its last part. [`Error::Fenced`] if
+    /// another broker appended since this one's position (it must stop leading); another error
+    /// if JetStream did not take it within the budget (whether it landed is then unknown: the
+    /// caller steps down and reads the log again).
+    pub async fn append(&self, record: &Record) -> Result<u64> {
+        self.append_encoded(record.kind(), record.encode()).await
+    }
+
+    /// [`append`](Self::append) of a change set, without copying it into a [`Record`].
+    pub async fn append_change(&self, change: &ChangeSet) -> Result<u64> {
+        self.append_encoded("change", encode_change_set(change))
+            .await
+    }
+
+    async fn append_encoded(&self, kind: &'static str, bytes: Vec<u8>) -> Result<u64> {
+        let parts: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[]]
+        } else {
+            bytes.chunks(PART_BYTES).collect()
+        };
+        let start = self.position();
+        let id = format!("{}.{}.{}", self.name, self.term, start);
+        let mut last = start;
+        for (i, part) in parts.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(KIND, kind);
+            headers.insert(PART, format!("{}/{}", i + 1, parts.len()).as_str());
+            headers.insert(RECORD, id.as_str());
+            headers.insert("Nats-Expected-Last-Sequence", last.to_string().as_str());
+            headers.insert("Nats-Msg-Id", format!("{id}.{i}").as_str());
+            last = self.publish(headers, part.to_vec(), last).await?;
+        }
+        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = last;
+        Ok(last)
+    }
+
+    async fn publish(&self, headers: HeaderMap, payload: Vec<u8>, expected: u64) -> Result<u64> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let sent = self
+                .js
+                .publish_with_headers(STATE_SUBJECT, headers.clone(), payload.clone().into())
+                .await;
+            let error = match sent {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => return Ok(ack.sequence),
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                        return Err(Error::Fenced {
+                            expected,
+                            detail: e.to_string(),
+                        });
+                    }
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() > APPEND_BUDGET {
+                return Err(Error::Nats(format!("state log append: {error}")));
+            }
+            tracing::warn!(cause = %error, "state log append failed; retrying with the same id");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// A reader of the log from a position on: whole records, in order.
+pub struct Tail {
+    messages: consumer::pull::Ordered,
+    /// The last sequence read (parts of an unfinished record included).
+    pub read: u64,
+    partial: Option<Partial>,
+}
+
+struct Partial {
+    id: String,
+    kind: String,
+    next: usize,
+    of: usize,
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    /// Reads the log after sequence `after`.
+    pub async fn open(js: &jetstream::Context, name: &str, after: u64) -> Result<Tail> {
+        let stream = js.get_stream(STATE_STREAM).await.map_err(Error::nats)?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                // Named by the server: a reader of an earlier run of this broker may linger
+                // (until its inactivity threshold) and a new one must not collide with it.
+                name: None,
+                description: Some(format!("state log reader of broker {name}")),
+                deliver_policy: if after == 0 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    }
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)?;
+        let messages = consumer.messages().await.map_err(Error::nats)?;
+        Ok(Tail {
+            messages,
+            read: after,
+            partial: None,
+        })
+    }
+
+    /// The next whole record and the sequence of its last part; None if the reader ended.
+    pub async fn next(&mut self) -> Result<Option<(u64, Record)>> {
+        loop {
+            let Some(m) = self.messages.next().await else {
+                return Ok(None);
+            };
+            let m = m.map_err(Error::nats)?;
+            let seq = m.info().map_err(Error::nats)?.stream_sequence;
+            self.read = seq;
+            if let Some(record) = self.take(seq, &m)? {
+                return Ok(Some((seq, record)));
+            }
+        }
+    }
+
+    fn take(&mut self, seq: u64, m: &jetstream::Message) -> Result<Option<Record>> {
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let (kind, id, part) = (header(KIND), header(RECORD), header(PART));
+        let (i, of) = part
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)))
+            .filter(|(i, n)| *i >= 1 && i <= n)
+            .ok_or_else(|| corrupt(&format!("record at {seq}: bad part {part:?}")))?;
+        let continues = self
+            .partial
+            .as_ref()
+            .is_some_and(|p| p.id == id && p.next == i && p.of == of);
+        if !continues {
+            if let Some(p) = self.partial.take() {
+                tracing::warn!(
+                    record = %p.id,
+                    parts = p.next - 1,
+                    of = p.of,
+                    "dropping a record its writer did not finish"
+                );
+            }
+            if i != 1 {
+                // The rest of a record whose first part is behind the reader's start (or was
+                // dropped): nothing of it is applied.
+                return Ok(None);
+            }
+            self.partial = Some(Partial {
+                id,
+                kind,
+                next: 1,
+                of,
+                bytes: Vec::new(),
+            });
+        }
+        let Some(p) = self.partial.as_mut() else {
+            return Ok(None);
+        };
+        p.bytes.extend_from_slice(&m.payload);
+        p.next += 1;
+        if p.next <= p.of {
+            return Ok(None);
+        }
+        let Some(p) = self.partial.take() else {
+            return Ok(None);
+        };
+        Record::decode(&p.kind, &p.bytes).map(Some)
+    }
+}

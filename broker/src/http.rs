@@ -80,6 +80,7 @@ pub fn router(state: AppState, access: Access) -> Router {
     let mut reads = Router::new()
         .route("/api/v1/queues", get(api::queues))
         .route("/api/v1/cluster", get(api::cluster))
+        .route("/api/v1/digest", get(api::digest))
         .route("/api/v1/overdue", get(api::overdue))
         .route("/api/v1/referrals/{id}", get(api::referral))
         .route("/api/v1/dead-letters", get(api::dead_letters))

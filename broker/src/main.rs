@@ -47,8 +47,12 @@ enum Command {
     Run,
     /// Check the configuration and the registry, print the effective configuration, exit.
     CheckConfig,
-    /// Per-agency queues: sent, awaiting receipt and acceptance, in progress, overdue, dead letters.
+    /// Per-agency queues: sent, awaiting receipt and acceptance, in progress, overdue, dead
+    /// letters; the streams; this broker's role, the leader and the state log's position.
     Status,
+    /// Hand leadership over (ask the broker given by --api, the leader): it finishes what it
+    /// has in flight, gives the lease back and leaves it to a standby for a few seconds.
+    StepDown,
     /// One referral's state and history (ids and states only).
     Referral {
         #[command(subcommand)]
@@ -435,6 +439,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Registry {
             command: RegistryCommand::Reload,
         } => out(&pretty(&api().post("/api/v1/registry/reload", &json!({}))?))?,
+        Command::StepDown => out(&pretty(&api().post("/api/v1/step-down", &json!({}))?))?,
         Command::Audit { store, command } => {
             let api = cli
                 .api

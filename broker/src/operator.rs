@@ -265,6 +265,19 @@ pub fn render_queues(q: &Value) -> String {
     if !streams.is_empty() {
         out.push_str(&format!("streams: {}\n", streams.join("; ")));
     }
+    if let Some(c) = q.get("cluster").filter(|c| c.is_object()) {
+        out.push_str(&format!(
+            "broker: {} ({}), leader {}, term {}, state log {} of {} (lag {}), takeovers {}\n",
+            s(c, "broker"),
+            s(c, "role"),
+            c.get("leader").and_then(Value::as_str).unwrap_or("NONE"),
+            s(c, "term"),
+            s(c, "state_log_position"),
+            s(c, "state_log_last"),
+            s(c, "lag"),
+            s(c, "takeovers"),
+        ));
+    }
     out
 }
 

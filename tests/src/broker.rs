@@ -201,7 +201,11 @@ impl BrokerProcess {
     /// Writes `config` to `<dir>/broker.toml`, starts the broker and waits until it is ready.
     /// Unless `config.extra` names an `operators_file`, the broker gets one listing
     /// [`TEST_OPERATOR`].
-    pub async fn start(dir: &Path, mut config: BrokerConfig) -> BrokerProcess {
+    pub async fn start(dir: &Path, config: BrokerConfig) -> BrokerProcess {
+        BrokerProcess::start_with(dir, config, true).await
+    }
+
+    async fn start_with(dir: &Path, mut config: BrokerConfig, wait_ready: bool) -> BrokerProcess {
         std::fs::create_dir_all(dir).expect("create broker dir");
         if !config.extra.contains_key("operators_file") {
             let file = write_test_operator(dir);
@@ -225,7 +229,10 @@ impl BrokerProcess {
             child: None,
             starts: 0,
         };
-        broker.start_again().await;
+        broker.spawn();
+        if wait_ready {
+            broker.wait_ready().await;
+        }
         broker
     }
 
@@ -267,10 +274,69 @@ impl BrokerProcess {
         }
     }
 
+    /// [`BrokerProcess::start`] for a broker that joins a group whose leader is another: waits
+    /// until it follows the state log as a standby (a standby answers no queries).
+    pub async fn start_standby(dir: &Path, config: BrokerConfig) -> BrokerProcess {
+        let mut broker = BrokerProcess::start_with(dir, config, false).await;
+        broker.wait_role("standby", READY_TIMEOUT).await;
+        broker
+    }
+
+    /// SIGSTOP: the broker is frozen (its lease runs out, its connections stay open).
+    pub fn freeze(&self) {
+        process::signal(self.pid().expect("running"), "STOP");
+    }
+
+    /// SIGCONT after [`BrokerProcess::freeze`].
+    pub fn thaw(&self) {
+        process::signal(self.pid().expect("running"), "CONT");
+    }
+
+    /// The broker's `/api/v1/cluster` (None if it does not answer).
+    pub async fn cluster(&self) -> Option<serde_json::Value> {
+        let ops = crate::ops::OpsHttp::new(&self.config.http_addr);
+        let r = ops.try_request("GET", "/api/v1/cluster", None).await.ok()?;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// Waits until the broker says it is `role` (`leader` or `standby`); panics with the log's
+    /// tail after `timeout` or if it exits.
+    pub async fn wait_role(&mut self, role: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = process::exited(child)
+            {
+                self.child = None;
+                panic!("referral-broker exited ({status})\n{}", self.log_tail());
+            }
+            if let Some(c) = self.cluster().await
+                && c["role"] == role
+            {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "referral-broker not {role} after {timeout:?}: {:?}\n{}",
+                    self.cluster().await,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts the broker (it must not be running) with the same configuration and store, and
     /// waits until it is ready. The configuration file is written again, so a test may change
     /// [`BrokerProcess::config_mut`] in between.
     pub async fn start_again(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Starts the broker again without waiting for anything (a standby is never "ready" in
+    /// [`BrokerProcess::wait_ready`]'s sense: wait with [`BrokerProcess::wait_role`]).
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "the broker is already running");
         std::fs::write(self.config_path(), self.config.to_toml()).expect("write broker.toml");
         let bin = crate::workspace_bin("referral-broker");
@@ -298,7 +364,6 @@ impl BrokerProcess {
             marker.as_bytes(),
         );
         self.child = Some(process::spawn_logged(&mut cmd, &self.log_path()));
-        self.wait_ready().await;
     }
 
     pub fn config_mut(&mut self) -> &mut BrokerConfig {

@@ -86,6 +86,46 @@ pub(super) async fn cluster(State(state): State<AppState>) -> Json<ClusterRow> {
     Json(cluster_row(&state))
 }
 
+#[derive(Serialize)]
+pub(crate) struct DigestRow {
+    broker: String,
+    state_log_position: u64,
+    /// Hex SHA-256 of everything the store holds (`store::digest`): equal on two brokers
+    /// that applied the same state log.
+    digest: String,
+}
+
+/// The store's digest and the state-log position it was read at (read again if the position
+/// moved meanwhile, so that the pair is consistent on a standby still applying).
+pub(super) async fn digest(State(state): State<AppState>) -> Response {
+    let ops = state.ops.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        for _ in 0..20 {
+            let before = ops.store().state_position()?;
+            let digest = crate::store::digest(ops.store())?;
+            if ops.store().state_position()? == before {
+                return Ok(Some((before, digest)));
+            }
+        }
+        Ok::<_, crate::error::Error>(None)
+    })
+    .await;
+    match read {
+        Ok(Ok(Some((position, digest)))) => Json(DigestRow {
+            broker: state.ops.cluster().me,
+            state_log_position: position,
+            digest: hex::encode(digest),
+        })
+        .into_response(),
+        Ok(Ok(None)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store kept changing while it was read: try again",
+        ),
+        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "the digest task failed"),
+    }
+}
+
 /// A standby does not act: the answer says who does (503, so that a client may try the
 /// leader; the body names it).
 fn standby(state: &AppState) -> Option<Response> {

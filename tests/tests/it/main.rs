@@ -15,6 +15,7 @@ mod crash;
 mod deadline;
 mod dedup;
 mod deputy;
+mod failover;
 mod harness;
 mod hostile;
 mod http_api;

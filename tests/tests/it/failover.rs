@@ -1,0 +1,436 @@
+//! Standby brokers (issue #14): two brokers share a three-node JetStream cluster (every stream
+//! and bucket R3); one leads, the other follows the state log. The leader is killed (-9) under
+//! traffic, or frozen (SIGSTOP) past its lease and thawed after a standby took over: nothing
+//! acknowledged is lost, nothing is applied or delivered twice, the audit chain verifies, and
+//! both brokers end with the same stored state (the digest of everything each stores). And the
+//! state log's fence itself, on a real server: a deposed writer's append is refused.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use yeongye_broker::cluster::log::{self, Record, Tail, Writer};
+use yeongye_broker::store::ChangeSet;
+use yeongye_tests::adapter::AdapterConfig;
+use yeongye_tests::ops::OpsHttp;
+use yeongye_tests::{
+    AdapterProcess, BrokerConfig, BrokerProcess, NatsCluster, NatsServer, ReferralBuilder,
+    WireClient, registry, sdk, v1,
+};
+
+use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
+
+/// A group: three NATS nodes, two brokers (`a` leads, `b` follows), the recipient's adapter and
+/// the sender's SDK, all given every server.
+struct Group {
+    _dir: tempfile::TempDir,
+    cluster: NatsCluster,
+    a: BrokerProcess,
+    b: BrokerProcess,
+    recipient: AdapterProcess,
+    sender: Arc<yeongye_adapter::Adapter>,
+}
+
+impl Group {
+    async fn start() -> Group {
+        let cluster = NatsCluster::start(3).await;
+        let urls = cluster.urls();
+        let dir = tempfile::Builder::new()
+            .prefix("yeongye-failover-")
+            .tempdir()
+            .expect("tempdir");
+        let registry_path = dir.path().join("registry.toml");
+        registry::write(&registry_path, &[CENTRE, HOPE]);
+        let config = |name: &str| {
+            let mut c = BrokerConfig::new(
+                &urls[0],
+                &dir.path().join(name).join("store"),
+                &registry_path,
+            );
+            c.nats_urls = urls.clone();
+            c.extra
+                .insert("stream_replicas".into(), toml::Value::Integer(3));
+            c.extra
+                .insert("broker_name".into(), toml::Value::String(name.into()));
+            c
+        };
+        let a = BrokerProcess::start(&dir.path().join("broker-a"), config("broker-a")).await;
+        let b =
+            BrokerProcess::start_standby(&dir.path().join("broker-b"), config("broker-b")).await;
+        let mut recipient_config = AdapterConfig {
+            agency: HOPE.to_owned(),
+            nats_urls: urls.clone(),
+            state_dir: dir.path().join("hope/state"),
+            extra: toml::Table::new(),
+        };
+        recipient_config.extra.insert(
+            "registry".into(),
+            toml::Value::String(registry_path.display().to_string()),
+        );
+        let recipient = AdapterProcess::start_with(&dir.path().join("hope"), recipient_config);
+        let sender =
+            Arc::new(sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await);
+        Group {
+            _dir: dir,
+            cluster,
+            a,
+            b,
+            recipient,
+            sender,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "--- broker-a ---\n{}\n--- broker-b ---\n{}\n{}",
+            self.a.log_tail(),
+            self.b.log_tail(),
+            self.recipient.describe()
+        )
+    }
+
+    /// Sends `n` referrals, `parallel` at a time, each retried by the SDK until stored; counts
+    /// them in `sent`; returns their ids.
+    fn traffic(
+        &self,
+        n: usize,
+        parallel: usize,
+        sent: Arc<AtomicUsize>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..parallel {
+                let (sender, next, sent) = (sender.clone(), next.clone(), sent.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    while next.fetch_add(1, Ordering::SeqCst) < n {
+                        let referral = ReferralBuilder::new(CENTRE, HOPE).build();
+                        let id = sender
+                            .send(referral)
+                            .await
+                            .expect("stored within the budget");
+                        ids.push(id);
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                    ids
+                }));
+            }
+            let mut ids = Vec::new();
+            for t in tasks {
+                ids.extend(t.await.expect("a sender task"));
+            }
+            ids
+        })
+    }
+
+    /// Every id RECEIVED, with one SUBMITTED and one RECEIVED in its history, handed to the
+    /// recipient once, and one delivery each in the R3 outbound stream.
+    async fn assert_each_once(&self, ids: &[String]) {
+        let wire = WireClient::connect(&self.cluster.urls()[1], CENTRE).await;
+        wire.wait_all_in_state(ids, v1::ReferralState::Received, REDELIVERY, || {
+            self.describe()
+        })
+        .await;
+        for id in ids {
+            let reply = wire.query(id).await;
+            let count =
+                |s: v1::ReferralState| reply.history.iter().filter(|h| h.state() == s).count();
+            assert_eq!(
+                (
+                    count(v1::ReferralState::Submitted),
+                    count(v1::ReferralState::Received)
+                ),
+                (1, 1),
+                "{reply:?}"
+            );
+        }
+        self.recipient
+            .wait_lines("every delivery", SHORT, |lines| {
+                ids.iter().all(|id| {
+                    lines
+                        .iter()
+                        .any(|l| l.kind() == "delivery" && l.referral_id() == Some(id.as_str()))
+                })
+            })
+            .await;
+        for id in ids {
+            assert_eq!(
+                self.recipient.deliveries_of(id),
+                1,
+                "{id} handed over twice"
+            );
+        }
+        let js = jetstream::new(self.cluster.nodes[2].connect().await);
+        assert_eq!(
+            deliveries_in_stream(&js, HOPE).await,
+            ids.len() as u64,
+            "one delivery per referral in the outbound stream"
+        );
+    }
+}
+
+/// Deliveries in the outbound stream for `agency`, counted by an ephemeral consumer.
+async fn deliveries_in_stream(js: &jetstream::Context, agency: &str) -> u64 {
+    let stream = js
+        .get_stream(yeongye_proto::subject::OUT_STREAM)
+        .await
+        .expect("the outbound stream");
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: format!("yeongye.out.{agency}.delivery"),
+            ..Default::default()
+        })
+        .await
+        .expect("an ephemeral consumer");
+    consumer.info().await.expect("consumer info").num_pending
+}
+
+async fn wait_sent(sent: &AtomicUsize, target: usize) {
+    let start = Instant::now();
+    while sent.load(Ordering::SeqCst) < target {
+        assert!(
+            start.elapsed() < REDELIVERY,
+            "only {} of {target} stored",
+            sent.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until both brokers have applied the state log to the same position, then asserts
+/// that they store the same (their digests), and that each one's audit chain verifies.
+async fn assert_identical(a: &BrokerProcess, b: &BrokerProcess, context: impl Fn() -> String) {
+    let (ha, hb) = (
+        OpsHttp::new(&a.config().http_addr),
+        OpsHttp::new(&b.config().http_addr),
+    );
+    let start = Instant::now();
+    loop {
+        let (da, db) = (
+            ha.get_json("/api/v1/digest").await,
+            hb.get_json("/api/v1/digest").await,
+        );
+        if da["state_log_position"] == db["state_log_position"] && da["digest"] == db["digest"] {
+            eprintln!(
+                "identical at state log position {}: {}",
+                da["state_log_position"], da["digest"]
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < SHORT,
+            "the brokers differ: {da} vs {db}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for h in [&ha, &hb] {
+        let v = h.get_json("/api/v1/audit/verify").await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+}
+
+/// Polls `broker` until it says it leads; returns how long that took.
+async fn wait_leading(broker: &mut BrokerProcess, since: Instant) -> Duration {
+    broker.wait_role("leader", SHORT).await;
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing_is_lost_or_doubled()
+ {
+    let mut g = Group::start().await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let traffic = g.traffic(1000, 4, sent.clone());
+    wait_sent(&sent, 300).await;
+
+    let killed = Instant::now();
+    g.a.kill9();
+    // A referral sent right after the kill: flowing again once it is RECEIVED (the recipient's
+    // adapter acknowledges what it is delivered).
+    let probe = g
+        .sender
+        .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
+        .await
+        .expect("stored: the streams do not need a broker");
+    let led = wait_leading(&mut g.b, killed).await;
+    let wire = WireClient::connect(&g.cluster.urls()[0], CENTRE).await;
+    wire.wait_all_in_state(
+        std::slice::from_ref(&probe),
+        v1::ReferralState::Received,
+        REDELIVERY,
+        || g.describe(),
+    )
+    .await;
+    let flowing = killed.elapsed();
+    eprintln!(
+        "failover: broker-b led {led:?} after the kill; referrals flowing again after {flowing:?}"
+    );
+    assert!(
+        flowing < Duration::from_secs(20),
+        "referrals flowed again only {flowing:?} after the leader's kill"
+    );
+
+    let mut ids = traffic.await.expect("the sender");
+    assert_eq!(ids.len(), 1000);
+    ids.push(probe);
+    g.assert_each_once(&ids).await;
+
+    // The killed broker comes back as a standby and catches up: both store the same.
+    g.a.spawn();
+    g.a.wait_role("standby", SHORT).await;
+    assert_identical(&g.a, &g.b, || g.describe()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_is_fenced_steps_down_and_publishes_nothing() {
+    let mut g = Group::start().await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    // Referrals keep coming while the leader is frozen, so that it has some in hand when it
+    // wakes.
+    let traffic = g.traffic(300, 2, sent.clone());
+    wait_sent(&sent, 50).await;
+    let frozen = Instant::now();
+    g.a.freeze();
+    let led = wait_leading(&mut g.b, frozen).await;
+    eprintln!("broker-b leads {led:?} after broker-a froze");
+    // The new leader commits (and so appends) before the old one wakes.
+    let wire = WireClient::connect(&g.cluster.urls()[0], CENTRE).await;
+    let probe = g
+        .sender
+        .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
+        .await
+        .expect("stored");
+    wire.wait_all_in_state(
+        std::slice::from_ref(&probe),
+        v1::ReferralState::Received,
+        REDELIVERY,
+        || g.describe(),
+    )
+    .await;
+
+    g.a.thaw();
+    g.a.wait_role("standby", SHORT).await;
+    let log = std::fs::read_to_string(g.a.log_path()).unwrap_or_default();
+    let fenced = log.contains("fenced");
+    let lost = log.contains("lost the lease");
+    eprintln!("broker-a woke and stepped down: fenced {fenced}, lease found lost {lost}");
+    assert!(fenced || lost, "{}", g.describe());
+
+    let mut ids = traffic.await.expect("the sender");
+    ids.push(probe);
+    g.assert_each_once(&ids).await;
+    assert_identical(&g.a, &g.b, || g.describe()).await;
+    // broker-a did not lead again.
+    assert_eq!(
+        g.b.cluster().await.expect("broker-b answers")["role"],
+        "leader"
+    );
+}
+
+/// The fence and the parts, on a real server: what every broker's safety rests on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(nats.connect().await);
+    log::ensure_stream(&js, 1).await.expect("the state log");
+
+    let change = |checkpoint: u64| ChangeSet {
+        checkpoint: Some(checkpoint),
+        ..Default::default()
+    };
+    // The first leader writes; a second takes over at the log's end.
+    let first = Writer::new(js.clone(), "one", 1, 0);
+    let s1 = first.append_change(&change(10)).await.expect("appended");
+    let second = Writer::new(js.clone(), "two", 2, s1);
+    let s2 = second
+        .append(&Record::Leader {
+            name: "two".into(),
+            term: 2,
+        })
+        .await
+        .expect("the new leader's record");
+    // The deposed writer, still believing it leads, is refused: nothing of its change lands.
+    match first.append_change(&change(11)).await {
+        Err(yeongye_broker::Error::Fenced { expected, .. }) => assert_eq!(expected, s1),
+        other => panic!("a deposed writer's append was not fenced: {other:?}"),
+    }
+    assert_eq!(log::last_sequence(&js).await.expect("info"), s2);
+
+    // A record larger than a part is appended in parts and read back whole.
+    let big = ChangeSet {
+        dead_letters: (0..3)
+            .map(|i| yeongye_broker::store::DeadLetter {
+                stream_seq: i,
+                subject: "yeongye.in.x.referral".into(),
+                message_id: format!("m{i}"),
+                sender: "x".into(),
+                referral_id: String::new(),
+                code: 1,
+                detail: "d".into(),
+                at: 1,
+                raw: vec![7; log::PART_BYTES / 2],
+                status: yeongye_broker::store::DeadLetterStatus::Open,
+                actions: Vec::new(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let s3 = second.append_change(&big).await.expect("a big record");
+    assert!(s3 >= s2 + 2, "{s3} after {s2}: in parts");
+
+    // A record its writer did not finish (its first part only), then the next leader's record:
+    // a reader drops the unfinished one.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Yeongye-Kind", "change");
+    headers.insert("Yeongye-Part", "1/2");
+    headers.insert("Yeongye-Record", "two.2.x");
+    js.publish_with_headers(log::STATE_SUBJECT, headers, vec![1, 2, 3].into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let last = log::last_sequence(&js).await.expect("info");
+    let third = Writer::new(js.clone(), "three", 3, last);
+    let s4 = third
+        .append(&Record::Leader {
+            name: "three".into(),
+            term: 3,
+        })
+        .await
+        .expect("appended after the unfinished record");
+
+    let mut tail = Tail::open(&js, "reader", 0).await.expect("a reader");
+    let mut read = Vec::new();
+    while tail.read < s4 {
+        let (seq, record) = tokio::time::timeout(SHORT, tail.next())
+            .await
+            .expect("the reader keeps up")
+            .expect("a record")
+            .expect("not ended");
+        read.push((seq, record));
+    }
+    let kinds: Vec<String> = read
+        .iter()
+        .map(|(seq, r)| match r {
+            Record::Change(c) => format!("{seq}:change:{}", c.dead_letters.len()),
+            Record::Leader { name, term } => format!("{seq}:leader:{name}:{term}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            format!("{s1}:change:0"),
+            format!("{s2}:leader:two:2"),
+            format!("{s3}:change:3"),
+            format!("{s4}:leader:three:3"),
+        ]
+    );
+    match &read[2].1 {
+        Record::Change(c) => assert_eq!(c.dead_letters, big.dead_letters),
+        other => panic!("{other:?}"),
+    }
+}

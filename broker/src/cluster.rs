@@ -15,6 +15,7 @@
 
 pub mod lease;
 pub mod log;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +42,7 @@ pub struct Member {
     ops: Arc<Ops>,
     leases: Leases,
     ttl: Duration,
+    pub snapshots: snapshot::Snapshots,
 }
 
 impl Member {
@@ -55,6 +57,10 @@ impl Member {
     ) -> Result<Member> {
         log::ensure_stream(&js, replicas).await?;
         let leases = Leases::open(&js, name, ttl, replicas).await?;
+        let snapshots = snapshot::Snapshots::open(&js, replicas).await?;
+        restore_if_empty(&js, store.as_ref(), &snapshots).await?;
+        let newest = snapshots.positions().await?.last().copied().unwrap_or(0);
+        ops.set_cluster(|c| c.snapshot = newest);
         ops.set_cluster(|c| {
             c.me = name.to_owned();
             c.position = store.state_position().unwrap_or(0);
@@ -66,6 +72,7 @@ impl Member {
             ops,
             leases,
             ttl,
+            snapshots,
         })
     }
 
@@ -230,6 +237,46 @@ impl Member {
     pub async fn release(&self, lease: Lease) {
         self.leases.release(lease).await;
     }
+}
+
+/// A broker on an empty store starts from the newest snapshot (if any), then follows the log
+/// from its position. A store that is not empty but behind the log's start (trimmed past it)
+/// cannot catch up: that is an error saying what to do.
+async fn restore_if_empty(
+    js: &jetstream::Context,
+    store: &dyn Store,
+    snapshots: &snapshot::Snapshots,
+) -> Result<()> {
+    let position = store.state_position()?;
+    let empty = position == 0 && store.stats()? == crate::store::StoreStats::default();
+    let first = {
+        let mut s = js
+            .get_stream(log::STATE_STREAM)
+            .await
+            .map_err(Error::nats)?;
+        let info = s.info().await.map_err(Error::nats)?;
+        info.state.first_sequence
+    };
+    if !empty {
+        if position + 1 < first {
+            return Err(Error::InvalidConfig(format!(
+                "this broker's store is at state-log position {position}, but the log now starts                  at {first} (trimmed behind a snapshot): move the store directory away and start                  again, to restore from the newest snapshot"
+            )));
+        }
+        return Ok(());
+    }
+    let Some((at, bytes)) = snapshots.latest().await? else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    tokio::task::block_in_place(|| snapshot::restore(store, &bytes, at))?;
+    tracing::info!(
+        position = at,
+        bytes = bytes.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "an empty store restored from the newest snapshot"
+    );
+    Ok(())
 }
 
 fn not_leading(leader: Option<&str>) -> String {

@@ -96,6 +96,9 @@ pub struct Config {
     /// How long the leader's lease outlives its last renewal (renewed every third of it): a
     /// standby takes over about this long after a leader dies.
     pub lease_ttl_secs: u64,
+    /// The leader stores a snapshot of its state every this many state-log records (a turn
+    /// is one record), and the log is trimmed behind the older of the two newest.
+    pub snapshot_every_records: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,6 +190,7 @@ impl fmt::Debug for Config {
             stream_replicas,
             broker_name,
             lease_ttl_secs,
+            snapshot_every_records,
         } = self;
         f.debug_struct("Config")
             .field("nats_urls", &self.redacted_urls())
@@ -220,6 +224,7 @@ impl fmt::Debug for Config {
             .field("stream_replicas", stream_replicas)
             .field("broker_name", broker_name)
             .field("lease_ttl_secs", lease_ttl_secs)
+            .field("snapshot_every_records", snapshot_every_records)
             .finish()
     }
 }
@@ -275,6 +280,7 @@ impl Default for Config {
             stream_replicas: 1,
             broker_name: "broker".to_owned(),
             lease_ttl_secs: 3,
+            snapshot_every_records: 10_000,
         }
     }
 }
@@ -456,6 +462,12 @@ impl Config {
             return bad(format!(
                 "lease_ttl_secs {} is not within 2..=60",
                 self.lease_ttl_secs
+            ));
+        }
+        if !(10..=100_000_000).contains(&self.snapshot_every_records) {
+            return bad(format!(
+                "snapshot_every_records {} is not within 10..=100000000",
+                self.snapshot_every_records
             ));
         }
         if !(1..=10_000).contains(&self.batch_size) {
@@ -661,6 +673,7 @@ mod tests {
             "broker_name = \"a>\"",
             "lease_ttl_secs = 1",
             "lease_ttl_secs = 61",
+            "snapshot_every_records = 9",
             "http_allowed_hosts = [\"evil.example/x\"]",
             "[http_limits]\nheader_timeout_secs = 0",
             "operators_file = \"\"",

@@ -161,7 +161,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 Err(e) => return Err(e),
             };
             ops.set_cluster(|c| c.takeovers += 1);
+            let snapshots = Arc::new(cluster::snapshot::Snapshotter::new(
+                js.clone(),
+                member.snapshots.clone(),
+                ops.clone(),
+                cfg.snapshot_every_records,
+                ops.cluster().snapshot,
+            ));
             let lead = Leadership {
+                snapshots,
                 cfg: cfg.clone(),
                 store: store.clone(),
                 ops: ops.clone(),
@@ -219,6 +227,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
 /// What a broker needs to lead: the event loop and the query responder, for as long as its
 /// token lasts.
 struct Leadership {
+    snapshots: Arc<cluster::snapshot::Snapshotter>,
     cfg: Arc<Config>,
     store: Arc<dyn Store>,
     ops: Arc<ops::Ops>,
@@ -272,6 +281,7 @@ impl Leadership {
             js: self.js,
             cfg: self.cfg,
             log: Arc::new(writer),
+            snapshots: self.snapshots,
         };
         let stop = event_loop.run(consumer, command_rx, token.clone()).await;
         token.cancel();

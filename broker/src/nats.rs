@@ -146,11 +146,13 @@ pub async fn stream_health(
 ) -> Vec<crate::ops::StreamHealth> {
     let mut out = Vec::new();
     let lease = format!("KV_{}", crate::cluster::lease::LEASE_BUCKET);
+    let snapshots = format!("OBJ_{}", crate::cluster::snapshot::SNAPSHOT_BUCKET);
     let names = [
         subject::IN_STREAM,
         subject::OUT_STREAM,
         crate::cluster::log::STATE_STREAM,
         lease.as_str(),
+        snapshots.as_str(),
     ];
     for name in names {
         let info = match js.get_stream(name).await {

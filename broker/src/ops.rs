@@ -60,6 +60,8 @@ pub struct ClusterState {
     pub log_last: u64,
     /// Times this broker took the lead since it started.
     pub takeovers: u64,
+    /// The state-log position of the newest snapshot this broker knows stored.
+    pub snapshot: u64,
 }
 
 impl ClusterState {

@@ -73,6 +73,8 @@ pub struct EventLoop {
     /// The state log, as this leader writes it: every change set is appended (fenced) before
     /// it is committed to the store.
     pub log: Arc<crate::cluster::log::Writer>,
+    /// Takes the snapshots that let the log be trimmed.
+    pub snapshots: Arc<crate::cluster::snapshot::Snapshotter>,
 }
 
 /// Why the event loop stopped.
@@ -753,6 +755,12 @@ impl EventLoop {
         // Deliveries cancelled by a consent revocation must not go out after all.
         pending.committed(&changes.outbox_remove, changes.outbox_put);
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
+        // Between commits, as the one writer: a consistent read for a snapshot, when one is due.
+        if let Err(e) =
+            tokio::task::block_in_place(|| self.snapshots.maybe(self.store.as_ref(), appended))
+        {
+            tracing::warn!(cause = %e, "no snapshot taken");
+        }
         // Between commits, as the one writer: after enough writes the store may reopen so that
         // its engine writes a recovery snapshot (a stall about as long as a restart's open).
         let started = Instant::now();

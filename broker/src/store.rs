@@ -201,6 +201,9 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
+    /// Every applied inbound message's dedup key, with when it was applied and its digest
+    /// (empty if recorded without one), in key order (for a snapshot).
+    fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()>;
     /// The view's counters over every referral, as last committed.
     fn counts(&self) -> Result<Counts> {
         let mut c = Counts::default();

@@ -82,7 +82,21 @@ pub fn broker_publish<'a>(agencies: impl Iterator<Item = &'a str>) -> Vec<String
     for op in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
         allow.push(format!("$JS.API.CONSUMER.{op}.{state}.>"));
     }
+    let snaps = crate::cluster::snapshot::SNAPSHOT_BUCKET;
+    for op in ["INFO", "CREATE", "UPDATE"] {
+        allow.push(format!("$JS.API.STREAM.{op}.OBJ_{snaps}"));
+    }
+    for op in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
+        allow.push(format!("$JS.API.CONSUMER.{op}.OBJ_{snaps}.>"));
+    }
     allow.extend([
+        // Trimming the state log behind a snapshot; replacing and deleting snapshots' chunks.
+        format!("$JS.API.STREAM.PURGE.{state}"),
+        format!("$JS.API.STREAM.PURGE.OBJ_{snaps}"),
+        format!("$JS.API.CONSUMER.CREATE.OBJ_{snaps}"),
+        format!("$O.{snaps}.>"),
+        format!("$JS.API.DIRECT.GET.OBJ_{snaps}.>"),
+        format!("$JS.API.STREAM.MSG.GET.OBJ_{snaps}"),
         format!("$KV.{lease}.>"),
         format!("$JS.API.DIRECT.GET.KV_{lease}.>"),
         format!("$JS.API.STREAM.MSG.GET.KV_{lease}"),
@@ -99,11 +113,18 @@ pub fn broker_publish<'a>(agencies: impl Iterator<Item = &'a str>) -> Vec<String
 }
 
 /// What the broker's NATS user may never publish, whatever the allow list says (deny wins):
-/// the inbound subjects and every destructive JetStream API subject.
+/// the inbound subjects, a purge of the agencies' streams or the lease, and every stream or
+/// message delete. (It may purge only its own state log, trimmed behind a snapshot, and its
+/// snapshots' bucket.)
 pub fn broker_publish_deny() -> Vec<String> {
     vec![
         subject::IN_SUBJECTS.to_owned(),
-        "$JS.API.STREAM.PURGE.>".to_owned(),
+        format!("$JS.API.STREAM.PURGE.{}", subject::IN_STREAM),
+        format!("$JS.API.STREAM.PURGE.{}", subject::OUT_STREAM),
+        format!(
+            "$JS.API.STREAM.PURGE.KV_{}",
+            crate::cluster::lease::LEASE_BUCKET
+        ),
         "$JS.API.STREAM.DELETE.>".to_owned(),
         "$JS.API.STREAM.MSG.DELETE.>".to_owned(),
     ]

@@ -102,13 +102,17 @@ fn init_creates_the_broker_identity() {
     }
     let c = conf(&e);
     assert!(c.contains("user: \"broker\""), "{c}");
-    // The broker may publish only what it publishes: never the inbound subjects, never a purge.
+    // The broker may publish only what it publishes: never the inbound subjects, never a purge
+    // of the agencies' streams or the lease (only its own state log's, behind a snapshot).
     assert!(!c.contains("allow: [\">\"]"), "{c}");
     assert!(c.contains("\"yeongye.out.>\""), "{c}");
     assert!(
-        c.contains("deny: [\"yeongye.in.>\", \"$JS.API.STREAM.PURGE.>\""),
+        c.contains(
+            "deny: [\"yeongye.in.>\", \"$JS.API.STREAM.PURGE.YEONGYE_IN\", \"$JS.API.STREAM.PURGE.YEONGYE_OUT\", \"$JS.API.STREAM.PURGE.KV_YEONGYE_LEADER\""
+        ),
         "{c}"
     );
+    assert!(!c.contains("\"$JS.API.STREAM.PURGE.>\""), "{c}");
     assert!(
         c.contains("subscribe: { allow: [\"yeongye.query.*\", \"_INBOX_broker.>\"] }"),
         "{c}"

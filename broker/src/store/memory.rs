@@ -150,6 +150,17 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
+        let s = self.state();
+        let mut keys: Vec<&String> = s.seen.keys().collect();
+        keys.sort();
+        for k in keys {
+            let (at, digest) = &s.seen[k];
+            f(k, *at, digest);
+        }
+        Ok(())
+    }
+
     fn state_position(&self) -> Result<u64> {
         Ok(self.state().state_seq)
     }

@@ -483,6 +483,19 @@ impl Store for SledStore {
         Ok(n)
     }
 
+    fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
+        for kv in self.db()?.scan_prefix(b"s/") {
+            let (k, v) = kv?;
+            let dedup_key = String::from_utf8_lossy(&k[2..]);
+            let at = time_from_be(&v).ok_or_else(|| Error::CorruptRecord {
+                key: format!("s/{dedup_key}"),
+                message: "no applied-at time".into(),
+            })?;
+            f(&dedup_key, at, v.get(8..).unwrap_or_default());
+        }
+        Ok(())
+    }
+
     fn referrals(&self) -> Result<Vec<Referral>> {
         let mut out = Vec::new();
         for kv in self.db()?.scan_prefix(b"r/") {

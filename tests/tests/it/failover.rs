@@ -24,7 +24,9 @@ use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
 /// A group: three NATS nodes, two brokers (`a` leads, `b` follows), the recipient's adapter and
 /// the sender's SDK, all given every server.
 struct Group {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// A third broker's configuration (not started).
+    config: BrokerConfig,
     cluster: NatsCluster,
     a: BrokerProcess,
     b: BrokerProcess,
@@ -34,6 +36,11 @@ struct Group {
 
 impl Group {
     async fn start() -> Group {
+        Group::start_with(&[]).await
+    }
+
+    /// With `extra` in each broker's configuration.
+    async fn start_with(extra: &[(&str, toml::Value)]) -> Group {
         let cluster = NatsCluster::start(3).await;
         let urls = cluster.urls();
         let dir = tempfile::Builder::new()
@@ -53,6 +60,9 @@ impl Group {
                 .insert("stream_replicas".into(), toml::Value::Integer(3));
             c.extra
                 .insert("broker_name".into(), toml::Value::String(name.into()));
+            for (k, v) in extra {
+                c.extra.insert((*k).into(), v.clone());
+            }
             c
         };
         let a = BrokerProcess::start(&dir.path().join("broker-a"), config("broker-a")).await;
@@ -72,7 +82,8 @@ impl Group {
         let sender =
             Arc::new(sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await);
         Group {
-            _dir: dir,
+            config: config("broker-c"),
+            dir,
             cluster,
             a,
             b,
@@ -329,6 +340,50 @@ async fn a_leader_paused_past_its_lease_is_fenced_steps_down_and_publishes_nothi
         g.b.cluster().await.expect("broker-b answers")["role"],
         "leader"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_on_an_empty_disk_restores_the_newest_snapshot_and_the_log_is_trimmed() {
+    let g = Group::start_with(&[("snapshot_every_records", toml::Value::Integer(10))]).await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    // One at a time: many small turns, so many state-log records and several snapshots.
+    let ids = g.traffic(120, 1, sent.clone()).await.expect("the sender");
+    g.assert_each_once(&ids).await;
+
+    // The leader stored snapshots and trimmed the log behind the older of the two newest.
+    let js = jetstream::new(g.cluster.nodes[0].connect().await);
+    let start = Instant::now();
+    let (first, last) = loop {
+        let mut s = js
+            .get_stream(log::STATE_STREAM)
+            .await
+            .expect("the state log");
+        let state = s.info().await.expect("info").state.clone();
+        if state.first_sequence > 1 {
+            break (state.first_sequence, state.last_sequence);
+        }
+        assert!(
+            start.elapsed() < SHORT,
+            "the state log was never trimmed: {state:?}\n{}",
+            g.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("state log trimmed: it holds {first}..={last}");
+
+    // A third broker on an empty disk: restores the newest snapshot, follows the log from
+    // there, and ends identical to the leader.
+    let c = BrokerProcess::start_standby(&g.dir.path().join("broker-c"), g.config.clone()).await;
+    let log_text = std::fs::read_to_string(c.log_path()).unwrap_or_default();
+    assert!(
+        log_text.contains("restored from the newest snapshot"),
+        "{}",
+        c.log_tail()
+    );
+    assert_identical(&g.a, &c, || {
+        format!("{}\n--- broker-c ---\n{}", g.describe(), c.log_tail())
+    })
+    .await;
 }
 
 /// The fence and the parts, on a real server: what every broker's safety rests on.

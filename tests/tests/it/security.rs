@@ -302,6 +302,7 @@ async fn an_agency_acts_only_as_itself_and_reads_only_its_own() {
         stream_names,
         [
             "KV_YEONGYE_LEADER",
+            "OBJ_YEONGYE_SNAPSHOTS",
             subject::IN_STREAM,
             subject::OUT_STREAM,
             "YEONGYE_STATE"

@@ -92,7 +92,7 @@ impl Member {
     ) -> Result<Option<(Lease, Tail)>> {
         self.ops.set_cluster(|c| c.leading = false);
         let mut tail = Tail::open(&self.js, &self.name, self.store.state_position()?).await?;
-        let may_take = Instant::now() + hold_off;
+        let mut may_take = Instant::now() + hold_off;
         let mut attempt = tokio::time::interval(self.attempt_every());
         let mut refresh = tokio::time::interval(REFRESH);
         let mut changed = true;
@@ -101,6 +101,11 @@ impl Member {
                 _ = token.cancelled() => return Ok(None),
                 record = tail.next() => match record? {
                     Some((seq, record)) => {
+                        // After a step-down, this broker leaves the lease to the others until
+                        // one of them has led (then it may take it again at once).
+                        if matches!(&record, Record::Leader { name, .. } if *name != self.name) {
+                            may_take = Instant::now();
+                        }
                         self.apply(seq, record)?;
                         changed = true;
                     }

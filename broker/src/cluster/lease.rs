@@ -110,12 +110,13 @@ impl Leases {
     /// Gives the lease back (graceful stop, step-down), so that a standby takes it at once
     /// rather than after it expires.
     pub async fn release(&self, lease: Lease) {
-        if let Err(e) = self
+        match self
             .kv
             .delete_expect_revision(KEY, Some(lease.revision))
             .await
         {
-            tracing::warn!(cause = %e, "giving the lease back; it expires instead");
+            Ok(()) => tracing::info!(term = lease.term, "gave the lease back"),
+            Err(e) => tracing::warn!(cause = %e, "giving the lease back; it expires instead"),
         }
     }
 

@@ -403,6 +403,50 @@ async fn a_broker_on_an_empty_disk_restores_the_newest_snapshot_and_the_log_is_t
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_to_agencies() {
+    let mut g = Group::start().await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let traffic = g.traffic(300, 2, sent.clone());
+    wait_sent(&sent, 50).await;
+
+    // A standby refuses: it names the leader.
+    let refused = yeongye_tests::ops::broker_cli(&g.b.config_path(), &["step-down"]).await;
+    assert!(!refused.status.success(), "{refused:#?}");
+    assert!(
+        refused.stderr.contains("503") && refused.stderr.contains("the leader is broker-a"),
+        "{refused:#?}"
+    );
+    // The leader steps down on an operator's word: the standby leads.
+    let handed = Instant::now();
+    let out = yeongye_tests::ops::broker_cli(&g.a.config_path(), &["step-down"]).await;
+    assert!(out.status.success(), "{out:#?}");
+    assert!(out.stdout.contains("broker-a steps down"), "{out:#?}");
+    let led = wait_leading(&mut g.b, handed).await;
+    g.a.wait_role("standby", SHORT).await;
+    eprintln!("step-down: broker-b leads {led:?} after broker-a was asked to step down");
+
+    // SIGTERM of the leader: it gives the lease back as it stops, and the other takes it
+    // without waiting for the lease to run out.
+    wait_sent(&sent, 150).await;
+    let stopped = Instant::now();
+    g.b.stop().await;
+    let led = wait_leading(&mut g.a, stopped).await;
+    eprintln!("sigterm: broker-a leads {led:?} after broker-b was stopped");
+    let b_log = std::fs::read_to_string(g.b.log_path()).unwrap_or_default();
+
+    assert!(
+        b_log.contains("gave the lease back"),
+        "broker-b did not give its lease back as it stopped\n{}",
+        g.b.log_tail()
+    );
+
+    // Every referral went through once; the sender's SDK never saw an error (`traffic` panics
+    // on one).
+    let ids = traffic.await.expect("the sender");
+    g.assert_each_once(&ids).await;
+}
+
 /// The fence and the parts, on a real server: what every broker's safety rests on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {

@@ -119,6 +119,8 @@ async fn operator_actions_need_an_operator_token_and_record_that_operator() {
         }
         let r = client.post_json("/api/v1/registry/reload", json!({})).await;
         assert_unauthorized(&r, "reload");
+        let r = client.post_json("/api/v1/step-down", json!({})).await;
+        assert_unauthorized(&r, "step-down");
     }
     // The command line without a token, and with a token file others can read.
     let no_token = ops::broker_cli_with(

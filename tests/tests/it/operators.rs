@@ -609,6 +609,22 @@ async fn dashboard_in_headless_chromium_shows_the_api_numbers() {
         );
     }
 
+    // The cluster: this broker leads (a group of one), and each stream's row is there.
+    let broker = queues["cluster"]["broker"].as_str().expect("broker name");
+    assert!(
+        dom.contains(&format!("{broker} (리더 · leader)")),
+        "the page does not say {broker} leads: see {}",
+        dom_file.display()
+    );
+    for st in queues["streams"].as_array().expect("streams") {
+        let name = st["name"].as_str().expect("name");
+        assert!(
+            dom.contains(&format!("<tr data-stream=\"{name}\">")),
+            "no row for stream {name}: see {}",
+            dom_file.display()
+        );
+    }
+
     let png = artifacts.join("dashboard.png");
     let _ = std::fs::remove_file(&png);
     chromium(

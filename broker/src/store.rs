@@ -15,6 +15,12 @@ mod memory;
 mod segments;
 mod sled_store;
 
+/// A referral record for tests outside the store module.
+#[cfg(test)]
+pub(crate) fn contract_referral(id: &str) -> Referral {
+    contract::referral(id, crate::referral::State::Received)
+}
+
 /// Opens a store directory in a test, waiting out the lock a just-dropped handle's threads
 /// may still hold for a moment.
 #[cfg(test)]

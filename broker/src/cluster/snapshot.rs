@@ -313,3 +313,75 @@ async fn upload_and_trim(
         .map_err(|e| Error::Nats(format!("trimming the state log: {e}")))?;
     Ok(oldest + 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, OutboxEntry, digest};
+
+    fn filled() -> MemoryStore {
+        let s = MemoryStore::new();
+        let referrals = (0..(PER_CHUNK + 3))
+            .map(|i| {
+                let mut r = crate::store::contract_referral(&format!("r{i:05}"));
+                r.created_at = i as i64;
+                r
+            })
+            .collect();
+        s.commit(&ChangeSet {
+            referrals,
+            seen: vec![("a/m1".into(), 5, [7; 32]), ("a/m2".into(), 6, [8; 32])],
+            outbox_put: vec![OutboxEntry {
+                key: 9,
+                subject: "yeongye.out.b.delivery".into(),
+                message_id: "m9".into(),
+                payload: vec![1, 2],
+                confirms: None,
+            }],
+            checkpoint: Some(41),
+            ..Default::default()
+        })
+        .expect("commit");
+        s
+    }
+
+    #[test]
+    fn a_snapshot_restored_to_an_empty_store_is_the_same_store_at_its_position() {
+        let from = filled();
+        let bytes = capture(&from).expect("capture");
+        let to = MemoryStore::new();
+        restore(&to, &bytes, 77).expect("restore");
+        assert_eq!(digest(&to).unwrap(), digest(&from).unwrap());
+        assert_eq!(to.state_position().unwrap(), 77);
+        assert_eq!(to.checkpoint().unwrap(), 41);
+        assert_eq!(to.seen_digest("a/m2").unwrap(), Some(vec![8; 32]));
+        // Keys drawn after it stay above the restored outbox.
+        assert!(to.next_outbox_key().unwrap() > 9);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_and_says_why() {
+        let bytes = capture(&filled()).expect("capture");
+        for (damaged, why) in [
+            (b"not a snapshot".to_vec(), "not a yeongye v1 snapshot"),
+            (bytes[..bytes.len() - 3].to_vec(), "truncated"),
+            ([MAGIC, &[0, 0, 0]].concat(), "truncated length"),
+            (
+                [MAGIC, &5u64.to_be_bytes(), &[0xff; 5]].concat(),
+                "state log change set",
+            ),
+        ] {
+            let to = MemoryStore::new();
+            let err = restore(&to, &damaged, 3).expect_err("refused").to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn snapshot_names_carry_their_position_and_nothing_else_parses() {
+        assert_eq!(position_of(&object_name(42)), Some(42));
+        for name in ["state-", "state-x", "other-42", "state--1", ""] {
+            assert_eq!(position_of(name), None, "{name}");
+        }
+    }
+}

@@ -549,4 +549,37 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
         Record::Change(c) => assert_eq!(c.dead_letters, big.dead_letters),
         other => panic!("{other:?}"),
     }
+
+    // Malformed records (only a broker may append, but a reader must not trust even that):
+    // each is a clear error naming what is wrong, never a panic or a record applied.
+    for (kind, part, payload, why) in [
+        ("change", "x/y", vec![1], "bad part"),
+        ("change", "3/2", vec![1], "bad part"),
+        ("change", "", vec![1], "bad part"),
+        ("takeover", "1/1", vec![1], "unknown record kind"),
+        (
+            "change",
+            "1/1",
+            vec![0xff, 0xff, 0xff],
+            "state log change set",
+        ),
+        ("leader", "1/1", b"no-term".to_vec(), "state log"),
+    ] {
+        let before = log::last_sequence(&js).await.expect("info");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Yeongye-Kind", kind);
+        headers.insert("Yeongye-Part", part);
+        headers.insert("Yeongye-Record", "hostile");
+        js.publish_with_headers(log::STATE_SUBJECT, headers, payload.into())
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+        let mut tail = Tail::open(&js, "reader", before).await.expect("a reader");
+        let err = tokio::time::timeout(SHORT, tail.next())
+            .await
+            .expect("an answer")
+            .expect_err("a malformed record is an error");
+        assert!(err.to_string().contains(why), "{kind} {part:?}: {err}");
+    }
 }

@@ -249,6 +249,29 @@ async fn an_agency_acts_only_as_itself_and_reads_only_its_own() {
             .await;
     }
 
+    // The brokers' own replication: appending to the state log (a forged change set), taking
+    // or overwriting the leader's lease, reading the log or a snapshot, trimming the log.
+    for (publish, denied) in [
+        ("yeongye.state", "yeongye.state"),
+        ("$KV.YEONGYE_LEADER.leader", "$KV.YEONGYE_LEADER.leader"),
+        ("$O.YEONGYE_SNAPSHOTS.M.x", "$O.YEONGYE_SNAPSHOTS.M.x"),
+    ] {
+        a.client
+            .publish(publish, "forged".into())
+            .await
+            .expect("queued");
+        a.wait_violation(denied).await;
+    }
+    for api in [
+        "$JS.API.CONSUMER.CREATE.YEONGYE_STATE",
+        "$JS.API.STREAM.PURGE.YEONGYE_STATE",
+        "$JS.API.STREAM.INFO.KV_YEONGYE_LEADER",
+        "$JS.API.DIRECT.GET.OBJ_YEONGYE_SNAPSHOTS.$O.YEONGYE_SNAPSHOTS.M.x",
+    ] {
+        a.client.publish(api, "{}".into()).await.expect("queued");
+        a.wait_violation(api).await;
+    }
+
     // Subscribing to everything, to B's deliveries, to B's inbox or the shared one: denied.
     for wide in [
         ">".to_owned(),

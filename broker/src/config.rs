@@ -710,6 +710,18 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.http_limits, yeongye_http::Limits::default());
         assert_eq!(cfg.http_allowed_hosts, DEFAULT_ALLOWED_HOSTS);
+        // Every default is written out in it.
+        let d = Config::default();
+        assert_eq!(
+            (cfg.broker_name, cfg.lease_ttl_secs, cfg.snapshot_every_records),
+            (d.broker_name, d.lease_ttl_secs, d.snapshot_every_records)
+        );
+        let cluster = Config::from_toml(include_str!(
+            "../../deploy/config/broker.cluster.example.toml"
+        ))
+        .unwrap();
+        cluster.validate().unwrap();
+        assert_eq!((cluster.stream_replicas, cluster.nats_urls.len()), (3, 3));
     }
 
     #[test]

@@ -713,7 +713,11 @@ mod tests {
         // Every default is written out in it.
         let d = Config::default();
         assert_eq!(
-            (cfg.broker_name, cfg.lease_ttl_secs, cfg.snapshot_every_records),
+            (
+                cfg.broker_name,
+                cfg.lease_ttl_secs,
+                cfg.snapshot_every_records
+            ),
             (d.broker_name, d.lease_ttl_secs, d.snapshot_every_records)
         );
         let cluster = Config::from_toml(include_str!(

@@ -148,32 +148,46 @@ pub(super) async fn step_down(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
 ) -> Response {
-    if let Some(refused) = standby(&state) {
-        return refused;
-    }
     tracing::info!(operator = %operator.0, "step-down requested");
     #[derive(Serialize)]
     struct SteppedDown {
         detail: String,
     }
-    let (tx, rx) = oneshot::channel();
-    let cmd = Command::StepDown {
-        who: operator.0.clone(),
-        reply: tx,
-    };
-    if state.commands.send(cmd).await.is_err() {
-        return problem(
+    let who = operator.0.clone();
+    ask(
+        &state,
+        |reply| Command::StepDown { who, reply },
+        |detail| Json(SteppedDown { detail }).into_response(),
+        StatusCode::CONFLICT,
+    )
+    .await
+}
+
+/// Sends an operator's command to the event loop (a standby refuses at once, naming the
+/// leader) and answers with `ok` of its reply, or `refused` with the loop's reason.
+async fn ask<T>(
+    state: &AppState,
+    command: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+    ok: impl FnOnce(T) -> Response,
+    refused: StatusCode,
+) -> Response {
+    if let Some(refused) = standby(state) {
+        return refused;
+    }
+    let shutting_down = || {
+        problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "the broker is shutting down",
-        );
+        )
+    };
+    let (tx, rx) = oneshot::channel();
+    if state.commands.send(command(tx)).await.is_err() {
+        return shutting_down();
     }
     match rx.await {
-        Ok(Ok(detail)) => Json(SteppedDown { detail }).into_response(),
-        Ok(Err(e)) => problem(StatusCode::CONFLICT, e),
-        Err(_) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the broker is shutting down",
-        ),
+        Ok(Ok(v)) => ok(v),
+        Ok(Err(e)) => problem(refused, e),
+        Err(_) => shutting_down(),
     }
 }
 
@@ -420,31 +434,20 @@ async fn act(
             "why is required (≤ 2000 bytes)",
         );
     }
-    if let Some(refused) = standby(&state) {
-        return refused;
-    }
-    let (tx, rx) = oneshot::channel();
-    let cmd = Command::DeadLetter {
-        seq,
-        action,
-        who: who.to_owned(),
-        why: why.to_owned(),
-        reply: tx,
-    };
-    if state.commands.send(cmd).await.is_err() {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the broker is shutting down",
-        );
-    }
-    match rx.await {
-        Ok(Ok(d)) => Json(dead_letter_row(&d)).into_response(),
-        Ok(Err(e)) => problem(StatusCode::CONFLICT, e),
-        Err(_) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the broker is shutting down",
-        ),
-    }
+    let (who, why) = (who.to_owned(), why.to_owned());
+    ask(
+        &state,
+        |reply| Command::DeadLetter {
+            seq,
+            action,
+            who,
+            why,
+            reply,
+        },
+        |d| Json(dead_letter_row(&d)).into_response(),
+        StatusCode::CONFLICT,
+    )
+    .await
 }
 
 pub(super) async fn replay(
@@ -471,37 +474,19 @@ pub(super) async fn reload_registry(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
 ) -> Response {
-    if let Some(refused) = standby(&state) {
-        return refused;
-    }
     tracing::info!(operator = %operator.0, "registry reload requested");
     #[derive(Serialize)]
     struct Reloaded {
         agencies: usize,
     }
-    let (tx, rx) = oneshot::channel();
-    if state
-        .commands
-        .send(Command::ReloadRegistry {
-            who: operator.0.clone(),
-            reply: tx,
-        })
-        .await
-        .is_err()
-    {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the broker is shutting down",
-        );
-    }
-    match rx.await {
-        Ok(Ok(agencies)) => Json(Reloaded { agencies }).into_response(),
-        Ok(Err(e)) => problem(StatusCode::UNPROCESSABLE_ENTITY, e),
-        Err(_) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the broker is shutting down",
-        ),
-    }
+    let who = operator.0.clone();
+    ask(
+        &state,
+        |reply| Command::ReloadRegistry { who, reply },
+        |agencies| Json(Reloaded { agencies }).into_response(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await
 }
 
 #[derive(Serialize)]

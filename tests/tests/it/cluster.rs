@@ -56,8 +56,27 @@ async fn wait_replicas_current(ops: &OpsHttp, current: f64, what: &str) {
     }
 }
 
+/// HOPE's `agency-adapter run`, given every server, in `<dir>/hope`.
+pub(crate) fn recipient(
+    urls: &[String],
+    dir: &std::path::Path,
+    registry: &std::path::Path,
+) -> AdapterProcess {
+    let mut config = AdapterConfig {
+        agency: HOPE.to_owned(),
+        nats_urls: urls.to_vec(),
+        state_dir: dir.join("hope/state"),
+        extra: toml::Table::new(),
+    };
+    config.extra.insert(
+        "registry".into(),
+        toml::Value::String(registry.display().to_string()),
+    );
+    AdapterProcess::start_with(&dir.join("hope"), config)
+}
+
 /// Deliveries in the outbound stream for `agency`, counted by an ephemeral consumer.
-async fn deliveries_in_stream(js: &jetstream::Context, agency: &str) -> u64 {
+pub(crate) async fn deliveries_in_stream(js: &jetstream::Context, agency: &str) -> u64 {
     let stream = js
         .get_stream(yeongye_proto::subject::OUT_STREAM)
         .await
@@ -70,6 +89,50 @@ async fn deliveries_in_stream(js: &jetstream::Context, agency: &str) -> u64 {
         .await
         .expect("an ephemeral consumer");
     consumer.info().await.expect("consumer info").num_pending
+}
+
+/// Every id (sent by CENTRE to HOPE) RECEIVED, with one SUBMITTED and one RECEIVED in its
+/// history, handed to the recipient once, and one delivery each in the outbound stream.
+pub(crate) async fn assert_each_once(
+    cluster: &NatsCluster,
+    recipient: &AdapterProcess,
+    ids: &[String],
+    context: impl Fn() -> String,
+) {
+    let urls = cluster.urls();
+    let wire = WireClient::connect(&urls[urls.len() - 1], CENTRE).await;
+    wire.wait_all_in_state(ids, v1::ReferralState::Received, REDELIVERY, &context)
+        .await;
+    for id in ids {
+        let reply = wire.query(id).await;
+        let count = |s: v1::ReferralState| reply.history.iter().filter(|h| h.state() == s).count();
+        assert_eq!(
+            (
+                count(v1::ReferralState::Submitted),
+                count(v1::ReferralState::Received)
+            ),
+            (1, 1),
+            "{reply:?}"
+        );
+    }
+    recipient
+        .wait_lines("every delivery", SHORT, |lines| {
+            ids.iter().all(|id| {
+                lines
+                    .iter()
+                    .any(|l| l.kind() == "delivery" && l.referral_id() == Some(id.as_str()))
+            })
+        })
+        .await;
+    for id in ids {
+        assert_eq!(recipient.deliveries_of(id), 1, "{id} handed over twice");
+    }
+    let js = jetstream::new(cluster.nodes[0].connect().await);
+    assert_eq!(
+        deliveries_in_stream(&js, HOPE).await,
+        ids.len() as u64,
+        "one delivery per referral in the outbound stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,17 +153,7 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
         .insert("stream_replicas".into(), toml::Value::Integer(3));
     let broker = BrokerProcess::start(&dir.path().join("broker"), config).await;
 
-    let mut recipient_config = AdapterConfig {
-        agency: HOPE.to_owned(),
-        nats_urls: urls.clone(),
-        state_dir: dir.path().join("hope/state"),
-        extra: toml::Table::new(),
-    };
-    recipient_config.extra.insert(
-        "registry".into(),
-        toml::Value::String(registry_path.display().to_string()),
-    );
-    let recipient = AdapterProcess::start_with(&dir.path().join("hope"), recipient_config);
+    let recipient = recipient(&urls, dir.path(), &registry_path);
     let sender = sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await;
 
     // The sender: one referral after another, each retried by the SDK (same message id) until
@@ -158,42 +211,13 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
     let ids = traffic.await.expect("the sender");
     assert_eq!(ids.len(), total);
 
-    // Everything the sender stored reaches RECEIVED, once.
-    let wire = WireClient::connect(&urls[0], CENTRE).await;
-    wire.wait_all_in_state(&ids, v1::ReferralState::Received, REDELIVERY, || {
+    // Everything the sender stored reaches RECEIVED, once, and is delivered once.
+    assert_each_once(&cluster, &recipient, &ids, || {
         format!("{}\n{}", broker.log_tail(), recipient.describe())
     })
     .await;
-    for id in &ids {
-        let reply = wire.query(id).await;
-        let count = |s: v1::ReferralState| reply.history.iter().filter(|h| h.state() == s).count();
-        assert_eq!(
-            (
-                count(v1::ReferralState::Submitted),
-                count(v1::ReferralState::Received)
-            ),
-            (1, 1),
-            "{reply:?}"
-        );
-    }
-    recipient
-        .wait_lines("every delivery", SHORT, |lines| {
-            ids.iter().all(|id| {
-                lines
-                    .iter()
-                    .any(|l| l.kind() == "delivery" && l.referral_id() == Some(id.as_str()))
-            })
-        })
-        .await;
-    for id in &ids {
-        assert_eq!(recipient.deliveries_of(id), 1, "{id} handed over twice");
-    }
+    assert_eq!(ids.len(), total);
     let js = jetstream::new(cluster.nodes[0].connect().await);
-    assert_eq!(
-        deliveries_in_stream(&js, HOPE).await,
-        total as u64,
-        "one delivery per referral in the R3 outbound stream"
-    );
     // The streams really are replicated (the test would prove nothing on R1).
     let info = js
         .get_stream(yeongye_proto::subject::IN_STREAM)

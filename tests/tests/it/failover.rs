@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use yeongye_broker::cluster::log::{self, Record, Tail, Writer};
 use yeongye_broker::store::ChangeSet;
-use yeongye_tests::adapter::AdapterConfig;
 use yeongye_tests::ops::OpsHttp;
 use yeongye_tests::{
     AdapterProcess, BrokerConfig, BrokerProcess, NatsCluster, NatsServer, ReferralBuilder,
@@ -68,17 +67,7 @@ impl Group {
         let a = BrokerProcess::start(&dir.path().join("broker-a"), config("broker-a")).await;
         let b =
             BrokerProcess::start_standby(&dir.path().join("broker-b"), config("broker-b")).await;
-        let mut recipient_config = AdapterConfig {
-            agency: HOPE.to_owned(),
-            nats_urls: urls.clone(),
-            state_dir: dir.path().join("hope/state"),
-            extra: toml::Table::new(),
-        };
-        recipient_config.extra.insert(
-            "registry".into(),
-            toml::Value::String(registry_path.display().to_string()),
-        );
-        let recipient = AdapterProcess::start_with(&dir.path().join("hope"), recipient_config);
+        let recipient = crate::cluster::recipient(&urls, dir.path(), &registry_path);
         let sender =
             Arc::new(sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await);
         Group {
@@ -137,66 +126,10 @@ impl Group {
         })
     }
 
-    /// Every id RECEIVED, with one SUBMITTED and one RECEIVED in its history, handed to the
-    /// recipient once, and one delivery each in the R3 outbound stream.
     async fn assert_each_once(&self, ids: &[String]) {
-        let wire = WireClient::connect(&self.cluster.urls()[1], CENTRE).await;
-        wire.wait_all_in_state(ids, v1::ReferralState::Received, REDELIVERY, || {
-            self.describe()
-        })
-        .await;
-        for id in ids {
-            let reply = wire.query(id).await;
-            let count =
-                |s: v1::ReferralState| reply.history.iter().filter(|h| h.state() == s).count();
-            assert_eq!(
-                (
-                    count(v1::ReferralState::Submitted),
-                    count(v1::ReferralState::Received)
-                ),
-                (1, 1),
-                "{reply:?}"
-            );
-        }
-        self.recipient
-            .wait_lines("every delivery", SHORT, |lines| {
-                ids.iter().all(|id| {
-                    lines
-                        .iter()
-                        .any(|l| l.kind() == "delivery" && l.referral_id() == Some(id.as_str()))
-                })
-            })
+        crate::cluster::assert_each_once(&self.cluster, &self.recipient, ids, || self.describe())
             .await;
-        for id in ids {
-            assert_eq!(
-                self.recipient.deliveries_of(id),
-                1,
-                "{id} handed over twice"
-            );
-        }
-        let js = jetstream::new(self.cluster.nodes[2].connect().await);
-        assert_eq!(
-            deliveries_in_stream(&js, HOPE).await,
-            ids.len() as u64,
-            "one delivery per referral in the outbound stream"
-        );
     }
-}
-
-/// Deliveries in the outbound stream for `agency`, counted by an ephemeral consumer.
-async fn deliveries_in_stream(js: &jetstream::Context, agency: &str) -> u64 {
-    let stream = js
-        .get_stream(yeongye_proto::subject::OUT_STREAM)
-        .await
-        .expect("the outbound stream");
-    let mut consumer: jetstream::consumer::PullConsumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: format!("yeongye.out.{agency}.delivery"),
-            ..Default::default()
-        })
-        .await
-        .expect("an ephemeral consumer");
-    consumer.info().await.expect("consumer info").num_pending
 }
 
 async fn wait_sent(sent: &AtomicUsize, target: usize) {

@@ -54,11 +54,12 @@ impl Member {
         ops: Arc<Ops>,
         ttl: Duration,
         replicas: usize,
+        snapshot_dir: &std::path::Path,
     ) -> Result<Member> {
         log::ensure_stream(&js, replicas).await?;
         let leases = Leases::open(&js, name, ttl, replicas).await?;
         let snapshots = snapshot::Snapshots::open(&js, replicas).await?;
-        restore_if_empty(&js, store.as_ref(), &snapshots).await?;
+        restore_if_empty(&js, store.as_ref(), &snapshots, snapshot_dir).await?;
         let newest = snapshots.positions().await?.last().copied().unwrap_or(0);
         ops.set_cluster(|c| c.snapshot = newest);
         ops.set_cluster(|c| {
@@ -251,6 +252,7 @@ async fn restore_if_empty(
     js: &jetstream::Context,
     store: &dyn Store,
     snapshots: &snapshot::Snapshots,
+    dir: &std::path::Path,
 ) -> Result<()> {
     let position = store.state_position()?;
     let empty = position == 0 && store.stats()? == crate::store::StoreStats::default();
@@ -270,14 +272,17 @@ async fn restore_if_empty(
         }
         return Ok(());
     }
-    let Some((at, bytes)) = snapshots.latest().await? else {
+    let Some((at, mut file)) = snapshots.latest(dir).await? else {
         return Ok(());
     };
     let started = Instant::now();
-    tokio::task::block_in_place(|| snapshot::restore(store, &bytes, at))?;
+    let bytes = file.metadata()?.len();
+    tokio::task::block_in_place(|| {
+        snapshot::restore_from(store, &mut std::io::BufReader::new(&mut file), at)
+    })?;
     tracing::info!(
         position = at,
-        bytes = bytes.len(),
+        bytes,
         took_ms = started.elapsed().as_millis() as u64,
         "an empty store restored from the newest snapshot"
     );

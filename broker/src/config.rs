@@ -311,6 +311,15 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Where snapshots pass through on their way to and from the object store: beside the
+    /// store (same disk, same protection), never inside sled's own directory.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        match self.store_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// The deadlines of a referral of this urgency and field of need (a `FieldOfNeed` number).
     pub fn deadlines(&self, urgency: Urgency, field: i32) -> Deadlines {
         let mut d = Deadlines {

@@ -108,6 +108,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         ops.clone(),
         std::time::Duration::from_secs(cfg.lease_ttl_secs),
         cfg.stream_replicas,
+        &cfg.snapshot_dir(),
     )
     .await?;
 
@@ -165,6 +166,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 js.clone(),
                 member.snapshots.clone(),
                 ops.clone(),
+                store.clone(),
+                cfg.snapshot_dir(),
                 cfg.snapshot_every_records,
                 ops.cluster().snapshot,
             ));

@@ -755,12 +755,8 @@ impl EventLoop {
         // Deliveries cancelled by a consent revocation must not go out after all.
         pending.committed(&changes.outbox_remove, changes.outbox_put);
         self.ops.outbox.store(pending.depth(), Ordering::Relaxed);
-        // Between commits, as the one writer: a consistent read for a snapshot, when one is due.
-        if let Err(e) =
-            tokio::task::block_in_place(|| self.snapshots.maybe(self.store.as_ref(), appended))
-        {
-            tracing::warn!(cause = %e, "no snapshot taken");
-        }
+        // A snapshot at this position, when one is due: read and uploaded off the loop.
+        self.snapshots.maybe(appended);
         // Between commits, as the one writer: after enough writes the store may reopen so that
         // its engine writes a recovery snapshot (a stall about as long as a restart's open).
         let started = Instant::now();

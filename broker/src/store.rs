@@ -207,6 +207,20 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Every referral, in id order.
     fn referrals(&self) -> Result<Vec<Referral>>;
+    /// Every referral, in id order, one at a time (memory: one referral).
+    fn for_each_referral(&self, f: &mut dyn FnMut(Referral) -> Result<()>) -> Result<()> {
+        for r in self.referrals()? {
+            f(r)?;
+        }
+        Ok(())
+    }
+    /// [`Store::audit_raw`], one entry at a time.
+    fn for_each_audit(&self, f: &mut dyn FnMut(u64, Vec<u8>) -> Result<()>) -> Result<()> {
+        for (seq, bytes) in self.audit_raw()? {
+            f(seq, bytes)?;
+        }
+        Ok(())
+    }
     /// Every applied inbound message's dedup key, with when it was applied and its digest
     /// (empty if recorded without one), in key order (for a snapshot).
     fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()>;

@@ -2,19 +2,24 @@
 //! that the state log can be trimmed and a broker on an empty disk can start from the newest
 //! snapshot plus the log after it.
 //!
-//! A snapshot is everything the store holds at one state-log position, as a series of change
-//! sets (the state log's own encoding) that, committed in order to an empty store, rebuild it:
-//! the object `state-<position, 20 digits>`. The leader takes one between two turns every
-//! `snapshot_every_records` records (the read is consistent: the event loop is the only
-//! writer), uploads it on a task of its own, keeps the newest [`KEEP`], and trims the log up to
-//! the oldest kept one's position — never further.
+//! A snapshot is everything the store holds, as a series of change sets (the state log's own
+//! encoding) that, committed in order to an empty store, rebuild it: the object
+//! `state-<position, 20 digits>`. It is *fuzzy*: the leader notes its position P when one is
+//! due and a thread reads the store while the event loop goes on writing, a chunk at a time
+//! into a temporary file (memory: one chunk), then uploads the file. Restored and followed by
+//! the log from P + 1, it is exact, because applying a change set again is harmless: records
+//! are replaced whole, outbox entries and deadlines put and removed in log order, applied ids
+//! inserted, audit entries appended only above the head, counters replaced, the checkpoint
+//! only raised. The leader keeps the newest [`KEEP`] and trims the log up to the oldest kept
+//! one's position — never further.
 
+use std::io::{Read, Seek, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_nats::jetstream::{self, object_store};
 use futures::StreamExt;
-use tokio::io::AsyncReadExt;
 
 use crate::audit;
 use crate::error::{Error, Result};
@@ -28,6 +33,8 @@ pub const KEEP: usize = 2;
 const MAGIC: &[u8] = b"yeongye-snapshot-v1\n";
 /// Records of each kind per change set of a snapshot.
 const PER_CHUNK: usize = 2000;
+/// The largest change set a snapshot may hold (a chunk of referrals with their envelopes).
+const MAX_CHUNK_BYTES: usize = 1 << 30;
 
 fn corrupt(message: impl Into<String>) -> Error {
     Error::CorruptRecord {
@@ -36,46 +43,60 @@ fn corrupt(message: impl Into<String>) -> Error {
     }
 }
 
-/// Everything `store` holds, as a snapshot's bytes. The caller must be the store's only
-/// writer for the time it takes (or the snapshot is not of one moment).
-pub fn capture(store: &dyn Store) -> Result<Vec<u8>> {
-    let mut out = MAGIC.to_vec();
-    let mut push = |c: &ChangeSet| {
+/// Everything `store` holds, written to `out` a chunk at a time; returns the bytes written.
+/// The store may be written meanwhile (see the module's note).
+pub fn capture_to(store: &dyn Store, out: &mut dyn Write) -> Result<u64> {
+    out.write_all(MAGIC)?;
+    let mut written = MAGIC.len() as u64;
+    let mut push = |c: &ChangeSet| -> Result<()> {
         let bytes = encode_change_set(c);
-        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-        out.extend_from_slice(&bytes);
+        out.write_all(&(bytes.len() as u64).to_be_bytes())?;
+        out.write_all(&bytes)?;
+        written += 8 + bytes.len() as u64;
+        Ok(())
     };
-    for chunk in store.referrals()?.chunks(PER_CHUNK) {
-        push(&ChangeSet {
-            referrals: chunk.to_vec(),
-            ..Default::default()
-        });
-    }
-    let mut seen: Vec<(String, Millis, [u8; 32])> = Vec::new();
+    let mut referrals = Vec::with_capacity(PER_CHUNK);
+    store.for_each_referral(&mut |r| {
+        referrals.push(r);
+        if referrals.len() == PER_CHUNK {
+            push(&ChangeSet {
+                referrals: std::mem::take(&mut referrals),
+                ..Default::default()
+            })?;
+        }
+        Ok(())
+    })?;
+    let mut seen: Vec<(String, Millis, [u8; 32])> = Vec::with_capacity(PER_CHUNK);
+    let mut failed = Ok(());
     store.for_each_seen(&mut |k, at, digest| {
         // An id applied before digests were kept: restored with a zero digest.
         let d: [u8; 32] = digest.try_into().unwrap_or([0; 32]);
         seen.push((k.to_owned(), at, d));
+        if seen.len() == PER_CHUNK && failed.is_ok() {
+            failed = push(&ChangeSet {
+                seen: std::mem::take(&mut seen),
+                ..Default::default()
+            });
+        }
     })?;
-    for chunk in seen.chunks(PER_CHUNK) {
-        push(&ChangeSet {
-            seen: chunk.to_vec(),
-            ..Default::default()
-        });
-    }
-    let mut audit = Vec::new();
-    for (seq, bytes) in store.audit_raw()? {
+    failed?;
+    let mut audit = Vec::with_capacity(PER_CHUNK);
+    store.for_each_audit(&mut |seq, bytes| {
         let entry = <audit::Entry as prost::Message>::decode(bytes.as_slice())
             .map_err(|e| corrupt(format!("audit entry {seq}: {e}")))?;
         audit.push(entry);
-    }
-    for chunk in audit.chunks(PER_CHUNK) {
-        push(&ChangeSet {
-            audit: chunk.to_vec(),
-            ..Default::default()
-        });
-    }
+        if audit.len() == PER_CHUNK {
+            push(&ChangeSet {
+                audit: std::mem::take(&mut audit),
+                ..Default::default()
+            })?;
+        }
+        Ok(())
+    })?;
     push(&ChangeSet {
+        referrals,
+        seen,
+        audit,
         outbox_put: store.outbox()?,
         deadlines_put: store.due(Millis::MAX, usize::MAX)?,
         dead_letters: store.dead_letters()?,
@@ -83,35 +104,65 @@ pub fn capture(store: &dyn Store) -> Result<Vec<u8>> {
         checkpoint: Some(store.checkpoint()?),
         counts: Some(store.counts()?),
         ..Default::default()
-    });
+    })?;
+    Ok(written)
+}
+
+/// [`capture_to`] into memory (for tests and small stores).
+pub fn capture(store: &dyn Store) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    capture_to(store, &mut out)?;
     Ok(out)
 }
 
-/// Commits a snapshot to `store` (which should be empty), the last change set at `position`.
-pub fn restore(store: &dyn Store, bytes: &[u8], position: u64) -> Result<()> {
-    let mut rest = bytes
-        .strip_prefix(MAGIC)
-        .ok_or_else(|| corrupt("not a yeongye v1 snapshot"))?;
-    let mut changes = Vec::new();
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_first_chunk::<8>()
-            .ok_or_else(|| corrupt("truncated length"))?;
-        let len = usize::try_from(u64::from_be_bytes(*len)).map_err(|_| corrupt("length"))?;
-        if tail.len() < len {
+/// Commits a snapshot read from `input` to `store` (which should be empty), a chunk at a time,
+/// and then its position.
+pub fn restore_from(store: &dyn Store, input: &mut dyn Read, position: u64) -> Result<()> {
+    let mut magic = vec![0; MAGIC.len()];
+    input
+        .read_exact(&mut magic)
+        .map_err(|_| corrupt("not a yeongye v1 snapshot"))?;
+    if magic != MAGIC {
+        return Err(corrupt("not a yeongye v1 snapshot"));
+    }
+    loop {
+        let mut len = [0u8; 8];
+        match read_full(input, &mut len)? {
+            0 => break,
+            8 => {}
+            _ => return Err(corrupt("truncated length")),
+        }
+        let len = usize::try_from(u64::from_be_bytes(len)).map_err(|_| corrupt("length"))?;
+        if len > MAX_CHUNK_BYTES {
+            return Err(corrupt(format!("a change set of {len} bytes")));
+        }
+        let mut bytes = vec![0; len];
+        if read_full(input, &mut bytes)? != len {
             return Err(corrupt("truncated change set"));
         }
-        changes.push(decode_change_set(&tail[..len])?);
-        rest = &tail[len..];
+        store.commit(&decode_change_set(&bytes)?)?;
     }
-    let last = changes.len().saturating_sub(1);
-    for (i, mut c) in changes.into_iter().enumerate() {
-        if i == last {
-            c.state_seq = Some(position);
+    store.commit(&ChangeSet {
+        state_seq: Some(position),
+        ..Default::default()
+    })
+}
+
+/// Reads until `buf` is full or the input ends; returns how much it read.
+fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
         }
-        store.commit(&c)?;
     }
-    Ok(())
+    Ok(n)
+}
+
+/// [`restore_from`] of bytes in memory.
+pub fn restore(store: &dyn Store, bytes: &[u8], position: u64) -> Result<()> {
+    restore_from(store, &mut std::io::Cursor::new(bytes), position)
 }
 
 fn object_name(position: u64) -> String {
@@ -172,8 +223,9 @@ impl Snapshots {
         Ok(out)
     }
 
-    pub async fn put(&self, position: u64, bytes: Vec<u8>) -> Result<()> {
-        let mut reader = std::io::Cursor::new(bytes);
+    /// Uploads the snapshot in `file` (read from its start).
+    async fn put(&self, position: u64, file: std::fs::File) -> Result<()> {
+        let mut reader = tokio::fs::File::from_std(file);
         self.os
             .put(object_name(position).as_str(), &mut reader)
             .await
@@ -181,8 +233,9 @@ impl Snapshots {
         Ok(())
     }
 
-    /// The newest snapshot: its position and bytes.
-    pub async fn latest(&self) -> Result<Option<(u64, Vec<u8>)>> {
+    /// The newest snapshot's position, and the snapshot downloaded into a temporary file in
+    /// `dir` (memory: the client's buffer).
+    pub async fn latest(&self, dir: &std::path::Path) -> Result<Option<(u64, std::fs::File)>> {
         let Some(&position) = self.positions().await?.last() else {
             return Ok(None);
         };
@@ -191,12 +244,15 @@ impl Snapshots {
             .get(object_name(position))
             .await
             .map_err(|e| Error::Nats(format!("snapshot {position}: {e}")))?;
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
+        let file = tempfile::tempfile_in(dir)?;
+        let mut copy = tokio::fs::File::from_std(file.try_clone()?);
+        tokio::io::copy(&mut object, &mut copy)
             .await
             .map_err(|e| Error::Nats(format!("snapshot {position}: {e}")))?;
-        Ok(Some((position, bytes)))
+        tokio::io::AsyncWriteExt::flush(&mut copy).await?;
+        let mut file = file;
+        file.rewind()?;
+        Ok(Some((position, file)))
     }
 
     /// Deletes all but the newest [`KEEP`]; returns the oldest kept position.
@@ -213,11 +269,16 @@ impl Snapshots {
     }
 }
 
-/// The leader's snapshot taker: between turns, when enough was appended since the last.
+/// The leader's snapshot taker: when enough was appended since the last, a thread reads the
+/// store into a temporary file while the event loop goes on, and a task uploads it, prunes and
+/// trims.
 pub struct Snapshotter {
     js: jetstream::Context,
     snapshots: Snapshots,
     ops: Arc<Ops>,
+    store: Arc<dyn Store>,
+    /// Where the temporary file goes (beside the store).
+    dir: PathBuf,
     every: u64,
     last: AtomicU64,
     /// No snapshot is stored yet: take one at the first commit (a store from before the state
@@ -227,10 +288,13 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         js: jetstream::Context,
         snapshots: Snapshots,
         ops: Arc<Ops>,
+        store: Arc<dyn Store>,
+        dir: PathBuf,
         every: u64,
         last: u64,
     ) -> Snapshotter {
@@ -238,6 +302,8 @@ impl Snapshotter {
             js,
             snapshots,
             ops,
+            store,
+            dir,
             every,
             last: AtomicU64::new(last),
             first: AtomicBool::new(last == 0),
@@ -245,38 +311,51 @@ impl Snapshotter {
         }
     }
 
-    /// Called by the event loop after a commit at `position`: if due, reads the store (now, in
-    /// this thread: a consistent read) and uploads it, prunes and trims on a task of its own.
-    pub fn maybe(&self, store: &dyn Store, position: u64) -> Result<()> {
+    /// Called by the event loop after its commit at `position`: if a snapshot is due and none
+    /// is under way, starts one (at `position`: everything up to it is in the store now) and
+    /// returns at once.
+    pub fn maybe(&self, position: u64) {
         let due = self.first.load(Ordering::Relaxed)
             || position >= self.last.load(Ordering::Relaxed) + self.every;
         if !due || self.busy.swap(true, Ordering::SeqCst) {
-            return Ok(());
+            return;
         }
-        let started = std::time::Instant::now();
-        let bytes = match capture(store) {
-            Ok(b) => b,
-            Err(e) => {
-                self.busy.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
-        };
         self.last.store(position, Ordering::Relaxed);
         self.first.store(false, Ordering::Relaxed);
-        tracing::info!(
-            position,
-            bytes = bytes.len(),
-            read_ms = started.elapsed().as_millis() as u64,
-            "snapshot taken"
-        );
-        let (js, snapshots, ops, busy) = (
+        let (js, snapshots, ops, busy, store, dir) = (
             self.js.clone(),
             self.snapshots.clone(),
             self.ops.clone(),
             self.busy.clone(),
+            self.store.clone(),
+            self.dir.clone(),
         );
         tokio::spawn(async move {
-            match upload_and_trim(&js, &snapshots, position, bytes).await {
+            let started = std::time::Instant::now();
+            let read = tokio::task::spawn_blocking(move || -> Result<(std::fs::File, u64)> {
+                let mut file = tempfile::tempfile_in(&dir)?;
+                let mut out = std::io::BufWriter::new(&mut file);
+                let bytes = capture_to(store.as_ref(), &mut out)?;
+                out.flush()?;
+                drop(out);
+                file.rewind()?;
+                Ok((file, bytes))
+            })
+            .await;
+            let done = match read {
+                Ok(Ok((file, bytes))) => {
+                    tracing::info!(
+                        position,
+                        bytes,
+                        read_ms = started.elapsed().as_millis() as u64,
+                        "snapshot read"
+                    );
+                    upload_and_trim(&js, &snapshots, position, file).await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Nats(format!("the snapshot reader failed: {e}"))),
+            };
+            match done {
                 Ok(trimmed) => {
                     ops.set_cluster(|c| c.snapshot = position);
                     tracing::info!(position, trimmed_below = trimmed, "snapshot stored");
@@ -287,7 +366,6 @@ impl Snapshotter {
             }
             busy.store(false, Ordering::SeqCst);
         });
-        Ok(())
     }
 }
 
@@ -295,9 +373,9 @@ async fn upload_and_trim(
     js: &jetstream::Context,
     snapshots: &Snapshots,
     position: u64,
-    bytes: Vec<u8>,
+    file: std::fs::File,
 ) -> Result<u64> {
-    snapshots.put(position, bytes).await?;
+    snapshots.put(position, file).await?;
     let Some(oldest) = snapshots.prune().await? else {
         return Ok(0);
     };
@@ -357,6 +435,173 @@ mod tests {
         assert_eq!(to.seen_digest("a/m2").unwrap(), Some(vec![8; 32]));
         // Keys drawn after it stay above the restored outbox.
         assert!(to.next_outbox_key().unwrap() > 9);
+    }
+
+    /// A store whose reads commit the next of its pending change sets before each record they
+    /// hand out: a snapshot read while the event loop writes, made deterministic.
+    struct WrittenWhileRead {
+        inner: crate::store::SledStore,
+        pending: std::sync::Mutex<std::collections::VecDeque<ChangeSet>>,
+    }
+
+    impl WrittenWhileRead {
+        fn step(&self) {
+            let next = self.pending.lock().unwrap().pop_front();
+            if let Some(c) = next {
+                self.inner.commit(&c).unwrap();
+            }
+        }
+    }
+
+    impl Store for WrittenWhileRead {
+        fn referral(&self, id: &str) -> Result<Option<crate::referral::Referral>> {
+            self.inner.referral(id)
+        }
+        fn seen_digest(&self, key: &str) -> Result<Option<Vec<u8>>> {
+            self.inner.seen_digest(key)
+        }
+        fn commit(&self, c: &ChangeSet) -> Result<()> {
+            self.inner.commit(c)
+        }
+        fn next_outbox_key(&self) -> Result<u64> {
+            self.inner.next_outbox_key()
+        }
+        fn outbox(&self) -> Result<Vec<OutboxEntry>> {
+            self.step();
+            self.inner.outbox()
+        }
+        fn due(&self, now: Millis, limit: usize) -> Result<Vec<crate::store::Deadline>> {
+            self.step();
+            self.inner.due(now, limit)
+        }
+        fn checkpoint(&self) -> Result<u64> {
+            self.step();
+            self.inner.checkpoint()
+        }
+        fn state_position(&self) -> Result<u64> {
+            self.inner.state_position()
+        }
+        fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize> {
+            self.inner.prune_seen_step(before, segments)
+        }
+        fn referrals(&self) -> Result<Vec<crate::referral::Referral>> {
+            self.inner.referrals()
+        }
+        fn for_each_referral(
+            &self,
+            f: &mut dyn FnMut(crate::referral::Referral) -> Result<()>,
+        ) -> Result<()> {
+            self.inner.for_each_referral(&mut |r| {
+                self.step();
+                f(r)
+            })
+        }
+        fn for_each_audit(&self, f: &mut dyn FnMut(u64, Vec<u8>) -> Result<()>) -> Result<()> {
+            self.inner.for_each_audit(&mut |n, b| {
+                self.step();
+                f(n, b)
+            })
+        }
+        fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
+            self.inner.for_each_seen(&mut |k, at, d| {
+                self.step();
+                f(k, at, d)
+            })
+        }
+        fn counts(&self) -> Result<crate::view::Counts> {
+            self.step();
+            self.inner.counts()
+        }
+        fn dead_letters(&self) -> Result<Vec<crate::store::DeadLetter>> {
+            self.step();
+            self.inner.dead_letters()
+        }
+        fn dead_letter(&self, seq: u64) -> Result<Option<crate::store::DeadLetter>> {
+            self.inner.dead_letter(seq)
+        }
+        fn stats(&self) -> Result<crate::store::StoreStats> {
+            self.inner.stats()
+        }
+        fn consent(&self, id: &str) -> Result<Option<crate::consent::Consent>> {
+            self.inner.consent(id)
+        }
+        fn consents(&self) -> Result<Vec<crate::consent::Consent>> {
+            self.step();
+            self.inner.consents()
+        }
+        fn audit_head(&self) -> Result<(u64, audit::Hash)> {
+            self.inner.audit_head()
+        }
+        fn audit_raw(&self) -> Result<Vec<audit::Stored>> {
+            self.inner.audit_raw()
+        }
+    }
+
+    /// The `n`th of a run of change sets a busy leader commits: referrals replaced, outbox
+    /// entries put and later removed, deadlines, applied ids, one chained audit entry each.
+    fn nth_change(n: u64) -> ChangeSet {
+        let id = format!("r{:03}", n % 7);
+        let mut r = crate::store::contract_referral(&id);
+        r.created_at = n as i64;
+        let entry = audit::Entry {
+            seq: n,
+            at: n as i64,
+            event: "referral.state".into(),
+            referral_id: id.clone(),
+            prev_hash: vec![(n - 1) as u8; 32],
+            hash: vec![n as u8; 32],
+            ..Default::default()
+        };
+        ChangeSet {
+            referrals: vec![r],
+            seen: vec![(format!("a/m{n}"), n as i64, [n as u8; 32])],
+            outbox_put: vec![OutboxEntry {
+                key: n,
+                subject: "yeongye.out.b.delivery".into(),
+                message_id: format!("m{n}"),
+                payload: vec![n as u8],
+                confirms: None,
+            }],
+            outbox_remove: if n > 2 { vec![n - 2] } else { vec![] },
+            deadlines_put: vec![crate::store::Deadline {
+                at: n as i64,
+                kind: crate::referral::DeadlineKind::Receipt,
+                referral_id: id,
+            }],
+            checkpoint: Some(n),
+            audit: vec![entry],
+            state_seq: Some(n),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_read_while_the_store_is_written_plus_the_log_after_its_position_is_exact() {
+        // Up to position 20 committed; 21..=60 committed while the snapshot is being read.
+        let store = WrittenWhileRead {
+            inner: crate::store::SledStore::temporary().unwrap(),
+            pending: std::sync::Mutex::new((21..=60).map(nth_change).collect()),
+        };
+        for n in 1..=20 {
+            store.commit(&nth_change(n)).unwrap();
+        }
+        let position = store.state_position().unwrap();
+        assert_eq!(position, 20);
+        let bytes = capture(&store).unwrap();
+        // Whatever the reads did not reach is committed now: the leader's final state.
+        while !store.pending.lock().unwrap().is_empty() {
+            store.step();
+        }
+        // A new broker: the snapshot, then the log from its position on.
+        let restored = MemoryStore::new();
+        restore(&restored, &bytes, position).unwrap();
+        assert_eq!(restored.state_position().unwrap(), 20);
+        for n in 21..=60 {
+            restored.commit(&nth_change(n)).unwrap();
+        }
+        assert_eq!(digest(&restored).unwrap(), digest(&store).unwrap());
+        assert_eq!(restored.audit_head().unwrap().0, 60);
+        assert_eq!(restored.state_position().unwrap(), 60);
     }
 
     #[test]

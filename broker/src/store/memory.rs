@@ -111,10 +111,13 @@ impl Store for MemoryStore {
         if let Some(counts) = &c.counts {
             s.counts = Some(counts.clone());
         }
-        for e in &c.audit {
+        // Entries at or below the head are there already (a change set applied again over a
+        // snapshot read while it was being written).
+        let above = s.audit_head.map_or(0, |(seq, _)| seq);
+        for e in c.audit.iter().filter(|e| e.seq > above) {
             s.audit.push((e.seq, prost::Message::encode_to_vec(e)));
         }
-        if head.is_some() {
+        if head.is_some_and(|(seq, _)| seq > above) {
             s.audit_head = head;
         }
         if let Some(seq) = c.checkpoint {

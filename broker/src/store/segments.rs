@@ -117,16 +117,32 @@ impl Segments {
 
     /// Every segment in order as `(number, records)`; an unreadable rest of a segment comes
     /// as one last record of its bytes, so that readers see exactly what is stored.
+    #[cfg(test)]
     pub(super) fn read(&self, db: &sled::Db) -> Result<Vec<(u64, Vec<Vec<u8>>)>> {
         let mut out = Vec::new();
+        self.for_each(db, &mut |n, records| {
+            out.push((n, records));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every segment in order as `(number, records)`, one at a time (memory: one segment); an
+    /// unreadable rest of a segment comes as one last record of its bytes, so that readers see
+    /// exactly what is stored.
+    pub(super) fn for_each(
+        &self,
+        db: &sled::Db,
+        f: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
         for kv in db.scan_prefix(self.prefix) {
             let (k, v) = kv?;
-            out.push((
+            f(
                 segment_number(self.prefix, &k)?,
                 split(&v).map(|r| r.to_vec()).collect(),
-            ));
+            )?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Removes whole segments (at most `max` of them) from the oldest on while `all_old` says

@@ -349,9 +349,20 @@ impl Store for SledStore {
         if let Some(counts) = &c.counts {
             b.insert(COUNTS, codec::encode_counts(counts));
         }
-        let entries: Vec<Vec<u8>> = c.audit.iter().map(prost::Message::encode_to_vec).collect();
+        // Entries at or below the head are there already (a change set applied again over a
+        // snapshot read while it was being written).
+        let above = if c.audit.is_empty() {
+            0
+        } else {
+            self.audit_head()?.0
+        };
+        let new_audit: Vec<&audit::Entry> = c.audit.iter().filter(|e| e.seq > above).collect();
+        let entries: Vec<Vec<u8>> = new_audit
+            .iter()
+            .map(|e| prost::Message::encode_to_vec(*e))
+            .collect();
         let audit = self.audit.stage(&mut b, entries.iter().map(Vec::as_slice));
-        if let Some(last) = c.audit.last() {
+        if let Some(last) = new_audit.last() {
             let mut head = last.seq.to_be_bytes().to_vec();
             head.extend_from_slice(&last.hash);
             b.insert(AUDIT_HEAD, head);
@@ -614,20 +625,38 @@ impl Store for SledStore {
 
     fn audit_raw(&self) -> Result<Vec<audit::Stored>> {
         let mut out = Vec::new();
+        self.for_each_audit(&mut |seq, bytes| {
+            out.push((seq, bytes));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn for_each_audit(&self, f: &mut dyn FnMut(u64, Vec<u8>) -> Result<()>) -> Result<()> {
         // A store written before segments keeps its first entries one to a key.
+        let mut seq = 0;
         for kv in self.db()?.scan_prefix(b"a/") {
             let (k, v) = kv?;
-            out.push((u64_from("audit", &k[2..])?, v.to_vec()));
+            seq = u64_from("audit", &k[2..])?;
+            f(seq, v.to_vec())?;
         }
         // Then the segments: an entry's place in them is its sequence number.
-        let mut seq = out.last().map_or(0, |(s, _)| *s);
-        for (_, entries) in self.audit.read(&*self.db()?)? {
+        self.audit.for_each(&*self.db()?, &mut |_, entries| {
             for bytes in entries {
                 seq += 1;
-                out.push((seq, bytes));
+                f(seq, bytes)?;
             }
+            Ok(())
+        })
+    }
+
+    fn for_each_referral(&self, f: &mut dyn FnMut(Referral) -> Result<()>) -> Result<()> {
+        for kv in self.db()?.scan_prefix(b"r/") {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[2..]).into_owned();
+            f(codec::decode_referral(&id, &v)?)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     fn stats(&self) -> Result<StoreStats> {

@@ -25,6 +25,7 @@ use super::worker::finish_all;
 use super::{AppState, OPENAPI_JSON, router};
 use crate::error::{Error, Result};
 use crate::ids;
+use crate::outbox::{OutboxStatus, Sent};
 use crate::outgoing::Outgoing;
 use crate::storage::Storage;
 
@@ -49,7 +50,7 @@ impl Backend for Stub {
         &self.sealing
     }
 
-    async fn publish(&self, out: &Outgoing) -> Result<()> {
+    async fn publish(&self, out: &Outgoing) -> Result<Sent> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(Error::Timeout {
                 subject: out.subject().to_owned(),
@@ -57,7 +58,15 @@ impl Backend for Stub {
             });
         }
         self.sent.lock().unwrap().push(out.clone());
-        Ok(())
+        Ok(Sent::Stored)
+    }
+
+    fn outbox_status(&self) -> Option<OutboxStatus> {
+        None
+    }
+
+    fn is_queued(&self, _: &str) -> bool {
+        false
     }
 
     async fn status(&self, _: &str) -> Result<v1::StatusReply> {
@@ -697,6 +706,7 @@ fn openapi_documents_every_route() {
     for (path, method) in [
         ("/openapi.json", "get"),
         ("/healthz", "get"),
+        ("/metrics", "get"),
         ("/v1/referrals", "post"),
         ("/v1/referrals/{referral_id}", "get"),
         ("/v1/referrals/{referral_id}/status", "post"),
@@ -726,6 +736,7 @@ fn openapi_documents_every_route() {
         "invalid-field",
         "idempotency-key-reused",
         "unavailable",
+        "outbox-full",
         "internal",
     ] {
         let uri = format!("urn:yeongye:problem:{slug}");

@@ -35,6 +35,10 @@ use publish::Publisher;
 
 /// How long a send waits before it tries again to open a store another process held.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// How long a send waits for the store's lock: long enough for this process's previous
+/// handle (an adapter just dropped) to let go of it, short enough for a one-shot command
+/// beside a running adapter.
+const SEND_OPEN_WAIT: Duration = Duration::from_millis(250);
 
 /// How long [`Adapter::status`] waits for the broker's reply by default.
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -295,7 +299,11 @@ impl Adapter {
     /// `None` while another process holds the state directory (its `outbox-status.json` in
     /// the state directory then says it).
     pub async fn outbox_status(&self) -> Result<Option<OutboxStatus>> {
-        Ok(self.outbox().await?.map(|o| o.status()))
+        match self.open_store(crate::storage::OPEN_WAIT).await {
+            Ok(opened) => Ok(Some(opened.outbox.status())),
+            Err(Error::StateDirInUse { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`outbox_status`](Self::outbox_status) if the store is open already (no waiting).
@@ -327,7 +335,7 @@ impl Adapter {
                 return Ok(None);
             }
         }
-        match self.open_store(Duration::ZERO).await {
+        match self.open_store(SEND_OPEN_WAIT).await {
             Ok(opened) => Ok(Some(opened.outbox.clone())),
             Err(Error::StateDirInUse { .. }) => {
                 let mut locked = self

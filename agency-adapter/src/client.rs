@@ -291,7 +291,11 @@ impl Adapter {
                 payload,
             )
             .await?;
-        info!(subject = out.subject(), outcome = sent.as_str(), "message accepted");
+        info!(
+            subject = out.subject(),
+            outcome = sent.as_str(),
+            "message accepted"
+        );
         Ok(sent)
     }
 
@@ -363,12 +367,9 @@ impl Adapter {
             .store
             .get_or_try_init(|| async {
                 let cfg = &self.inner.cfg;
-                let storage = Storage::open_async_waiting(
-                    cfg.dedup_dir(),
-                    cfg.dedup_retention_days,
-                    wait,
-                )
-                .await?;
+                let storage =
+                    Storage::open_async_waiting(cfg.dedup_dir(), cfg.dedup_retention_days, wait)
+                        .await?;
                 let outbox = Outbox::load(
                     storage.clone(),
                     cfg.outbox.clone(),

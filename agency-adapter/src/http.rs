@@ -150,7 +150,10 @@ async fn metrics<B: Backend>(State(st): State<AppState<B>>) -> Response {
         .map(|o| metrics_text(st.backend.agency(), &o))
         .unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -162,17 +165,60 @@ pub(crate) fn metrics_text(agency: &str, o: &crate::outbox::OutboxStatus) -> Str
     let mut out = String::new();
     let age = o.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
     let rows: [(&str, &str, &str, String); 8] = [
-        ("yeongye_adapter_outbox_depth", "gauge", "Messages accepted and not yet acknowledged by JetStream.", o.depth.to_string()),
-        ("yeongye_adapter_outbox_bytes", "gauge", "Bytes of the signed messages waiting in the outbox.", o.bytes.to_string()),
-        ("yeongye_adapter_outbox_oldest_age_seconds", "gauge", "How long the oldest message in the outbox has waited (0 when empty).", format!("{age:.3}")),
-        ("yeongye_adapter_outbox_hub_unreachable", "gauge", "1 while the last publish to JetStream failed.", u8::from(o.hub != "ok").to_string()),
-        ("yeongye_adapter_outbox_corrupt_records", "gauge", "Outbox records set aside because they did not decode.", o.corrupt.len().to_string()),
-        ("yeongye_adapter_outbox_max_entries", "gauge", "The outbox's configured bound, entries.", o.max_entries.to_string()),
-        ("yeongye_adapter_outbox_queued_total", "counter", "Messages that entered the outbox since start.", o.queued_total.to_string()),
-        ("yeongye_adapter_outbox_forwarded_total", "counter", "Queued messages acknowledged by JetStream since start.", o.forwarded_total.to_string()),
+        (
+            "yeongye_adapter_outbox_depth",
+            "gauge",
+            "Messages accepted and not yet acknowledged by JetStream.",
+            o.depth.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_bytes",
+            "gauge",
+            "Bytes of the signed messages waiting in the outbox.",
+            o.bytes.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_oldest_age_seconds",
+            "gauge",
+            "How long the oldest message in the outbox has waited (0 when empty).",
+            format!("{age:.3}"),
+        ),
+        (
+            "yeongye_adapter_outbox_hub_unreachable",
+            "gauge",
+            "1 while the last publish to JetStream failed.",
+            u8::from(o.hub != "ok").to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_corrupt_records",
+            "gauge",
+            "Outbox records set aside because they did not decode.",
+            o.corrupt.len().to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_max_entries",
+            "gauge",
+            "The outbox's configured bound, entries.",
+            o.max_entries.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_queued_total",
+            "counter",
+            "Messages that entered the outbox since start.",
+            o.queued_total.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_forwarded_total",
+            "counter",
+            "Queued messages acknowledged by JetStream since start.",
+            o.forwarded_total.to_string(),
+        ),
     ];
     for (name, kind, help, value) in rows {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{agency=\"{agency}\"}} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{agency=\"{agency}\"}} {value}"
+        );
     }
     out
 }

@@ -174,7 +174,10 @@ impl Record {
             return Err("checksum mismatch (the record's bytes changed)".into());
         }
         let mut r = Reader(&body[MAGIC.len()..]);
-        let at: [u8; 8] = r.take(8, "enqueued_at_ms")?.try_into().map_err(|_| "time")?;
+        let at: [u8; 8] = r
+            .take(8, "enqueued_at_ms")?
+            .try_into()
+            .map_err(|_| "time")?;
         let mut text = |name: &str| -> std::result::Result<String, String> {
             let len: [u8; 2] = r.take(2, name)?.try_into().map_err(|_| name.to_owned())?;
             let raw = r.take(usize::from(u16::from_be_bytes(len)), name)?;
@@ -415,7 +418,11 @@ impl Outbox {
 
     /// Appends `out` to the outbox, flushed; returns its seq and a receiver told when
     /// JetStream acknowledged it. Refused past the configured bound.
-    async fn enqueue(&self, out: &Outgoing, payload: Bytes) -> Result<(u64, oneshot::Receiver<()>)> {
+    async fn enqueue(
+        &self,
+        out: &Outgoing,
+        payload: Bytes,
+    ) -> Result<(u64, oneshot::Receiver<()>)> {
         let size = payload.len() as u64;
         let limits = &self.shared.limits;
         {

@@ -180,20 +180,23 @@ impl Storage {
 
     /// [`open`](Self::open), waiting at most `wait` for a lock held (zero: fail at once if
     /// another process has the store).
-    pub(crate) fn open_waiting(path: &Path, retention_days: u32, wait: Duration) -> Result<Storage> {
+    pub(crate) fn open_waiting(
+        path: &Path,
+        retention_days: u32,
+        wait: Duration,
+    ) -> Result<Storage> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        let db =
-            yeongye_sled::retry_while_locked(wait, || sled::Config::new().path(path).open())
-                .map_err(|e| {
-                if yeongye_sled::is_lock_error(&e) {
-                    Error::StateDirInUse {
-                        path: path.to_owned(),
-                    }
-                } else {
-                    store_err(path, e)
+        let db = yeongye_sled::retry_while_locked(wait, || sled::Config::new().path(path).open())
+            .map_err(|e| {
+            if yeongye_sled::is_lock_error(&e) {
+                Error::StateDirInUse {
+                    path: path.to_owned(),
                 }
-            })?;
+            } else {
+                store_err(path, e)
+            }
+        })?;
         let open = |name: &str| db.open_tree(name).map_err(|e| store_err(path, e));
         let (pending, finishing) = (open(PENDING)?, open(FINISHING)?);
         let mut next_seq = db.generate_id().map_err(|e| store_err(path, e))?;
@@ -474,8 +477,12 @@ impl Storage {
         let tree = self.inner.trees.outbox.clone();
         let from = after.saturating_add(1).to_be_bytes();
         with_seqs(
-            self.blocking(move || tree.range(from..).take(limit).collect::<sled::Result<Vec<_>>>())
-                .await?,
+            self.blocking(move || {
+                tree.range(from..)
+                    .take(limit)
+                    .collect::<sled::Result<Vec<_>>>()
+            })
+            .await?,
         )
     }
 

@@ -59,7 +59,10 @@ fn damaged_records_are_named_not_trusted() {
     for i in 0..good.len() {
         let mut bad = good.clone();
         bad[i] ^= 0x40;
-        assert!(Record::decode(&bad).is_err(), "byte {i} flipped was accepted");
+        assert!(
+            Record::decode(&bad).is_err(),
+            "byte {i} flipped was accepted"
+        );
     }
     // Well-formed and checksummed, but breaking the rules: still refused.
     let mut r = record(2);
@@ -67,10 +70,18 @@ fn damaged_records_are_named_not_trusted() {
     assert!(Record::decode(&r.encode()).unwrap_err().contains("subject"));
     let mut r = record(3);
     r.message_id = "m-other".into();
-    assert!(Record::decode(&r.encode()).unwrap_err().contains("message id"));
+    assert!(
+        Record::decode(&r.encode())
+            .unwrap_err()
+            .contains("message id")
+    );
     let mut r = record(4);
     r.message_id = "not an id!".into();
-    assert!(Record::decode(&r.encode()).unwrap_err().contains("message_id"));
+    assert!(
+        Record::decode(&r.encode())
+            .unwrap_err()
+            .contains("message_id")
+    );
     assert!(Record::decode(b"garbage that is long enough").is_err());
 }
 

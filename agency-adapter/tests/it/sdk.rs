@@ -310,7 +310,11 @@ async fn without_a_stream_a_send_is_queued_or_without_an_outbox_gives_up_within_
         .unwrap();
     let started = std::time::Instant::now();
     assert_eq!(adapter.submit(&out).await.unwrap(), Sent::Queued);
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     let outbox = adapter.outbox_status().await.unwrap().unwrap();
     assert_eq!(outbox.depth, 1, "{outbox:?}");
 

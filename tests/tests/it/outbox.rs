@@ -3,8 +3,6 @@
 //! adapter, and arrive at the recipient once each, in the order accepted, with the ids the
 //! adapter returned, once the node is back.
 
-use std::time::Duration;
-
 use serde_json::Value;
 use yeongye_adapter::{Adapter, AdapterConfig, Sent};
 use yeongye_proto::subject;
@@ -30,7 +28,10 @@ fn referral_json(n: usize) -> Value {
 fn ids_of(body: &Value, status: &str, what: &str) -> (String, String) {
     assert_eq!(body["status"], status, "{what}: {body}");
     (
-        body["referral_id"].as_str().expect("referral_id").to_owned(),
+        body["referral_id"]
+            .as_str()
+            .expect("referral_id")
+            .to_owned(),
         body["message_id"].as_str().expect("message_id").to_owned(),
     )
 }
@@ -134,7 +135,11 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
     // The adapter starts again while the hub is still down, then the hub returns.
     serve.start_again().await;
     let health = http.get("/healthz").await.json();
-    assert_eq!(health["outbox"]["depth"], OVER_HTTP + OVER_SDK + OVER_CLI, "{health}");
+    assert_eq!(
+        health["outbox"]["depth"],
+        OVER_HTTP + OVER_SDK + OVER_CLI,
+        "{health}"
+    );
     system.nats.start_again().await;
 
     // All of them arrive at the recipient, once each, in the order accepted.
@@ -150,12 +155,18 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
         .iter()
         .map(|l| l.referral_id().expect("referral_id").to_owned())
         .collect();
-    assert_eq!(delivered, expected, "delivered once each, in the order accepted");
+    assert_eq!(
+        delivered, expected,
+        "delivered once each, in the order accepted"
+    );
 
     // JetStream stored them in that order under the message ids the adapter returned.
     let client = system.nats.connect().await;
     let js = async_nats::jetstream::new(client);
-    let stream = js.get_stream(subject::IN_STREAM).await.expect("inbound stream");
+    let stream = js
+        .get_stream(subject::IN_STREAM)
+        .await
+        .expect("inbound stream");
     let referral_subject = format!("yeongye.in.{CENTRE}.referral");
     let mut stored = Vec::new();
     let mut seq = 1;
@@ -177,7 +188,10 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
         seq += 1;
     }
     let expected_ids: Vec<&str> = accepted.iter().map(|(_, m)| m.as_str()).collect();
-    assert_eq!(stored, expected_ids, "stored in the order accepted, once each");
+    assert_eq!(
+        stored, expected_ids,
+        "stored in the order accepted, once each"
+    );
 
     // And the outbox is empty again.
     let health = wait_for(

@@ -275,20 +275,19 @@ impl Adapter {
             return Ok(Sent::Stored);
         };
         let payload = self.inner.publisher.encode(out.envelope());
-        let max = self.inner.client.server_info().max_payload;
-        let max = if max == 0 { 1024 * 1024 } else { max };
-        if payload.len() > max {
-            return Err(Error::InvalidInput(format!(
-                "the signed message is {} bytes, over the NATS server's max_payload of {max}",
-                payload.len()
-            )));
-        }
+        // Asked only when a message is to be queued: a message JetStream could never take
+        // must not block the outbox (directly, the server refuses it and the caller is told).
+        let max_payload = || match self.inner.client.server_info().max_payload {
+            0 => 1024 * 1024,
+            max => max,
+        };
         let sent = outbox
             .submit(
                 &self.inner.publisher,
                 self.inner.client.connection_state(),
                 out,
                 payload,
+                max_payload,
             )
             .await?;
         info!(

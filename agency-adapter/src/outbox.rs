@@ -374,6 +374,7 @@ impl Outbox {
         connection: ConnState,
         out: &Outgoing,
         payload: Bytes,
+        max_payload: impl FnOnce() -> usize,
     ) -> Result<Sent> {
         let budget = self.shared.limits.queue_after();
         let started = tokio::time::Instant::now();
@@ -401,6 +402,13 @@ impl Outbox {
                     );
                 }
             }
+        }
+        let max = max_payload();
+        if payload.len() > max {
+            return Err(Error::InvalidInput(format!(
+                "the signed message is {} bytes, over the NATS server's max_payload of {max}: it could never be stored",
+                payload.len()
+            )));
         }
         let (seq, done) = self.enqueue(out, payload).await?;
         if connection != ConnState::Connected || lock(&self.shared.state).unreachable.is_some() {

@@ -36,6 +36,10 @@ const ME: &str = "cc-1";
 struct Stub {
     sent: Arc<Mutex<Vec<Outgoing>>>,
     fail: Arc<AtomicBool>,
+    /// Answer as an outbox at its bound.
+    full: Arc<AtomicBool>,
+    /// Answer as when the hub did not acknowledge in time.
+    queue: Arc<AtomicBool>,
     status: Arc<Mutex<v1::StatusReply>>,
     consent: Arc<Mutex<v1::ConsentReply>>,
     sealing: crate::sealing::Sealing,
@@ -57,7 +61,18 @@ impl Backend for Stub {
                 timeout: std::time::Duration::from_secs(1),
             });
         }
+        if self.full.load(Ordering::SeqCst) {
+            return Err(Error::OutboxFull {
+                entries: 3,
+                bytes: 300,
+                max_entries: 3,
+                max_bytes: 1000,
+            });
+        }
         self.sent.lock().unwrap().push(out.clone());
+        if self.queue.load(Ordering::SeqCst) {
+            return Ok(Sent::Queued);
+        }
         Ok(Sent::Stored)
     }
 
@@ -416,6 +431,43 @@ async fn idempotency_key_sends_once() {
     assert_eq!(sent.len(), 2);
     assert_eq!(b5["message_id"], sent[1].message_id());
     assert_ne!(b5["referral_id"], b1["referral_id"]);
+}
+
+#[tokio::test]
+async fn answers_say_stored_or_queued_and_a_full_outbox_is_a_503_problem() {
+    let api = Api::new();
+    let body = referral().to_string();
+    let (s, _, b) = api.post("/v1/referrals", &body, None).await;
+    assert_eq!(
+        (s, &b["status"]),
+        (StatusCode::ACCEPTED, &json!("stored")),
+        "{b}"
+    );
+    api.stub.queue.store(true, Ordering::SeqCst);
+    let (s, _, b) = api.post("/v1/referrals", &body, Some("k-q")).await;
+    assert_eq!(
+        (s, &b["status"]),
+        (StatusCode::ACCEPTED, &json!("queued")),
+        "{b}"
+    );
+    assert_eq!(b["message_id"], api.sent()[1].message_id());
+    assert!(b["referral_id"].is_string());
+    api.stub.queue.store(false, Ordering::SeqCst);
+    api.stub.full.store(true, Ordering::SeqCst);
+    let (s, _, problem) = api.post("/v1/referrals", &body, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(
+        problem["type"], "urn:yeongye:problem:outbox-full",
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("outbox is full"),
+        "{problem}"
+    );
+    assert_eq!(api.sent().len(), 2, "nothing more accepted");
 }
 
 #[tokio::test]

@@ -80,23 +80,63 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.header("idempotent-replayed"), Some("true"));
     assert_eq!(ids_of(&r.json(), "queued", "replay"), accepted[1]);
+    // A status update queues too (the sender cancels the first referral of the outage); one
+    // with a note cannot: the note is sealed to the other party, whom only the broker names.
+    let cancelled = accepted[1].0.clone();
+    let path = format!("/v1/referrals/{cancelled}/status");
+    let r = http
+        .post_json(
+            &path,
+            &serde_json::json!({"status": "STATUS_CANCELLED", "note": "sent twice"}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["field"], "note", "{}", r.text());
+    let r = http
+        .post_json(
+            &path,
+            &serde_json::json!({"status": "STATUS_CANCELLED"}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["status"], "queued", "{}", r.text());
+    let queued = OVER_HTTP + 1;
     let health = http.get("/healthz").await.json();
-    assert_eq!(health["outbox"]["depth"], OVER_HTTP, "{health}");
+    assert_eq!(health["outbox"]["depth"], queued, "{health}");
     assert_eq!(health["outbox"]["hub"], "unreachable", "{health}");
     assert!(health["outbox"]["oldest_age_ms"].is_u64(), "{health}");
     let metrics = http.get("/metrics").await.text();
     assert!(
         metrics.contains(&format!(
-            "yeongye_adapter_outbox_depth{{agency=\"{CENTRE}\"}} {OVER_HTTP}\n"
+            "yeongye_adapter_outbox_depth{{agency=\"{CENTRE}\"}} {queued}\n"
         )),
         "{metrics}"
     );
+    // `agency-adapter status` beside the running adapter: from the status file it keeps.
+    let config = serve.config_path();
+    wait_for(
+        "agency-adapter status to show the queue",
+        SHORT,
+        || {
+            let config = config.clone();
+            async move {
+                let out = yeongye_tests::adapter::cli(&config, &["status"]).await;
+                let v = out.assert_success().json();
+                (v["source"] == "status file" && v["outbox"]["depth"] == queued).then_some(())
+            }
+        },
+        || serve.log_tail(),
+    )
+    .await;
 
     // The adapter dies with everything still queued.
     serve.kill9();
     let status = yeongye_tests::adapter::cli(&serve.config_path(), &["status"]).await;
     status.assert_success();
-    assert_eq!(status.json()["outbox"]["depth"], OVER_HTTP, "{status:?}");
+    assert_eq!(status.json()["source"], "store", "{status:?}");
+    assert_eq!(status.json()["outbox"]["depth"], queued, "{status:?}");
 
     // Over the SDK, on the same state directory (nothing runs there now).
     {
@@ -115,7 +155,7 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
             accepted.push((out.referral_id().to_owned(), out.message_id().to_owned()));
         }
         let status = sdk.outbox_status().await.expect("store").expect("outbox");
-        assert_eq!(status.depth as usize, OVER_HTTP + OVER_SDK, "{status:?}");
+        assert_eq!(status.depth as usize, queued + OVER_SDK, "{status:?}");
     }
 
     // Over the CLI: exit 0, "queued".
@@ -137,7 +177,7 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
     let health = http.get("/healthz").await.json();
     assert_eq!(
         health["outbox"]["depth"],
-        OVER_HTTP + OVER_SDK + OVER_CLI,
+        queued + OVER_SDK + OVER_CLI,
         "{health}"
     );
     system.nats.start_again().await;
@@ -192,6 +232,11 @@ async fn referrals_accepted_while_the_hub_is_down_arrive_in_order_once_each() {
         stored, expected_ids,
         "stored in the order accepted, once each"
     );
+    // The queued cancellation reached the recipient too.
+    system
+        .adapter(HOPE)
+        .wait_notified(&cancelled, "CANCELLED", SHORT)
+        .await;
 
     // And the outbox is empty again.
     let health = wait_for(

@@ -64,6 +64,8 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(2);
 /// How often the status file is rewritten at most.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// Records read per scan at start (small in tests, so that they cross pages).
+const LOAD_PAGE: usize = if cfg!(test) { 4 } else { 1024 };
 /// The status file, in the state directory, for `agency-adapter status` while another process
 /// holds the store.
 pub(crate) const STATUS_FILE: &str = "outbox-status.json";
@@ -263,6 +265,37 @@ struct State {
     version: u64,
 }
 
+impl State {
+    /// Takes in the record `seq` read at start: waiting if it decodes, else to be set aside.
+    fn take(&mut self, store: &Storage, seq: u64, bytes: &[u8], bad: &mut Vec<u64>) {
+        match Record::decode(bytes) {
+            Ok(r) => {
+                let size = r.payload.len() as u64;
+                self.bytes += size;
+                self.ids.insert(r.message_id.clone());
+                self.entries.insert(
+                    seq,
+                    Meta {
+                        bytes: size,
+                        at_ms: r.enqueued_at_ms,
+                        message_id: r.message_id,
+                    },
+                );
+            }
+            Err(why) => {
+                error!(
+                    seq,
+                    store = %store.path().display(),
+                    cause = %why,
+                    "outbox record is corrupt: set aside in tree outbox_corrupt, the others are forwarded"
+                );
+                bad.push(seq);
+                self.corrupt.push(CorruptRecord { seq, error: why });
+            }
+        }
+    }
+}
+
 /// The outbox of one store. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Outbox {
@@ -291,31 +324,14 @@ impl Outbox {
     ) -> Result<Outbox> {
         let mut state = State::default();
         let mut bad = Vec::new();
-        for (seq, bytes) in store.outbox_after(0, usize::MAX).await? {
-            match Record::decode(&bytes) {
-                Ok(r) => {
-                    let size = r.payload.len() as u64;
-                    state.bytes += size;
-                    state.ids.insert(r.message_id.clone());
-                    state.entries.insert(
-                        seq,
-                        Meta {
-                            bytes: size,
-                            at_ms: r.enqueued_at_ms,
-                            message_id: r.message_id,
-                        },
-                    );
-                }
-                Err(why) => {
-                    error!(
-                        seq,
-                        store = %store.path().display(),
-                        cause = %why,
-                        "outbox record is corrupt: set aside in tree outbox_corrupt, the others are forwarded"
-                    );
-                    bad.push(seq);
-                    state.corrupt.push(CorruptRecord { seq, error: why });
-                }
+        // In pages: the payloads are not all held at once.
+        let mut after = 0;
+        loop {
+            let page = store.outbox_after(after, LOAD_PAGE).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (seq, bytes) in page {
+                state.take(&store, seq, &bytes, &mut bad);
             }
         }
         if !bad.is_empty() {

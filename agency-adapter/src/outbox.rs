@@ -399,14 +399,10 @@ impl Outbox {
                 .await
             {
                 Ok(Ok(())) => return Ok(Sent::Stored),
-                Ok(Err(Error::Publish { source, .. })) if !is_transient(source.kind()) => {
-                    return Err(Error::Publish {
-                        subject: out.subject().to_owned(),
-                        message_id: out.message_id().to_owned(),
-                        attempts: 1,
-                        elapsed: started.elapsed(),
-                        source,
-                    });
+                // Refused for good (too large): queueing it would only block the outbox.
+                Ok(Err(e)) if matches!(&e, Error::Publish { source, .. } if !is_transient(source.kind())) =>
+                {
+                    return Err(e);
                 }
                 Ok(Err(e)) => {
                     info!(message_id = out.message_id(), cause = %e, "not acknowledged in time: queueing");

@@ -8,16 +8,18 @@
 //! own reply subjects) and logs every connection event (permission violations arrive only that
 //! way).
 
-mod publish;
+pub(crate) mod publish;
 mod query;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{ConnectOptions, Event};
 use tokio::sync::OnceCell;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Span, error, info, instrument, warn};
 use yeongye_proto::signing::KeyRing;
 use yeongye_proto::subject;
@@ -25,10 +27,18 @@ use yeongye_proto::v1;
 
 use crate::config::AdapterConfig;
 use crate::error::{Error, Result};
+use crate::outbox::{self, Outbox, OutboxStatus, Sent};
 use crate::outgoing::{self, Outgoing};
 use crate::sealing::Sealing;
 use crate::storage::Storage;
 use publish::Publisher;
+
+/// How long a send waits before it tries again to open a store another process held.
+const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// How long a send waits for the store's lock: long enough for this process's previous
+/// handle (an adapter just dropped) to let go of it, short enough for a one-shot command
+/// beside a running adapter.
+const SEND_OPEN_WAIT: Duration = Duration::from_millis(250);
 
 /// How long [`Adapter::status`] waits for the broker's reply by default.
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,6 +146,7 @@ impl AdapterBuilder {
                 publisher,
                 query_timeout: self.query_timeout,
                 store: OnceCell::new(),
+                locked_at: Mutex::new(None),
                 closed: AtomicBool::new(false),
                 keys,
                 sealing,
@@ -155,14 +166,24 @@ struct Inner {
     client: async_nats::Client,
     publisher: Publisher,
     query_timeout: Duration,
-    /// Opened by the first [`Adapter::incoming`], not by `connect`: one-shot calls must work
-    /// while a long-running adapter holds the store's lock.
-    store: OnceCell<Storage>,
+    /// Opened by the first [`Adapter::incoming`] or send, not by `connect`: one-shot calls
+    /// must work while a long-running adapter holds the store's lock.
+    store: OnceCell<Opened>,
+    /// When a send last found the store held by another process (it then publishes
+    /// directly, without the outbox, and tries the store again after [`LOCKED_RETRY`]).
+    locked_at: Mutex<Option<Instant>>,
     closed: AtomicBool,
     /// Senders' public keys, from the registry, to check deliveries' relayed signatures.
     keys: Option<KeyRing>,
     /// The keys to seal to (the registry's) and to open with (the agency's own).
     sealing: Sealing,
+}
+
+/// The store, its outbox, and the outbox's forwarder (stopped when the adapter is dropped).
+struct Opened {
+    storage: Storage,
+    outbox: Outbox,
+    _forwarder: DropGuard,
 }
 
 impl Adapter {
@@ -206,13 +227,15 @@ impl Adapter {
         &self.inner.client
     }
 
-    /// Sends a referral and returns its id once JetStream has stored it.
+    /// Sends a referral and returns its id once JetStream has stored it, or once it waits in
+    /// the adapter's durable outbox because the hub did not answer within `queue_after`
+    /// ([`submit`](Self::submit) says which).
     ///
     /// Fills `referral_id` (fresh UUIDv7) and `from_agency` (this agency) when empty, checks the
-    /// basic fields, and publishes it with retries (same message id) for up to the publish
-    /// budget. On error the referral may or may not have been stored; to retry without risking
+    /// basic fields, and publishes it. On error (a full outbox; without an outbox, the publish
+    /// budget spent) the referral may or may not have been stored; to retry without risking
     /// a second message, use [`prepare_referral`](Self::prepare_referral) and
-    /// [`publish`](Self::publish) instead.
+    /// [`submit`](Self::submit) instead.
     #[instrument(skip_all, fields(agency = %self.agency(), referral_id = tracing::field::Empty))]
     pub async fn send(&self, referral: v1::Referral) -> Result<String> {
         let out = self.prepare_referral(referral)?;
@@ -227,13 +250,144 @@ impl Adapter {
         outgoing::sealed_referral(self.agency(), referral, self.sealing())
     }
 
-    /// Publishes a prepared message, awaiting JetStream's acknowledgement. Publishing the same
-    /// [`Outgoing`] again is safe: it is the same message.
-    #[instrument(skip_all, fields(referral_id = out.referral_id(), message_id = out.message_id()))]
+    /// [`submit`](Self::submit), without saying whether the message is stored or queued:
+    /// either way it is safe. Publishing the same [`Outgoing`] again is safe: it is the same
+    /// message.
     pub async fn publish(&self, out: &Outgoing) -> Result<()> {
-        self.inner.publisher.publish(out).await?;
-        info!(subject = out.subject(), "message stored");
-        Ok(())
+        self.submit(out).await.map(drop)
+    }
+
+    /// Hands a prepared message to JetStream and says what became of it: [`Sent::Stored`] once
+    /// JetStream acknowledged it, [`Sent::Queued`] once it waits, flushed to disk, in the
+    /// adapter's outbox (the hub did not answer within `[outbox] queue_after_ms`): the outbox
+    /// forwards it in order, under its message id, when the hub is back. Nothing to retry then.
+    ///
+    /// A message goes straight to JetStream while the outbox is empty, and behind what waits
+    /// in it otherwise: a message submitted after another one returned is stored after it.
+    /// When another process (a running `agency-adapter run` or `serve`) holds the state
+    /// directory, there is no outbox here: the message is published with retries for the
+    /// publish budget, and an error is returned if it is not acknowledged in time.
+    #[instrument(skip_all, fields(referral_id = out.referral_id(), message_id = out.message_id()))]
+    pub async fn submit(&self, out: &Outgoing) -> Result<Sent> {
+        let Some(outbox) = self.outbox().await? else {
+            self.inner.publisher.publish(out).await?;
+            info!(subject = out.subject(), "message stored");
+            return Ok(Sent::Stored);
+        };
+        let payload = self.inner.publisher.encode(out.envelope());
+        // Asked only when a message is to be queued: a message JetStream could never take
+        // must not block the outbox (directly, the server refuses it and the caller is told).
+        let max_payload = || match self.inner.client.server_info().max_payload {
+            0 => 1024 * 1024,
+            max => max,
+        };
+        let sent = outbox
+            .submit(
+                &self.inner.publisher,
+                self.inner.client.connection_state(),
+                out,
+                payload,
+                max_payload,
+            )
+            .await?;
+        info!(
+            subject = out.subject(),
+            outcome = sent.as_str(),
+            "message accepted"
+        );
+        Ok(sent)
+    }
+
+    /// The outbox as it is now: messages waiting, the oldest's age, whether the hub answers.
+    /// `None` while another process holds the state directory (its `outbox-status.json` in
+    /// the state directory then says it).
+    pub async fn outbox_status(&self) -> Result<Option<OutboxStatus>> {
+        match self.open_store(crate::storage::OPEN_WAIT).await {
+            Ok(opened) => Ok(Some(opened.outbox.status())),
+            Err(Error::StateDirInUse { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`outbox_status`](Self::outbox_status) if the store is open already (no waiting).
+    pub fn outbox_status_now(&self) -> Option<OutboxStatus> {
+        self.inner.store.get().map(|o| o.outbox.status())
+    }
+
+    /// Whether `message_id` waits in the outbox (the store must be open already).
+    pub(crate) fn is_queued(&self, message_id: &str) -> bool {
+        self.inner
+            .store
+            .get()
+            .is_some_and(|o| o.outbox.holds(message_id))
+    }
+
+    /// The outbox, opening the store without waiting for another process's lock: `None` if
+    /// another process holds it.
+    async fn outbox(&self) -> Result<Option<Outbox>> {
+        if let Some(opened) = self.inner.store.get() {
+            return Ok(Some(opened.outbox.clone()));
+        }
+        {
+            let locked = self
+                .inner
+                .locked_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if locked.is_some_and(|at| at.elapsed() < LOCKED_RETRY) {
+                return Ok(None);
+            }
+        }
+        match self.open_store(SEND_OPEN_WAIT).await {
+            Ok(opened) => Ok(Some(opened.outbox.clone())),
+            Err(Error::StateDirInUse { .. }) => {
+                let mut locked = self
+                    .inner
+                    .locked_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if locked.is_none() {
+                    warn!(
+                        agency = %self.agency(),
+                        "another adapter process holds the state directory: sending without the outbox (an unreachable hub is then an error)"
+                    );
+                }
+                *locked = Some(Instant::now());
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the store (waiting up to `wait` for a lock held) and its outbox, and starts the
+    /// outbox's forwarder; once per adapter.
+    async fn open_store(&self, wait: Duration) -> Result<&Opened> {
+        self.inner
+            .store
+            .get_or_try_init(|| async {
+                let cfg = &self.inner.cfg;
+                let storage =
+                    Storage::open_async_waiting(cfg.dedup_dir(), cfg.dedup_retention_days, wait)
+                        .await?;
+                let outbox = Outbox::load(
+                    storage.clone(),
+                    cfg.outbox.clone(),
+                    Some(cfg.state_dir.join(outbox::STATUS_FILE)),
+                )
+                .await?;
+                let cancel = CancellationToken::new();
+                tokio::spawn(
+                    outbox
+                        .clone()
+                        .forward(self.inner.publisher.clone(), cancel.clone()),
+                );
+                Ok(Opened {
+                    storage,
+                    outbox,
+                    _forwarder: cancel.drop_guard(),
+                })
+            })
+            .await
     }
 
     /// Tells the broker about a referral's progress (recipient: accepted, declined, in
@@ -267,7 +421,7 @@ impl Adapter {
         let sealed = if note.is_empty() || !self.sealing().seals() {
             None
         } else {
-            let reply = self.status(referral_id).await?;
+            let reply = self.status(referral_id).await.map_err(note_needs_broker)?;
             if let Some(err) = &reply.error {
                 return Err(Error::invalid(
                     "referral_id",
@@ -384,17 +538,11 @@ impl Adapter {
         .await
     }
 
-    /// The adapter's durable store under `state_dir` (opened on first use; shared after).
+    /// The adapter's durable store under `state_dir` (opened on first use, waiting a moment
+    /// for a lock just released; shared after). Opening it starts the outbox's forwarder.
     pub(crate) async fn store(&self) -> Result<Storage> {
-        let store = self
-            .inner
-            .store
-            .get_or_try_init(|| async {
-                let cfg = &self.inner.cfg;
-                Storage::open_async(cfg.dedup_dir(), cfg.dedup_retention_days).await
-            })
-            .await?;
-        Ok(store.clone())
+        let opened = self.open_store(crate::storage::OPEN_WAIT).await?;
+        Ok(opened.storage.clone())
     }
 
     /// Flushes what the client has buffered (acks, publishes) to the server.
@@ -489,6 +637,18 @@ impl fmt::Debug for Adapter {
         f.debug_struct("Adapter")
             .field("config", &self.inner.cfg)
             .finish_non_exhaustive()
+    }
+}
+
+/// A status query for a note's reader that could not be made: say why the note cannot wait.
+pub(crate) fn note_needs_broker(e: Error) -> Error {
+    match e.kind() {
+        crate::ErrorKind::Timeout | crate::ErrorKind::Request | crate::ErrorKind::Connect => {
+            Error::NoteNeedsBroker {
+                source: Box::new(e),
+            }
+        }
+        _ => e,
     }
 }
 

@@ -85,6 +85,54 @@ pub struct AdapterConfig {
     /// The local HTTP/JSON API (`agency-adapter serve`); absent: not configured.
     #[serde(default)]
     pub http: Option<HttpConfig>,
+    /// The outbox: messages accepted while the hub is unreachable (`[outbox]`).
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+}
+
+/// The `[outbox]` section: how long a send waits for JetStream before it answers "queued",
+/// and how much the outbox may hold (past it, a send is refused: nothing is ever dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Entries at most (default 100,000).
+    #[serde(default = "default_outbox_entries")]
+    pub max_entries: u64,
+    /// Bytes of signed envelopes at most (default 256 MiB).
+    #[serde(default = "default_outbox_bytes")]
+    pub max_bytes: u64,
+    /// How long a send waits for its PubAck before answering "queued" (default 2000 ms).
+    #[serde(default = "default_queue_after")]
+    pub queue_after_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> OutboxConfig {
+        OutboxConfig {
+            max_entries: default_outbox_entries(),
+            max_bytes: default_outbox_bytes(),
+            queue_after_ms: default_queue_after(),
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// [`queue_after_ms`](Self::queue_after_ms) as a duration.
+    pub fn queue_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.queue_after_ms)
+    }
+}
+
+fn default_outbox_entries() -> u64 {
+    100_000
+}
+
+fn default_outbox_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+fn default_queue_after() -> u64 {
+    2000
 }
 
 fn default_retention() -> u32 {
@@ -110,6 +158,7 @@ impl AdapterConfig {
             registry: None,
             sealing_key_file: None,
             http: None,
+            outbox: OutboxConfig::default(),
         }
     }
 
@@ -187,6 +236,16 @@ impl AdapterConfig {
         }
         if let Some(http) = &self.http {
             http.validate()?;
+        }
+        if self.outbox.max_entries == 0 || self.outbox.max_bytes == 0 {
+            return Err(Error::Config(
+                "outbox.max_entries and outbox.max_bytes must be at least 1".into(),
+            ));
+        }
+        if self.outbox.queue_after_ms > 600_000 {
+            return Err(Error::Config(
+                "outbox.queue_after_ms must be at most 600000 (10 minutes)".into(),
+            ));
         }
         Ok(())
     }
@@ -426,6 +485,7 @@ impl fmt::Debug for AdapterConfig {
             registry,
             sealing_key_file,
             http,
+            outbox,
         } = self;
         f.debug_struct("AdapterConfig")
             .field("agency", agency)
@@ -438,6 +498,7 @@ impl fmt::Debug for AdapterConfig {
             .field("registry", registry)
             .field("sealing_key_file", sealing_key_file)
             .field("http", http)
+            .field("outbox", outbox)
             .finish()
     }
 }

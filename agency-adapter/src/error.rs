@@ -93,6 +93,29 @@ pub enum Error {
         source: StoreError,
     },
 
+    /// The outbox holds its configured maximum (`[outbox]` `max_entries` / `max_bytes`):
+    /// nothing was accepted (and nothing queued is ever dropped). It empties as soon as the
+    /// hub is reachable again.
+    #[error(
+        "the outbox is full ({entries} messages, {bytes} bytes; at most {max_entries} / {max_bytes}): the hub has been unreachable for a while; nothing was accepted, retry later"
+    )]
+    OutboxFull {
+        entries: u64,
+        bytes: u64,
+        max_entries: u64,
+        max_bytes: u64,
+    },
+
+    /// A status note is sealed to the referral's other party, whom only the broker can name
+    /// (a status query): it cannot be queued while the hub is unreachable. Nothing was sent.
+    #[error(
+        "a note is sealed to the referral's other party, whom the broker names, and the broker cannot be asked now ({source}): send the status without a note, or retry later"
+    )]
+    NoteNeedsBroker {
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A file-system operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -127,6 +150,8 @@ pub enum ErrorKind {
     Ack,
     Store,
     Io,
+    /// The outbox is at its configured maximum.
+    OutboxFull,
 }
 
 impl Error {
@@ -144,6 +169,8 @@ impl Error {
             Error::Ack { .. } => ErrorKind::Ack,
             Error::StateDirInUse { .. } | Error::Store { .. } => ErrorKind::Store,
             Error::Io { .. } => ErrorKind::Io,
+            Error::OutboxFull { .. } => ErrorKind::OutboxFull,
+            Error::NoteNeedsBroker { .. } => ErrorKind::Timeout,
         }
     }
 

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! GET  /openapi.json                          the OpenAPI 3.1 document (no token needed)
-//! GET  /healthz                               liveness (no token needed)
-//! POST /v1/referrals                          Referral            -> 202 {referral_id, message_id}
+//! GET  /healthz                               liveness and the outbox (no token needed)
+//! GET  /metrics                               Prometheus text: the outbox (no token needed)
+//! POST /v1/referrals                          Referral            -> 202 {referral_id, message_id, status}
 //! GET  /v1/referrals/{referral_id}            -> StatusReply
 //! POST /v1/referrals/{referral_id}/status     {status, note}      -> 202 {referral_id, message_id}
 //! POST /v1/consents                           ConsentGrant        -> 202 {consent_id, message_id}
@@ -56,6 +57,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -113,10 +115,14 @@ pub(crate) fn router<B: Backend>(state: AppState<B>, token: TokenDigest) -> Rout
             token,
             auth::require_token,
         ))
-        .with_state(state);
+        .with_state(state.clone());
+    let open = Router::new()
+        .route("/healthz", get(healthz::<B>))
+        .route("/metrics", get(metrics::<B>))
+        .with_state(state.clone());
     Router::new()
         .route("/openapi.json", get(openapi))
-        .route("/healthz", get(healthz))
+        .merge(open)
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -126,12 +132,95 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
-async fn healthz() -> Response {
+/// `{"status": "ok", "outbox": {depth, oldest_age_ms, hub, ...}}`: the adapter serves; what
+/// waits for the hub.
+async fn healthz<B: Backend>(State(st): State<AppState<B>>) -> Response {
+    let mut body = serde_json::json!({"status": "ok"});
+    if let Some(outbox) = st.backend.outbox_status() {
+        body["outbox"] = serde_json::to_value(outbox).unwrap_or_default();
+    }
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// Prometheus text exposition of the outbox.
+async fn metrics<B: Backend>(State(st): State<AppState<B>>) -> Response {
+    let text = st
+        .backend
+        .outbox_status()
+        .map(|o| metrics_text(st.backend.agency(), &o))
+        .unwrap_or_default();
     (
-        StatusCode::OK,
-        axum::Json(serde_json::json!({"status": "ok"})),
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
     )
         .into_response()
+}
+
+/// The outbox as Prometheus gauges and counters, labelled with the agency.
+pub(crate) fn metrics_text(agency: &str, o: &crate::outbox::OutboxStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let age = o.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+    let rows: [(&str, &str, &str, String); 8] = [
+        (
+            "yeongye_adapter_outbox_depth",
+            "gauge",
+            "Messages accepted and not yet acknowledged by JetStream.",
+            o.depth.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_bytes",
+            "gauge",
+            "Bytes of the signed messages waiting in the outbox.",
+            o.bytes.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_oldest_age_seconds",
+            "gauge",
+            "How long the oldest message in the outbox has waited (0 when empty).",
+            format!("{age:.3}"),
+        ),
+        (
+            "yeongye_adapter_outbox_hub_unreachable",
+            "gauge",
+            "1 while the last publish to JetStream failed.",
+            u8::from(o.hub != "ok").to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_corrupt_records",
+            "gauge",
+            "Outbox records set aside because they did not decode.",
+            o.corrupt.len().to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_max_entries",
+            "gauge",
+            "The outbox's configured bound, entries.",
+            o.max_entries.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_queued_total",
+            "counter",
+            "Messages that entered the outbox since start.",
+            o.queued_total.to_string(),
+        ),
+        (
+            "yeongye_adapter_outbox_forwarded_total",
+            "counter",
+            "Queued messages acknowledged by JetStream since start.",
+            o.forwarded_total.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{agency=\"{agency}\"}} {value}"
+        );
+    }
+    out
 }
 
 async fn not_found() -> Response {

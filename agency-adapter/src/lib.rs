@@ -46,6 +46,9 @@
 //! - `storage`: the adapter's one sled store — handled message ids, the HTTP bridge's queue
 //!   and idempotency keys — committing in groups (one flush for every write that is ready);
 //!   nothing else names sled.
+//! - `outbox`: the durable outbox ([`Sent`], [`OutboxStatus`]): what the hub did not
+//!   acknowledge in time waits in the store and is forwarded in order, one at a time, under
+//!   its message id.
 //! - [`inbox`]: [`FolderInbox`], crash-safe no-replace handoff of items to a folder.
 //! - [`http`]: the local HTTP/JSON API (`agency-adapter serve`): handlers, problem documents,
 //!   idempotency keys, the durable webhook/pull queue and its worker.
@@ -70,6 +73,7 @@ pub mod inbox;
 pub mod incoming;
 mod item;
 pub mod json;
+mod outbox;
 /// The binary's `tracing` filter (crate `yeongye-log`, shared with the broker).
 pub use yeongye_log as log_filter;
 mod outgoing;
@@ -77,11 +81,12 @@ pub mod sealing;
 mod storage;
 
 pub use client::{Adapter, AdapterBuilder};
-pub use config::{AdapterConfig, HttpConfig};
+pub use config::{AdapterConfig, HttpConfig, OutboxConfig};
 pub use error::{Error, ErrorKind, FieldIssue, Result};
 pub use inbox::{FolderInbox, Handoff};
 pub use incoming::Incoming;
 pub use item::{Item, ItemKind};
+pub use outbox::{CorruptRecord, OutboxStatus, Sent, report as outbox_report};
 pub use outgoing::{MAX_NOTE_CHARS, MAX_REFERRAL_ID_LEN, Outgoing, is_valid_id};
 pub use sealing::Sealing;
 pub use yeongye_proto::v1;

@@ -9,6 +9,8 @@
 //! http_finishing    seq (u64 BE)   -> queue entry (JSON)          taken, its follow-up not yet published
 //! http_index        message id     -> seq (u64 BE)                which entry holds a message
 //! http_idempotency  key            -> record (JSON)               Idempotency-Key (http/idempotency.rs)
+//! outbox            seq (u64 BE)   -> outbox record (binary)      messages accepted, not yet PubAcked (outbox.rs)
+//! outbox_corrupt    seq (u64 BE)   -> the record's bytes as found an outbox record that did not decode, set aside
 //! ```
 //! (The layout of the stores written before this module: they open unchanged.)
 //!
@@ -64,6 +66,8 @@ const PENDING: &str = "http_pending";
 const FINISHING: &str = "http_finishing";
 const INDEX: &str = "http_index";
 const IDEMPOTENCY: &str = "http_idempotency";
+const OUTBOX: &str = "outbox";
+const OUTBOX_CORRUPT: &str = "outbox_corrupt";
 
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 /// At most this many handled ids are removed per [`Storage::prune_handled`] call.
@@ -72,7 +76,7 @@ const PRUNE_BATCH: usize = 10_000;
 const MAX_GROUP: usize = 1024;
 /// How long opening waits for a lock that this process's previous handle still holds (sled
 /// lets go of it a moment after the drop); another process's lock is reported after it.
-const OPEN_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const OPEN_WAIT: Duration = Duration::from_secs(2);
 
 /// A sled failure, shared by every waiter of the group it failed (hence `Arc`).
 #[derive(Clone)]
@@ -119,6 +123,11 @@ struct Trees {
     finishing: sled::Tree,
     index: sled::Tree,
     idempotency: sled::Tree,
+    outbox: sled::Tree,
+    outbox_corrupt: sled::Tree,
+    /// The next outbox seq: seeded at open above every seq of `outbox` and `outbox_corrupt`,
+    /// taken inside the writer's transaction, so entries keep the order their commits came in.
+    outbox_next: Arc<AtomicU64>,
     /// The next queue seq. Not sled's `generate_id`: called inside a transaction, that can
     /// wait for a lock the transaction holds. Seeded at open above every seq in use and above
     /// `generate_id` (which earlier stores used), so entries stay in arrival order.
@@ -163,21 +172,31 @@ impl Storage {
     /// Opens (creating if needed) the store at `path`, keeping handled ids for
     /// `retention_days`. Fails with [`Error::StateDirInUse`] if another process has it open.
     /// Blocks (opening reads the store; a lock just released is waited for): call it where
-    /// blocking is allowed, or use [`open_async`](Self::open_async).
+    /// blocking is allowed, or use [`open_async_waiting`](Self::open_async_waiting).
+    #[cfg(test)]
     pub(crate) fn open(path: &Path, retention_days: u32) -> Result<Storage> {
+        Storage::open_waiting(path, retention_days, OPEN_WAIT)
+    }
+
+    /// [`open`](Self::open), waiting at most `wait` for a lock held (zero: fail at once if
+    /// another process has the store).
+    pub(crate) fn open_waiting(
+        path: &Path,
+        retention_days: u32,
+        wait: Duration,
+    ) -> Result<Storage> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        let db =
-            yeongye_sled::retry_while_locked(OPEN_WAIT, || sled::Config::new().path(path).open())
-                .map_err(|e| {
-                if yeongye_sled::is_lock_error(&e) {
-                    Error::StateDirInUse {
-                        path: path.to_owned(),
-                    }
-                } else {
-                    store_err(path, e)
+        let db = yeongye_sled::retry_while_locked(wait, || sled::Config::new().path(path).open())
+            .map_err(|e| {
+            if yeongye_sled::is_lock_error(&e) {
+                Error::StateDirInUse {
+                    path: path.to_owned(),
                 }
-            })?;
+            } else {
+                store_err(path, e)
+            }
+        })?;
         let open = |name: &str| db.open_tree(name).map_err(|e| store_err(path, e));
         let (pending, finishing) = (open(PENDING)?, open(FINISHING)?);
         let mut next_seq = db.generate_id().map_err(|e| store_err(path, e))?;
@@ -186,7 +205,17 @@ impl Storage {
                 next_seq = next_seq.max(decode_seq(&last)?.saturating_add(1));
             }
         }
+        let (outbox, outbox_corrupt) = (open(OUTBOX)?, open(OUTBOX_CORRUPT)?);
+        let mut outbox_next = 1u64;
+        for tree in [&outbox, &outbox_corrupt] {
+            if let Some((last, _)) = tree.last().map_err(|e| store_err(path, e))? {
+                outbox_next = outbox_next.max(decode_seq(&last)?.saturating_add(1));
+            }
+        }
         let trees = Trees {
+            outbox,
+            outbox_corrupt,
+            outbox_next: Arc::new(AtomicU64::new(outbox_next)),
             handled: open(HANDLED)?,
             by_time: open(BY_TIME)?,
             pending,
@@ -218,9 +247,13 @@ impl Storage {
         })
     }
 
-    /// [`open`](Self::open) on tokio's blocking pool.
-    pub(crate) async fn open_async(path: PathBuf, retention_days: u32) -> Result<Storage> {
-        tokio::task::spawn_blocking(move || Storage::open(&path, retention_days))
+    /// [`open_waiting`](Self::open_waiting) on tokio's blocking pool.
+    pub(crate) async fn open_async_waiting(
+        path: PathBuf,
+        retention_days: u32,
+        wait: Duration,
+    ) -> Result<Storage> {
+        tokio::task::spawn_blocking(move || Storage::open_waiting(&path, retention_days, wait))
             .await
             .map_err(|e| Error::io("opening the store failed", std::io::Error::other(e)))?
     }
@@ -251,6 +284,17 @@ impl Storage {
                 std::io::Error::other("writer thread gone"),
             )
         })?
+    }
+
+    /// Queues `op` for the next group without waiting for it: for writes whose loss in a crash
+    /// is harmless (the outbox's removals after a PubAck: a lost one only sends a message
+    /// again, under its id). A failure is logged by the writer.
+    pub(crate) fn commit_detached<T, F>(&self, op: F) -> Result<()>
+    where
+        T: Send + 'static,
+        F: FnMut(&Tx<'_>) -> TxResult<T> + Send + 'static,
+    {
+        self.submit(op).map(drop)
     }
 
     /// Queues `op` for the writer; the receiver gets its outcome.
@@ -424,6 +468,66 @@ impl Storage {
         .await
     }
 
+    /// Up to `limit` outbox records (seq, bytes) with a seq above `after`, oldest first.
+    pub(crate) async fn outbox_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let tree = self.inner.trees.outbox.clone();
+        let from = after.saturating_add(1).to_be_bytes();
+        with_seqs(
+            self.blocking(move || {
+                tree.range(from..)
+                    .take(limit)
+                    .collect::<sled::Result<Vec<_>>>()
+            })
+            .await?,
+        )
+    }
+
+    /// The outbox record `seq`, if present (one key, from sled's page cache).
+    pub(crate) fn outbox_get(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .inner
+            .trees
+            .outbox
+            .get(seq.to_be_bytes())
+            .map_err(|e| self.err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Where the store lives.
+    pub(crate) fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The seqs of the outbox records set aside as corrupt.
+    pub(crate) async fn outbox_corrupt_seqs(&self) -> Result<Vec<u64>> {
+        let tree = self.inner.trees.outbox_corrupt.clone();
+        let keys = self
+            .blocking(move || {
+                tree.iter()
+                    .keys()
+                    .map(|k| k.map(|k| k.to_vec()))
+                    .collect::<sled::Result<Vec<_>>>()
+            })
+            .await?;
+        keys.iter().map(|k| decode_seq(k)).collect()
+    }
+
+    /// Writes raw bytes as the outbox record `seq` (tests: a corrupt record).
+    #[cfg(test)]
+    pub(crate) fn outbox_put_raw(&self, seq: u64, bytes: &[u8]) -> Result<()> {
+        self.inner
+            .trees
+            .outbox
+            .insert(seq.to_be_bytes(), bytes)
+            .map_err(|e| self.err(e))?;
+        self.inner.trees.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Runs `f` on the blocking pool, mapping its sled error.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -440,6 +544,9 @@ impl Storage {
 /// [`Storage::commit`] may use.
 pub(crate) struct Tx<'a> {
     next_seq: &'a AtomicU64,
+    outbox_next: &'a AtomicU64,
+    outbox: &'a TransactionalTree,
+    outbox_corrupt: &'a TransactionalTree,
     handled: &'a TransactionalTree,
     by_time: &'a TransactionalTree,
     pending: &'a TransactionalTree,
@@ -502,6 +609,28 @@ impl Tx<'_> {
     /// Stores the idempotency record under `key`.
     pub(crate) fn idempotency_put(&self, key: &str, record: &[u8]) -> TxResult<()> {
         self.idempotency.insert(key.as_bytes(), record)?;
+        Ok(())
+    }
+
+    /// Appends `record` to the outbox; returns its seq (increasing in commit order).
+    pub(crate) fn outbox_push(&self, record: &[u8]) -> TxResult<u64> {
+        let seq = self.outbox_next.fetch_add(1, Ordering::Relaxed);
+        self.outbox.insert(&seq.to_be_bytes(), record)?;
+        Ok(seq)
+    }
+
+    /// Removes the outbox record `seq` (sent and acknowledged).
+    pub(crate) fn outbox_remove(&self, seq: u64) -> TxResult<()> {
+        self.outbox.remove(&seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Moves the outbox record `seq` to the corrupt records, bytes unchanged.
+    pub(crate) fn outbox_set_aside(&self, seq: u64) -> TxResult<()> {
+        let key = seq.to_be_bytes();
+        if let Some(bytes) = self.outbox.remove(&key)? {
+            self.outbox_corrupt.insert(&key, bytes)?;
+        }
         Ok(())
     }
 
@@ -591,11 +720,16 @@ fn commit_group(trees: &Trees, path: &Path, group: &mut [Box<dyn Pending>]) -> R
         &trees.finishing,
         &trees.index,
         &trees.idempotency,
+        &trees.outbox,
+        &trees.outbox_corrupt,
     )
         .transaction(
-            |(handled, by_time, pending, finishing, index, idempotency)| -> ConflictableTransactionResult<(), ()> {
+            |(handled, by_time, pending, finishing, index, idempotency, outbox, outbox_corrupt)| -> ConflictableTransactionResult<(), ()> {
                 let tx = Tx {
                     next_seq: &trees.next_seq,
+                    outbox_next: &trees.outbox_next,
+                    outbox,
+                    outbox_corrupt,
                     handled,
                     by_time,
                     pending,

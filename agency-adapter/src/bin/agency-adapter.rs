@@ -3,7 +3,7 @@
 //! ```text
 //! agency-adapter --config adapter.toml send <FILE|->
 //! agency-adapter --config adapter.toml update <REFERRAL_ID> <STATUS> [--note TEXT]
-//! agency-adapter --config adapter.toml status <REFERRAL_ID>
+//! agency-adapter --config adapter.toml status [REFERRAL_ID]
 //! agency-adapter --config adapter.toml run [--inbox DIR]
 //! agency-adapter --config adapter.toml serve
 //! agency-adapter --config adapter.toml consent grant <FILE|->
@@ -50,7 +50,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send a referral given as proto3 JSON in FILE (or on stdin with `-`); prints
-    /// `{"referral_id": ...}` once it is stored.
+    /// `{"referral_id", "message_id", "status"}`: "stored" once JetStream stored it, "queued"
+    /// when the hub did not answer in time and it waits in the outbox (forwarded later).
     Send {
         #[arg(value_name = "FILE|-")]
         file: PathBuf,
@@ -63,8 +64,9 @@ enum Command {
         #[arg(long)]
         note: Option<String>,
     },
-    /// Print a referral's state and history (exit 1 if the broker answers with an error).
-    Status { referral_id: String },
+    /// Print a referral's state and history (exit 1 if the broker answers with an error);
+    /// without REFERRAL_ID, the outbox: messages waiting for the hub, the oldest's age.
+    Status { referral_id: Option<String> },
     /// Receive deliveries, notifications, rejections, escalations and withdrawals until
     /// SIGINT/SIGTERM, printing one JSON line per item.
     Run {
@@ -196,7 +198,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::Status { referral_id } => commands::status(cfg, &referral_id).await,
+        Command::Status {
+            referral_id: Some(referral_id),
+        } => commands::status(cfg, &referral_id).await,
+        Command::Status { referral_id: None } => commands::outbox_status(cfg).await,
         Command::Run { inbox } => run::run(cfg, inbox).await,
         Command::Serve => serve::serve(cfg).await,
         Command::Consent { command } => match command {

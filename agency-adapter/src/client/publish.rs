@@ -64,6 +64,16 @@ impl Publisher {
     /// inside the duplicate window is acknowledged as a duplicate, which is success here).
     pub(crate) async fn publish(&self, out: &Outgoing) -> Result<()> {
         let payload = self.encode(out.envelope());
+        self.publish_within(out, &payload, self.budget).await
+    }
+
+    /// [`publish`](Self::publish) of `out`'s signed bytes `payload`, retrying for `budget`.
+    pub(crate) async fn publish_within(
+        &self,
+        out: &Outgoing,
+        payload: &Bytes,
+        budget: Duration,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut attempts = 0u32;
@@ -86,7 +96,7 @@ impl Publisher {
             };
             let elapsed = started.elapsed();
             let wait = backoff.next_wait();
-            let give_up = !is_transient(err.kind()) || elapsed + wait >= self.budget;
+            let give_up = !is_transient(err.kind()) || elapsed + wait >= budget;
             if give_up {
                 return Err(Error::Publish {
                     subject: out.subject().to_owned(),
@@ -113,17 +123,35 @@ impl Publisher {
         out: &Outgoing,
         payload: Bytes,
     ) -> std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+        self.attempt_raw(out.subject(), out.message_id(), payload)
+            .await
+    }
+
+    /// Whether the client is connected to a server now.
+    pub(crate) fn connected(&self) -> bool {
+        self.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// One publish of `payload` (a signed envelope) to `subject` under `message_id`, awaiting
+    /// its PubAck (at most [`ATTEMPT_TIMEOUT`]).
+    pub(crate) async fn attempt_raw(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
         let message = PublishMessage::build()
             .payload(payload)
-            .message_id(out.message_id());
+            .message_id(message_id);
         self.js
-            .send_publish(out.subject().to_owned(), message)
+            .send_publish(subject.to_owned(), message)
             .await?
             .await
     }
 }
 
-fn is_transient(kind: PublishErrorKind) -> bool {
+/// Whether a publish that failed this way may succeed when tried again.
+pub(crate) fn is_transient(kind: PublishErrorKind) -> bool {
     !matches!(
         kind,
         PublishErrorKind::MaxPayloadExceeded

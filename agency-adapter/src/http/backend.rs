@@ -8,6 +8,7 @@ use yeongye_proto::v1;
 
 use crate::client::Adapter;
 use crate::error::Result;
+use crate::outbox::{OutboxStatus, Sent};
 use crate::outgoing::Outgoing;
 use crate::sealing::Sealing;
 
@@ -17,8 +18,13 @@ pub(crate) trait Backend: Clone + Send + Sync + 'static {
     fn agency(&self) -> &str;
     /// The keys referrals and notes are sealed to.
     fn sealing(&self) -> &Sealing;
-    /// Publishes a prepared message, returning once JetStream stored it.
-    fn publish(&self, out: &Outgoing) -> impl Future<Output = Result<()>> + Send;
+    /// Hands a prepared message over: returns once JetStream stored it, or once it waits in
+    /// the outbox (the hub did not answer in time).
+    fn publish(&self, out: &Outgoing) -> impl Future<Output = Result<Sent>> + Send;
+    /// The outbox now (`None` without one).
+    fn outbox_status(&self) -> Option<OutboxStatus>;
+    /// Whether `message_id` waits in the outbox.
+    fn is_queued(&self, message_id: &str) -> bool;
     /// Asks the broker about a referral.
     fn status(&self, referral_id: &str) -> impl Future<Output = Result<v1::StatusReply>> + Send;
     /// Asks the broker about a consent.
@@ -34,8 +40,16 @@ impl Backend for Adapter {
         Adapter::sealing(self)
     }
 
-    async fn publish(&self, out: &Outgoing) -> Result<()> {
-        Adapter::publish(self, out).await
+    async fn publish(&self, out: &Outgoing) -> Result<Sent> {
+        Adapter::submit(self, out).await
+    }
+
+    fn outbox_status(&self) -> Option<OutboxStatus> {
+        Adapter::outbox_status_now(self)
+    }
+
+    fn is_queued(&self, message_id: &str) -> bool {
+        Adapter::is_queued(self, message_id)
     }
 
     async fn status(&self, referral_id: &str) -> Result<v1::StatusReply> {

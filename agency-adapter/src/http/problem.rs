@@ -50,6 +50,9 @@ pub enum ProblemType {
     IdempotencyKeyReused,
     /// 503: NATS or the broker did not answer in time; retrying is safe.
     Unavailable,
+    /// 503: the outbox is at its bound (the hub has been unreachable a while); nothing was
+    /// accepted.
+    OutboxFull,
     /// 500: the adapter failed (its store); see its log.
     Internal,
 }
@@ -70,6 +73,7 @@ impl ProblemType {
             ProblemType::InvalidField => "invalid-field",
             ProblemType::IdempotencyKeyReused => "idempotency-key-reused",
             ProblemType::Unavailable => "unavailable",
+            ProblemType::OutboxFull => "outbox-full",
             ProblemType::Internal => "internal",
         }
     }
@@ -89,6 +93,7 @@ impl ProblemType {
             ProblemType::InvalidField => "Invalid field",
             ProblemType::IdempotencyKeyReused => "Idempotency key reused",
             ProblemType::Unavailable => "Service unavailable",
+            ProblemType::OutboxFull => "Outbox full",
             ProblemType::Internal => "Internal error",
         }
     }
@@ -106,7 +111,7 @@ impl ProblemType {
             | ProblemType::MissingField
             | ProblemType::InvalidField
             | ProblemType::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ProblemType::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemType::Unavailable | ProblemType::OutboxFull => StatusCode::SERVICE_UNAVAILABLE,
             ProblemType::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -186,6 +191,14 @@ impl Problem {
                     ProblemType::Unavailable,
                     "NATS did not acknowledge the message in time; nothing is known to be sent. Retry with the same Idempotency-Key.",
                 )
+            }
+            Error::OutboxFull { .. } => {
+                warn!(cause = %err, "outbox full; answering 503");
+                Problem::new(ProblemType::OutboxFull, err.to_string())
+            }
+            Error::NoteNeedsBroker { .. } => {
+                warn!(cause = %err, "a note cannot be sealed offline; answering 503");
+                Problem::new(ProblemType::Unavailable, err.to_string()).field("note")
             }
             Error::Timeout { .. } | Error::Request { .. } | Error::Connect { .. } => {
                 warn!(cause = %err, "broker query failed; answering 503");

@@ -3,8 +3,10 @@
 //! input gets a [`Problem`] and nothing is sent — and publishes through [`publish_once`], which
 //! honours `Idempotency-Key`.
 //!
-//! Responses to POSTs are `202 Accepted` with the ids (`{"referral_id", "message_id"}` ...):
-//! JetStream stored the message; the broker answers later, on the agency's queue (a
+//! Responses to POSTs are `202 Accepted` with the ids and what became of the message
+//! (`{"referral_id", "message_id", "status"}` ...): `"status": "stored"`, JetStream stored it;
+//! `"queued"`, the hub did not answer in time and it waits, flushed, in the adapter's outbox,
+//! to be forwarded in order when the hub is back (nothing to retry). The broker answers later, on the agency's queue (a
 //! notification, or a rejection — e.g. for an unregistered recipient or a consent that does not
 //! cover the referral, which only the broker can know).
 
@@ -25,6 +27,7 @@ use super::problem::{Problem, ProblemType};
 use super::signature::sha256;
 use super::worker::finish_all;
 use crate::ids;
+use crate::outbox::Sent;
 use crate::outgoing::{self, is_valid_id};
 
 /// The header that makes a POST idempotent.
@@ -95,7 +98,11 @@ pub(crate) async fn post_status<B: Backend>(
         let reader = if note.is_empty() || !st.backend.sealing().seals() {
             None
         } else {
-            let reply = st.backend.status(&id).await?;
+            let reply = st
+                .backend
+                .status(&id)
+                .await
+                .map_err(crate::client::note_needs_broker)?;
             if let Some(err) = &reply.error {
                 return Err(Problem::from_rejection(err));
             }
@@ -244,9 +251,9 @@ async fn publish_once<B: Backend>(
 ) -> Result<Response, Problem> {
     let Some(key) = key else {
         let p = prepare()?;
-        st.backend.publish(&p.out).await?;
-        log_sent(&p, false);
-        return Ok(accepted(p.response, false));
+        let sent = st.backend.publish(&p.out).await?;
+        log_sent(&p, false, sent);
+        return Ok(accepted(with_status(p.response, sent), false));
     };
     match st
         .idem
@@ -254,33 +261,45 @@ async fn publish_once<B: Backend>(
         .await?
     {
         Begin::Replay(response) => {
-            info!(
-                message_id = response["message_id"].as_str().unwrap_or(""),
-                "idempotent replay"
-            );
-            Ok(accepted(response, true))
+            let message_id = response["message_id"].as_str().unwrap_or("");
+            info!(message_id, "idempotent replay");
+            let sent = if st.backend.is_queued(message_id) {
+                Sent::Queued
+            } else {
+                Sent::Stored
+            };
+            Ok(accepted(with_status(response, sent), true))
         }
         Begin::Publish(p) => {
-            st.backend.publish(&p.out).await?;
+            let sent = st.backend.publish(&p.out).await?;
             if let Err(e) = st.idem.complete(key).await {
                 // Sent all the same; a retry publishes the same message id again (harmless).
                 warn!(cause = %e, "cannot mark the idempotency key complete");
             }
-            log_sent(&p, true);
-            Ok(accepted(p.response, false))
+            log_sent(&p, true, sent);
+            Ok(accepted(with_status(p.response, sent), false))
         }
     }
 }
 
-fn log_sent(p: &Prepared, keyed: bool) {
+fn log_sent(p: &Prepared, keyed: bool, sent: Sent) {
     info!(
         subject = p.out.subject(),
         message_id = p.out.message_id(),
         referral_id = p.out.referral_id(),
         consent_id = p.out.consent_id(),
         idempotency_key = keyed,
-        "accepted over HTTP and stored"
+        outcome = sent.as_str(),
+        "accepted over HTTP"
     );
+}
+
+/// The response with `"status": "stored" | "queued"` (a replay says what is true now).
+fn with_status(mut body: Value, sent: Sent) -> Value {
+    if let Value::Object(map) = &mut body {
+        map.insert("status".into(), Value::from(sent.as_str()));
+    }
+    body
 }
 
 /// 202 with `body`; `Idempotent-Replayed: true` when answered from the key store.

@@ -25,6 +25,7 @@ use super::worker::finish_all;
 use super::{AppState, OPENAPI_JSON, router};
 use crate::error::{Error, Result};
 use crate::ids;
+use crate::outbox::{OutboxStatus, Sent};
 use crate::outgoing::Outgoing;
 use crate::storage::Storage;
 
@@ -35,6 +36,10 @@ const ME: &str = "cc-1";
 struct Stub {
     sent: Arc<Mutex<Vec<Outgoing>>>,
     fail: Arc<AtomicBool>,
+    /// Answer as an outbox at its bound.
+    full: Arc<AtomicBool>,
+    /// Answer as when the hub did not acknowledge in time.
+    queue: Arc<AtomicBool>,
     status: Arc<Mutex<v1::StatusReply>>,
     consent: Arc<Mutex<v1::ConsentReply>>,
     sealing: crate::sealing::Sealing,
@@ -49,15 +54,34 @@ impl Backend for Stub {
         &self.sealing
     }
 
-    async fn publish(&self, out: &Outgoing) -> Result<()> {
+    async fn publish(&self, out: &Outgoing) -> Result<Sent> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(Error::Timeout {
                 subject: out.subject().to_owned(),
                 timeout: std::time::Duration::from_secs(1),
             });
         }
+        if self.full.load(Ordering::SeqCst) {
+            return Err(Error::OutboxFull {
+                entries: 3,
+                bytes: 300,
+                max_entries: 3,
+                max_bytes: 1000,
+            });
+        }
         self.sent.lock().unwrap().push(out.clone());
-        Ok(())
+        if self.queue.load(Ordering::SeqCst) {
+            return Ok(Sent::Queued);
+        }
+        Ok(Sent::Stored)
+    }
+
+    fn outbox_status(&self) -> Option<OutboxStatus> {
+        None
+    }
+
+    fn is_queued(&self, _: &str) -> bool {
+        false
     }
 
     async fn status(&self, _: &str) -> Result<v1::StatusReply> {
@@ -410,6 +434,43 @@ async fn idempotency_key_sends_once() {
 }
 
 #[tokio::test]
+async fn answers_say_stored_or_queued_and_a_full_outbox_is_a_503_problem() {
+    let api = Api::new();
+    let body = referral().to_string();
+    let (s, _, b) = api.post("/v1/referrals", &body, None).await;
+    assert_eq!(
+        (s, &b["status"]),
+        (StatusCode::ACCEPTED, &json!("stored")),
+        "{b}"
+    );
+    api.stub.queue.store(true, Ordering::SeqCst);
+    let (s, _, b) = api.post("/v1/referrals", &body, Some("k-q")).await;
+    assert_eq!(
+        (s, &b["status"]),
+        (StatusCode::ACCEPTED, &json!("queued")),
+        "{b}"
+    );
+    assert_eq!(b["message_id"], api.sent()[1].message_id());
+    assert!(b["referral_id"].is_string());
+    api.stub.queue.store(false, Ordering::SeqCst);
+    api.stub.full.store(true, Ordering::SeqCst);
+    let (s, _, problem) = api.post("/v1/referrals", &body, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(
+        problem["type"], "urn:yeongye:problem:outbox-full",
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("outbox is full"),
+        "{problem}"
+    );
+    assert_eq!(api.sent().len(), 2, "nothing more accepted");
+}
+
+#[tokio::test]
 async fn status_updates() {
     let api = Api::new();
     let (s, _, b) = api
@@ -697,6 +758,7 @@ fn openapi_documents_every_route() {
     for (path, method) in [
         ("/openapi.json", "get"),
         ("/healthz", "get"),
+        ("/metrics", "get"),
         ("/v1/referrals", "post"),
         ("/v1/referrals/{referral_id}", "get"),
         ("/v1/referrals/{referral_id}/status", "post"),
@@ -726,6 +788,7 @@ fn openapi_documents_every_route() {
         "invalid-field",
         "idempotency-key-reused",
         "unavailable",
+        "outbox-full",
         "internal",
     ] {
         let uri = format!("urn:yeongye:problem:{slug}");

@@ -43,6 +43,17 @@ impl NatsServer {
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+
+    /// Kills the server (SIGKILL): until [`start_again`](Self::start_again), no hub.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again after [`kill`](Self::kill), same port and store.
+    pub(crate) fn start_again(&mut self) {
+        self.child = spawn_server(self.port, self._store.path());
+    }
 }
 
 fn spawn_server(port: u16, store: &Path) -> Child {

@@ -7,4 +7,5 @@
 
 mod cli;
 mod harness;
+mod outbox;
 mod sdk;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message as _;
-use yeongye_adapter::{Adapter, AdapterConfig, ErrorKind, ItemKind, ids, v1};
+use yeongye_adapter::{Adapter, AdapterConfig, ErrorKind, ItemKind, Sent, ids, v1};
 use yeongye_proto::subject::{self, OutKind};
 
 use crate::harness::*;
@@ -294,17 +294,37 @@ async fn withdrawals_are_confirmed_once_purged() {
     );
 }
 
+/// No stream (the hub cannot store anything): the message is queued in the outbox within
+/// `queue_after`; a second adapter on the same state directory (whose store the first holds)
+/// has no outbox and gives up within its publish budget, as before the outbox.
 #[tokio::test]
-async fn publish_gives_up_within_its_budget_when_no_stream_exists() {
+async fn without_a_stream_a_send_is_queued_or_without_an_outbox_gives_up_within_its_budget() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
-    let adapter = Adapter::builder(config(&server, state.path()))
+    let mut cfg = config(&server, state.path());
+    cfg.outbox.queue_after_ms = 300;
+    let adapter = Adapter::connect(cfg.clone()).await.unwrap();
+    let out = adapter
+        .prepare_status_update("r-1", v1::Status::Accepted, "")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(adapter.submit(&out).await.unwrap(), Sent::Queued);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let outbox = adapter.outbox_status().await.unwrap().unwrap();
+    assert_eq!(outbox.depth, 1, "{outbox:?}");
+
+    let other = Adapter::builder(cfg)
         .publish_retry_budget(Duration::from_secs(1))
         .connect()
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let e = adapter
+    let e = other
         .update_status("r-1", v1::Status::Accepted, "")
         .await
         .unwrap_err();
@@ -315,6 +335,7 @@ async fn publish_gives_up_within_its_budget_when_no_stream_exists() {
         started.elapsed()
     );
     assert!(e.to_string().contains("attempt"), "{e}");
+    assert!(other.outbox_status().await.unwrap().is_none());
 }
 
 #[tokio::test]

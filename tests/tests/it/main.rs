@@ -23,6 +23,7 @@ mod http_limits;
 mod lifecycle;
 mod operator_auth;
 mod operators;
+mod outbox;
 mod python_agency;
 mod restart;
 mod sdk;

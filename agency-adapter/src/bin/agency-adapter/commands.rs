@@ -1,5 +1,10 @@
 //! The one-shot commands: `send`, `update` and `status`. Each checks its input before it
 //! connects, so bad input fails with exit code 2 and nothing sent.
+//!
+//! A command that sends ([`hand_over`]) goes through the adapter's outbox when no running
+//! adapter holds the state directory: if the hub does not answer within `[outbox]
+//! queue_after_ms`, the message waits there (printed `"status": "queued"`, exit 0) and the next
+//! adapter process using the state directory (`run`, `serve`, or another command) forwards it.
 
 use std::io::Read;
 use std::path::Path;
@@ -8,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::json;
 use yeongye_adapter::json::{MAX_JSON_BYTES, parse_referral_json};
-use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, Sealing, v1};
+use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, Sealing, Sent, v1};
 
 use crate::{UsageError, print_json};
 
@@ -19,10 +24,46 @@ pub(crate) async fn send(cfg: AdapterConfig, file: &Path) -> anyhow::Result<Exit
     let sealing = Sealing::from_config(&cfg)?;
     let out = Outgoing::sealed_referral(&cfg.agency, referral, &sealing)
         .with_context(|| describe(file, "referral"))?;
-    let adapter = Adapter::connect(cfg).await?;
-    adapter.publish(&out).await?;
-    adapter.flush().await.ok();
-    print_json(&json!({ "referral_id": out.referral_id() }), false)?;
+    hand_over(
+        cfg,
+        &out,
+        json!({ "referral_id": out.referral_id(), "message_id": out.message_id() }),
+    )
+    .await
+}
+
+/// Connects (without failing when no server is up), submits `out`, and prints `ids` with
+/// `"status": "stored" | "queued"`.
+pub(crate) async fn hand_over(
+    cfg: AdapterConfig,
+    out: &Outgoing,
+    ids: serde_json::Value,
+) -> anyhow::Result<ExitCode> {
+    let adapter = Adapter::builder(cfg)
+        .retry_on_initial_connect(true)
+        .connect()
+        .await?;
+    hand_over_with(&adapter, out, ids).await
+}
+
+/// [`hand_over`] with an adapter connected already.
+pub(crate) async fn hand_over_with(
+    adapter: &Adapter,
+    out: &Outgoing,
+    mut ids: serde_json::Value,
+) -> anyhow::Result<ExitCode> {
+    let sent = adapter.submit(out).await?;
+    if sent == Sent::Stored {
+        adapter.flush().await.ok();
+    } else if let Ok(Some(outbox)) = adapter.outbox_status().await {
+        eprintln!(
+            "queued: the hub did not answer in time; {} message(s) wait in the outbox under {} and are forwarded, in order, by the next adapter process using it (run, serve, or another command)",
+            outbox.depth,
+            adapter.config().state_dir.display()
+        );
+    }
+    ids["status"] = json!(sent.as_str());
+    print_json(&ids, false)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -34,14 +75,27 @@ pub(crate) async fn update(
     note: &str,
 ) -> anyhow::Result<ExitCode> {
     Outgoing::status_update(&cfg.agency, referral_id, status, note)?;
-    let adapter = Adapter::connect(cfg).await?;
+    let adapter = Adapter::builder(cfg)
+        .retry_on_initial_connect(true)
+        .connect()
+        .await?;
     // A note is sealed to the referral's other party (a status query names it).
     let out = adapter
         .prepare_status_update(referral_id, status, note)
         .await?;
-    adapter.publish(&out).await?;
-    adapter.flush().await.ok();
-    print_json(&json!({ "message_id": out.message_id() }), false)?;
+    hand_over_with(
+        &adapter,
+        &out,
+        json!({ "referral_id": referral_id, "message_id": out.message_id() }),
+    )
+    .await
+}
+
+/// `status` without a referral id: the outbox (depth, oldest entry's age, whether the hub
+/// answers, records set aside), read without connecting.
+pub(crate) async fn outbox_status(cfg: AdapterConfig) -> anyhow::Result<ExitCode> {
+    let report = yeongye_adapter::outbox_report(&cfg).await?;
+    print_json(&report, true)?;
     Ok(ExitCode::SUCCESS)
 }
 

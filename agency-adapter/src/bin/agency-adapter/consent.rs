@@ -10,7 +10,7 @@ use serde_json::json;
 use yeongye_adapter::json::parse_consent_grant_json;
 use yeongye_adapter::{Adapter, AdapterConfig, Outgoing, is_valid_id};
 
-use crate::commands::{describe, read_input, reply_code};
+use crate::commands::{describe, hand_over, read_input, reply_code};
 use crate::{UsageError, print_json};
 
 /// `consent grant <FILE|->`: a `ConsentGrant` in proto3 JSON; prints `{"consent_id": ...}` once
@@ -21,14 +21,12 @@ pub(crate) async fn grant(cfg: AdapterConfig, file: &Path) -> anyhow::Result<Exi
         parse_consent_grant_json(&bytes).with_context(|| describe(file, "consent grant"))?;
     let out = Outgoing::consent_grant(&cfg.agency, grant)
         .with_context(|| describe(file, "consent grant"))?;
-    let adapter = Adapter::connect(cfg).await?;
-    adapter.publish(&out).await?;
-    adapter.flush().await.ok();
-    print_json(
-        &json!({ "consent_id": out.consent_id(), "message_id": out.message_id() }),
-        false,
-    )?;
-    Ok(ExitCode::SUCCESS)
+    hand_over(
+        cfg,
+        &out,
+        json!({ "consent_id": out.consent_id(), "message_id": out.message_id() }),
+    )
+    .await
 }
 
 /// `consent revoke <CONSENT_ID> [--at-ms N]`: prints `{"message_id": ...}`.
@@ -38,11 +36,7 @@ pub(crate) async fn revoke(
     at_ms: Option<i64>,
 ) -> anyhow::Result<ExitCode> {
     let out = Outgoing::consent_revocation(&cfg.agency, consent_id, at_ms)?;
-    let adapter = Adapter::connect(cfg).await?;
-    adapter.publish(&out).await?;
-    adapter.flush().await.ok();
-    print_json(&json!({ "message_id": out.message_id() }), false)?;
-    Ok(ExitCode::SUCCESS)
+    hand_over(cfg, &out, json!({ "message_id": out.message_id() })).await
 }
 
 /// `consent show <CONSENT_ID>`: prints the `ConsentReply` as pretty proto3 JSON; exit 1 if it
@@ -69,9 +63,5 @@ pub(crate) async fn purge_confirm(
     consent_id: &str,
 ) -> anyhow::Result<ExitCode> {
     let out = Outgoing::purge_confirmation(&cfg.agency, referral_id, consent_id, None)?;
-    let adapter = Adapter::connect(cfg).await?;
-    adapter.publish(&out).await?;
-    adapter.flush().await.ok();
-    print_json(&json!({ "message_id": out.message_id() }), false)?;
-    Ok(ExitCode::SUCCESS)
+    hand_over(cfg, &out, json!({ "message_id": out.message_id() })).await
 }

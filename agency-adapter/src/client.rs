@@ -83,7 +83,10 @@ impl AdapterBuilder {
             warn!(agency = %self.cfg.agency, "no signing_key_file: envelopes go out unsigned");
         }
         let keys = self.cfg.key_ring()?;
-        let sealing = Sealing::from_config(&self.cfg)?;
+        let sealing = Sealing::open(
+            self.cfg.registry.as_deref(),
+            self.cfg.sealing_key_file.as_deref(),
+        )?;
         if sealing.key_ids().is_empty() && sealing.registry_has_key_of(&self.cfg.agency) {
             error!(agency = %self.cfg.agency, "the registry lists this agency's sealing key but sealing_key_file is not set: sealed referrals to it will be declined");
         }

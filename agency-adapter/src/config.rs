@@ -333,7 +333,10 @@ impl AdapterConfig {
         if self.key_ring()?.is_some() {
             found.push("registry keys: deliveries' signatures are checked".into());
         }
-        let sealing = crate::sealing::Sealing::from_config(self)?;
+        let sealing = crate::sealing::Sealing::open(
+            self.registry.as_deref(),
+            self.sealing_key_file.as_deref(),
+        )?;
         if sealing.seals() {
             found.push("registry sealing keys: referrals and notes are sealed".into());
         } else {

@@ -16,7 +16,6 @@ use yeongye_proto::seal::{self, Directory, KeyFile, PublicKey, SealError};
 use yeongye_proto::v1::{self, ReasonCode};
 use yeongye_proto::{rules, signing};
 
-use crate::config::AdapterConfig;
 use crate::error::{Error, Result};
 
 /// The keys an adapter seals to and opens with. Cheap to clone (clones share the keys).
@@ -54,12 +53,13 @@ pub(crate) enum Opened {
 }
 
 impl Sealing {
-    /// Reads the registry's sealing keys and the agency's key file, as the configuration names
-    /// them.
-    pub fn from_config(cfg: &AdapterConfig) -> Result<Sealing> {
-        let directory = cfg
-            .registry
-            .as_deref()
+    /// Reads the registry's sealing keys and the agency's key file (`registry` and
+    /// `sealing_key_file` of the configuration).
+    pub fn open(
+        registry: Option<&std::path::Path>,
+        sealing_key_file: Option<&std::path::Path>,
+    ) -> Result<Sealing> {
+        let directory = registry
             .map(|p| {
                 let known = Known {
                     modified: modified(p),
@@ -69,16 +69,14 @@ impl Sealing {
                 Ok::<_, Error>(Arc::new(RwLock::new(known)))
             })
             .transpose()?;
-        let keys = cfg
-            .sealing_key_file
-            .as_deref()
+        let keys = sealing_key_file
             .map(|p| KeyFile::load(p).map_err(|e| Error::Config(format!("sealing_key_file: {e}"))))
             .transpose()?;
         Ok(Sealing {
             directory,
-            registry: cfg.registry.clone(),
+            registry: registry.map(std::path::Path::to_path_buf),
             keys: Arc::new(RwLock::new(keys)),
-            key_file: cfg.sealing_key_file.clone(),
+            key_file: sealing_key_file.map(std::path::Path::to_path_buf),
         })
     }
 

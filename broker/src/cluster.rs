@@ -152,7 +152,7 @@ impl Member {
     /// What operators see of a standby: the view from the store, the log's length.
     async fn refresh(&self, changed: bool) {
         if changed {
-            match tokio::task::block_in_place(|| crate::view::View::load(self.store.as_ref())) {
+            match tokio::task::block_in_place(|| crate::ops::load_view(self.store.as_ref())) {
                 Ok(view) => self.ops.update_view(|v| *v = view),
                 Err(e) => tracing::warn!(cause = %e, "reading the view from the store"),
             }

@@ -94,7 +94,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         nats = ?cfg.redacted_urls(),
         "starting"
     );
-    let view = view::View::load(store.as_ref())?;
+    let view = ops::load_view(store.as_ref())?;
     let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
 
     let client = nats::connect(&cfg).await?;
@@ -248,7 +248,7 @@ impl Leadership {
         token: CancellationToken,
     ) -> Result<server::Stop> {
         // What the store holds now (a standby's view was refreshed only now and then).
-        let view = tokio::task::block_in_place(|| view::View::load(self.store.as_ref()))?;
+        let view = tokio::task::block_in_place(|| ops::load_view(self.store.as_ref()))?;
         self.ops.update_view(|v| *v = view);
         let consumer = nats::broker_consumer(&self.js, &self.cfg, self.store.checkpoint()?).await?;
         // Only the leader answers queries: a standby's store may be a moment behind.

@@ -211,3 +211,13 @@ impl Ops {
         self.last_turn.store(at, Ordering::Relaxed);
     }
 }
+
+/// The view of what `store` holds: its stored counters and the summaries of the referrals the
+/// view watches, never every referral (with millions stored, reading each would take most of a
+/// start and its memory).
+pub fn load_view(store: &dyn Store) -> crate::error::Result<View> {
+    let mut v = View::start(store.counts()?);
+    store.for_each_watched(&mut |summary| v.watch(&summary))?;
+    v.add_dead_letters(&store.dead_letters()?);
+    Ok(v)
+}

@@ -116,17 +116,6 @@ pub struct View {
 }
 
 impl View {
-    /// The view of what `store` holds: its stored counters and the summaries of the referrals
-    /// the view watches, never every referral (with millions stored, reading each would take
-    /// most of a start and its memory).
-    pub fn load(store: &dyn crate::store::Store) -> crate::error::Result<View> {
-        let mut v = View::start(store.counts()?);
-        store.for_each_watched(&mut |summary| v.watch(&summary))?;
-        v.add_dead_letters(&store.dead_letters()?);
-        Ok(v)
-    }
-
-    /// A view on the store's `counts`; [`View::watch`] each watched referral's summary next.
     pub fn start(counts: Counts) -> View {
         View {
             counts,

@@ -4,6 +4,7 @@
 use yeongye_proto::seal::PrivateKey;
 
 use super::*;
+use crate::AdapterConfig;
 
 const TO: &str = "mental-health";
 const FROM: &str = "cc-haengbok1";
@@ -211,7 +212,7 @@ fn a_key_added_to_the_file_after_start_is_read_when_a_seal_names_it() {
     write(vec![recipient_key()]);
     let mut cfg = AdapterConfig::new(TO, ["nats://127.0.0.1:1"], dir.path().join("state"));
     cfg.sealing_key_file = Some(path.clone());
-    let sealing = Sealing::from_config(&cfg).unwrap();
+    let sealing = Sealing::open(cfg.registry.as_deref(), cfg.sealing_key_file.as_deref()).unwrap();
     let rotated = PrivateKey::derive("mental-health-seal-2", b"mental-health rotated key.......");
     let mut r = referral();
     seal::seal_referral(&mut r, &rotated.public()).unwrap();
@@ -258,7 +259,7 @@ fn a_changed_registry_is_read_again_before_sealing() {
     std::fs::write(&path, registry(&[&recipient_key()])).unwrap();
     let mut cfg = AdapterConfig::new(FROM, ["nats://127.0.0.1:1"], dir.path().join("state"));
     cfg.registry = Some(path.clone());
-    let sealing = Sealing::from_config(&cfg).unwrap();
+    let sealing = Sealing::open(cfg.registry.as_deref(), cfg.sealing_key_file.as_deref()).unwrap();
     let mut r = referral();
     sealing.seal_referral(&mut r).unwrap();
     assert_eq!(r.sealed.as_ref().unwrap().key_id, "mental-health-seal-1");

@@ -21,7 +21,7 @@ use crate::{UsageError, print_json};
 pub(crate) async fn send(cfg: AdapterConfig, file: &Path) -> anyhow::Result<ExitCode> {
     let bytes = read_input(file, "referral")?;
     let referral = parse_referral_json(&bytes).with_context(|| describe(file, "referral"))?;
-    let sealing = Sealing::from_config(&cfg)?;
+    let sealing = Sealing::open(cfg.registry.as_deref(), cfg.sealing_key_file.as_deref())?;
     let out = Outgoing::sealed_referral(&cfg.agency, referral, &sealing)
         .with_context(|| describe(file, "referral"))?;
     hand_over(

@@ -19,8 +19,9 @@ use crate::load::{self, PhaseResult, Plan, SendFn, Tracker};
 const IN: &str = "BENCH_A";
 const OUT: &str = "BENCH_B";
 
-fn stream_config(name: &str, subject: &str) -> stream::Config {
+fn stream_config(name: &str, subject: &str, replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: name.to_owned(),
         subjects: vec![subject.to_owned()],
         storage: stream::StorageType::File,
@@ -42,9 +43,11 @@ fn pull_config(name: &str, max_ack_pending: i64) -> consumer::pull::Config {
     }
 }
 
-/// Runs the baseline phases in `plans` (in order) on the server at `url`.
+/// Runs the baseline phases in `plans` (in order) on the server at `url`, its streams with
+/// `replicas` replicas (3 on a three-node cluster: the raw R3 round trip).
 pub(crate) async fn run(
     url: &str,
+    replicas: usize,
     message_bytes: usize,
     batch: usize,
     plans: &[(String, Plan)],
@@ -55,8 +58,14 @@ pub(crate) async fn run(
         .await
         .context("connect")?;
     let js = jetstream::new(client.clone());
-    let a = js.create_stream(stream_config(IN, "bench.a")).await?;
-    let b = js.create_stream(stream_config(OUT, "bench.b")).await?;
+    let a = js
+        .create_stream(stream_config(IN, "bench.a", replicas))
+        .await
+        .context("create stream BENCH_A")?;
+    let b = js
+        .create_stream(stream_config(OUT, "bench.b", replicas))
+        .await
+        .context("create stream BENCH_B")?;
     // As the broker's consumer: max_ack_pending = 8 batches.
     let relay_consumer = a
         .create_consumer(pull_config("relay", i64::try_from(batch * 8)?))

@@ -14,6 +14,7 @@ use crate::scale::ScalePoint;
 /// The generated blocks of `docs/PERFORMANCE.md`, each between its two markers.
 pub(crate) const THROUGHPUT: &str = "throughput";
 pub(crate) const SCALE: &str = "scale";
+pub(crate) const CLUSTER: &str = "cluster";
 
 fn markers(block: &str) -> (String, String) {
     (
@@ -69,6 +70,9 @@ pub(crate) struct Report {
     pub(crate) machine: Machine,
     pub(crate) settings: Settings,
     pub(crate) runs: Vec<SyncRun>,
+    /// The same on a three-node JetStream cluster (R3 streams, `stream_replicas = 3`), with
+    /// the failover figures.
+    pub(crate) cluster: Vec<SyncRun>,
     pub(crate) scale: Vec<ScalePoint>,
     /// What sealing one referral and opening it cost, in this process (µs each).
     pub(crate) sealing: Option<SealCost>,
@@ -250,6 +254,132 @@ pub(crate) fn markdown_throughput(r: &Report) -> Option<String> {
                 mb(e.broker_hwm_bytes),
                 e.store_bytes_per_referral,
                 e.referrals_stored,
+            );
+        }
+    }
+    Some(out)
+}
+
+/// The cluster block (`None`: not measured).
+pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
+    if r.cluster.is_empty() {
+        return None;
+    }
+    let s = &r.settings;
+    let mut out = run_line(r);
+    let _ = writeln!(
+        out,
+        "Settings: three nats-server nodes in one JetStream cluster on loopback, every stream \
+         R3 (the baseline's and the broker's: `stream_replicas = 3`), clients given all three \
+         URLs; {} agencies, {}-byte referrals (signed, sealed), broker `batch_size` {}, closed \
+         loop of {} in flight for the maximum, open loop at {:.0}% of it for latency, {} s \
+         warm-up + {} s measured per phase. Command: `{}`.\n",
+        s.agencies,
+        s.message_bytes,
+        s.batch_size,
+        s.window,
+        s.fraction * 100.0,
+        s.warmup_secs,
+        s.measure_secs,
+        s.command
+    );
+    out.push_str(
+        "| `sync_interval` | recipients | raw R3 round trip, msgs/s (p50 / p99 ms) | end-to-end R3 to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | raw R3 round trip at that rate, p50 / p99 / p99.9 ms | lost | CPU ms per referral: broker / nats-server (3 nodes) / bench |\n",
+    );
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for run in &r.cluster {
+        let b = &run.baseline;
+        for e2e in &run.e2e {
+            let e = &e2e.result.max;
+            let partial = e2e.result.partial.as_ref().map_or_else(
+                || "—".to_owned(),
+                |p| {
+                    format!(
+                        "{:.0}: {:.1} / **{:.1}** / {:.1}",
+                        p.throughput, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.p999
+                    )
+                },
+            );
+            let raw_at_rate = match (&e2e.result.partial, &run.baseline_at_rate) {
+                (Some(_), Some(b)) => format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    b.latency_ms.p50, b.latency_ms.p99, b.latency_ms.p999
+                ),
+                _ => "—".to_owned(),
+            };
+            let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
+            let c = &e2e.result.max_cpu;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} | {:.3} / {:.3} / {:.3} |",
+                run.sync,
+                e2e.result.recipients,
+                b.throughput,
+                b.latency_ms.p50,
+                b.latency_ms.p99,
+                e.throughput,
+                e.latency_ms.p50,
+                e.latency_ms.p99,
+                e2e.ratio * 100.0,
+                c.broker_ms,
+                c.nats_ms,
+                c.bench_ms,
+            );
+        }
+    }
+    let failovers: Vec<_> = r
+        .cluster
+        .iter()
+        .flat_map(|run| {
+            run.e2e
+                .iter()
+                .filter_map(move |e| e.result.failover.as_ref().map(|f| (run.sync, f)))
+        })
+        .collect();
+    if !failovers.is_empty() {
+        out.push_str(
+            "\nFailover: broker `a` leads, broker `b` (own store and HTTP port) stands by; under \
+             an open-loop load the leader is killed with SIGKILL, then started again as the \
+             standby, and the next round kills the other. *To leader*: kill → the standby's \
+             `/api/v1/cluster` says `leader`. *To flowing*: kill → the first referral due after \
+             the kill reaches `RECEIVED`.\n\n",
+        );
+        out.push_str("| `sync_interval` | load, referrals/s | kills | lease TTL | to leader, median / max s | **to flowing, median / max s** | each kill: to leader / to flowing s | latency of referrals due from each kill to the end of its load, p99 / max ms | lost |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        for (sync, f) in failovers {
+            let each = f
+                .rounds
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}: {:.2} / {:.2}",
+                        r.killed, r.to_leader_secs, r.to_flowing_secs
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let lat = f
+                .rounds
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:.0} / {:.0}",
+                        r.phase.latency_ms.p99, r.phase.latency_ms.max
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let lost: u64 = f.rounds.iter().map(|r| r.phase.lost).sum();
+            let _ = writeln!(
+                out,
+                "| {sync} | {:.0} | {} | {} s | {:.2} / {:.2} | **{:.2} / {:.2}** | {each} | {lat} | {lost} |",
+                f.rate,
+                f.rounds.len(),
+                f.lease_ttl_secs,
+                f.to_leader_median_secs,
+                f.to_leader_max_secs,
+                f.to_flowing_median_secs,
+                f.to_flowing_max_secs,
             );
         }
     }

@@ -433,10 +433,30 @@ async fn run_sync(
         }
         _ => None,
     };
+    // On a cluster: what one state-log append of the run's mean record size waits for, on R1
+    // and on R3 streams of the same cluster (the broker's loop waits for one per turn).
+    let mut append_probe = Vec::new();
+    let record = e2e_runs
+        .first()
+        .and_then(|e| e.result.state_log_max)
+        .map(|l| l.bytes_per_record);
+    if let (true, Some(bytes)) = (replicas > 1, record) {
+        // Rounded to whole bytes: a mean record size.
+        let bytes = bytes.round() as usize;
+        for r in [1, replicas] {
+            let p = baseline::append_probe(url, r, bytes, 200).await?;
+            eprintln!(
+                "state-log append probe, R{r}, {bytes} B serially: p50 {:.1} ms, p99 {:.1} ms, mean {:.1} ms",
+                p.p50_ms, p.p99_ms, p.mean_ms
+            );
+            append_probe.push(p);
+        }
+    }
     Ok(report::SyncRun {
         sync,
         baseline,
         baseline_at_rate,
         e2e: e2e_runs,
+        append_probe,
     })
 }

@@ -173,3 +173,57 @@ async fn sink(c: consumer::PullConsumer, tracker: &Tracker) -> Result<()> {
     }
     Ok(())
 }
+
+/// Serial appends of `bytes`-byte messages to a stream of `replicas` replicas, each awaiting
+/// its PubAck before the next: what the broker's loop waits for per turn when it appends the
+/// turn's change set to the state log (same size as the run's mean record).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct AppendProbe {
+    pub(crate) replicas: usize,
+    pub(crate) bytes: usize,
+    pub(crate) appends: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) mean_ms: f64,
+}
+
+pub(crate) async fn append_probe(
+    url: &str,
+    replicas: usize,
+    bytes: usize,
+    appends: usize,
+) -> Result<AppendProbe> {
+    let client = async_nats::connect(url).await.context("connect")?;
+    let js = jetstream::new(client);
+    let name = format!("BENCH_LOG_R{replicas}");
+    let subject = format!("bench.log.r{replicas}");
+    let config = stream::Config {
+        max_message_size: -1,
+        ..stream_config(&name, &subject, replicas)
+    };
+    js.create_stream(config)
+        .await
+        .with_context(|| format!("create stream {name}"))?;
+    let payload = Bytes::from(vec![b'x'; bytes]);
+    let mut ms = Vec::with_capacity(appends);
+    for _ in 0..appends {
+        let started = std::time::Instant::now();
+        js.publish(subject.clone(), payload.clone()).await?.await?;
+        ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = js.delete_stream(&name).await;
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(AppendProbe {
+        replicas,
+        bytes,
+        appends,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+    })
+}

@@ -104,9 +104,28 @@ pub(crate) struct E2eResult {
     pub(crate) referrals_stored: u64,
     /// Deliveries the recipients took (a cross-check of the tap).
     pub(crate) deliveries: u64,
+    /// The state log's appends (one per committed turn) in the maximum phase.
+    pub(crate) state_log_max: Option<StateLog>,
     /// The failover figures (cluster, first recipients only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) failover: Option<crate::failover::FailoverResult>,
+}
+
+/// The state log `YEONGYE_STATE` over a phase: records appended (each a committed turn, or a
+/// part of one over 256 KiB) per referral completed, and their mean size.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct StateLog {
+    pub(crate) records_per_referral: f64,
+    pub(crate) bytes_per_record: f64,
+}
+
+/// The state log's last sequence and the bytes it has taken in so far (`None`: no answer).
+async fn state_log(js: &jetstream::Context) -> Option<(u64, u64)> {
+    let mut stream = js.get_stream("YEONGYE_STATE").await.ok()?;
+    let info = stream.info().await.ok()?;
+    // A snapshot trims the log from the front: a trim inside a phase makes its bytes an
+    // underestimate (the records count from the sequence, which a trim leaves alone).
+    Some((info.state.last_sequence, info.state.bytes))
 }
 
 /// How the failover is measured: `rounds` kills of the leading broker, each under an open
@@ -312,6 +331,8 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
 
     let adapter_pids: Vec<u32> = adapters.iter().map(AdapterProc::pid).collect();
     let me = std::process::id();
+    let info_js = jetstream::new(connect(s.nats_urls, 1024).await?);
+    let log_before = state_log(&info_js).await;
     let before = (
         cpu_secs(&[broker.pid()]),
         cpu_secs(s.nats_pids),
@@ -331,6 +352,14 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         nats_ms: per(cpu_secs(s.nats_pids), before.1),
         adapters_ms: per(cpu_secs(&adapter_pids), before.2),
         bench_ms: per(cpu_secs(&[me]), before.3),
+    };
+    let log_after = state_log(&info_js).await;
+    let state_log_max = match (log_before, log_after) {
+        (Some(b), Some(a)) if a.0 > b.0 => Some(StateLog {
+            records_per_referral: (a.0 - b.0) as f64 / max.completed.max(1) as f64,
+            bytes_per_record: a.1.saturating_sub(b.1) as f64 / (a.0 - b.0) as f64,
+        }),
+        _ => None,
     };
     check_rejections(&adapters, &wire_counts)?;
     if max.throughput < 1.0 {
@@ -412,6 +441,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         store_bytes_per_referral: disk as f64 / referrals_stored.max(1) as f64,
         referrals_stored,
         deliveries,
+        state_log_max,
         failover,
     })
 }

@@ -54,6 +54,9 @@ pub(crate) struct SyncRun {
     /// The raw round trip, open loop at the rate of the first end-to-end latency phase.
     pub(crate) baseline_at_rate: Option<PhaseResult>,
     pub(crate) e2e: Vec<E2eRun>,
+    /// On a cluster: serial appends of the state log's mean record size, R1 and R3.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) append_probe: Vec<crate::baseline::AppendProbe>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -284,9 +287,9 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
         s.command
     );
     out.push_str(
-        "| `sync_interval` | recipients | raw R3 round trip, msgs/s (p50 / p99 ms) | end-to-end R3 to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | raw R3 round trip at that rate, p50 / p99 / p99.9 ms | lost | CPU ms per referral: broker / nats-server (3 nodes) / bench |\n",
+        "| `sync_interval` | recipients | raw R3 round trip, msgs/s (p50 / p99 ms) | end-to-end R3 to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | raw R3 round trip at that rate, p50 / p99 / p99.9 ms | lost | CPU ms per referral: broker / nats-server (3 nodes) / bench | state-log appends per referral at the maximum (bytes each) |\n",
     );
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for run in &r.cluster {
         let b = &run.baseline;
         for e2e in &run.e2e {
@@ -309,9 +312,18 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
             };
             let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
             let c = &e2e.result.max_cpu;
+            let log = e2e.result.state_log_max.map_or_else(
+                || "—".to_owned(),
+                |l| {
+                    format!(
+                        "{:.3} ({:.0} B)",
+                        l.records_per_referral, l.bytes_per_record
+                    )
+                },
+            );
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} | {:.3} / {:.3} / {:.3} |",
+                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} | {:.3} / {:.3} / {:.3} | {log} |",
                 run.sync,
                 e2e.result.recipients,
                 b.throughput,
@@ -326,6 +338,31 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
                 c.bench_ms,
             );
         }
+    }
+    for run in &r.cluster {
+        if run.append_probe.is_empty() {
+            continue;
+        }
+        let each = run
+            .append_probe
+            .iter()
+            .map(|p| {
+                format!(
+                    "R{}: p50 {:.1} / p99 {:.1} / mean {:.1} ms",
+                    p.replicas, p.p50_ms, p.p99_ms, p.mean_ms
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let _ = writeln!(
+            out,
+            "\n`{}`: one state-log append of the maximum phase's mean record size ({} B), \
+             {} in series on this cluster, each awaiting its PubAck (what the broker's loop \
+             waits for once per turn): {each}.",
+            run.sync,
+            run.append_probe.first().map_or(0, |p| p.bytes),
+            run.append_probe.first().map_or(0, |p| p.appends),
+        );
     }
     let failovers: Vec<_> = r
         .cluster

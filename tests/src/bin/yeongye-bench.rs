@@ -444,10 +444,10 @@ async fn run_sync(
         // Rounded to whole bytes: a mean record size.
         let bytes = bytes.round() as usize;
         for r in [1, replicas] {
-            let p = baseline::append_probe(url, r, bytes, 200).await?;
+            let p = baseline::append_probe(url, r, bytes, 200, pids).await?;
             eprintln!(
-                "state-log append probe, R{r}, {bytes} B serially: p50 {:.1} ms, p99 {:.1} ms, mean {:.1} ms",
-                p.p50_ms, p.p99_ms, p.mean_ms
+                "state-log append probe, R{r}, {bytes} B serially: p50 {:.1} ms, p99 {:.1} ms, mean {:.1} ms, nats-server CPU {:.2} ms each",
+                p.p50_ms, p.p99_ms, p.mean_ms, p.nats_cpu_ms
             );
             append_probe.push(p);
         }

@@ -185,6 +185,8 @@ pub(crate) struct AppendProbe {
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
     pub(crate) mean_ms: f64,
+    /// CPU time of the nats-server processes per append (all nodes), ms.
+    pub(crate) nats_cpu_ms: f64,
 }
 
 pub(crate) async fn append_probe(
@@ -192,6 +194,7 @@ pub(crate) async fn append_probe(
     replicas: usize,
     bytes: usize,
     appends: usize,
+    nats_pids: &[u32],
 ) -> Result<AppendProbe> {
     let client = async_nats::connect(url).await.context("connect")?;
     let js = jetstream::new(client);
@@ -206,11 +209,20 @@ pub(crate) async fn append_probe(
         .with_context(|| format!("create stream {name}"))?;
     let payload = Bytes::from(vec![b'x'; bytes]);
     let mut ms = Vec::with_capacity(appends);
+    let cpu = || -> f64 {
+        nats_pids
+            .iter()
+            .filter_map(|p| crate::procs::proc_stats(*p).ok())
+            .map(|s| s.cpu_secs)
+            .sum()
+    };
+    let cpu_before = cpu();
     for _ in 0..appends {
         let started = std::time::Instant::now();
         js.publish(subject.clone(), payload.clone()).await?.await?;
         ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
+    let nats_cpu_ms = (cpu() - cpu_before) * 1e3 / appends.max(1) as f64;
     let _ = js.delete_stream(&name).await;
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| {
@@ -225,5 +237,6 @@ pub(crate) async fn append_probe(
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+        nats_cpu_ms,
     })
 }

@@ -340,16 +340,33 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
         }
     }
     for run in &r.cluster {
-        if run.append_probe.is_empty() {
+        let Some(first) = run.append_probe.first() else {
             continue;
-        }
+        };
+        // The state log's share of nats-server's CPU per referral at the maximum: the R3
+        // probe's CPU per append times the appends per referral.
+        let share = run
+            .append_probe
+            .iter()
+            .find(|p| p.replicas > 1)
+            .zip(run.e2e.first())
+            .and_then(|(p, e)| {
+                let l = e.result.state_log_max?;
+                let per_referral = p.nats_cpu_ms * l.records_per_referral;
+                Some(format!(
+                    " At the maximum ({}) that is ~{:.3} ms of nats-server CPU per referral for \
+                     the state log, of {:.3} ms in all.",
+                    e.result.recipients, per_referral, e.result.max_cpu.nats_ms
+                ))
+            })
+            .unwrap_or_default();
         let each = run
             .append_probe
             .iter()
             .map(|p| {
                 format!(
-                    "R{}: p50 {:.1} / p99 {:.1} / mean {:.1} ms",
-                    p.replicas, p.p50_ms, p.p99_ms, p.mean_ms
+                    "R{}: p50 {:.1} / p99 {:.1} / mean {:.1} ms, nats-server CPU {:.2} ms each",
+                    p.replicas, p.p50_ms, p.p99_ms, p.mean_ms, p.nats_cpu_ms
                 )
             })
             .collect::<Vec<_>>()
@@ -358,10 +375,8 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
             out,
             "\n`{}`: one state-log append of the maximum phase's mean record size ({} B), \
              {} in series on this cluster, each awaiting its PubAck (what the broker's loop \
-             waits for once per turn): {each}.",
-            run.sync,
-            run.append_probe.first().map_or(0, |p| p.bytes),
-            run.append_probe.first().map_or(0, |p| p.appends),
+             waits for once per turn): {each}.{share}",
+            run.sync, first.bytes, first.appends,
         );
     }
     let failovers: Vec<_> = r

@@ -14,19 +14,27 @@
 //!    maximum the system sustains (closed loop), then open-loop at a fraction of that for
 //!    latency.
 //!
+//! With `--topology cluster` (or `single,cluster`) the same runs on three nats-server nodes in
+//! one JetStream cluster on loopback, every stream R3 and the broker configured
+//! `stream_replicas = 3`, and then (`failover`) a second broker stands by and the leading one
+//! is killed under load, `--failovers` times.
+//!
 //! Then (`scale`) it fills a broker store to 100k and 1M referrals and measures the broker's
 //! resident memory, the store's size on disk and the time from start to ready.
 //!
 //! # Layout
 //! - `yeongye-bench/procs.rs`: nats-server, broker and adapter processes; `/proc` readings.
 //! - `yeongye-bench/load.rs`: the load driver (open/closed loop, HDR histogram, progress bar).
-//! - `yeongye-bench/baseline.rs`, `e2e.rs`, `scale.rs`: the three measurements.
+//! - `yeongye-bench/baseline.rs`, `e2e.rs`, `scale.rs`: the three measurements;
+//!   `failover.rs`: the failover time on a cluster.
 //! - `yeongye-bench/report.rs`: the JSON result and the generated part of PERFORMANCE.md.
 
 #[path = "yeongye-bench/baseline.rs"]
 mod baseline;
 #[path = "yeongye-bench/e2e.rs"]
 mod e2e;
+#[path = "yeongye-bench/failover.rs"]
+mod failover;
 #[path = "yeongye-bench/load.rs"]
 mod load;
 #[path = "yeongye-bench/procs.rs"]
@@ -52,6 +60,20 @@ use procs::Sync;
     about = "End-to-end referral throughput and latency as a ratio to raw JetStream; broker scale figures"
 )]
 struct Args {
+    /// Where the throughput phases run, in order: `single` (one nats-server, R1 streams)
+    /// and/or `cluster` (three nodes on loopback, R3 streams, `stream_replicas = 3`, and the
+    /// failover time). `--write-doc` regenerates the block of each topology measured.
+    #[arg(long, value_delimiter = ',', default_value = "single", value_parser = parse_topology)]
+    topology: Vec<Topology>,
+    /// Kills of the leading broker on the cluster (0: no failover figures).
+    #[arg(long, default_value_t = 3)]
+    failovers: usize,
+    /// The failover load's rate, as a fraction of the cluster's measured maximum.
+    #[arg(long, default_value_t = 0.25)]
+    failover_fraction: f64,
+    /// Seconds the failover load runs after each kill.
+    #[arg(long, default_value_t = 15)]
+    failover_after: u64,
     /// JetStream `sync_interval` settings to run, in order.
     #[arg(long, value_delimiter = ',', default_value = "always,default", value_parser = parse_sync)]
     sync: Vec<Sync>,
@@ -127,6 +149,20 @@ fn parse_sync(s: &str) -> Result<Sync, String> {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Single,
+    Cluster,
+}
+
+fn parse_topology(s: &str) -> Result<Topology, String> {
+    match s {
+        "single" => Ok(Topology::Single),
+        "cluster" => Ok(Topology::Cluster),
+        other => Err(format!("{other:?}: use single or cluster")),
+    }
+}
+
 fn parse_recipients(s: &str) -> Result<e2e::Recipients, String> {
     match s {
         "wire" => Ok(e2e::Recipients::Wire),
@@ -199,77 +235,36 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let mut runs = Vec::new();
+    let mut cluster = Vec::new();
     if !args.scale_only {
-        for sync in &args.sync {
-            let sdir = dir.join(format!("sync-{sync}"));
-            let nats = procs::Nats::start(&nats_bin, &sdir.join("nats"), *sync).await?;
-            eprintln!("sync_interval {sync}: nats-server at {}", nats.url());
-            let baseline = baseline::run(
-                &nats.url(),
-                args.message_bytes,
-                args.batch_size,
-                &[(format!("raw JetStream ({sync})"), plan)],
-            )
-            .await?
-            .into_iter()
-            .next()
-            .context("no baseline result")?;
-            let mut e2e_runs = Vec::new();
-            for (i, recipients) in args.recipients.iter().enumerate() {
-                let result = e2e::run(e2e::Settings {
-                    recipients: *recipients,
-                    partial: i == 0,
-                    dir: &sdir.join(format!("e2e-{i}")),
-                    nats_url: &nats.url(),
-                    nats_pid: nats.pid(),
-                    agencies: args.agencies,
-                    message_bytes: args.message_bytes,
-                    batch_size: args.batch_size,
-                    adapter_inbox: args.adapter_inbox,
-                    max: plan,
-                    fraction: args.fraction,
-                })
-                .await?;
-                let ratio = result.max.throughput / baseline.throughput.max(1e-9);
-                eprintln!(
-                    "sync_interval {sync}, {recipients}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
-                    result.max.throughput,
-                    baseline.throughput,
-                    ratio * 100.0
-                );
-                e2e_runs.push(report::E2eRun { result, ratio });
-            }
-            // The raw round trip offered the latency phase's rate, on the same server: what
-            // the same disk and cores give one message at that rate, to read the p99 against.
-            let partial_offer = e2e_runs
-                .first()
-                .and_then(|e| e.result.partial.as_ref())
-                .map(|p| p.offer);
-            let baseline_at_rate = match partial_offer {
-                Some(Offer::Open { rate }) => {
-                    let plan = Plan {
-                        offer: Offer::Open { rate },
-                        ..plan
-                    };
-                    let name = format!("raw JetStream ({sync}) at {rate:.0}/s");
-                    baseline::run(
-                        &nats.url(),
-                        args.message_bytes,
-                        args.batch_size,
-                        &[(name, plan)],
-                    )
-                    .await?
-                    .into_iter()
-                    .next()
+        for topology in &args.topology {
+            for sync in &args.sync {
+                match topology {
+                    Topology::Single => {
+                        let sdir = dir.join(format!("sync-{sync}"));
+                        let nats = procs::Nats::start(&nats_bin, &sdir.join("nats"), *sync).await?;
+                        eprintln!("sync_interval {sync}: nats-server at {}", nats.url());
+                        runs.push(
+                            run_sync(&args, plan, *sync, &sdir, &[nats.url()], &[nats.pid()], 1)
+                                .await?,
+                        );
+                    }
+                    Topology::Cluster => {
+                        let sdir = dir.join(format!("cluster-sync-{sync}"));
+                        let nats =
+                            procs::NatsCluster::start(&nats_bin, &sdir.join("nats"), *sync, 3)
+                                .await?;
+                        eprintln!(
+                            "sync_interval {sync}: three-node cluster at {}",
+                            nats.urls().join(", ")
+                        );
+                        cluster.push(
+                            run_sync(&args, plan, *sync, &sdir, &nats.urls(), &nats.pids(), 3)
+                                .await?,
+                        );
+                    }
                 }
-                _ => None,
-            };
-            runs.push(report::SyncRun {
-                sync: *sync,
-                baseline,
-                baseline_at_rate,
-                e2e: e2e_runs,
-            });
+            }
         }
     }
     let mut scale = Vec::new();
@@ -313,6 +308,7 @@ async fn run(args: Args) -> Result<()> {
             adapter_inbox: args.adapter_inbox,
         },
         runs,
+        cluster,
         scale,
         sealing: Some(e2e::seal_cost(2000)?),
     };
@@ -322,12 +318,14 @@ async fn run(args: Args) -> Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("write {}", args.out.display()))?;
     let throughput = report::markdown_throughput(&result);
+    let cluster = report::markdown_cluster(&result);
     let scale = report::markdown_scale(&result);
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
-        "{}{}",
+        "{}{}{}",
         throughput.as_deref().unwrap_or(""),
+        cluster.as_deref().unwrap_or(""),
         scale.as_deref().unwrap_or("")
     )?;
     writeln!(stdout, "JSON: {}", args.out.display())?;
@@ -335,10 +333,130 @@ async fn run(args: Args) -> Result<()> {
         if let Some(block) = &throughput {
             report::write_doc(doc, report::THROUGHPUT, block)?;
         }
+        if let Some(block) = &cluster {
+            report::write_doc(doc, report::CLUSTER, block)?;
+        }
         if let Some(block) = &scale {
             report::write_doc(doc, report::SCALE, block)?;
         }
         writeln!(stdout, "updated {}", doc.display())?;
     }
     Ok(())
+}
+
+/// The throughput phases for one `sync_interval` on the servers at `urls` (one, or a cluster's
+/// three), the streams with `replicas` replicas: the raw baseline, end to end for each kind of
+/// recipients, the raw round trip at the latency phase's rate, and on a cluster the failover.
+async fn run_sync(
+    args: &Args,
+    plan: Plan,
+    sync: Sync,
+    sdir: &std::path::Path,
+    urls: &[String],
+    pids: &[u32],
+    replicas: usize,
+) -> Result<report::SyncRun> {
+    let url = urls.first().context("no NATS server")?;
+    let raw = if replicas > 1 {
+        format!("raw R{replicas} ({sync})")
+    } else {
+        format!("raw JetStream ({sync})")
+    };
+    let baseline = baseline::run(
+        url,
+        replicas,
+        args.message_bytes,
+        args.batch_size,
+        &[(raw.clone(), plan)],
+    )
+    .await?
+    .into_iter()
+    .next()
+    .context("no baseline result")?;
+    let mut e2e_runs = Vec::new();
+    for (i, recipients) in args.recipients.iter().enumerate() {
+        let failover =
+            (replicas > 1 && i == 0 && args.failovers > 0).then_some(e2e::FailoverPlan {
+                rounds: args.failovers,
+                fraction: args.failover_fraction,
+                settle: plan.warmup.max(Duration::from_secs(2)),
+                after: Duration::from_secs(args.failover_after),
+            });
+        let result = e2e::run(e2e::Settings {
+            recipients: *recipients,
+            partial: i == 0,
+            dir: &sdir.join(format!("e2e-{i}")),
+            nats_urls: urls,
+            nats_pids: pids,
+            replicas,
+            failover,
+            agencies: args.agencies,
+            message_bytes: args.message_bytes,
+            batch_size: args.batch_size,
+            adapter_inbox: args.adapter_inbox,
+            max: plan,
+            fraction: args.fraction,
+        })
+        .await?;
+        let ratio = result.max.throughput / baseline.throughput.max(1e-9);
+        eprintln!(
+            "{raw}, {recipients}: end-to-end {:.0} referrals/s vs raw {:.0} msgs/s: {:.0}%",
+            result.max.throughput,
+            baseline.throughput,
+            ratio * 100.0
+        );
+        e2e_runs.push(report::E2eRun { result, ratio });
+    }
+    // The raw round trip offered the latency phase's rate, on the same server: what the same
+    // disk and cores give one message at that rate, to read the p99 against.
+    let partial_offer = e2e_runs
+        .first()
+        .and_then(|e| e.result.partial.as_ref())
+        .map(|p| p.offer);
+    let baseline_at_rate = match partial_offer {
+        Some(Offer::Open { rate }) => {
+            let plan = Plan {
+                offer: Offer::Open { rate },
+                ..plan
+            };
+            let name = format!("{raw} at {rate:.0}/s");
+            baseline::run(
+                url,
+                replicas,
+                args.message_bytes,
+                args.batch_size,
+                &[(name, plan)],
+            )
+            .await?
+            .into_iter()
+            .next()
+        }
+        _ => None,
+    };
+    // On a cluster: what one state-log append of the run's mean record size waits for, on R1
+    // and on R3 streams of the same cluster (the broker's loop waits for one per turn).
+    let mut append_probe = Vec::new();
+    let record = e2e_runs
+        .first()
+        .and_then(|e| e.result.state_log_max)
+        .map(|l| l.bytes_per_record);
+    if let (true, Some(bytes)) = (replicas > 1, record) {
+        // Rounded to whole bytes: a mean record size.
+        let bytes = bytes.round() as usize;
+        for r in [1, replicas] {
+            let p = baseline::append_probe(url, r, bytes, 200, pids).await?;
+            eprintln!(
+                "state-log append probe, R{r}, {bytes} B serially: p50 {:.1} ms, p99 {:.1} ms, mean {:.1} ms, nats-server CPU {:.2} ms each",
+                p.p50_ms, p.p99_ms, p.mean_ms, p.nats_cpu_ms
+            );
+            append_probe.push(p);
+        }
+    }
+    Ok(report::SyncRun {
+        sync,
+        baseline,
+        baseline_at_rate,
+        e2e: e2e_runs,
+        append_probe,
+    })
 }

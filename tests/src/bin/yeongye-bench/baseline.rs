@@ -19,8 +19,9 @@ use crate::load::{self, PhaseResult, Plan, SendFn, Tracker};
 const IN: &str = "BENCH_A";
 const OUT: &str = "BENCH_B";
 
-fn stream_config(name: &str, subject: &str) -> stream::Config {
+fn stream_config(name: &str, subject: &str, replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: name.to_owned(),
         subjects: vec![subject.to_owned()],
         storage: stream::StorageType::File,
@@ -42,9 +43,11 @@ fn pull_config(name: &str, max_ack_pending: i64) -> consumer::pull::Config {
     }
 }
 
-/// Runs the baseline phases in `plans` (in order) on the server at `url`.
+/// Runs the baseline phases in `plans` (in order) on the server at `url`, its streams with
+/// `replicas` replicas (3 on a three-node cluster: the raw R3 round trip).
 pub(crate) async fn run(
     url: &str,
+    replicas: usize,
     message_bytes: usize,
     batch: usize,
     plans: &[(String, Plan)],
@@ -55,8 +58,14 @@ pub(crate) async fn run(
         .await
         .context("connect")?;
     let js = jetstream::new(client.clone());
-    let a = js.create_stream(stream_config(IN, "bench.a")).await?;
-    let b = js.create_stream(stream_config(OUT, "bench.b")).await?;
+    let a = js
+        .create_stream(stream_config(IN, "bench.a", replicas))
+        .await
+        .context("create stream BENCH_A")?;
+    let b = js
+        .create_stream(stream_config(OUT, "bench.b", replicas))
+        .await
+        .context("create stream BENCH_B")?;
     // As the broker's consumer: max_ack_pending = 8 batches.
     let relay_consumer = a
         .create_consumer(pull_config("relay", i64::try_from(batch * 8)?))
@@ -163,4 +172,71 @@ async fn sink(c: consumer::PullConsumer, tracker: &Tracker) -> Result<()> {
         let _ = m.ack().await;
     }
     Ok(())
+}
+
+/// Serial appends of `bytes`-byte messages to a stream of `replicas` replicas, each awaiting
+/// its PubAck before the next: what the broker's loop waits for per turn when it appends the
+/// turn's change set to the state log (same size as the run's mean record).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct AppendProbe {
+    pub(crate) replicas: usize,
+    pub(crate) bytes: usize,
+    pub(crate) appends: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) mean_ms: f64,
+    /// CPU time of the nats-server processes per append (all nodes), ms.
+    pub(crate) nats_cpu_ms: f64,
+}
+
+pub(crate) async fn append_probe(
+    url: &str,
+    replicas: usize,
+    bytes: usize,
+    appends: usize,
+    nats_pids: &[u32],
+) -> Result<AppendProbe> {
+    let client = async_nats::connect(url).await.context("connect")?;
+    let js = jetstream::new(client);
+    let name = format!("BENCH_LOG_R{replicas}");
+    let subject = format!("bench.log.r{replicas}");
+    let config = stream::Config {
+        max_message_size: -1,
+        ..stream_config(&name, &subject, replicas)
+    };
+    js.create_stream(config)
+        .await
+        .with_context(|| format!("create stream {name}"))?;
+    let payload = Bytes::from(vec![b'x'; bytes]);
+    let mut ms = Vec::with_capacity(appends);
+    let cpu = || -> f64 {
+        nats_pids
+            .iter()
+            .filter_map(|p| crate::procs::proc_stats(*p).ok())
+            .map(|s| s.cpu_secs)
+            .sum()
+    };
+    let cpu_before = cpu();
+    for _ in 0..appends {
+        let started = std::time::Instant::now();
+        js.publish(subject.clone(), payload.clone()).await?.await?;
+        ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let nats_cpu_ms = (cpu() - cpu_before) * 1e3 / appends.max(1) as f64;
+    let _ = js.delete_stream(&name).await;
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(AppendProbe {
+        replicas,
+        bytes,
+        appends,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        mean_ms: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+        nats_cpu_ms,
+    })
 }

@@ -66,8 +66,13 @@ pub(crate) struct Settings<'a> {
     /// Whether to run the latency phase at a fraction of the maximum.
     pub(crate) partial: bool,
     pub(crate) dir: &'a Path,
-    pub(crate) nats_url: &'a str,
-    pub(crate) nats_pid: u32,
+    /// Every NATS node's URL (one, or the three of a cluster), and their processes.
+    pub(crate) nats_urls: &'a [String],
+    pub(crate) nats_pids: &'a [u32],
+    /// The broker's `stream_replicas` (3 on a cluster: then it is broker `a` of a group).
+    pub(crate) replicas: usize,
+    /// Kill the leading broker under load this way, after the other phases (cluster only).
+    pub(crate) failover: Option<FailoverPlan>,
     pub(crate) agencies: usize,
     pub(crate) message_bytes: usize,
     pub(crate) batch_size: usize,
@@ -99,6 +104,58 @@ pub(crate) struct E2eResult {
     pub(crate) referrals_stored: u64,
     /// Deliveries the recipients took (a cross-check of the tap).
     pub(crate) deliveries: u64,
+    /// The state log's appends (one per committed turn) in the maximum phase.
+    pub(crate) state_log_max: Option<StateLog>,
+    /// The failover figures (cluster, first recipients only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) failover: Option<crate::failover::FailoverResult>,
+}
+
+/// The state log `YEONGYE_STATE` over a phase: records appended (each a committed turn, or a
+/// part of one over 256 KiB) per referral completed, and their mean size.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct StateLog {
+    pub(crate) records_per_referral: f64,
+    pub(crate) bytes_per_record: f64,
+}
+
+/// The state log's last sequence and the bytes it has taken in so far (`None`: no answer).
+async fn state_log(js: &jetstream::Context) -> Option<(u64, u64)> {
+    let mut stream = js.get_stream("YEONGYE_STATE").await.ok()?;
+    let info = stream.info().await.ok()?;
+    // A snapshot trims the log from the front: a trim inside a phase makes its bytes an
+    // underestimate (the records count from the sequence, which a trim leaves alone).
+    Some((info.state.last_sequence, info.state.bytes))
+}
+
+/// How the failover is measured: `rounds` kills of the leading broker, each under an open
+/// loop at `fraction` of the measured maximum, `settle` after the load began; the load goes
+/// on for `after` past the kill.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FailoverPlan {
+    pub(crate) rounds: usize,
+    pub(crate) fraction: f64,
+    pub(crate) settle: Duration,
+    pub(crate) after: Duration,
+}
+
+/// The broker's `[cluster]`-related configuration lines for broker `name`, or none on a
+/// single server (the default group of one, unchanged).
+pub(crate) fn cluster_config(replicas: usize, name: &str) -> String {
+    if replicas > 1 {
+        format!("stream_replicas = {replicas}\nbroker_name = \"{name}\"\n")
+    } else {
+        String::new()
+    }
+}
+
+/// A client of every node (the client picks one, and moves on if it dies).
+pub(crate) async fn connect(urls: &[String], capacity: usize) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .subscription_capacity(capacity)
+        .connect(urls)
+        .await
+        .context("connect to NATS")
 }
 
 /// A referral under the Social Security Benefits Act (no consent record needed), for case
@@ -167,14 +224,20 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     let store = s.dir.join("broker/store");
     let mut broker = Broker::spawn(
         &s.dir.join("broker"),
-        s.nats_url,
+        s.nats_urls,
         &store,
         &registry,
         &keys.broker,
         s.batch_size,
-        "",
+        &cluster_config(s.replicas, "a"),
     )?;
     broker.wait_ready(Duration::from_secs(60)).await?;
+    if s.replicas > 1 {
+        // A standby is ready too: measure only once it leads.
+        broker
+            .wait_role("leader", Duration::from_millis(20), Duration::from_secs(60))
+            .await?;
+    }
 
     let mut adapters = Vec::new();
     let wire_counts = Arc::new(LineCounts::default());
@@ -185,7 +248,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
                 adapters.push(AdapterProc::spawn(
                     &s.dir.join("adapters").join(a),
                     a,
-                    s.nats_url,
+                    s.nats_urls,
                     key,
                     keys.sealing_file(a).context("a sealing key")?,
                     &registry,
@@ -197,7 +260,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
             }
         }
         Recipients::Wire => {
-            let client = async_nats::connect(s.nats_url).await?;
+            let client = connect(s.nats_urls, 1 << 16).await?;
             let js = jetstream::new(client);
             for (a, key, _) in &keys.agencies {
                 let consumer: PullConsumer = js
@@ -218,7 +281,8 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     // The agency systems' SDK handles, for sending (signed with each agency's key).
     let mut senders = Vec::new();
     for a in &agencies {
-        let mut cfg = AdapterConfig::new(a.clone(), [s.nats_url], s.dir.join("sdk").join(a));
+        let mut cfg =
+            AdapterConfig::new(a.clone(), s.nats_urls.to_vec(), s.dir.join("sdk").join(a));
         cfg.signing_key_file = keys.of(a).map(|(_, _, path)| path.clone());
         // Sealing on, as in production: every referral sealed to its recipient.
         cfg.registry = Some(registry.clone());
@@ -229,10 +293,7 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
 
     let tracker = Tracker::new()?;
     let tap = {
-        let client = async_nats::ConnectOptions::new()
-            .subscription_capacity(1 << 20)
-            .connect(s.nats_url)
-            .await?;
+        let client = connect(s.nats_urls, 1 << 20).await?;
         let mut sub = client.subscribe("yeongye.out.*.notification").await?;
         let tracker = Arc::clone(&tracker);
         tokio::spawn(async move {
@@ -270,9 +331,11 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
 
     let adapter_pids: Vec<u32> = adapters.iter().map(AdapterProc::pid).collect();
     let me = std::process::id();
+    let info_js = jetstream::new(connect(s.nats_urls, 1024).await?);
+    let log_before = state_log(&info_js).await;
     let before = (
         cpu_secs(&[broker.pid()]),
-        cpu_secs(&[s.nats_pid]),
+        cpu_secs(s.nats_pids),
         cpu_secs(&adapter_pids),
         cpu_secs(&[me]),
     );
@@ -286,9 +349,17 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     let per = |after: f64, before: f64| (after - before) * 1000.0 / (max.completed.max(1) as f64);
     let max_cpu = CpuPerReferral {
         broker_ms: per(cpu_secs(&[broker.pid()]), before.0),
-        nats_ms: per(cpu_secs(&[s.nats_pid]), before.1),
+        nats_ms: per(cpu_secs(s.nats_pids), before.1),
         adapters_ms: per(cpu_secs(&adapter_pids), before.2),
         bench_ms: per(cpu_secs(&[me]), before.3),
+    };
+    let log_after = state_log(&info_js).await;
+    let state_log_max = match (log_before, log_after) {
+        (Some(b), Some(a)) if a.0 > b.0 => Some(StateLog {
+            records_per_referral: (a.0 - b.0) as f64 / max.completed.max(1) as f64,
+            bytes_per_record: a.1.saturating_sub(b.1) as f64 / (a.0 - b.0) as f64,
+        }),
+        _ => None,
     };
     check_rejections(&adapters, &wire_counts)?;
     if max.throughput < 1.0 {
@@ -309,6 +380,26 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     };
 
     let stats: ProcStats = procs::proc_stats(broker.pid())?;
+    let failover = match s.failover {
+        Some(plan) => Some(
+            crate::failover::run(crate::failover::Setup {
+                plan,
+                rate: max.throughput * plan.fraction,
+                leader: &mut broker,
+                dir: s.dir,
+                nats_urls: s.nats_urls,
+                registry: &registry,
+                signing_key: &keys.broker,
+                batch_size: s.batch_size,
+                replicas: s.replicas,
+                drain: s.max.drain,
+                tracker: &tracker,
+                send: Arc::clone(&send),
+            })
+            .await?,
+        ),
+        None => None,
+    };
     tap.abort();
     for r in recipients {
         r.abort();
@@ -324,10 +415,17 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
     drop(adapters);
     broker.stop();
     // The next run on this server starts from empty streams (a new broker store with the old
-    // streams would replay them).
-    if let Ok(client) = async_nats::connect(s.nats_url).await {
+    // streams would replay them), and from an empty state log, lease and snapshot bucket (a
+    // new broker would restore the old state from them).
+    if let Ok(client) = connect(s.nats_urls, 1024).await {
         let js = jetstream::new(client);
-        for stream in [subject::IN_STREAM, subject::OUT_STREAM] {
+        for stream in [
+            subject::IN_STREAM,
+            subject::OUT_STREAM,
+            "YEONGYE_STATE",
+            "KV_YEONGYE_LEADER",
+            "OBJ_YEONGYE_SNAPSHOTS",
+        ] {
             let _ = js.delete_stream(stream).await;
         }
     }
@@ -343,6 +441,8 @@ pub(crate) async fn run(s: Settings<'_>) -> Result<E2eResult> {
         store_bytes_per_referral: disk as f64 / referrals_stored.max(1) as f64,
         referrals_stored,
         deliveries,
+        state_log_max,
+        failover,
     })
 }
 

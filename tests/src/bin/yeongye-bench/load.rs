@@ -100,6 +100,10 @@ pub(crate) struct Tracker {
     in_window: AtomicU64,
     errors: AtomicU64,
     unknown: AtomicU64,
+    /// Watch for the first completion of an item due at or after this offset (µs from
+    /// `epoch`; `u64::MAX`: not watching), and the offset of that completion (0: none yet).
+    watch_from: AtomicU64,
+    first_after: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,6 +126,8 @@ impl Tracker {
             in_window: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             unknown: AtomicU64::new(0),
+            watch_from: AtomicU64::new(u64::MAX),
+            first_after: AtomicU64::new(0),
         }))
     }
 
@@ -158,6 +164,14 @@ impl Tracker {
             return;
         };
         self.completed.fetch_add(1, Ordering::Relaxed);
+        if self.offset(due) >= self.watch_from.load(Ordering::Relaxed) {
+            let _ = self.first_after.compare_exchange(
+                0,
+                self.offset(now).max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         if self.in_window(now) {
             self.in_window.fetch_add(1, Ordering::Relaxed);
         }
@@ -170,6 +184,26 @@ impl Tracker {
         if self.closed_loop.load(Ordering::Relaxed) {
             self.permits.add_permits(1);
         }
+    }
+
+    /// From now on, notes the first completion of an item due at or after `t`
+    /// ([`Tracker::first_completion_after`]).
+    pub(crate) fn watch_from(&self, t: Instant) {
+        self.first_after.store(0, Ordering::Relaxed);
+        self.watch_from
+            .store(self.offset(t).max(1), Ordering::Relaxed);
+    }
+
+    /// Stops watching.
+    pub(crate) fn unwatch(&self) {
+        self.watch_from.store(u64::MAX, Ordering::Relaxed);
+        self.first_after.store(0, Ordering::Relaxed);
+    }
+
+    /// When the first item due at or after the watched instant completed, if one did.
+    pub(crate) fn first_completion_after(&self) -> Option<Instant> {
+        let us = self.first_after.load(Ordering::Relaxed);
+        (us != 0).then(|| self.epoch + Duration::from_micros(us))
     }
 
     pub(crate) fn in_flight(&self) -> usize {

@@ -177,38 +177,10 @@ impl Nats {
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port()?;
-            let sync_line = match sync {
-                Sync::Always => "  sync_interval: always\n",
-                Sync::Default => "",
-            };
-            let config = format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 1MB\n\
-                 jetstream {{\n  store_dir: \"{}\"\n{sync_line}}}\n",
-                dir.join("js").display()
-            );
-            let conf = dir.join("nats.conf");
-            std::fs::write(&conf, config)?;
-            let log = dir.join("nats.log");
-            let out = log_file(&log)?;
-            let child = Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .spawn()
-                .with_context(|| format!("spawn {}", bin.display()))?;
-            let mut nats = Nats { child, port };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(status)) = nats.child.try_wait() {
-                    last = format!("exited {status}");
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Ok(nats);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut nats = Nats::spawn(bin, dir, sync, port, None)?;
+            match nats.wait_listening(Duration::from_secs(20)).await {
+                Ok(()) => return Ok(nats),
+                Err(e) => last = format!("{e:#}"),
             }
             stop_child(&mut nats.child, Duration::from_secs(2));
         }
@@ -218,12 +190,157 @@ impl Nats {
         )
     }
 
+    /// Writes `<dir>/nats.conf` (client port `port`; with `cluster`, a node of that cluster)
+    /// and spawns the server; it does not wait.
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        sync: Sync,
+        port: u16,
+        cluster: Option<&ClusterNode>,
+    ) -> Result<Nats> {
+        let sync_line = match sync {
+            Sync::Always => "  sync_interval: always\n",
+            Sync::Default => "",
+        };
+        let mut config = format!(
+            "listen: 127.0.0.1:{port}\nmax_payload: 1MB\n\
+             jetstream {{\n  store_dir: \"{}\"\n{sync_line}}}\n",
+            dir.join("js").display()
+        );
+        if let Some(node) = cluster {
+            config = format!(
+                "server_name: {}\n{config}cluster {{\n  name: yeongye-bench\n  \
+                 listen: 127.0.0.1:{}\n  routes: [ {} ]\n}}\n",
+                node.name,
+                node.route_port,
+                node.routes
+                    .iter()
+                    .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let conf = dir.join("nats.conf");
+        std::fs::write(&conf, config)?;
+        let log = dir.join("nats.log");
+        let out = log_file(&log)?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        Ok(Nats { child, port })
+    }
+
+    /// Waits until the client port accepts connections.
+    async fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("exited {status}");
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("not listening after {timeout:?}")
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+/// One node's place in a cluster.
+struct ClusterNode {
+    name: String,
+    route_port: u16,
+    /// Every node's route port (its own included, as `deploy/nats` does).
+    routes: Vec<u16>,
+}
+
+/// Nodes of one JetStream cluster on loopback, each with its own ports and store
+/// (`<dir>/n<i>`).
+pub(crate) struct NatsCluster {
+    pub(crate) nodes: Vec<Nats>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until JetStream answers on every one (a meta leader is
+    /// elected).
+    pub(crate) async fn start(bin: &Path, dir: &Path, sync: Sync, n: usize) -> Result<NatsCluster> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let ports = (0..n)
+                .map(|_| Ok((free_port()?, free_port()?)))
+                .collect::<Result<Vec<(u16, u16)>>>()?;
+            let routes: Vec<u16> = ports.iter().map(|(_, r)| *r).collect();
+            let mut nodes = Vec::new();
+            for (i, (port, route_port)) in ports.iter().enumerate() {
+                let ndir = dir.join(format!("n{}", i + 1));
+                std::fs::create_dir_all(&ndir)?;
+                let node = ClusterNode {
+                    name: format!("n{}", i + 1),
+                    route_port: *route_port,
+                    routes: routes.clone(),
+                };
+                nodes.push(Nats::spawn(bin, &ndir, sync, *port, Some(&node))?);
+            }
+            let mut cluster = NatsCluster { nodes };
+            match cluster.wait_jetstream(Duration::from_secs(60)).await {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        bail!(
+            "the nats-server cluster would not start ({last}); see {}/n*/nats.log",
+            dir.display()
+        )
+    }
+
+    async fn wait_jetstream(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.wait_listening(timeout)
+                .await
+                .with_context(|| format!("node n{}", i + 1))?;
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let client = async_nats::connect(node.url())
+                .await
+                .with_context(|| format!("connect to node n{}", i + 1))?;
+            let js = async_nats::jetstream::new(client);
+            loop {
+                if js.query_account().await.is_ok() {
+                    break;
+                }
+                if start.elapsed() > timeout {
+                    bail!(
+                        "JetStream not answering on node n{} after {timeout:?}",
+                        i + 1
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Nats::url).collect()
+    }
+
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(Nats::pid).collect()
     }
 }
 
@@ -321,15 +438,22 @@ impl Keys {
 pub(crate) struct Broker {
     child: Child,
     http: String,
+    conf: PathBuf,
     pub(crate) started: Instant,
     pub(crate) log: PathBuf,
+}
+
+/// The NATS URLs as a TOML array.
+fn toml_urls(urls: &[String]) -> String {
+    let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 impl Broker {
     /// Writes `<dir>/broker.toml` and spawns the broker (it does not wait for readiness).
     pub(crate) fn spawn(
         dir: &Path,
-        nats_url: &str,
+        nats_urls: &[String],
         store: &Path,
         registry: &Path,
         signing_key: &Path,
@@ -339,9 +463,10 @@ impl Broker {
         std::fs::create_dir_all(dir)?;
         let http = format!("127.0.0.1:{}", free_port()?);
         let config = format!(
-            "nats_urls = [\"{nats_url}\"]\nstore_dir = \"{}\"\nregistry = \"{}\"\n\
+            "nats_urls = {}\nstore_dir = \"{}\"\nregistry = \"{}\"\n\
              signing_key_file = \"{}\"\nhttp_addr = \"{http}\"\nbatch_size = {batch_size}\n\
              {extra_config}",
+            toml_urls(nats_urls),
             store.display(),
             registry.display(),
             signing_key.display()
@@ -349,10 +474,21 @@ impl Broker {
         let conf = dir.join("broker.toml");
         std::fs::write(&conf, config)?;
         let log = dir.join("broker.log");
-        let out = log_file(&log)?;
+        let (child, started) = Broker::spawn_process(&conf, &log)?;
+        Ok(Broker {
+            child,
+            http,
+            conf,
+            started,
+            log,
+        })
+    }
+
+    fn spawn_process(conf: &Path, log: &Path) -> Result<(Child, Instant)> {
+        let out = log_file(log)?;
         let mut cmd = Command::new(workspace_bin("referral-broker")?);
         cmd.arg("--config")
-            .arg(&conf)
+            .arg(conf)
             .arg("run")
             .env("NO_COLOR", "1")
             .env(
@@ -369,12 +505,7 @@ impl Broker {
         }
         let started = Instant::now();
         let child = cmd.spawn().context("spawn referral-broker")?;
-        Ok(Broker {
-            child,
-            http,
-            started,
-            log,
-        })
+        Ok((child, started))
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -403,6 +534,46 @@ impl Broker {
         }
     }
 
+    /// The broker's role in its group as `/api/v1/cluster` says it (`leader` or `standby`),
+    /// if it answered.
+    pub(crate) fn role(&self) -> Option<String> {
+        let body = http_get(&self.http, "/api/v1/cluster")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v.get("role")?.as_str().map(str::to_owned)
+    }
+
+    /// Polls `/api/v1/cluster` every `every` until the broker says `role`, and then (for a
+    /// standby) until `/readyz` says it follows the log closely; returns when it did.
+    pub(crate) async fn wait_role(
+        &mut self,
+        role: &str,
+        every: Duration,
+        timeout: Duration,
+    ) -> Result<Instant> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "referral-broker exited ({status}); see {}",
+                    self.log.display()
+                );
+            }
+            if self.role().as_deref() == Some(role) {
+                let at = Instant::now();
+                if role == "leader" || http_status(&self.http, "/readyz") == Some(200) {
+                    return Ok(at);
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "referral-broker not {role} after {timeout:?}; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// The value of the sample `name` (with its labels, as exposed) on the broker's
     /// `/metrics`, if it answered and has it.
     pub(crate) fn metric(&self, name: &str) -> Option<f64> {
@@ -416,6 +587,26 @@ impl Broker {
     /// SIGTERM and wait (SIGKILL after 20 s).
     pub(crate) fn stop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(20));
+    }
+
+    /// SIGKILL, at once (a crash): returns when the signal was sent.
+    pub(crate) fn kill(&mut self) -> Result<Instant> {
+        self.child.kill().context("kill -9 referral-broker")?;
+        let at = Instant::now();
+        let _ = self.child.wait();
+        Ok(at)
+    }
+
+    /// Starts the broker again with the same configuration (store, HTTP port) after it
+    /// stopped.
+    pub(crate) fn restart(&mut self) -> Result<()> {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            bail!("referral-broker still running: stop it before a restart");
+        }
+        let (child, started) = Broker::spawn_process(&self.conf, &self.log)?;
+        self.child = child;
+        self.started = started;
+        Ok(())
     }
 }
 
@@ -477,7 +668,7 @@ impl AdapterProc {
     pub(crate) fn spawn(
         dir: &Path,
         agency: &str,
-        nats_url: &str,
+        nats_urls: &[String],
         key: &Path,
         sealing_key: &Path,
         registry: &Path,
@@ -488,8 +679,9 @@ impl AdapterProc {
         std::fs::write(
             &conf,
             format!(
-                "agency = \"{agency}\"\nnats_urls = [\"{nats_url}\"]\nstate_dir = \"{}\"\n\
+                "agency = \"{agency}\"\nnats_urls = {}\nstate_dir = \"{}\"\n\
                  signing_key_file = \"{}\"\nsealing_key_file = \"{}\"\nregistry = \"{}\"\n",
+                toml_urls(nats_urls),
                 dir.join("state").display(),
                 key.display(),
                 sealing_key.display(),

@@ -14,6 +14,7 @@ use crate::scale::ScalePoint;
 /// The generated blocks of `docs/PERFORMANCE.md`, each between its two markers.
 pub(crate) const THROUGHPUT: &str = "throughput";
 pub(crate) const SCALE: &str = "scale";
+pub(crate) const CLUSTER: &str = "cluster";
 
 fn markers(block: &str) -> (String, String) {
     (
@@ -53,6 +54,9 @@ pub(crate) struct SyncRun {
     /// The raw round trip, open loop at the rate of the first end-to-end latency phase.
     pub(crate) baseline_at_rate: Option<PhaseResult>,
     pub(crate) e2e: Vec<E2eRun>,
+    /// On a cluster: serial appends of the state log's mean record size, R1 and R3.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) append_probe: Vec<crate::baseline::AppendProbe>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -69,6 +73,9 @@ pub(crate) struct Report {
     pub(crate) machine: Machine,
     pub(crate) settings: Settings,
     pub(crate) runs: Vec<SyncRun>,
+    /// The same on a three-node JetStream cluster (R3 streams, `stream_replicas = 3`), with
+    /// the failover figures.
+    pub(crate) cluster: Vec<SyncRun>,
     pub(crate) scale: Vec<ScalePoint>,
     /// What sealing one referral and opening it cost, in this process (µs each).
     pub(crate) sealing: Option<SealCost>,
@@ -250,6 +257,181 @@ pub(crate) fn markdown_throughput(r: &Report) -> Option<String> {
                 mb(e.broker_hwm_bytes),
                 e.store_bytes_per_referral,
                 e.referrals_stored,
+            );
+        }
+    }
+    Some(out)
+}
+
+/// The cluster block (`None`: not measured).
+pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
+    if r.cluster.is_empty() {
+        return None;
+    }
+    let s = &r.settings;
+    let mut out = run_line(r);
+    let _ = writeln!(
+        out,
+        "Settings: three nats-server nodes in one JetStream cluster on loopback, every stream \
+         R3 (the baseline's and the broker's: `stream_replicas = 3`), clients given all three \
+         URLs; {} agencies, {}-byte referrals (signed, sealed), broker `batch_size` {}, closed \
+         loop of {} in flight for the maximum, open loop at {:.0}% of it for latency, {} s \
+         warm-up + {} s measured per phase. Command: `{}`.\n",
+        s.agencies,
+        s.message_bytes,
+        s.batch_size,
+        s.window,
+        s.fraction * 100.0,
+        s.warmup_secs,
+        s.measure_secs,
+        s.command
+    );
+    out.push_str(
+        "| `sync_interval` | recipients | raw R3 round trip, msgs/s (p50 / p99 ms) | end-to-end R3 to RECEIVED, referrals/s (p50 / p99 ms) | ratio | open loop at the fraction: referrals/s, p50 / p99 / p99.9 ms | raw R3 round trip at that rate, p50 / p99 / p99.9 ms | lost | CPU ms per referral: broker / nats-server (3 nodes) / bench | state-log appends per referral at the maximum (bytes each) |\n",
+    );
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for run in &r.cluster {
+        let b = &run.baseline;
+        for e2e in &run.e2e {
+            let e = &e2e.result.max;
+            let partial = e2e.result.partial.as_ref().map_or_else(
+                || "—".to_owned(),
+                |p| {
+                    format!(
+                        "{:.0}: {:.1} / **{:.1}** / {:.1}",
+                        p.throughput, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.p999
+                    )
+                },
+            );
+            let raw_at_rate = match (&e2e.result.partial, &run.baseline_at_rate) {
+                (Some(_), Some(b)) => format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    b.latency_ms.p50, b.latency_ms.p99, b.latency_ms.p999
+                ),
+                _ => "—".to_owned(),
+            };
+            let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
+            let c = &e2e.result.max_cpu;
+            let log = e2e.result.state_log_max.map_or_else(
+                || "—".to_owned(),
+                |l| {
+                    format!(
+                        "{:.3} ({:.0} B)",
+                        l.records_per_referral, l.bytes_per_record
+                    )
+                },
+            );
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} | {:.3} / {:.3} / {:.3} | {log} |",
+                run.sync,
+                e2e.result.recipients,
+                b.throughput,
+                b.latency_ms.p50,
+                b.latency_ms.p99,
+                e.throughput,
+                e.latency_ms.p50,
+                e.latency_ms.p99,
+                e2e.ratio * 100.0,
+                c.broker_ms,
+                c.nats_ms,
+                c.bench_ms,
+            );
+        }
+    }
+    for run in &r.cluster {
+        let Some(first) = run.append_probe.first() else {
+            continue;
+        };
+        // The state log's share of nats-server's CPU per referral at the maximum: the R3
+        // probe's CPU per append times the appends per referral.
+        let share = run
+            .append_probe
+            .iter()
+            .find(|p| p.replicas > 1)
+            .zip(run.e2e.first())
+            .and_then(|(p, e)| {
+                let l = e.result.state_log_max?;
+                let per_referral = p.nats_cpu_ms * l.records_per_referral;
+                Some(format!(
+                    " At the maximum ({}) that is ~{:.3} ms of nats-server CPU per referral for \
+                     the state log, of {:.3} ms in all.",
+                    e.result.recipients, per_referral, e.result.max_cpu.nats_ms
+                ))
+            })
+            .unwrap_or_default();
+        let each = run
+            .append_probe
+            .iter()
+            .map(|p| {
+                format!(
+                    "R{}: p50 {:.1} / p99 {:.1} / mean {:.1} ms, nats-server CPU {:.2} ms each",
+                    p.replicas, p.p50_ms, p.p99_ms, p.mean_ms, p.nats_cpu_ms
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let _ = writeln!(
+            out,
+            "\n`{}`: one state-log append of the maximum phase's mean record size ({} B), \
+             {} in series on this cluster, each awaiting its PubAck (what the broker's loop \
+             waits for once per turn): {each}.{share}",
+            run.sync, first.bytes, first.appends,
+        );
+    }
+    let failovers: Vec<_> = r
+        .cluster
+        .iter()
+        .flat_map(|run| {
+            run.e2e
+                .iter()
+                .filter_map(move |e| e.result.failover.as_ref().map(|f| (run.sync, f)))
+        })
+        .collect();
+    if !failovers.is_empty() {
+        out.push_str(
+            "\nFailover: broker `a` leads, broker `b` (own store and HTTP port) stands by; under \
+             an open-loop load the leader is killed with SIGKILL, then started again as the \
+             standby, and the next round kills the other. *To leader*: kill → the standby's \
+             `/api/v1/cluster` says `leader`. *To flowing*: kill → the first referral due after \
+             the kill reaches `RECEIVED`.\n\n",
+        );
+        out.push_str("| `sync_interval` | load, referrals/s | kills | lease TTL | to leader, median / max s | **to flowing, median / max s** | each kill: to leader / to flowing s | latency of referrals due from each kill to the end of its load, p99 / max ms | lost |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        for (sync, f) in failovers {
+            let each = f
+                .rounds
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}: {:.2} / {:.2}",
+                        r.killed, r.to_leader_secs, r.to_flowing_secs
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let lat = f
+                .rounds
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:.0} / {:.0}",
+                        r.phase.latency_ms.p99, r.phase.latency_ms.max
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let lost: u64 = f.rounds.iter().map(|r| r.phase.lost).sum();
+            let _ = writeln!(
+                out,
+                "| {sync} | {:.0} | {} | {} s | {:.2} / {:.2} | **{:.2} / {:.2}** | {each} | {lat} | {lost} |",
+                f.rate,
+                f.rounds.len(),
+                f.lease_ttl_secs,
+                f.to_leader_median_secs,
+                f.to_leader_max_secs,
+                f.to_flowing_median_secs,
+                f.to_flowing_max_secs,
             );
         }
     }

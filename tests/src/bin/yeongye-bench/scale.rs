@@ -461,7 +461,7 @@ async fn measure(
 ) -> Result<Run> {
     let mut broker = Broker::spawn(
         &dir.join(name),
-        &nats.url(),
+        &[nats.url()],
         store,
         registry,
         &keys.broker,

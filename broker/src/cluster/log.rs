@@ -151,34 +151,39 @@ impl Writer {
     }
 
     async fn append_encoded(&self, kind: &'static str, bytes: Vec<u8>) -> Result<u64> {
-        let parts: Vec<&[u8]> = if bytes.is_empty() {
-            vec![&[]]
-        } else {
-            bytes.chunks(PART_BYTES).collect()
-        };
+        // One buffer: the parts are views of it, and a retry sends the same views again.
+        let bytes = bytes::Bytes::from(bytes);
+        let count = bytes.len().div_ceil(PART_BYTES).max(1);
         let start = self.position();
         let id = format!("{}.{}.{}", self.name, self.term, start);
         let mut last = start;
-        for (i, part) in parts.iter().enumerate() {
+        for i in 0..count {
+            let part = bytes
+                .slice((i * PART_BYTES).min(bytes.len())..((i + 1) * PART_BYTES).min(bytes.len()));
             let mut headers = HeaderMap::new();
             headers.insert(KIND, kind);
-            headers.insert(PART, format!("{}/{}", i + 1, parts.len()).as_str());
+            headers.insert(PART, format!("{}/{}", i + 1, count).as_str());
             headers.insert(RECORD, id.as_str());
             headers.insert("Nats-Expected-Last-Sequence", last.to_string().as_str());
             headers.insert("Nats-Msg-Id", format!("{id}.{i}").as_str());
-            last = self.publish(headers, part.to_vec(), last).await?;
+            last = self.publish(headers, part, last).await?;
         }
         *self.position.lock().unwrap_or_else(|p| p.into_inner()) = last;
         Ok(last)
     }
 
-    async fn publish(&self, headers: HeaderMap, payload: Vec<u8>, expected: u64) -> Result<u64> {
+    async fn publish(
+        &self,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+        expected: u64,
+    ) -> Result<u64> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
             let sent = self
                 .js
-                .publish_with_headers(STATE_SUBJECT, headers.clone(), payload.clone().into())
+                .publish_with_headers(STATE_SUBJECT, headers.clone(), payload.clone())
                 .await;
             let error = match sent {
                 Ok(ack) => match ack.await {

@@ -62,6 +62,18 @@ fn targets(attacker: &str, victim: &str) -> Vec<String> {
         subject::BROKER_CONSUMER
     ));
     t.push("$JS.API.INFO".to_owned());
+    // The brokers' replication: subjects the broker's identity may itself publish (appending to
+    // its state log, trimming it, its lease, its snapshots) and the ones it may not.
+    for replication in [
+        "yeongye.state",
+        "$JS.API.STREAM.PURGE.YEONGYE_STATE",
+        "$JS.API.STREAM.DELETE.YEONGYE_STATE",
+        "$KV.YEONGYE_LEADER.leader",
+        "$JS.API.STREAM.PURGE.KV_YEONGYE_LEADER",
+        "$O.YEONGYE_SNAPSHOTS.M.c3RhdGUtMDAwMDAwMDAwMDAwMDAwMDAwMDE=",
+    ] {
+        t.push(replication.to_owned());
+    }
     for kind in [
         InKind::Referral,
         InKind::Status,
@@ -383,6 +395,10 @@ async fn the_brokers_nats_identity_alone_cannot_do_what_the_attack_asks() {
             || t.starts_with("$JS.API.STREAM.CREATE.YEONGYE_")
             || t.starts_with("$JS.API.STREAM.UPDATE.YEONGYE_")
             || t.starts_with("yeongye.out.")
+            || t == "yeongye.state"
+            || t == "$JS.API.STREAM.PURGE.YEONGYE_STATE"
+            || t.starts_with("$KV.YEONGYE_LEADER.")
+            || t.starts_with("$O.YEONGYE_SNAPSHOTS.")
             || subject::is_own_inbox(HOPE, t)
             || t.starts_with(&format!("{}.", subject::inbox_prefix(CENTRE)))
             || t == format!("{}.>", subject::inbox_prefix(CENTRE))

@@ -142,7 +142,7 @@ for b in "${brokers[@]}"; do
     wait_for 30 "$b to stand by" grep -q "broker ready" "$run/logs/$b.log"
   fi
 done
-cp "$run/config/${brokers[0]}.toml" "$run/config/broker.toml"
+[ "${brokers[0]}" = broker ] || cp "$run/config/${brokers[0]}.toml" "$run/config/broker.toml"
 say "broker ready: dashboard at http://127.0.0.1:$broker_http/ (metrics at /metrics)"
 if [ "$cluster" = 1 ]; then
   printf '{"brokers": [%s], "nats": [%s]}\n' "$brokers_json" "$nodes_json" > "$run/processes.json"
@@ -176,7 +176,7 @@ python3 deploy/demo/play_case.py --adapter "$bin/agency-adapter" --run "$run" --
 for b in "${brokers[@]}"; do
   if python3 -c "import json,sys,urllib.request; sys.exit(0 if json.load(urllib.request.urlopen('http://127.0.0.1:' + sys.argv[1] + '/api/v1/cluster', timeout=2))['role'] == 'leader' else 1)" \
       "$(sed -n 's/^http_addr = "127.0.0.1:\([0-9]*\)"/\1/p' "$run/config/$b.toml")" 2>/dev/null; then
-    cp "$run/config/$b.toml" "$run/config/broker.toml"
+    [ "$b" = broker ] || cp "$run/config/$b.toml" "$run/config/broker.toml"
     broker_http=$(sed -n 's/^http_addr = "127.0.0.1:\([0-9]*\)"/\1/p' "$run/config/$b.toml")
   fi
 done

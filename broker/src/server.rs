@@ -731,6 +731,10 @@ impl EventLoop {
             .store_ok
             .store(committed.is_ok(), Ordering::Relaxed);
         committed?;
+        self.ops.set_cluster(|c| {
+            c.position = appended;
+            c.log_last = c.log_last.max(appended);
+        });
         let now = clock::now_ms();
         for at in arrivals {
             self.ops

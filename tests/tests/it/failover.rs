@@ -174,6 +174,16 @@ async fn assert_identical(a: &BrokerProcess, b: &BrokerProcess, context: impl Fn
     for h in [&ha, &hb] {
         let v = h.get_json("/api/v1/audit/verify").await;
         assert_eq!(v["ok"], true, "{v}");
+        // What operators are shown is where the store is (leader and standby alike).
+        let (c, d) = (
+            h.get_json("/api/v1/cluster").await,
+            h.get_json("/api/v1/digest").await,
+        );
+        assert_eq!(
+            c["state_log_position"], d["state_log_position"],
+            "{c} vs {d}"
+        );
+        assert_eq!(c["lag"], 0, "{c}");
     }
 }
 

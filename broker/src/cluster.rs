@@ -227,6 +227,15 @@ impl Member {
                     _ = renew.tick() => match leases.renew(&mut lease).await {
                         Ok(()) => {}
                         Err(Renewal::Lost) => {
+                            // Expired while NATS could not be reached (a KV leader election
+                            // outlasts the TTL): if no one took it meanwhile, this broker takes
+                            // it again and goes on (the state log's fence would have refused
+                            // it if another had led).
+                            if let Some(again) = leases.try_take().await {
+                                tracing::warn!(term = again.term, "the lease had expired; taken again");
+                                lease = again;
+                                continue;
+                            }
                             tracing::warn!(term = lease.term, "lost the lease: stepping down");
                             token.cancel();
                             return None;

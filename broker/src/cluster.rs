@@ -43,19 +43,25 @@ pub struct Member {
     leases: Leases,
     ttl: Duration,
     pub snapshots: snapshot::Snapshots,
+    /// How long applied message ids are kept (`dedup_retention_days`): a standby forgets
+    /// older ones as the leader does, in the same bounded steps.
+    retention: Duration,
 }
 
 impl Member {
-    /// Creates (or updates) the state log and the lease bucket.
+    /// Creates (or updates) the state log, the lease bucket and the snapshot bucket, and
+    /// restores an empty store from the newest snapshot.
     pub async fn join(
         js: jetstream::Context,
-        name: &str,
+        cfg: &crate::config::Config,
         store: Arc<dyn Store>,
         ops: Arc<Ops>,
-        ttl: Duration,
-        replicas: usize,
-        snapshot_dir: &std::path::Path,
     ) -> Result<Member> {
+        let name = cfg.broker_name.as_str();
+        let ttl = Duration::from_secs(cfg.lease_ttl_secs);
+        let replicas = cfg.stream_replicas;
+        let retention = Duration::from_secs(u64::from(cfg.dedup_retention_days) * 24 * 3600);
+        let snapshot_dir = &cfg.snapshot_dir();
         log::ensure_stream(&js, replicas).await?;
         let leases = Leases::open(&js, name, ttl, replicas).await?;
         let snapshots = snapshot::Snapshots::open(&js, replicas).await?;
@@ -74,6 +80,7 @@ impl Member {
             leases,
             ttl,
             snapshots,
+            retention,
         })
     }
 
@@ -97,6 +104,11 @@ impl Member {
         let mut attempt = tokio::time::interval(self.attempt_every());
         let mut refresh = tokio::time::interval(REFRESH);
         let mut changed = true;
+        let mut background = crate::server::background::Background::new(
+            crate::server::PRUNE_EVERY,
+            crate::store::PRUNE_STEP_SEGMENTS,
+            crate::server::BACKGROUND_PAUSE,
+        );
         loop {
             tokio::select! {
                 _ = token.cancelled() => return Ok(None),
@@ -120,6 +132,9 @@ impl Member {
                     self.refresh(changed).await;
                     changed = false;
                 }
+                // Applied ids past retention, forgotten a bounded step at a time (the
+                // leader's own rule, so that both keep the same).
+                _ = tokio::time::sleep(background.wait()), if background.busy() => {}
                 _ = attempt.tick(), if Instant::now() >= may_take => {
                     if let Some(lease) = self.leases.try_take().await {
                         tracing::info!(term = lease.term, "took the lease");
@@ -127,6 +142,10 @@ impl Member {
                     }
                 }
             }
+            // One bounded step when one is due (a prune starts every hour).
+            tokio::task::block_in_place(|| {
+                background.step(self.store.as_ref(), &self.ops, self.retention)
+            });
         }
     }
 

@@ -101,16 +101,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let js = nats::context(client.clone());
     nats::ensure_streams(&js, &cfg).await?;
     nats::ensure_agency_consumers(&js, &registry).await?;
-    let member = cluster::Member::join(
-        js.clone(),
-        &cfg.broker_name,
-        store.clone(),
-        ops.clone(),
-        std::time::Duration::from_secs(cfg.lease_ttl_secs),
-        cfg.stream_replicas,
-        &cfg.snapshot_dir(),
-    )
-    .await?;
+    let member = cluster::Member::join(js.clone(), &cfg, store.clone(), ops.clone()).await?;
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();

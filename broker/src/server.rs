@@ -14,7 +14,7 @@
 //! acknowledge — is taken in by the loop. Each turn's inbound messages wait for their own
 //! flight only: their state and outbox were committed before it left.
 
-mod background;
+pub(crate) mod background;
 pub mod batch;
 mod pending;
 
@@ -59,9 +59,9 @@ const PARALLEL_READS: usize = 8;
 const LANDING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two steps of background work (the end of one, the start of the next),
 /// however busy the loop.
-const BACKGROUND_PAUSE: Duration = Duration::from_millis(15);
+pub(crate) const BACKGROUND_PAUSE: Duration = Duration::from_millis(15);
 /// How often applied message ids older than the retention are forgotten.
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+pub(crate) const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct EventLoop {
     pub store: Arc<dyn Store>,

@@ -152,7 +152,16 @@ impl Member {
     /// Applies one record of the log to the store (a standby's, or a new leader's catching up).
     fn apply(&self, seq: u64, record: Record) -> Result<()> {
         let mut change = match record {
-            Record::Change(c) => *c,
+            Record::Change {
+                change,
+                envelopes_kept,
+            } => {
+                let mut change = *change;
+                if envelopes_kept {
+                    log::fill_envelopes(&mut change, self.store.as_ref())?;
+                }
+                change
+            }
             Record::Leader { name, term } => {
                 tracing::info!(leader = %name, term, seq, "a broker took the lead");
                 self.ops.set_cluster(|c| {

@@ -716,9 +716,9 @@ impl EventLoop {
         // The state log first: once the append lands the change is committed (the store is
         // this broker's materialisation of the log). A fenced append stops the loop before
         // anything of it reaches the store, the streams or an acknowledgement.
-        let log = &self.log;
+        let (log, store) = (&self.log, self.store.as_ref());
         let appended = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(log.append_change(&changes))
+            tokio::runtime::Handle::current().block_on(log.append_change(&changes, store))
         })?;
         changes.state_seq = Some(appended);
         let committed = tokio::task::block_in_place(|| self.store.commit(&changes));

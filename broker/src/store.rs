@@ -30,7 +30,9 @@ fn reopen<T, E: std::fmt::Display>(open: impl FnMut() -> std::result::Result<T, 
 }
 
 pub use crate::dead_letter::{DeadLetter, DeadLetterStatus, OperatorAction};
-pub use change_codec::{decode_change_set, encode_change_set};
+pub use change_codec::{
+    decode_change_set, decode_log_change, encode_change_set, encode_log_change,
+};
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
@@ -166,6 +168,10 @@ pub struct StoreStats {
 
 pub trait Store: Send + Sync + 'static {
     fn referral(&self, id: &str) -> Result<Option<Referral>>;
+    /// Whether a referral with this id is stored (without reading it).
+    fn contains_referral(&self, id: &str) -> Result<bool> {
+        Ok(self.referral(id)?.is_some())
+    }
     /// Whether an inbound message with this dedup key was already applied.
     fn seen(&self, key: &str) -> Result<bool> {
         Ok(self.seen_digest(key)?.is_some())

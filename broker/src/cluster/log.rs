@@ -20,7 +20,7 @@ use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use futures::StreamExt;
 
 use crate::error::{Error, Result};
-use crate::store::{ChangeSet, decode_change_set, encode_change_set};
+use crate::store::{ChangeSet, Store, decode_log_change, encode_change_set, encode_log_change};
 
 pub const STATE_STREAM: &str = "YEONGYE_STATE";
 pub const STATE_SUBJECT: &str = "yeongye.state";
@@ -37,8 +37,12 @@ const RECORD: &str = "Yeongye-Record";
 /// One record of the log.
 #[derive(Debug, Clone)]
 pub enum Record {
-    /// A change set, committed by the leader of `term`.
-    Change(Box<ChangeSet>),
+    /// A change set. With `envelopes_kept`, a referral's empty envelope means the one the
+    /// reader's store holds: fill it in ([`Record::fill_envelopes`]) before committing.
+    Change {
+        change: Box<ChangeSet>,
+        envelopes_kept: bool,
+    },
     /// A broker took the lead: everything after it is its own.
     Leader { name: String, term: u64 },
 }
@@ -46,21 +50,27 @@ pub enum Record {
 impl Record {
     fn kind(&self) -> &'static str {
         match self {
-            Record::Change(_) => "change",
+            Record::Change { .. } => "change",
             Record::Leader { .. } => "leader",
         }
     }
 
     fn encode(&self) -> Vec<u8> {
         match self {
-            Record::Change(c) => encode_change_set(c),
+            Record::Change { change, .. } => encode_change_set(change),
             Record::Leader { name, term } => format!("{term} {name}").into_bytes(),
         }
     }
 
     fn decode(kind: &str, bytes: &[u8]) -> Result<Record> {
         match kind {
-            "change" => Ok(Record::Change(Box::new(decode_change_set(bytes)?))),
+            "change" => {
+                let (change, envelopes_kept) = decode_log_change(bytes)?;
+                Ok(Record::Change {
+                    change: Box::new(change),
+                    envelopes_kept,
+                })
+            }
             "leader" => {
                 let text = std::str::from_utf8(bytes).map_err(|_| corrupt("leader record"))?;
                 let (term, name) = text.split_once(' ').ok_or_else(|| corrupt(text))?;
@@ -73,6 +83,21 @@ impl Record {
             other => Err(corrupt(&format!("unknown record kind {other:?}"))),
         }
     }
+}
+
+/// Puts back the envelopes a state-log record left out: each referral's empty envelope is
+/// the one `store` holds (an envelope never changes once a referral exists).
+pub fn fill_envelopes(change: &mut ChangeSet, store: &dyn Store) -> Result<()> {
+    for r in change
+        .referrals
+        .iter_mut()
+        .filter(|r| r.envelope.is_empty())
+    {
+        if let Some(stored) = store.referral(&r.id)? {
+            r.envelope = stored.envelope;
+        }
+    }
+    Ok(())
 }
 
 fn corrupt(what: &str) -> Error {
@@ -144,10 +169,12 @@ impl Writer {
         self.append_encoded(record.kind(), record.encode()).await
     }
 
-    /// [`append`](Self::append) of a change set, without copying it into a [`Record`].
-    pub async fn append_change(&self, change: &ChangeSet) -> Result<u64> {
-        self.append_encoded("change", encode_change_set(change))
-            .await
+    /// [`append`](Self::append) of a change set, without copying it into a [`Record`]; the
+    /// envelope of each referral `store` already holds (before this change) is left out: its
+    /// readers hold it too.
+    pub async fn append_change(&self, change: &ChangeSet, store: &dyn Store) -> Result<u64> {
+        let bytes = encode_log_change(change, &|id| store.contains_referral(id).unwrap_or(false));
+        self.append_encoded("change", bytes).await
     }
 
     async fn append_encoded(&self, kind: &'static str, bytes: Vec<u8>) -> Result<u64> {

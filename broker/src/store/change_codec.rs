@@ -36,6 +36,11 @@ struct ChangeSetRecord {
     audit: Vec<audit::Entry>,
     #[prost(bytes = "vec", optional, tag = "12")]
     counts: Option<Vec<u8>>,
+    /// The state log's records only: a referral's empty envelope means "the one its reader
+    /// already stores" (an envelope never changes once a referral exists), so that it travels
+    /// once, with the referral's first record.
+    #[prost(bool, tag = "13")]
+    envelopes_kept: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -99,10 +104,31 @@ fn corrupt(message: impl Into<String>) -> Error {
     }
 }
 
-/// `c` as the bytes of one state-log record.
+/// `c` as the bytes of one record (a snapshot's: every referral whole).
 pub fn encode_change_set(c: &ChangeSet) -> Vec<u8> {
+    encode_with(c, &|_| false)
+}
+
+/// `c` as a state-log record: the envelope of each referral `stored` says its reader already
+/// holds is left out (see [`decode_log_change`]).
+pub fn encode_log_change(c: &ChangeSet, stored: &dyn Fn(&str) -> bool) -> Vec<u8> {
+    encode_with(c, stored)
+}
+
+fn encode_with(c: &ChangeSet, stored: &dyn Fn(&str) -> bool) -> Vec<u8> {
+    let mut kept = false;
+    let referrals = c
+        .referrals
+        .iter()
+        .map(|r| {
+            let leave_out = !r.envelope.is_empty() && stored(&r.id);
+            kept |= leave_out;
+            codec::encode_referral_with(r, !leave_out)
+        })
+        .collect();
     ChangeSetRecord {
-        referrals: c.referrals.iter().map(codec::encode_referral).collect(),
+        envelopes_kept: kept,
+        referrals,
         seen: c
             .seen
             .iter()
@@ -144,10 +170,27 @@ fn keyed_dead_letter(d: &super::DeadLetter) -> Keyed {
     }
 }
 
-/// The change set a state-log record holds. A record that does not decode, or holds a record
+/// The change set a snapshot's record holds. A record that does not decode, or holds a record
 /// that does not, is an error naming what was wrong; nothing of it is applied.
 pub fn decode_change_set(bytes: &[u8]) -> Result<ChangeSet> {
+    let (c, kept) = decode_log_change(bytes)?;
+    if kept {
+        return Err(corrupt(
+            "a state-log record where a whole change set belongs",
+        ));
+    }
+    Ok(c)
+}
+
+/// The change set a state-log record holds, and whether its referrals' empty envelopes mean
+/// "the stored one" (the reader must fill them in from its store before it commits).
+pub fn decode_log_change(bytes: &[u8]) -> Result<(ChangeSet, bool)> {
     let r = ChangeSetRecord::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let kept = r.envelopes_kept;
+    Ok((decode_record(r)?, kept))
+}
+
+fn decode_record(r: ChangeSetRecord) -> Result<ChangeSet> {
     let dead = |list: Vec<Keyed>| -> Result<Vec<super::DeadLetter>> {
         list.into_iter()
             .map(|k| codec::decode_dead_letter(k.key, &k.record))

@@ -259,6 +259,12 @@ fn corrupt(key: &str, message: impl Into<String>) -> Error {
 }
 
 pub(super) fn encode_referral(r: &Referral) -> Vec<u8> {
+    encode_referral_with(r, true)
+}
+
+/// [`encode_referral`], its envelope left out unless `envelope` (the state log's record of a
+/// referral its readers already hold: an envelope never changes once a referral exists).
+pub(super) fn encode_referral_with(r: &Referral, envelope: bool) -> Vec<u8> {
     ReferralRecord {
         id: r.id.clone(),
         from: r.from.clone(),
@@ -267,7 +273,11 @@ pub(super) fn encode_referral(r: &Referral) -> Vec<u8> {
         state: state_code(r.state),
         created_at: r.created_at,
         receive_by: r.receive_by,
-        envelope: r.envelope.clone(),
+        envelope: if envelope {
+            r.envelope.clone()
+        } else {
+            Vec::new()
+        },
         accept_within: r.accept_within,
         accept_by: r.accept_by,
         overdue: r.overdue,

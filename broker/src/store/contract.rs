@@ -458,6 +458,42 @@ fn a_change_set_applied_twice_is_applied_once(s: &dyn Store) {
     assert_eq!(s.audit_head().unwrap().0, 3);
 }
 
+/// A state-log record leaves out the envelope of a referral its reader already stores, and
+/// the reader puts it back from its store: what is committed is the whole referral.
+fn a_log_record_leaves_out_a_stored_envelope_and_the_reader_puts_it_back(s: &dyn Store) {
+    let first = referral("r1", State::Submitted);
+    assert!(!first.envelope.is_empty());
+    s.commit(&ChangeSet {
+        referrals: vec![first.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let later = referral("r1", State::Received);
+    let new = referral("r2", State::Submitted);
+    let change = ChangeSet {
+        referrals: vec![later.clone(), new.clone()],
+        ..Default::default()
+    };
+    let stored = |id: &str| s.contains_referral(id).unwrap();
+    let bytes = encode_log_change(&change, &stored);
+    assert!(
+        bytes.len() < encode_change_set(&change).len(),
+        "the stored referral's envelope travels again"
+    );
+    let (mut read, kept) = decode_log_change(&bytes).unwrap();
+    assert!(kept);
+    assert!(read.referrals[0].envelope.is_empty());
+    assert_eq!(read.referrals[1], new, "a new referral's envelope travels");
+    crate::cluster::log::fill_envelopes(&mut read, s).unwrap();
+    assert_eq!(read.referrals, vec![later, new]);
+    // A snapshot's reader refuses such a record: it has no store to fill it from.
+    assert!(decode_change_set(&bytes).is_err());
+    // Nothing stored: nothing left out.
+    let fresh = MemoryStore::new();
+    let whole = encode_log_change(&change, &|id| fresh.contains_referral(id).unwrap());
+    assert!(!decode_log_change(&whole).unwrap().1);
+}
+
 /// Each contract test, once for every implementation.
 macro_rules! every_store {
     ($($name:ident),* $(,)?) => {
@@ -491,4 +527,5 @@ every_store!(
     outbox_keys_stay_above_keys_another_broker_put,
     a_change_set_through_the_log_encoding_is_the_same_change,
     a_change_set_applied_twice_is_applied_once,
+    a_log_record_leaves_out_a_stored_envelope_and_the_reader_puts_it_back,
 );

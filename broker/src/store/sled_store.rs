@@ -494,6 +494,10 @@ impl Store for SledStore {
         Ok(n)
     }
 
+    fn contains_referral(&self, id: &str) -> Result<bool> {
+        Ok(self.db()?.contains_key(key(b"r/", id.as_bytes()))?)
+    }
+
     fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
         for kv in self.db()?.scan_prefix(b"s/") {
             let (k, v) = kv?;

@@ -397,13 +397,18 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
     let js = jetstream::new(nats.connect().await);
     log::ensure_stream(&js, 1).await.expect("the state log");
 
+    // The writers' store holds no referral: every record is whole.
+    let nothing_stored = yeongye_broker::store::MemoryStore::new();
     let change = |checkpoint: u64| ChangeSet {
         checkpoint: Some(checkpoint),
         ..Default::default()
     };
     // The first leader writes; a second takes over at the log's end.
     let first = Writer::new(js.clone(), "one", 1, 0);
-    let s1 = first.append_change(&change(10)).await.expect("appended");
+    let s1 = first
+        .append_change(&change(10), &nothing_stored)
+        .await
+        .expect("appended");
     let second = Writer::new(js.clone(), "two", 2, s1);
     let s2 = second
         .append(&Record::Leader {
@@ -413,7 +418,7 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
         .await
         .expect("the new leader's record");
     // The deposed writer, still believing it leads, is refused: nothing of its change lands.
-    match first.append_change(&change(11)).await {
+    match first.append_change(&change(11), &nothing_stored).await {
         Err(yeongye_broker::Error::Fenced { expected, .. }) => assert_eq!(expected, s1),
         other => panic!("a deposed writer's append was not fenced: {other:?}"),
     }
@@ -438,7 +443,10 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
             .collect(),
         ..Default::default()
     };
-    let s3 = second.append_change(&big).await.expect("a big record");
+    let s3 = second
+        .append_change(&big, &nothing_stored)
+        .await
+        .expect("a big record");
     assert!(s3 >= s2 + 2, "{s3} after {s2}: in parts");
 
     // A record its writer did not finish (its first part only), then the next leader's record:
@@ -475,7 +483,7 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
     let kinds: Vec<String> = read
         .iter()
         .map(|(seq, r)| match r {
-            Record::Change(c) => format!("{seq}:change:{}", c.dead_letters.len()),
+            Record::Change { change, .. } => format!("{seq}:change:{}", change.dead_letters.len()),
             Record::Leader { name, term } => format!("{seq}:leader:{name}:{term}"),
         })
         .collect();
@@ -489,7 +497,7 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
         ]
     );
     match &read[2].1 {
-        Record::Change(c) => assert_eq!(c.dead_letters, big.dead_letters),
+        Record::Change { change, .. } => assert_eq!(change.dead_letters, big.dead_letters),
         other => panic!("{other:?}"),
     }
 

@@ -229,7 +229,9 @@ class Agency:
         while True:
             try:
                 msgs = await sub.fetch(batch=16, timeout=1)
-            except nats.errors.TimeoutError:
+            # nats-py raises its own TimeoutError when a pull request expires, and asyncio's
+            # when its wait for the reply runs out first: both mean "nothing yet".
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 msgs = []
             if not msgs:
                 if idle_exit_s and time.monotonic() - idle_since > idle_exit_s:

@@ -519,6 +519,33 @@ nats_urls = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
 state_dir = "/var/lib/yeongye/adapter/cc-haengbok1"
 "#;
 
+    #[test]
+    fn outbox_bounds_refuse_zero_wrong_types_unknown_keys_and_a_wait_past_ten_minutes() {
+        let cfg = AdapterConfig::from_toml_str(GOOD).unwrap();
+        assert!(cfg.outbox.max_entries > 0 && cfg.outbox.max_bytes > 0);
+        for bad in [
+            "[outbox]\nmax_entries = 0",
+            "[outbox]\nmax_bytes = 0",
+            "[outbox]\nqueue_after_ms = 600001",
+        ] {
+            let cfg = AdapterConfig::from_toml_str(&format!("{GOOD}{bad}")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("outbox."), "{bad}: {err}");
+        }
+        for bad in [
+            "[outbox]\nmax_entries = -1",
+            "[outbox]\nmax_bytes = \"lots\"",
+            "[outbox]\nqueue_after_ms = 1.5",
+            "[outbox]\nmax_entreis = 5",
+            "outbox = 3",
+        ] {
+            assert!(
+                AdapterConfig::from_toml_str(&format!("{GOOD}{bad}")).is_err(),
+                "{bad} was taken"
+            );
+        }
+    }
+
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Result<Option<String>> {
         let map: HashMap<String, String> = vars
             .iter()

@@ -728,19 +728,36 @@ pub async fn report(cfg: &crate::AdapterConfig) -> Result<serde_json::Value> {
                     e,
                 )
             })?;
-            let mut value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-                Error::Protocol(format!("status file {} is not JSON: {e}", file.display()))
-            })?;
-            // The age as of now, not as of the file.
-            if let Some(at) = value["outbox"]["oldest_queued_at_ms"].as_i64() {
-                value["outbox"]["oldest_age_ms"] =
-                    serde_json::Value::from(u64::try_from(ids::now_ms() - at).unwrap_or(0));
-            }
-            value["source"] = serde_json::Value::from("status file");
-            Ok(value)
+            status_from_file(&text, &file, ids::now_ms())
         }
         Err(e) => Err(e),
     }
+}
+
+/// The status another process wrote to `file` (its bytes `text`), with the oldest entry's age
+/// as of `now`. The file is the adapter's own, but read as untrusted: anything that is not an
+/// object with an `outbox` object is a clear error, never a panic.
+fn status_from_file(text: &[u8], file: &std::path::Path, now: i64) -> Result<serde_json::Value> {
+    let bad = |why: String| Error::Protocol(format!("status file {}: {why}", file.display()));
+    let mut value: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let root = value
+        .as_object_mut()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let outbox = root
+        .get_mut("outbox")
+        .and_then(serde_json::Value::as_object_mut)
+        .ok_or_else(|| bad("no outbox object in it".into()))?;
+    // The age as of now, not as of the file.
+    if let Some(at) = outbox
+        .get("oldest_queued_at_ms")
+        .and_then(serde_json::Value::as_i64)
+    {
+        let age = u64::try_from(now.saturating_sub(at)).unwrap_or(0);
+        outbox.insert("oldest_age_ms".into(), serde_json::Value::from(age));
+    }
+    root.insert("source".into(), serde_json::Value::from("status file"));
+    Ok(value)
 }
 
 /// Sleeps `wait`; true if `cancel` fired first.

@@ -348,7 +348,7 @@ impl Config {
 
     /// `REFERRAL_NATS_URLS` (comma-separated), `REFERRAL_STORE_DIR`, `REFERRAL_REGISTRY`,
     /// `REFERRAL_NATS_CREDENTIALS_FILE`, `REFERRAL_NATS_TLS_CA_FILE`,
-    /// `REFERRAL_BATCH_SIZE`, `REFERRAL_OPERATORS_FILE`.
+    /// `REFERRAL_BATCH_SIZE`, `REFERRAL_OPERATORS_FILE`, `REFERRAL_BROKER_NAME`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<()> {
         if let Some(v) = var("REFERRAL_NATS_URLS") {
             self.nats_urls = v.split(',').map(|s| s.trim().to_owned()).collect();
@@ -781,5 +781,19 @@ mod tests {
             .apply_env(|k| (k == "REFERRAL_BATCH_SIZE").then(|| "lots".to_owned()))
             .unwrap_err();
         assert!(err.to_string().contains("REFERRAL_BATCH_SIZE"));
+        // A broker name from the environment is checked like the file's: a subject wildcard or
+        // a header-breaking character is refused (the name goes into the state log's message
+        // ids and the lease's value).
+        for (name, ok) in [
+            ("broker-2", true),
+            ("a.b", false),
+            ("a*", false),
+            ("a\r\nNats-Expected-Last-Sequence: 0", false),
+        ] {
+            let mut cfg = Config::default();
+            cfg.apply_env(|k| (k == "REFERRAL_BROKER_NAME").then(|| name.to_owned()))
+                .unwrap();
+            assert_eq!(cfg.validate().is_ok(), ok, "{name:?}");
+        }
     }
 }

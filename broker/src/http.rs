@@ -8,7 +8,8 @@
 //!   come from another `Origin` ([`guard`]);
 //! - operator actions (`POST` replay, discard, registry reload, step-down): an operator's bearer token
 //!   ([`auth`]), whose name is recorded as `who`;
-//! - the JSON API's reads: open on loopback (they hold no personal data, and whoever can reach
+//! - `GET /api/v1/digest` (it reads the whole store): an operator's token, one at a time;
+//! - the JSON API's other reads: open on loopback (they hold no personal data, and whoever can reach
 //!   loopback can read the store anyway); an operator's token when `http_allow_remote` binds
 //!   the endpoint beyond loopback;
 //! - `/healthz`, `/readyz`, `/metrics` and the dashboard page itself: open (probes and
@@ -80,7 +81,6 @@ pub fn router(state: AppState, access: Access) -> Router {
     let mut reads = Router::new()
         .route("/api/v1/queues", get(api::queues))
         .route("/api/v1/cluster", get(api::cluster))
-        .route("/api/v1/digest", get(api::digest))
         .route("/api/v1/overdue", get(api::overdue))
         .route("/api/v1/referrals/{id}", get(api::referral))
         .route("/api/v1/dead-letters", get(api::dead_letters))
@@ -92,6 +92,10 @@ pub fn router(state: AppState, access: Access) -> Router {
     if access.reads_need_operator {
         reads = reads.route_layer(require_operator());
     }
+    // A digest reads the whole store: an operator's check, one at a time (`api::digest`).
+    let operator_reads = Router::new()
+        .route("/api/v1/digest", get(api::digest))
+        .route_layer(require_operator());
     let writes = Router::new()
         .route("/api/v1/dead-letters/{seq}/replay", post(api::replay))
         .route("/api/v1/dead-letters/{seq}/discard", post(api::discard))
@@ -104,6 +108,7 @@ pub fn router(state: AppState, access: Access) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::metrics))
         .merge(reads)
+        .merge(operator_reads)
         .merge(writes)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access.hosts),

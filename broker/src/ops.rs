@@ -41,6 +41,8 @@ pub struct Ops {
     pub streams: RwLock<Vec<StreamHealth>>,
     /// This broker in its group: who leads, where it is in the state log.
     cluster: RwLock<ClusterState>,
+    /// A digest of the whole store is being read (`/api/v1/digest`: one at a time).
+    pub digesting: AtomicBool,
 }
 
 /// This broker as a member of its group (`cluster`).
@@ -154,6 +156,7 @@ impl Ops {
             background: BackgroundStats::default(),
             streams: RwLock::new(Vec::new()),
             cluster: RwLock::new(ClusterState::default()),
+            digesting: AtomicBool::new(false),
         }
     }
 

@@ -504,6 +504,11 @@ impl SecureBroker {
         if let Some(ca) = ca {
             config.extra.insert("nats_tls_ca_file".into(), s(ca));
         }
+        // Snapshots and trims of the state log often, so that every test against the
+        // generated permissions exercises them too.
+        config
+            .extra
+            .insert("snapshot_every_records".into(), toml::Value::Integer(10));
         let config_path = dir.join("broker.toml");
         std::fs::write(&config_path, config.to_toml()).expect("write broker.toml");
         let mut cmd = Command::new(crate::workspace_bin("referral-broker"));
@@ -722,6 +727,16 @@ impl SecureSystem {
     /// broker has no operators file for `registry reload`). Its earlier log is kept as
     /// `broker.log.<n>`, so that readiness is judged on the new one.
     pub async fn restart_broker(&mut self) {
+        self.restart_broker_with(false).await;
+    }
+
+    /// [`restart_broker`](Self::restart_broker) on an empty store: the old one is moved to
+    /// `store.old`, and the broker restores from the newest snapshot.
+    pub async fn restart_broker_on_an_empty_store(&mut self) {
+        self.restart_broker_with(true).await;
+    }
+
+    async fn restart_broker_with(&mut self, empty_store: bool) {
         if let Some(mut child) = self.broker.child.take() {
             process::signal(child.id(), "TERM");
             if process::wait_exit(&mut child, Duration::from_secs(10)).is_none() {
@@ -735,6 +750,9 @@ impl SecureSystem {
         }
         std::fs::rename(self.broker.log_path(), dir.join(format!("broker.log.{n}")))
             .expect("keep the broker's log");
+        if empty_store {
+            std::fs::rename(dir.join("store"), dir.join("store.old")).expect("move the store");
+        }
         let ca = self.ca();
         self.broker = SecureBroker::start_logged(
             &dir,

@@ -234,3 +234,29 @@ async fn the_status_file_is_written_for_another_process_to_read() {
     cancel.cancel();
     writer.await.unwrap();
 }
+
+#[test]
+fn a_status_file_that_is_not_an_outbox_status_is_a_clear_error() {
+    let file = std::path::Path::new("/state/outbox-status.json");
+    for (text, why) in [
+        (&b"not json"[..], "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"\"outbox\"", "not a JSON object"),
+        (b"{}", "no outbox object"),
+        (b"{\"outbox\": 7}", "no outbox object"),
+        (b"{\"outbox\": [1]}", "no outbox object"),
+    ] {
+        let err = status_from_file(text, file, 1_000).unwrap_err().to_string();
+        assert!(
+            err.contains(why) && err.contains("outbox-status.json"),
+            "{err}"
+        );
+    }
+    // Times from anywhere: never an overflow, never a negative age.
+    for (at, age) in [(i64::MIN, i64::MAX as u64), (i64::MAX, 0), (400, 600)] {
+        let text = format!("{{\"outbox\": {{\"depth\": 1, \"oldest_queued_at_ms\": {at}}}}}");
+        let v = status_from_file(text.as_bytes(), file, 1_000).unwrap();
+        assert_eq!(v["outbox"]["oldest_age_ms"], age, "{at}");
+        assert_eq!(v["source"], "status file");
+    }
+}

@@ -98,8 +98,26 @@ pub(crate) struct DigestRow {
 /// The store's digest and the state-log position it was read at (read again if the position
 /// moved meanwhile, so that the pair is consistent on a standby still applying).
 pub(super) async fn digest(State(state): State<AppState>) -> Response {
+    if state
+        .ops
+        .digesting
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a digest of the store is being read already: try again when it is done",
+        );
+    }
     let ops = state.ops.clone();
     let read = tokio::task::spawn_blocking(move || {
+        // Cleared however the read ends.
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&ops.digesting);
         for _ in 0..20 {
             let before = ops.store().state_position()?;
             let digest = crate::store::digest(ops.store())?;

@@ -96,10 +96,8 @@ pub fn broker_publish<'a>(agencies: impl Iterator<Item = &'a str>) -> Vec<String
         format!("$JS.API.CONSUMER.CREATE.OBJ_{snaps}"),
         format!("$O.{snaps}.>"),
         format!("$JS.API.DIRECT.GET.OBJ_{snaps}.>"),
-        format!("$JS.API.STREAM.MSG.GET.OBJ_{snaps}"),
         format!("$KV.{lease}.>"),
         format!("$JS.API.DIRECT.GET.KV_{lease}.>"),
-        format!("$JS.API.STREAM.MSG.GET.KV_{lease}"),
     ]);
     for agency in agencies {
         let consumer = subject::agency_consumer(agency);

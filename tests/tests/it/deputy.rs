@@ -128,12 +128,20 @@ type Shape = (u64, u64, Vec<(String, u64)>);
 
 /// What must not change: each stream's messages and sequence, and its consumers (with how
 /// many messages each still has to deliver).
-/// What agencies could see of the streams. The broker's own state log and lease bucket are left
-/// out: recording a refused query as a dead letter appends to its state log, as it should.
+/// What agencies could see of the streams. The broker's own state log, lease and snapshot
+/// buckets are left out: recording a refused query as a dead letter appends to its state log
+/// (and may take a snapshot), as it should.
 fn shape(streams: &[StreamState]) -> BTreeMap<String, Shape> {
     streams
         .iter()
-        .filter(|s| s.name != "YEONGYE_STATE" && s.name != "KV_YEONGYE_LEADER")
+        .filter(|s| {
+            ![
+                "YEONGYE_STATE",
+                "KV_YEONGYE_LEADER",
+                "OBJ_YEONGYE_SNAPSHOTS",
+            ]
+            .contains(&s.name.as_str())
+        })
         .map(|s| {
             let consumers = s
                 .consumers

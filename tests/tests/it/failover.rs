@@ -147,9 +147,10 @@ async fn wait_sent(sent: &AtomicUsize, target: usize) {
 /// Waits until both brokers have applied the state log to the same position, then asserts
 /// that they store the same (their digests), and that each one's audit chain verifies.
 async fn assert_identical(a: &BrokerProcess, b: &BrokerProcess, context: impl Fn() -> String) {
+    // The digest is an operator's read.
     let (ha, hb) = (
-        OpsHttp::new(&a.config().http_addr),
-        OpsHttp::new(&b.config().http_addr),
+        OpsHttp::new(&a.config().http_addr).operator(),
+        OpsHttp::new(&b.config().http_addr).operator(),
     );
     let start = Instant::now();
     loop {

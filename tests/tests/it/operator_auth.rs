@@ -121,7 +121,16 @@ async fn operator_actions_need_an_operator_token_and_record_that_operator() {
         assert_unauthorized(&r, "reload");
         let r = client.post_json("/api/v1/step-down", json!({})).await;
         assert_unauthorized(&r, "step-down");
+        // The digest reads the whole store: an operator's, even on loopback.
+        let r = client.get("/api/v1/digest").await;
+        assert_unauthorized(&r, "digest");
     }
+    let digest = operator.get_json("/api/v1/digest").await;
+    assert_eq!(
+        digest["digest"].as_str().map(str::len),
+        Some(64),
+        "{digest}"
+    );
     // The command line without a token, and with a token file others can read.
     let no_token = ops::broker_cli_with(
         &config,
@@ -262,7 +271,9 @@ async fn foreign_hosts_and_cross_origin_changes_are_refused() {
         for (method, path) in [
             ("GET", "/api/v1/queues"),
             ("GET", "/metrics"),
+            ("GET", "/api/v1/digest"),
             ("POST", "/api/v1/registry/reload"),
+            ("POST", "/api/v1/step-down"),
         ] {
             let (status, text) = raw(addr, method, path, &host, &auth).await;
             assert_eq!(status, 421, "{method} {path} Host {host}: {text}");
@@ -277,19 +288,21 @@ async fn foreign_hosts_and_cross_origin_changes_are_refused() {
         "null",
         &format!("http://localhost:{}", port.wrapping_add(1)),
     ] {
-        let (status, text) = raw(
-            addr,
-            "POST",
-            "/api/v1/registry/reload",
-            &host,
-            &format!("{auth}Origin: {origin}\r\n"),
-        )
-        .await;
-        assert_eq!(status, 403, "Origin {origin}: {text}");
-        assert!(
-            text.contains("urn:yeongye:problem:forbidden-origin"),
-            "{text}"
-        );
+        for path in ["/api/v1/registry/reload", "/api/v1/step-down"] {
+            let (status, text) = raw(
+                addr,
+                "POST",
+                path,
+                &host,
+                &format!("{auth}Origin: {origin}\r\n"),
+            )
+            .await;
+            assert_eq!(status, 403, "{path} Origin {origin}: {text}");
+            assert!(
+                text.contains("urn:yeongye:problem:forbidden-origin"),
+                "{text}"
+            );
+        }
     }
     let (status, text) = raw(
         addr,

@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 use prost::Message as _;
 use yeongye_proto::signing::PrivateKey;
 use yeongye_proto::subject::{self, InKind};
+use yeongye_tests::ops::OpsHttp;
 use yeongye_tests::secure::{Conn, ConnectAs, Pki, SecureSystem};
 use yeongye_tests::wire::{self, ReferralBuilder, envelope};
 use yeongye_tests::{v1, wait_for};
@@ -346,6 +347,62 @@ async fn an_agency_acts_only_as_itself_and_reads_only_its_own() {
     let delivery = v1::Delivery::decode(theirs[0].payload.as_slice()).expect("delivery");
     assert_eq!(delivery.referral_id, referral.referral_id);
     assert!(b.errors().is_empty(), "{:?}", b.errors());
+}
+
+/// The broker's own NATS identity, as `referral-broker init` generates it, is given what
+/// replication needs and no more: under it the broker appends to its state log, takes its lease,
+/// stores snapshots and trims the log behind them, and a broker on an empty store restores from
+/// the newest snapshot — with no permission refused along the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_identity_may_replicate_snapshot_trim_and_restore_and_nothing_more_is_needed() {
+    let mut system = SecureSystem::start(&[CENTRE, HOPE], false).await;
+    let a = system.connect_as(CENTRE).connect(&system.url()).await;
+    let mut sent = 0;
+    // One referral at a time: each is a turn or two, a state-log record each; snapshots every
+    // 10 records (the secure broker's configuration), the log trimmed behind the older of two.
+    while sent < 30 {
+        send_until_delivered(&system, &a, ReferralBuilder::new(CENTRE, HOPE)).await;
+        sent += 1;
+        if system.nats.stream("YEONGYE_STATE").await.first_seq > 1 {
+            break;
+        }
+    }
+    wait_for(
+        "the state log trimmed behind a snapshot",
+        SHORT,
+        || async { (system.nats.stream("YEONGYE_STATE").await.first_seq > 1).then_some(()) },
+        || system.describe(),
+    )
+    .await;
+    system.restart_broker_on_an_empty_store().await;
+    let log = std::fs::read_to_string(system.broker.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("restored from the newest snapshot"),
+        "{}",
+        system.broker.log_tail()
+    );
+    // What was restored is what was sent: every referral, in the operators' counters.
+    let ops = OpsHttp::new(&system.broker.http_addr);
+    let states = ops.get_json("/api/v1/queues").await["states"].clone();
+    let total: u64 = states
+        .as_object()
+        .expect("states")
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(total, sent, "{states}");
+    let dir = system.dir().join("broker");
+    for entry in std::fs::read_dir(&dir).expect("the broker's dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("broker.log") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            assert!(
+                !text.to_lowercase().contains("permissions violation"),
+                "{name}: the broker was refused something replication needs\n{text}"
+            );
+            assert!(!text.contains("snapshot not stored"), "{name}\n{text}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

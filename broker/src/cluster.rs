@@ -67,8 +67,8 @@ impl Member {
         let snapshots = snapshot::Snapshots::open(&js, replicas).await?;
         restore_if_empty(&js, store.as_ref(), &snapshots, snapshot_dir).await?;
         let newest = snapshots.positions().await?.last().copied().unwrap_or(0);
-        ops.set_cluster(|c| c.snapshot = newest);
         ops.set_cluster(|c| {
+            c.snapshot = newest;
             c.me = name.to_owned();
             c.position = store.state_position().unwrap_or(0);
         });
@@ -185,7 +185,7 @@ impl Member {
                 Err(e) => tracing::warn!(cause = %e, "reading the view from the store"),
             }
         }
-        if let Ok(last) = log::last_sequence(&self.js).await {
+        if let Ok(last) = log::extent(&self.js).await.map(|(_, last)| last) {
             self.ops.set_cluster(|c| c.log_last = last);
         }
     }
@@ -195,7 +195,7 @@ impl Member {
     /// first (the lease is then given back).
     pub async fn take_over(&self, lease: Lease, mut tail: Tail) -> Result<Option<(Lease, Writer)>> {
         let started = Instant::now();
-        let last = log::last_sequence(&self.js).await?;
+        let last = log::extent(&self.js).await.map(|(_, last)| last)?;
         while tail.read < last {
             match tail.next().await? {
                 Some((seq, record)) => self.apply(seq, record)?,
@@ -293,14 +293,7 @@ async fn restore_if_empty(
 ) -> Result<()> {
     let position = store.state_position()?;
     let empty = position == 0 && store.stats()? == crate::store::StoreStats::default();
-    let first = {
-        let mut s = js
-            .get_stream(log::STATE_STREAM)
-            .await
-            .map_err(Error::nats)?;
-        let info = s.info().await.map_err(Error::nats)?;
-        info.state.first_sequence
-    };
+    let (first, _) = log::extent(js).await?;
     if !empty {
         if position + 1 < first {
             return Err(Error::InvalidConfig(format!(
@@ -326,7 +319,8 @@ async fn restore_if_empty(
     Ok(())
 }
 
-fn not_leading(leader: Option<&str>) -> String {
+/// What a standby answers an operator's action with: who leads, if anyone.
+pub(crate) fn not_leading(leader: Option<&str>) -> String {
     match leader {
         Some(l) => format!("this broker is a standby: the leader is {l}"),
         None => "this broker is a standby and no broker leads right now: try again".to_owned(),

@@ -156,6 +156,10 @@ pub fn digest(store: &dyn Store) -> Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
+/// What [`Store::for_each_seen`] calls with each applied id: its dedup key, when it was
+/// applied, its digest.
+pub type SeenVisitor<'a> = dyn FnMut(&str, Millis, &[u8]) -> Result<()> + 'a;
+
 /// Counts for operators and readiness.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StoreStats {
@@ -229,7 +233,7 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Every applied inbound message's dedup key, with when it was applied and its digest
     /// (empty if recorded without one), in key order (for a snapshot).
-    fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()>;
+    fn for_each_seen(&self, f: &mut SeenVisitor<'_>) -> Result<()>;
     /// The view's counters over every referral, as last committed.
     fn counts(&self) -> Result<Counts> {
         let mut c = Counts::default();

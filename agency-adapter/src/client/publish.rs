@@ -6,6 +6,7 @@
 //! error replies. Permanent: a message over `max_payload`. A publish refused by permissions
 //! shows up only as a timeout (and a `ServerError` event, logged by the event callback).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
@@ -15,8 +16,6 @@ use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use std::sync::Arc;
-
 use yeongye_proto::signing::PrivateKey;
 use yeongye_proto::v1;
 

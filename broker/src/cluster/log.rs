@@ -127,11 +127,11 @@ pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<(
     Ok(())
 }
 
-/// The log's last sequence (0: empty).
-pub async fn last_sequence(js: &jetstream::Context) -> Result<u64> {
+/// The log's first and last sequences (a trimmed log starts past 1; an empty one ends at 0).
+pub async fn extent(js: &jetstream::Context) -> Result<(u64, u64)> {
     let mut s = js.get_stream(STATE_STREAM).await.map_err(Error::nats)?;
     let info = s.info().await.map_err(Error::nats)?;
-    Ok(info.state.last_sequence)
+    Ok((info.state.first_sequence, info.state.last_sequence))
 }
 
 /// The leader's pen: appends fenced on the last sequence it wrote or read.

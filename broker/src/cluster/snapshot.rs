@@ -57,41 +57,30 @@ pub fn capture_to(store: &dyn Store, out: &mut dyn Write) -> Result<u64> {
     };
     let mut referrals = Vec::with_capacity(PER_CHUNK);
     store.for_each_referral(&mut |r| {
-        referrals.push(r);
-        if referrals.len() == PER_CHUNK {
-            push(&ChangeSet {
-                referrals: std::mem::take(&mut referrals),
-                ..Default::default()
-            })?;
-        }
-        Ok(())
+        add(&mut referrals, r, &mut push, |referrals| ChangeSet {
+            referrals,
+            ..Default::default()
+        })
     })?;
     let mut seen: Vec<(String, Millis, [u8; 32])> = Vec::with_capacity(PER_CHUNK);
-    let mut failed = Ok(());
     store.for_each_seen(&mut |k, at, digest| {
         // An id applied before digests were kept: restored with a zero digest.
         let d: [u8; 32] = digest.try_into().unwrap_or([0; 32]);
-        seen.push((k.to_owned(), at, d));
-        if seen.len() == PER_CHUNK && failed.is_ok() {
-            failed = push(&ChangeSet {
-                seen: std::mem::take(&mut seen),
+        add(&mut seen, (k.to_owned(), at, d), &mut push, |seen| {
+            ChangeSet {
+                seen,
                 ..Default::default()
-            });
-        }
+            }
+        })
     })?;
-    failed?;
     let mut audit = Vec::with_capacity(PER_CHUNK);
     store.for_each_audit(&mut |seq, bytes| {
         let entry = <audit::Entry as prost::Message>::decode(bytes.as_slice())
             .map_err(|e| corrupt(format!("audit entry {seq}: {e}")))?;
-        audit.push(entry);
-        if audit.len() == PER_CHUNK {
-            push(&ChangeSet {
-                audit: std::mem::take(&mut audit),
-                ..Default::default()
-            })?;
-        }
-        Ok(())
+        add(&mut audit, entry, &mut push, |audit| ChangeSet {
+            audit,
+            ..Default::default()
+        })
     })?;
     push(&ChangeSet {
         referrals,
@@ -106,6 +95,21 @@ pub fn capture_to(store: &dyn Store, out: &mut dyn Write) -> Result<u64> {
         ..Default::default()
     })?;
     Ok(written)
+}
+
+/// Adds `item` to the chunk being filled; a full chunk goes out as the change set `wrap` makes
+/// of it.
+fn add<T>(
+    pending: &mut Vec<T>,
+    item: T,
+    push: &mut dyn FnMut(&ChangeSet) -> Result<()>,
+    wrap: fn(Vec<T>) -> ChangeSet,
+) -> Result<()> {
+    pending.push(item);
+    if pending.len() == PER_CHUNK {
+        push(&wrap(std::mem::take(pending)))?;
+    }
+    Ok(())
 }
 
 /// [`capture_to`] into memory (for tests and small stores).
@@ -395,7 +399,7 @@ async fn upload_and_trim(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemoryStore, OutboxEntry, digest};
+    use crate::store::{MemoryStore, OutboxEntry, SeenVisitor, digest};
 
     fn filled() -> MemoryStore {
         let s = MemoryStore::new();
@@ -502,7 +506,7 @@ mod tests {
                 f(n, b)
             })
         }
-        fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
+        fn for_each_seen(&self, f: &mut SeenVisitor<'_>) -> Result<()> {
             self.inner.for_each_seen(&mut |k, at, d| {
                 self.step();
                 f(k, at, d)

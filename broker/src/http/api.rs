@@ -153,10 +153,7 @@ fn standby(state: &AppState) -> Option<Response> {
     }
     Some(problem(
         StatusCode::SERVICE_UNAVAILABLE,
-        match c.leader {
-            Some(l) => format!("this broker is a standby: the leader is {l}"),
-            None => "this broker is a standby and no broker leads right now".to_owned(),
-        },
+        crate::cluster::not_leading(c.leader.as_deref()),
     ))
 }
 

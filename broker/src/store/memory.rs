@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{ChangeSet, Deadline, OutboxEntry, Store, StoreStats};
+use super::{ChangeSet, Deadline, OutboxEntry, SeenVisitor, Store, StoreStats};
 use crate::audit;
 use crate::consent::Consent;
 use crate::dead_letter::DeadLetter;
@@ -153,13 +153,13 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
+    fn for_each_seen(&self, f: &mut SeenVisitor<'_>) -> Result<()> {
         let s = self.state();
         let mut keys: Vec<&String> = s.seen.keys().collect();
         keys.sort();
         for k in keys {
             let (at, digest) = &s.seen[k];
-            f(k, *at, digest);
+            f(k, *at, digest)?;
         }
         Ok(())
     }

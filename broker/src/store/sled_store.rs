@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use super::codec;
 use super::segments::Segments;
-use super::{ChangeSet, DeadLetter, Deadline, OutboxEntry, Store, StoreStats};
+use super::{ChangeSet, DeadLetter, Deadline, OutboxEntry, SeenVisitor, Store, StoreStats};
 use crate::audit;
 use crate::consent::Consent;
 use crate::error::{Error, Result};
@@ -498,7 +498,7 @@ impl Store for SledStore {
         Ok(self.db()?.contains_key(key(b"r/", id.as_bytes()))?)
     }
 
-    fn for_each_seen(&self, f: &mut dyn FnMut(&str, Millis, &[u8])) -> Result<()> {
+    fn for_each_seen(&self, f: &mut SeenVisitor<'_>) -> Result<()> {
         for kv in self.db()?.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let dedup_key = String::from_utf8_lossy(&k[2..]);
@@ -506,7 +506,7 @@ impl Store for SledStore {
                 key: format!("s/{dedup_key}"),
                 message: "no applied-at time".into(),
             })?;
-            f(&dedup_key, at, v.get(8..).unwrap_or_default());
+            f(&dedup_key, at, v.get(8..).unwrap_or_default())?;
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
 const PER_PHASE: usize = 8;
 
 /// Waits until `sent` has grown by `more` (the sender goes on while nodes die and return).
-async fn wait_sent(sent: &AtomicUsize, target: usize, what: &str) {
+pub(crate) async fn wait_sent(sent: &AtomicUsize, target: usize, what: &str) {
     let start = Instant::now();
     while sent.load(Ordering::SeqCst) < target {
         assert!(
@@ -33,6 +33,17 @@ async fn wait_sent(sent: &AtomicUsize, target: usize, what: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends one referral CENTRE → HOPE through the SDK (retried, same message id, until stored),
+/// counts it in `sent`, and returns its id.
+pub(crate) async fn send_one(sender: &yeongye_adapter::Adapter, sent: &AtomicUsize) -> String {
+    let id = sender
+        .send(ReferralBuilder::new(CENTRE, HOPE).build())
+        .await
+        .expect("stored within the budget");
+    sent.fetch_add(1, Ordering::SeqCst);
+    id
 }
 
 /// Waits until the broker's metrics say `current` replicas of the inbound stream are up to date
@@ -171,13 +182,7 @@ async fn each_nats_node_killed_in_turn_under_traffic_loses_and_doubles_nothing()
                 while n >= allowed.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let referral = ReferralBuilder::new(CENTRE, HOPE).build();
-                let id = sender
-                    .send(referral)
-                    .await
-                    .expect("stored within the budget");
-                ids.push(id);
-                sent.fetch_add(1, Ordering::SeqCst);
+                ids.push(send_one(&sender, &sent).await);
             }
             ids
         })

@@ -18,6 +18,7 @@ use yeongye_tests::{
     WireClient, registry, sdk, v1,
 };
 
+use crate::cluster::{send_one, wait_sent};
 use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
 
 /// A group: three NATS nodes, two brokers (`a` leads, `b` follows), the recipient's adapter and
@@ -107,13 +108,7 @@ impl Group {
                 tasks.push(tokio::spawn(async move {
                     let mut ids = Vec::new();
                     while next.fetch_add(1, Ordering::SeqCst) < n {
-                        let referral = ReferralBuilder::new(CENTRE, HOPE).build();
-                        let id = sender
-                            .send(referral)
-                            .await
-                            .expect("stored within the budget");
-                        ids.push(id);
-                        sent.fetch_add(1, Ordering::SeqCst);
+                        ids.push(send_one(&sender, &sent).await);
                     }
                     ids
                 }));
@@ -126,21 +121,30 @@ impl Group {
         })
     }
 
+    /// One referral, marked as the probe: stored whatever the brokers do (the streams do not
+    /// need a broker).
+    async fn send_probe(&self) -> String {
+        self.sender
+            .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
+            .await
+            .expect("stored: the streams do not need a broker")
+    }
+
+    /// Waits until the leader says `id` was RECEIVED.
+    async fn wait_received(&self, id: &str) {
+        let wire = WireClient::connect(&self.cluster.urls()[0], CENTRE).await;
+        wire.wait_all_in_state(
+            &[id.to_owned()],
+            v1::ReferralState::Received,
+            REDELIVERY,
+            || self.describe(),
+        )
+        .await;
+    }
+
     async fn assert_each_once(&self, ids: &[String]) {
         crate::cluster::assert_each_once(&self.cluster, &self.recipient, ids, || self.describe())
             .await;
-    }
-}
-
-async fn wait_sent(sent: &AtomicUsize, target: usize) {
-    let start = Instant::now();
-    while sent.load(Ordering::SeqCst) < target {
-        assert!(
-            start.elapsed() < REDELIVERY,
-            "only {} of {target} stored",
-            sent.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -200,15 +204,11 @@ async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing
     let mut g = Group::start().await;
     let sent = Arc::new(AtomicUsize::new(0));
     let traffic = g.traffic(1000, 4, sent.clone());
-    wait_sent(&sent, 300).await;
+    wait_sent(&sent, 300, "traffic").await;
 
     let killed = Instant::now();
     g.a.kill9();
-    let probe = g
-        .sender
-        .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
-        .await
-        .expect("stored: the streams do not need a broker");
+    let probe = g.send_probe().await;
     let led = wait_leading(&mut g.b, killed).await;
     // Flowing again: the new leader commits inbound referrals (it counts a commit latency only
     // for inbound messages it applied, and only while it leads).
@@ -237,14 +237,7 @@ async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing
         "referrals flowed again only {flowing:?} after the leader's kill"
     );
     // The referral sent right after the kill (behind the backlog) is taken too.
-    let wire = WireClient::connect(&g.cluster.urls()[0], CENTRE).await;
-    wire.wait_all_in_state(
-        std::slice::from_ref(&probe),
-        v1::ReferralState::Received,
-        REDELIVERY,
-        || g.describe(),
-    )
-    .await;
+    g.wait_received(&probe).await;
 
     let mut ids = traffic.await.expect("the sender");
     assert_eq!(ids.len(), 1000);
@@ -264,25 +257,14 @@ async fn a_leader_paused_past_its_lease_is_fenced_steps_down_and_publishes_nothi
     // Referrals keep coming while the leader is frozen, so that it has some in hand when it
     // wakes.
     let traffic = g.traffic(300, 2, sent.clone());
-    wait_sent(&sent, 50).await;
+    wait_sent(&sent, 50, "traffic").await;
     let frozen = Instant::now();
     g.a.freeze();
     let led = wait_leading(&mut g.b, frozen).await;
     eprintln!("broker-b leads {led:?} after broker-a froze");
     // The new leader commits (and so appends) before the old one wakes.
-    let wire = WireClient::connect(&g.cluster.urls()[0], CENTRE).await;
-    let probe = g
-        .sender
-        .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
-        .await
-        .expect("stored");
-    wire.wait_all_in_state(
-        std::slice::from_ref(&probe),
-        v1::ReferralState::Received,
-        REDELIVERY,
-        || g.describe(),
-    )
-    .await;
+    let probe = g.send_probe().await;
+    g.wait_received(&probe).await;
 
     g.a.thaw();
     g.a.wait_role("standby", SHORT).await;
@@ -315,17 +297,13 @@ async fn a_broker_on_an_empty_disk_restores_the_newest_snapshot_and_the_log_is_t
     let js = jetstream::new(g.cluster.nodes[0].connect().await);
     let start = Instant::now();
     let (first, last) = loop {
-        let mut s = js
-            .get_stream(log::STATE_STREAM)
-            .await
-            .expect("the state log");
-        let state = s.info().await.expect("info").state.clone();
-        if state.first_sequence > 1 {
-            break (state.first_sequence, state.last_sequence);
+        let (first, last) = log::extent(&js).await.expect("the state log");
+        if first > 1 {
+            break (first, last);
         }
         assert!(
             start.elapsed() < SHORT,
-            "the state log was never trimmed: {state:?}\n{}",
+            "the state log was never trimmed: {first}..={last}\n{}",
             g.describe()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -352,7 +330,7 @@ async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_
     let mut g = Group::start().await;
     let sent = Arc::new(AtomicUsize::new(0));
     let traffic = g.traffic(300, 2, sent.clone());
-    wait_sent(&sent, 50).await;
+    wait_sent(&sent, 50, "traffic").await;
 
     // A standby refuses: it names the leader.
     let refused = yeongye_tests::ops::broker_cli(&g.b.config_path(), &["step-down"]).await;
@@ -372,7 +350,7 @@ async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_
 
     // SIGTERM of the leader: it gives the lease back as it stops, and the other takes it
     // without waiting for the lease to run out.
-    wait_sent(&sent, 150).await;
+    wait_sent(&sent, 150, "traffic").await;
     let stopped = Instant::now();
     g.b.stop().await;
     let led = wait_leading(&mut g.a, stopped).await;
@@ -423,7 +401,7 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
         Err(yeongye_broker::Error::Fenced { expected, .. }) => assert_eq!(expected, s1),
         other => panic!("a deposed writer's append was not fenced: {other:?}"),
     }
-    assert_eq!(log::last_sequence(&js).await.expect("info"), s2);
+    assert_eq!(log::extent(&js).await.expect("info").1, s2);
 
     // A record larger than a part is appended in parts and read back whole.
     let big = ChangeSet {
@@ -461,7 +439,7 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
         .expect("sent")
         .await
         .expect("stored");
-    let last = log::last_sequence(&js).await.expect("info");
+    let last = log::extent(&js).await.expect("info").1;
     let third = Writer::new(js.clone(), "three", 3, last);
     let s4 = third
         .append(&Record::Leader {
@@ -517,7 +495,7 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
         ),
         ("leader", "1/1", b"no-term".to_vec(), "state log"),
     ] {
-        let before = log::last_sequence(&js).await.expect("info");
+        let before = log::extent(&js).await.expect("info").1;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Yeongye-Kind", kind);
         headers.insert("Yeongye-Part", part);

@@ -190,39 +190,8 @@ pub(crate) fn markdown_throughput(r: &Report) -> Option<String> {
     );
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for run in &r.runs {
-        let b = &run.baseline;
         for e2e in &run.e2e {
-            let e = &e2e.result.max;
-            let partial = e2e.result.partial.as_ref().map_or_else(
-                || "—".to_owned(),
-                |p| {
-                    format!(
-                        "{:.0}: {:.1} / **{:.1}** / {:.1}",
-                        p.throughput, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.p999
-                    )
-                },
-            );
-            let raw_at_rate = match (&e2e.result.partial, &run.baseline_at_rate) {
-                (Some(_), Some(b)) => format!(
-                    "{:.1} / {:.1} / {:.1}",
-                    b.latency_ms.p50, b.latency_ms.p99, b.latency_ms.p999
-                ),
-                _ => "—".to_owned(),
-            };
-            let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} |",
-                run.sync,
-                e2e.result.recipients,
-                b.throughput,
-                b.latency_ms.p50,
-                b.latency_ms.p99,
-                e.throughput,
-                e.latency_ms.p50,
-                e.latency_ms.p99,
-                e2e.ratio * 100.0,
-            );
+            let _ = writeln!(out, "{} |", e2e_cells(run, e2e));
         }
     }
     if let Some(c) = &r.sealing {
@@ -291,26 +260,7 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
     );
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for run in &r.cluster {
-        let b = &run.baseline;
         for e2e in &run.e2e {
-            let e = &e2e.result.max;
-            let partial = e2e.result.partial.as_ref().map_or_else(
-                || "—".to_owned(),
-                |p| {
-                    format!(
-                        "{:.0}: {:.1} / **{:.1}** / {:.1}",
-                        p.throughput, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.p999
-                    )
-                },
-            );
-            let raw_at_rate = match (&e2e.result.partial, &run.baseline_at_rate) {
-                (Some(_), Some(b)) => format!(
-                    "{:.1} / {:.1} / {:.1}",
-                    b.latency_ms.p50, b.latency_ms.p99, b.latency_ms.p999
-                ),
-                _ => "—".to_owned(),
-            };
-            let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
             let c = &e2e.result.max_cpu;
             let log = e2e.result.state_log_max.map_or_else(
                 || "—".to_owned(),
@@ -323,16 +273,8 @@ pub(crate) fn markdown_cluster(r: &Report) -> Option<String> {
             );
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost} | {:.3} / {:.3} / {:.3} | {log} |",
-                run.sync,
-                e2e.result.recipients,
-                b.throughput,
-                b.latency_ms.p50,
-                b.latency_ms.p99,
-                e.throughput,
-                e.latency_ms.p50,
-                e.latency_ms.p99,
-                e2e.ratio * 100.0,
+                "{} | {:.3} / {:.3} / {:.3} | {log} |",
+                e2e_cells(run, e2e),
                 c.broker_ms,
                 c.nats_ms,
                 c.bench_ms,
@@ -494,4 +436,40 @@ pub(crate) fn write_doc(doc: &Path, block: &str, text: &str) -> Result<()> {
     new.push_str("\n\n");
     new.push_str(&old[e..]);
     std::fs::write(doc, new).with_context(|| format!("write {}", doc.display()))
+}
+
+/// The cells every end-to-end row starts with (single node and cluster alike): sync, recipients,
+/// the raw round trip, end to end, the ratio, the open-loop phase, the raw round trip at its
+/// rate, and what was lost — as `| … | lost` without the closing bar.
+fn e2e_cells(run: &SyncRun, e2e: &E2eRun) -> String {
+    let (b, e) = (&run.baseline, &e2e.result.max);
+    let partial = e2e.result.partial.as_ref().map_or_else(
+        || "—".to_owned(),
+        |p| {
+            format!(
+                "{:.0}: {:.1} / **{:.1}** / {:.1}",
+                p.throughput, p.latency_ms.p50, p.latency_ms.p99, p.latency_ms.p999
+            )
+        },
+    );
+    let raw_at_rate = match (&e2e.result.partial, &run.baseline_at_rate) {
+        (Some(_), Some(b)) => format!(
+            "{:.1} / {:.1} / {:.1}",
+            b.latency_ms.p50, b.latency_ms.p99, b.latency_ms.p999
+        ),
+        _ => "—".to_owned(),
+    };
+    let lost = e.lost + e2e.result.partial.as_ref().map_or(0, |p| p.lost);
+    format!(
+        "| {} | {} | {:.0} ({:.1} / {:.1}) | {:.0} ({:.1} / {:.1}) | **{:.1}%** | {partial} | {raw_at_rate} | {lost}",
+        run.sync,
+        e2e.result.recipients,
+        b.throughput,
+        b.latency_ms.p50,
+        b.latency_ms.p99,
+        e.throughput,
+        e.latency_ms.p50,
+        e.latency_ms.p99,
+        e2e.ratio * 100.0,
+    )
 }

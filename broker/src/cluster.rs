@@ -43,6 +43,8 @@ pub struct Member {
     leases: Leases,
     ttl: Duration,
     pub snapshots: snapshot::Snapshots,
+    /// Where a snapshot's temporary file goes (beside the store).
+    snapshot_dir: std::path::PathBuf,
     /// How long applied message ids are kept (`dedup_retention_days`): a standby forgets
     /// older ones as the leader does, in the same bounded steps.
     retention: Duration,
@@ -61,12 +63,12 @@ impl Member {
         let ttl = Duration::from_secs(cfg.lease_ttl_secs);
         let replicas = cfg.stream_replicas;
         let retention = Duration::from_secs(u64::from(cfg.dedup_retention_days) * 24 * 3600);
-        let snapshot_dir = &cfg.snapshot_dir();
+        let snapshot_dir = cfg.snapshot_dir();
         log::ensure_stream(&js, replicas).await?;
         let leases = Leases::open(&js, name, ttl, replicas).await?;
         let snapshots = snapshot::Snapshots::open(&js, replicas).await?;
-        restore_if_empty(&js, store.as_ref(), &snapshots, snapshot_dir).await?;
-        let newest = snapshots.positions().await?.last().copied().unwrap_or(0);
+        restore_if_empty(&js, store.as_ref(), &snapshots, &snapshot_dir).await?;
+        let newest = snapshots.positions().await?.last().copied();
         ops.set_cluster(|c| {
             c.snapshot = newest;
             c.me = name.to_owned();
@@ -80,6 +82,7 @@ impl Member {
             leases,
             ttl,
             snapshots,
+            snapshot_dir,
             retention,
         })
     }
@@ -119,6 +122,7 @@ impl Member {
                         if matches!(&record, Record::Leader { name, .. } if *name != self.name) {
                             may_take = Instant::now();
                         }
+                        self.restore_before_the_first_record(seq).await?;
                         self.apply(seq, record)?;
                         changed = true;
                     }
@@ -147,6 +151,22 @@ impl Member {
                 background.step(self.store.as_ref(), &self.ops, self.retention)
             });
         }
+    }
+
+    /// Before the log's first record, an empty store looks for the snapshot again: the group's
+    /// first leader stores one at position 0 before that record if its store held state from
+    /// before the log, and this broker may have joined while it was being stored.
+    async fn restore_before_the_first_record(&self, seq: u64) -> Result<()> {
+        if seq == 1 {
+            restore_if_empty(
+                &self.js,
+                self.store.as_ref(),
+                &self.snapshots,
+                &self.snapshot_dir,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Applies one record of the log to the store (a standby's, or a new leader's catching up).
@@ -198,11 +218,17 @@ impl Member {
         let last = log::extent(&self.js).await.map(|(_, last)| last)?;
         while tail.read < last {
             match tail.next().await? {
-                Some((seq, record)) => self.apply(seq, record)?,
+                Some((seq, record)) => {
+                    self.restore_before_the_first_record(seq).await?;
+                    self.apply(seq, record)?;
+                }
                 None => return Err(Error::Nats("the state log reader ended".into())),
             }
         }
         drop(tail);
+        if last == 0 {
+            self.snapshot_before_the_log().await?;
+        }
         let writer = Writer::new(self.js.clone(), &self.name, lease.term, last);
         let record = Record::Leader {
             name: self.name.clone(),
@@ -233,6 +259,48 @@ impl Member {
                 Err(e)
             }
         }
+    }
+
+    /// The group's first leader (the log is empty): if its store holds state from before the
+    /// log (a single broker upgraded to a group), that state is in no record, so it goes into a
+    /// snapshot at position 0 before the log's first record; a broker on an empty disk starts
+    /// from it. Until it is stored this broker does not lead (the lease keeps the others out).
+    async fn snapshot_before_the_log(&self) -> Result<()> {
+        let position = self.store.state_position()?;
+        if position > 0 {
+            // The log this store followed was deleted: a new one starts from this store.
+            tracing::warn!(
+                position,
+                "the state log is empty but this store was at a position of it (the log was \
+                 deleted): a new log starts from this store"
+            );
+            tokio::task::block_in_place(|| self.store.restart_state_position())?;
+        }
+        // Any snapshot stored is of a log that no longer exists (or of an attempt like this one
+        // that died before its first append): none may be restored with this log.
+        self.snapshots.clear().await?;
+        self.ops.set_cluster(|c| {
+            c.snapshot = None;
+            c.position = 0;
+        });
+        let store = self.store.clone();
+        if tokio::task::block_in_place(|| holds_nothing(store.as_ref()))? {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let bytes = snapshot::store_before_the_log(
+            &self.snapshots,
+            self.store.clone(),
+            self.snapshot_dir.clone(),
+        )
+        .await?;
+        self.ops.set_cluster(|c| c.snapshot = Some(0));
+        tracing::info!(
+            bytes,
+            took_ms = started.elapsed().as_millis() as u64,
+            "snapshot stored at position 0: this store holds state from before the state log"
+        );
+        Ok(())
     }
 
     /// While leading: renews the lease, on a task of its own (never starved by the event loop's
@@ -292,17 +360,27 @@ async fn restore_if_empty(
     dir: &std::path::Path,
 ) -> Result<()> {
     let position = store.state_position()?;
-    let empty = position == 0 && store.stats()? == crate::store::StoreStats::default();
+    let empty = position == 0 && holds_nothing(store)?;
     let (first, _) = log::extent(js).await?;
     if !empty {
         if position + 1 < first {
             return Err(Error::InvalidConfig(format!(
-                "this broker's store is at state-log position {position}, but the log now starts                  at {first} (trimmed behind a snapshot): move the store directory away and start                  again, to restore from the newest snapshot"
+                "this broker's store is at state-log position {position}, but the log now starts \
+                 at {first} (trimmed behind a snapshot): move the store directory away and start \
+                 again, to restore from the newest snapshot"
             )));
         }
         return Ok(());
     }
     let Some((at, mut file)) = snapshots.latest(dir).await? else {
+        if first > 1 {
+            // Following from an empty store would miss what the trimmed records held.
+            return Err(Error::InvalidConfig(format!(
+                "the state log starts at {first} (trimmed) and no snapshot is stored: this \
+                 empty store cannot catch up; see why the bucket {} is empty",
+                snapshot::SNAPSHOT_BUCKET
+            )));
+        }
         return Ok(());
     };
     let started = Instant::now();
@@ -317,6 +395,15 @@ async fn restore_if_empty(
         "an empty store restored from the newest snapshot"
     );
     Ok(())
+}
+
+/// Whether `store` holds nothing at all (a new broker's, or one to restore).
+fn holds_nothing(store: &dyn Store) -> Result<bool> {
+    // The cheap reads first: a store with anything in it has an audit entry or a checkpoint.
+    Ok(store.audit_head()?.0 == 0
+        && store.checkpoint()? == 0
+        && store.consents()?.is_empty()
+        && store.stats()? == crate::store::StoreStats::default())
 }
 
 /// What a standby answers an operator's action with: who leads, if anyone.

@@ -62,8 +62,9 @@ pub struct ClusterState {
     pub log_last: u64,
     /// Times this broker took the lead since it started.
     pub takeovers: u64,
-    /// The state-log position of the newest snapshot this broker knows stored.
-    pub snapshot: u64,
+    /// The state-log position of the newest snapshot this broker knows stored (None: none; a
+    /// group whose first leader held state from before the log has one at 0).
+    pub snapshot: Option<u64>,
 }
 
 impl ClusterState {

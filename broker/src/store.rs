@@ -197,6 +197,10 @@ pub trait Store: Send + Sync + 'static {
     /// The state-log sequence of the last change set applied (0: none): where this store's
     /// replication resumes (`cluster`).
     fn state_position(&self) -> Result<u64>;
+    /// Puts the state-log position back to 0, the one way it moves backwards: for the group's
+    /// first leader when the log is empty but this store was at a position of a log since
+    /// deleted (`cluster::Member::take_over`); the store's other records stay.
+    fn restart_state_position(&self) -> Result<()>;
     /// One bounded step of forgetting applied message ids older than `before`: at most
     /// `segments` whole segments of them (about 64 ids each), or as many ids of an older
     /// store's one-key-per-id index, in one write. Returns how many ids it forgot; 0 means

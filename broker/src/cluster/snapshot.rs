@@ -259,6 +259,17 @@ impl Snapshots {
         Ok(Some((position, file)))
     }
 
+    /// Deletes every snapshot (those of a state log that no longer exists).
+    pub async fn clear(&self) -> Result<()> {
+        for p in self.positions().await? {
+            self.os
+                .delete(object_name(p))
+                .await
+                .map_err(|e| Error::Nats(format!("deleting snapshot {p}: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Deletes all but the newest [`KEEP`]; returns the oldest kept position.
     async fn prune(&self) -> Result<Option<u64>> {
         let positions = self.positions().await?;
@@ -300,7 +311,7 @@ impl Snapshotter {
         store: Arc<dyn Store>,
         dir: PathBuf,
         every: u64,
-        last: u64,
+        last: Option<u64>,
     ) -> Snapshotter {
         Snapshotter {
             js,
@@ -309,8 +320,8 @@ impl Snapshotter {
             store,
             dir,
             every,
-            last: AtomicU64::new(last),
-            first: AtomicBool::new(last == 0),
+            last: AtomicU64::new(last.unwrap_or(0)),
+            first: AtomicBool::new(last.is_none()),
             busy: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -336,18 +347,9 @@ impl Snapshotter {
         );
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let read = tokio::task::spawn_blocking(move || -> Result<(std::fs::File, u64)> {
-                let mut file = tempfile::tempfile_in(&dir)?;
-                let mut out = std::io::BufWriter::new(&mut file);
-                let bytes = capture_to(store.as_ref(), &mut out)?;
-                out.flush()?;
-                drop(out);
-                file.rewind()?;
-                Ok((file, bytes))
-            })
-            .await;
+            let read = read_to_file(store, dir).await;
             let done = match read {
-                Ok(Ok((file, bytes))) => {
+                Ok((file, bytes)) => {
                     tracing::info!(
                         position,
                         bytes,
@@ -356,12 +358,11 @@ impl Snapshotter {
                     );
                     upload_and_trim(&js, &snapshots, position, file).await
                 }
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(Error::Nats(format!("the snapshot reader failed: {e}"))),
+                Err(e) => Err(e),
             };
             match done {
                 Ok(trimmed) => {
-                    ops.set_cluster(|c| c.snapshot = position);
+                    ops.set_cluster(|c| c.snapshot = Some(position));
                     tracing::info!(position, trimmed_below = trimmed, "snapshot stored");
                 }
                 Err(e) => {
@@ -371,6 +372,36 @@ impl Snapshotter {
             busy.store(false, Ordering::SeqCst);
         });
     }
+}
+
+/// Reads `store` into a temporary file in `dir` on a blocking thread (the event loop goes on);
+/// returns the file, rewound, and its size.
+async fn read_to_file(store: Arc<dyn Store>, dir: PathBuf) -> Result<(std::fs::File, u64)> {
+    tokio::task::spawn_blocking(move || -> Result<(std::fs::File, u64)> {
+        let mut file = tempfile::tempfile_in(&dir)?;
+        let mut out = std::io::BufWriter::new(&mut file);
+        let bytes = capture_to(store.as_ref(), &mut out)?;
+        out.flush()?;
+        drop(out);
+        file.rewind()?;
+        Ok((file, bytes))
+    })
+    .await
+    .map_err(|e| Error::Nats(format!("the snapshot reader failed: {e}")))?
+}
+
+/// The group's first snapshot, of a store that holds state from before the state log (a single
+/// broker upgraded to a group): stored at position 0 by the first leader before it appends the
+/// log's first record, so that no broker ever follows the log from an empty store while the
+/// log's records assume that state. Returns the snapshot's size.
+pub async fn store_before_the_log(
+    snapshots: &Snapshots,
+    store: Arc<dyn Store>,
+    dir: PathBuf,
+) -> Result<u64> {
+    let (file, bytes) = read_to_file(store, dir).await?;
+    snapshots.put(0, file).await?;
+    Ok(bytes)
 }
 
 async fn upload_and_trim(
@@ -484,6 +515,9 @@ mod tests {
         }
         fn state_position(&self) -> Result<u64> {
             self.inner.state_position()
+        }
+        fn restart_state_position(&self) -> Result<()> {
+            self.inner.restart_state_position()
         }
         fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize> {
             self.inner.prune_seen_step(before, segments)

@@ -66,6 +66,8 @@ pub(crate) struct ClusterRow {
     state_log_last: u64,
     lag: u64,
     takeovers: u64,
+    /// The state-log position of the newest snapshot stored (null: none yet).
+    snapshot_position: Option<u64>,
 }
 
 pub(crate) fn cluster_row(state: &AppState) -> ClusterRow {
@@ -79,6 +81,7 @@ pub(crate) fn cluster_row(state: &AppState) -> ClusterRow {
         state_log_position: c.position,
         state_log_last: c.log_last,
         takeovers: c.takeovers,
+        snapshot_position: c.snapshot,
     }
 }
 

@@ -341,6 +341,21 @@ fn the_state_position_is_the_last_change_sets_and_never_goes_back(s: &dyn Store)
         .unwrap();
         assert_eq!(s.state_position().unwrap(), expected);
     }
+    // A log started again: back to 0 on purpose, the records kept, and on from there.
+    s.commit(&ChangeSet {
+        referrals: vec![referral("r-kept", State::Received)],
+        ..Default::default()
+    })
+    .unwrap();
+    s.restart_state_position().unwrap();
+    assert_eq!(s.state_position().unwrap(), 0);
+    assert!(s.contains_referral("r-kept").unwrap());
+    s.commit(&ChangeSet {
+        state_seq: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.state_position().unwrap(), 1);
 }
 
 fn outbox_keys_stay_above_keys_another_broker_put(s: &dyn Store) {

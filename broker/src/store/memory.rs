@@ -168,6 +168,11 @@ impl Store for MemoryStore {
         Ok(self.state().state_seq)
     }
 
+    fn restart_state_position(&self) -> Result<()> {
+        self.state().state_seq = 0;
+        Ok(())
+    }
+
     fn checkpoint(&self) -> Result<u64> {
         Ok(self.state().checkpoint)
     }

@@ -456,6 +456,13 @@ impl Store for SledStore {
         }
     }
 
+    fn restart_state_position(&self) -> Result<()> {
+        let db = self.db()?;
+        db.remove(STATE_SEQ)?;
+        db.flush()?;
+        Ok(())
+    }
+
     fn checkpoint(&self) -> Result<u64> {
         match self.db()?.get(CHECKPOINT)? {
             Some(v) => u64_from("m/checkpoint", &v),

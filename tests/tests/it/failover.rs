@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use yeongye_broker::cluster::log::{self, Record, Tail, Writer};
+use yeongye_broker::cluster::snapshot;
 use yeongye_broker::store::ChangeSet;
 use yeongye_tests::ops::OpsHttp;
 use yeongye_tests::{
@@ -323,6 +324,97 @@ async fn a_broker_on_an_empty_disk_restores_the_newest_snapshot_and_the_log_is_t
         format!("{}\n--- broker-c ---\n{}", g.describe(), c.log_tail())
     })
     .await;
+}
+
+/// A store older than the state log (a single broker upgraded to a group, or a group whose log
+/// was deleted): its state is in no record of the log, so the group's first leader stores it as
+/// the snapshot at position 0 before its first record, and a broker on an empty disk that joins
+/// at once starts from it. On one node (R1): what is shown is the order, not the replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_older_than_the_state_log_is_in_a_snapshot_before_the_first_record() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::Builder::new()
+        .prefix("yeongye-older-store-")
+        .tempdir()
+        .expect("tempdir");
+    let registry_path = dir.path().join("registry.toml");
+    registry::write(&registry_path, &[CENTRE, HOPE]);
+    let config = |name: &str| {
+        let mut c = BrokerConfig::new(
+            &nats.url(),
+            &dir.path().join(name).join("store"),
+            &registry_path,
+        );
+        c.extra
+            .insert("broker_name".into(), toml::Value::String(name.into()));
+        c
+    };
+    let mut a = BrokerProcess::start(&dir.path().join("broker-a"), config("broker-a")).await;
+    let sender = sdk::connect_to(&nats.url(), CENTRE, &dir.path().join("sdk")).await;
+    let ops = OpsHttp::new(&a.config().http_addr);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(
+            sender
+                .send(ReferralBuilder::new(CENTRE, HOPE).build())
+                .await
+                .expect("stored"),
+        );
+    }
+    for id in &ids {
+        let start = Instant::now();
+        while ops.get(&format!("/api/v1/referrals/{id}")).await.status != 200 {
+            assert!(
+                start.elapsed() < SHORT,
+                "{id} never applied\n{}",
+                a.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    a.stop().await;
+
+    // The state log and the snapshots go: broker-a's store now holds state no record holds.
+    let js = jetstream::new(nats.connect().await);
+    for stream in [
+        log::STATE_STREAM.to_owned(),
+        format!("OBJ_{}", snapshot::SNAPSHOT_BUCKET),
+    ] {
+        js.delete_stream(&stream).await.expect("delete");
+    }
+    a.start_again().await;
+    a.wait_role("leader", SHORT).await;
+    let a_log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
+    assert!(
+        a_log.contains("a new log starts from this store")
+            && a_log.contains("snapshot stored at position 0"),
+        "{}",
+        a.log_tail()
+    );
+    // Stored before the first record: nothing committed since, and already in the bucket.
+    let snapshots = snapshot::Snapshots::open(&js, 1).await.expect("bucket");
+    assert_eq!(snapshots.positions().await.expect("list"), vec![0]);
+    let (_, last) = log::extent(&js).await.expect("the state log");
+    assert_eq!(last, 1, "only the leader's record");
+    assert_eq!(
+        ops.get_json("/api/v1/cluster").await["snapshot_position"],
+        0
+    );
+
+    // A broker on an empty disk, joining at once, ends with broker-a's store.
+    let b = BrokerProcess::start_standby(&dir.path().join("broker-b"), config("broker-b")).await;
+    assert_identical(&a, &b, || {
+        format!(
+            "--- broker-a ---\n{}\n--- broker-b ---\n{}",
+            a.log_tail(),
+            b.log_tail()
+        )
+    })
+    .await;
+    let listed = OpsHttp::new(&b.config().http_addr)
+        .get(&format!("/api/v1/referrals/{}", ids[0]))
+        .await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,7 +109,7 @@ impl Member {
         let mut changed = true;
         let mut background = crate::server::background::Background::new(
             crate::server::PRUNE_EVERY,
-            crate::store::PRUNE_STEP_SEGMENTS,
+            crate::store::PRUNE_STEP,
             crate::server::BACKGROUND_PAUSE,
         );
         loop {

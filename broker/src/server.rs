@@ -237,11 +237,8 @@ impl EventLoop {
         let mut messages = self.messages(&consumer).await?;
         let mut flights = Flights::new();
         let mut caught_up = false;
-        let mut background = Background::new(
-            PRUNE_EVERY,
-            crate::store::PRUNE_STEP_SEGMENTS,
-            BACKGROUND_PAUSE,
-        );
+        let mut background =
+            Background::new(PRUNE_EVERY, crate::store::PRUNE_STEP, BACKGROUND_PAUSE);
         let retention = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
         let mut stop = Stop::Cancelled;
         loop {

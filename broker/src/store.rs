@@ -7,6 +7,7 @@
 //! types stay free of serialization derives). `memory` is a second implementation for unit
 //! tests, and `contract` the tests every implementation passes.
 
+mod buckets;
 mod change_codec;
 mod codec;
 #[cfg(test)]
@@ -42,9 +43,20 @@ use crate::error::Result;
 use crate::referral::{DeadlineKind, Millis, Referral};
 use crate::view::{Counts, Summary};
 
-/// Segments of applied ids (64 ids each) one step of the event loop's prune removes: a sled
-/// batch of ~520 removals, a few milliseconds (see [`Store::prune_seen_step`]).
-pub const PRUNE_STEP_SEGMENTS: usize = 8;
+/// What one step of the event loop's prune reads at most (see [`Store::prune_seen_step`]): the
+/// sled store's buckets of applied ids (~8 ids each in a million-referral store, one sled
+/// batch of small rewrites, a few milliseconds), the memory store's ids.
+pub const PRUNE_STEP: usize = 256;
+
+/// What one step of forgetting applied ids did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneStep {
+    /// How many ids it forgot.
+    pub forgotten: usize,
+    /// Whether the prune is over (nothing older than its bound is left to look at); the next
+    /// step starts a new one.
+    pub done: bool,
+}
 
 /// A message the broker must publish: kept until its PubAck has been seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,21 +213,23 @@ pub trait Store: Send + Sync + 'static {
     /// first leader when the log is empty but this store was at a position of a log since
     /// deleted (`cluster::Member::take_over`); the store's other records stay.
     fn restart_state_position(&self) -> Result<()>;
-    /// One bounded step of forgetting applied message ids older than `before`: at most
-    /// `segments` whole segments of them (about 64 ids each), or as many ids of an older
-    /// store's one-key-per-id index, in one write. Returns how many ids it forgot; 0 means
-    /// nothing older is left. The event loop calls it between turns until it returns 0, so
-    /// that neither the time it holds the loop nor the memory one write costs grows with how
-    /// much is waiting.
-    fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize>;
-    /// Forgets every applied message id older than `before`, [`PRUNE_STEP_SEGMENTS`] at a
-    /// time; returns how many. For whoever owns the store outright (the bench's fill, tests).
+    /// One bounded step of forgetting applied message ids older than `before`: it reads at
+    /// most `budget` units of the store's index of them (the sled store's buckets, the memory
+    /// store's ids) and forgets the old ids it finds there, in one write. Each step goes on
+    /// where the last stopped, until one says `done`. The event loop calls it between turns,
+    /// with the same `before` until done, so that neither the time it holds the loop nor the
+    /// memory one write costs grows with how much is waiting. Not to be called while a
+    /// commit is under way (the event loop does both, one after the other).
+    fn prune_seen_step(&self, before: Millis, budget: usize) -> Result<PruneStep>;
+    /// Forgets every applied message id older than `before`, [`PRUNE_STEP`] at a time;
+    /// returns how many. For whoever owns the store outright (the bench's fill, tests).
     fn prune_seen(&self, before: Millis) -> Result<usize> {
         let mut total = 0;
         loop {
-            match self.prune_seen_step(before, PRUNE_STEP_SEGMENTS)? {
-                0 => return Ok(total),
-                n => total += n,
+            let step = self.prune_seen_step(before, PRUNE_STEP)?;
+            total += step.forgotten;
+            if step.done {
+                return Ok(total);
             }
         }
     }
@@ -236,7 +250,7 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     /// Every applied inbound message's dedup key, with when it was applied and its digest
-    /// (empty if recorded without one), in key order (for a snapshot).
+    /// (empty if recorded without one), in an order of the store's own (for a snapshot).
     fn for_each_seen(&self, f: &mut SeenVisitor<'_>) -> Result<()>;
     /// The view's counters over every referral, as last committed.
     fn counts(&self) -> Result<Counts> {
@@ -269,6 +283,20 @@ pub trait Store: Send + Sync + 'static {
     fn stats(&self) -> Result<StoreStats>;
     fn consent(&self, id: &str) -> Result<Option<Consent>>;
     fn consents(&self) -> Result<Vec<Consent>>;
+    /// Every consent, one at a time (memory: one consent).
+    fn for_each_consent(&self, f: &mut dyn FnMut(Consent) -> Result<()>) -> Result<()> {
+        for c in self.consents()? {
+            f(c)?;
+        }
+        Ok(())
+    }
+    /// Every deadline, earliest first, one at a time (memory: one deadline).
+    fn for_each_deadline(&self, f: &mut dyn FnMut(Deadline) -> Result<()>) -> Result<()> {
+        for d in self.due(Millis::MAX, usize::MAX)? {
+            f(d)?;
+        }
+        Ok(())
+    }
     /// The audit log's last sequence number and hash ((0, GENESIS) when empty).
     fn audit_head(&self) -> Result<(u64, audit::Hash)>;
     /// Lets the storage engine write its recovery snapshot if enough was written since the

@@ -82,14 +82,28 @@ pub fn capture_to(store: &dyn Store, out: &mut dyn Write) -> Result<u64> {
             ..Default::default()
         })
     })?;
+    let mut deadlines = Vec::with_capacity(PER_CHUNK);
+    store.for_each_deadline(&mut |d| {
+        add(&mut deadlines, d, &mut push, |deadlines_put| ChangeSet {
+            deadlines_put,
+            ..Default::default()
+        })
+    })?;
+    let mut consents = Vec::with_capacity(PER_CHUNK);
+    store.for_each_consent(&mut |c| {
+        add(&mut consents, c, &mut push, |consents| ChangeSet {
+            consents,
+            ..Default::default()
+        })
+    })?;
     push(&ChangeSet {
         referrals,
         seen,
         audit,
+        deadlines_put: deadlines,
+        consents,
         outbox_put: store.outbox()?,
-        deadlines_put: store.due(Millis::MAX, usize::MAX)?,
         dead_letters: store.dead_letters()?,
-        consents: store.consents()?,
         checkpoint: Some(store.checkpoint()?),
         counts: Some(store.counts()?),
         ..Default::default()
@@ -519,8 +533,12 @@ mod tests {
         fn restart_state_position(&self) -> Result<()> {
             self.inner.restart_state_position()
         }
-        fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize> {
-            self.inner.prune_seen_step(before, segments)
+        fn prune_seen_step(
+            &self,
+            before: Millis,
+            budget: usize,
+        ) -> Result<crate::store::PruneStep> {
+            self.inner.prune_seen_step(before, budget)
         }
         fn referrals(&self) -> Result<Vec<crate::referral::Referral>> {
             self.inner.referrals()

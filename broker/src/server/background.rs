@@ -1,9 +1,10 @@
 //! The event loop's background work, done in bounded steps between turns: forgetting applied
-//! message ids past `dedup_retention_days` ([`Store::prune_seen_step`], a few segments a step).
+//! message ids past `dedup_retention_days` ([`Store::prune_seen_step`], a few hundred of the
+//! store's buckets of them a step).
 //!
 //! Why steps: a broker back after weeks away has weeks of ids to forget at its first prune.
 //! Done at once, that held the loop (and every referral behind it) for as long as it took, and
-//! sled's memory grew with the size of the job. A step is one small sled batch, flushed; the
+//! sled's memory grew with the size of the job. A step is one small sled batch; the
 //! loop takes one after a turn once the pause since the last one has passed (and an idle loop
 //! wakes for it), so a backlog goes at a steady pace whatever the load, interleaved with the
 //! referrals. The pace is for memory: a prune's cost follows its rate of removals (sled frees
@@ -20,8 +21,8 @@ use crate::store::Store;
 pub(crate) struct Background {
     /// How often a prune starts.
     every: Duration,
-    /// Segments of applied ids per step.
-    segments: usize,
+    /// What a step reads at most ([`Store::prune_seen_step`]'s budget).
+    budget: usize,
     /// Least time from the end of one step to the start of the next, busy or idle.
     pause: Duration,
     /// When the last step ended.
@@ -41,10 +42,10 @@ struct Prune {
 }
 
 impl Background {
-    pub(crate) fn new(every: Duration, segments: usize, pause: Duration) -> Background {
+    pub(crate) fn new(every: Duration, budget: usize, pause: Duration) -> Background {
         Background {
             every,
-            segments,
+            budget,
             pause,
             last_step: None,
             last_start: None,
@@ -89,26 +90,28 @@ impl Background {
             return;
         };
         let started = Instant::now();
-        let result = store.prune_seen_step(prune.before, self.segments);
+        let result = store.prune_seen_step(prune.before, self.budget);
         let took = started.elapsed();
         self.last_step = Some(Instant::now());
         ops.background.record(Task::Prune, took);
         prune.steps += 1;
         prune.longest = prune.longest.max(took);
         match result {
-            Ok(0) => {
-                if prune.forgotten > 0 {
-                    tracing::info!(
-                        forgotten = prune.forgotten,
-                        steps = prune.steps,
-                        longest_step_ms = ms(prune.longest),
-                        took_ms = ms(prune.started.elapsed()),
-                        "pruned applied message ids past retention"
-                    );
+            Ok(step) => {
+                prune.forgotten += step.forgotten;
+                if step.done {
+                    if prune.forgotten > 0 {
+                        tracing::info!(
+                            forgotten = prune.forgotten,
+                            steps = prune.steps,
+                            longest_step_ms = ms(prune.longest),
+                            took_ms = ms(prune.started.elapsed()),
+                            "pruned applied message ids past retention"
+                        );
+                    }
+                    self.finish(ops);
                 }
-                self.finish(ops);
             }
-            Ok(n) => prune.forgotten += n,
             Err(e) => {
                 tracing::warn!(cause = %e, forgotten = prune.forgotten, "pruning applied message ids failed");
                 self.finish(ops);

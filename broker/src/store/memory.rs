@@ -6,16 +6,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{ChangeSet, Deadline, OutboxEntry, SeenVisitor, Store, StoreStats};
+use super::{ChangeSet, Deadline, OutboxEntry, PruneStep, SeenVisitor, Store, StoreStats};
 use crate::audit;
 use crate::consent::Consent;
 use crate::dead_letter::DeadLetter;
 use crate::error::Result;
 use crate::referral::{Millis, Referral};
 use crate::view::{Counts, Summary};
-
-/// Applied ids a prune step forgets per segment asked for (as the sled store's segments).
-const IDS_PER_SEGMENT: usize = 64;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -177,22 +174,35 @@ impl Store for MemoryStore {
         Ok(self.state().checkpoint)
     }
 
-    fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize> {
+    fn prune_seen_step(&self, before: Millis, budget: usize) -> Result<PruneStep> {
         let mut guard = self.state();
         let s = &mut *guard;
-        let mut n = 0;
-        while n < segments * IDS_PER_SEGMENT {
+        let (mut read, mut forgotten) = (0, 0);
+        while read < budget.max(1) {
             let Some(entry) = s.applied.first_entry() else {
-                break;
+                return Ok(PruneStep {
+                    forgotten,
+                    done: true,
+                });
             };
             if entry.get().0 >= before {
-                break;
+                return Ok(PruneStep {
+                    forgotten,
+                    done: true,
+                });
             }
             let (_, key) = entry.remove();
-            s.seen.remove(&key);
-            n += 1;
+            read += 1;
+            // Unless it was applied again since (a younger record of it is further on).
+            if s.seen.get(&key).is_some_and(|(at, _)| *at < before) {
+                s.seen.remove(&key);
+                forgotten += 1;
+            }
         }
-        Ok(n)
+        Ok(PruneStep {
+            forgotten,
+            done: false,
+        })
     }
 
     fn referrals(&self) -> Result<Vec<Referral>> {

@@ -120,7 +120,7 @@ impl Segments {
     #[cfg(test)]
     pub(super) fn read(&self, db: &sled::Db) -> Result<Vec<(u64, Vec<Vec<u8>>)>> {
         let mut out = Vec::new();
-        self.for_each(db, &mut |n, records| {
+        self.for_each(db, &mut |_, _| Ok(()), &mut |n, records| {
             out.push((n, records));
             Ok(())
         })?;
@@ -129,14 +129,16 @@ impl Segments {
 
     /// Every segment in order as `(number, records)`, one at a time (memory: one segment); an
     /// unreadable rest of a segment comes as one last record of its bytes, so that readers see
-    /// exactly what is stored.
+    /// exactly what is stored. `read` is told each segment's key and size as it is read.
     pub(super) fn for_each(
         &self,
         db: &sled::Db,
+        read: &mut dyn FnMut(&[u8], usize) -> Result<()>,
         f: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<()>,
     ) -> Result<()> {
         for kv in db.scan_prefix(self.prefix) {
             let (k, v) = kv?;
+            read(&k, v.len())?;
             f(
                 segment_number(self.prefix, &k)?,
                 split(&v).map(|r| r.to_vec()).collect(),

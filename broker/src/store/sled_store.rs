@@ -5,10 +5,13 @@
 //! ```text
 //! r/<referral id>                       referral record
 //! v/<referral id>                       its summary, while the view watches it (read at start)
-//! s/<dedup key>                         applied inbound message -> applied-at (i64 BE), digest
-//! d/<segment BE>                        the same, in the order applied, for pruning: up to
-//!                                       APPLIED_PER_SEGMENT records of applied-at + dedup key
-//! S/<applied-at BE><dedup key>          (stores written before d/: one key each, pruned away)
+//! h/<bucket u32 BE>                     applied inbound messages whose dedup key's keyed hash
+//!                                       falls in the bucket: key, applied-at, digest each
+//!                                       (`buckets.rs`)
+//! m/bucket-key                          the secret of that hash (16 random bytes)
+//! s/<dedup key>                         (stores written before h/: one key per applied id,
+//! d/<segment BE>                         with its time index in segments, or older still
+//! S/<applied-at BE><dedup key>           one key each; read and pruned away, never written)
 //! o/<u64 BE>                            outbox entry
 //! t/<at BE><kind><referral id>          deadline
 //! x/<stream seq BE>                     dead letter
@@ -20,8 +23,8 @@
 //! m/state-seq                           state-log sequence of the last change set (u64 BE)
 //! m/view-counts                         the view's counters over every referral (read at start)
 //! ```
-//! The two append-only records (audit entries, applied ids by time) are packed into segments
-//! (`segments.rs`): sled 0.34's memory follows the number of keys, and they were 5 of the 10
+//! Audit entries are packed into segments (`segments.rs`) and applied ids into buckets
+//! (`buckets.rs`): sled 0.34's memory follows the number of keys, and they were 7 of the 10
 //! keys a received referral left.
 //! sled's page cache is capped at [`CACHE_BYTES`]: the working set is the referrals in flight
 //! and the recent log, not the millions that have ended (sled's default is 1 GB).
@@ -31,13 +34,16 @@
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
+use super::buckets::{self, Applied};
 use super::codec;
 use super::segments::Segments;
-use super::{ChangeSet, DeadLetter, Deadline, OutboxEntry, SeenVisitor, Store, StoreStats};
+use super::{
+    ChangeSet, DeadLetter, Deadline, OutboxEntry, PruneStep, SeenVisitor, Store, StoreStats,
+};
 use crate::audit;
 use crate::consent::Consent;
 use crate::error::{Error, Result};
@@ -56,7 +62,7 @@ const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const MIGRATE_BATCH: usize = 10_000;
 /// Audit entries (~250 bytes each) per `A/` key.
 const AUDIT_PER_SEGMENT: usize = 32;
-/// Applied-id records (~60 bytes each) per `d/` key.
+/// Applied-id records (~60 bytes each) per `d/` key, in stores written before buckets.
 const APPLIED_PER_SEGMENT: usize = 64;
 
 /// Bytes committed after which the database is reopened, so that sled writes its recovery
@@ -75,7 +81,15 @@ pub struct SledStore {
     written: AtomicU64,
     snapshot_after: u64,
     audit: Segments,
+    /// The time index of applied ids in a store written before buckets (drained, never added to).
     applied: Segments,
+    /// The secret of the buckets' hash (`m/bucket-key`).
+    secret: [u8; 16],
+    /// Applied ids are still kept one key each (`s/`, a store written before buckets): looked up
+    /// and pruned there too until none is left.
+    legacy: AtomicBool,
+    /// Where the prune's sweep of the buckets goes on (None: at the first bucket).
+    sweep: Mutex<Option<Vec<u8>>>,
     /// No outbox key below this is handed out: one above the highest key ever committed here
     /// (also by change sets applied from another broker's state log).
     outbox_floor: AtomicU64,
@@ -134,7 +148,25 @@ impl SledStore {
             Some(k) => u64_from("outbox", &k?[2..])?.saturating_add(1),
             None => 0,
         };
+        let secret = match db.get(buckets::SECRET_KEY)? {
+            Some(v) => <[u8; 16]>::try_from(v.as_ref()).map_err(|_| Error::CorruptRecord {
+                key: "m/bucket-key".into(),
+                message: "not 16 bytes".into(),
+            })?,
+            None => {
+                let secret = buckets::new_secret()?;
+                db.insert(buckets::SECRET_KEY, &secret)?;
+                db.flush()?;
+                secret
+            }
+        };
+        let legacy = [&b"s/"[..], b"d/", b"S/"]
+            .iter()
+            .any(|p| db.scan_prefix(p).next().is_some());
         let store = SledStore {
+            secret,
+            legacy: AtomicBool::new(legacy),
+            sweep: Mutex::new(None),
             outbox_floor: AtomicU64::new(outbox_floor),
             audit: Segments::open(&db, b"A/", AUDIT_PER_SEGMENT)?,
             applied: Segments::open(&db, b"d/", APPLIED_PER_SEGMENT)?,
@@ -203,6 +235,81 @@ impl SledStore {
     }
 
     /// A store in a temporary directory, removed on drop: for tests.
+    /// One step of draining an older store's applied ids (`s/` keys, indexed by the `d/`
+    /// segments or, older still, by `S/` keys) that are older than `before`: at most about
+    /// `budget` of them. Returns how many it put removals for into `b`.
+    fn prune_legacy_step(
+        &self,
+        db: &sled::Db,
+        b: &mut sled::Batch,
+        before: Millis,
+        budget: usize,
+    ) -> Result<usize> {
+        let mut n = self.applied.drain_front(
+            db,
+            b,
+            |r| time_from_be(r).is_some_and(|at| at < before),
+            |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
+            budget.div_ceil(APPLIED_PER_SEGMENT),
+        )?;
+        if n == 0 {
+            let start = key(b"S/", &time_be(Millis::MIN));
+            let end = key(b"S/", &time_be(before));
+            for kv in db.range(start..end).take(budget) {
+                let (k, _) = kv?;
+                b.remove(key(b"s/", k.get(10..).unwrap_or_default()));
+                b.remove(k);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// How many applied ids the buckets hold (reads every bucket).
+    fn count_bucketed(&self) -> Result<u64> {
+        let mut n = 0;
+        for kv in self.db()?.scan_prefix(buckets::PREFIX) {
+            let (k, v) = kv?;
+            n += buckets::decode(&k, &v)?.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Deadlines at or before `now`, earliest first, at most `limit`, each to `f`. (A bulk
+    /// read needs no [`touch`]: deadline keys are ~50 bytes and have no value, so the pages a
+    /// scan of them keeps are small.)
+    fn deadlines_until(
+        &self,
+        now: Millis,
+        limit: usize,
+        f: &mut dyn FnMut(Deadline) -> Result<()>,
+    ) -> Result<()> {
+        let start = key(b"t/", &time_be(Millis::MIN));
+        let end = key(b"t/", &time_be(now.saturating_add(1)));
+        let db = self.db()?;
+        for kv in db.range(start..end).take(limit) {
+            let (k, _) = kv?;
+            let rest = &k[2..];
+            let corrupt = || Error::CorruptRecord {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: "bad deadline key".into(),
+            };
+            let at = time_from_be(rest).ok_or_else(corrupt)?;
+            let kind = rest
+                .get(8)
+                .copied()
+                .and_then(kind_from)
+                .ok_or_else(corrupt)?;
+            let id = std::str::from_utf8(&rest[9..]).map_err(|_| corrupt())?;
+            f(Deadline {
+                at,
+                kind,
+                referral_id: id.to_owned(),
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn temporary() -> Result<SledStore> {
         SledStore::on(sled::Config::new().temporary(true).open()?, None)
     }
@@ -224,6 +331,25 @@ impl SledStore {
         }
         Ok(out)
     }
+}
+
+/// Bytes of a value read in a bulk scan per extra look-up of its key ([`touch`]).
+const TOUCH_BYTES: usize = 1024;
+
+/// Looks `key` up again, once per [`TOUCH_BYTES`] of its `value_len`, in a bulk scan.
+///
+/// sled 0.34 tells its page cache that a page was used only once 64 uses of pages of the same
+/// shard (one of 256) have piled up, and only then evicts; a scan uses each page once (its
+/// iterator keeps the page it is on), so a scan of fewer than 64 × 256 pages evicts nothing
+/// and keeps every page it read: a snapshot's read of a million-referral store kept its ~7,800
+/// pages of audit segments (~100 KB each), +400 MB. Looked up again in proportion to its
+/// bytes, a page is reported as used often enough that the cache keeps up, and what a scan
+/// keeps stays near the cache's capacity whatever the store's size.
+fn touch(db: &sled::Db, key: &[u8], value_len: usize) -> Result<()> {
+    for _ in 0..value_len.div_ceil(TOUCH_BYTES) {
+        db.get(key)?;
+    }
+    Ok(())
 }
 
 fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
@@ -282,9 +408,20 @@ impl Store for SledStore {
     }
 
     fn seen_digest(&self, dedup_key: &str) -> Result<Option<Vec<u8>>> {
-        // The value is the applied-at time (8 bytes), then the digest.
-        Ok(self
-            .db()?
+        let db = self.db()?;
+        let k = buckets::bucket_key(&self.secret, dedup_key);
+        if let Some(v) = db.get(k)?
+            && let Some(r) = buckets::decode(&k, &v)?
+                .into_iter()
+                .find(|r| r.key == dedup_key)
+        {
+            return Ok(Some(r.digest));
+        }
+        if !self.legacy.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        // An older store's key: the applied-at time (8 bytes), then the digest.
+        Ok(db
             .get(key(b"s/", dedup_key.as_bytes()))?
             .map(|v| v.get(8..).unwrap_or_default().to_vec()))
     }
@@ -308,18 +445,35 @@ impl Store for SledStore {
                 b.remove(k);
             }
         }
-        let mut applied_records = Vec::with_capacity(c.seen.len());
+        // Each bucket an id falls into, read and rewritten once (the event loop is the only
+        // writer of a store: nothing changes a bucket between this read and the batch).
+        let mut touched: std::collections::BTreeMap<[u8; 6], Vec<Applied>> = Default::default();
         for (k, at, digest) in &c.seen {
-            let mut value = time_be(*at).to_vec();
-            value.extend_from_slice(digest);
-            b.insert(key(b"s/", k.as_bytes()), value);
-            let mut record = time_be(*at).to_vec();
-            record.extend_from_slice(k.as_bytes());
-            applied_records.push(record);
+            let bucket = buckets::bucket_key(&self.secret, k);
+            let records = match touched.entry(bucket) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let now = match self.db()?.get(bucket)? {
+                        Some(v) => buckets::decode(&bucket, &v)?,
+                        None => Vec::new(),
+                    };
+                    e.insert(now)
+                }
+            };
+            buckets::put(
+                records,
+                Applied {
+                    key: k.clone(),
+                    at: *at,
+                    digest: digest.to_vec(),
+                },
+            );
         }
-        let applied = self
-            .applied
-            .stage(&mut b, applied_records.iter().map(Vec::as_slice));
+        for (bucket, records) in &touched {
+            let value = buckets::encode(records)?;
+            written += value.len();
+            b.insert(&bucket[..], value);
+        }
         for e in &c.outbox_put {
             let record = codec::encode_outbox(e);
             written += record.len();
@@ -379,16 +533,9 @@ impl Store for SledStore {
             b.insert(STATE_SEQ, &seq.to_be_bytes());
         }
         let last_outbox_key = c.outbox_put.iter().map(|e| e.key).max();
-        written += entries
-            .iter()
-            .chain(&applied_records)
-            .map(Vec::len)
-            .sum::<usize>()
-            + audit.rewritten()
-            + applied.rewritten();
+        written += entries.iter().map(Vec::len).sum::<usize>() + audit.rewritten();
         self.db()?.apply_batch(b)?;
         self.audit.install(audit);
-        self.applied.install(applied);
         self.db()?.flush()?;
         if let Some(k) = last_outbox_key {
             self.outbox_floor
@@ -423,30 +570,29 @@ impl Store for SledStore {
     }
 
     fn due(&self, now: Millis, limit: usize) -> Result<Vec<Deadline>> {
-        let start = key(b"t/", &time_be(Millis::MIN));
-        let end = key(b"t/", &time_be(now.saturating_add(1)));
         let mut out = Vec::new();
-        for kv in self.db()?.range(start..end).take(limit) {
-            let (k, _) = kv?;
-            let rest = &k[2..];
-            let corrupt = || Error::CorruptRecord {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                message: "bad deadline key".into(),
-            };
-            let at = time_from_be(rest).ok_or_else(corrupt)?;
-            let kind = rest
-                .get(8)
-                .copied()
-                .and_then(kind_from)
-                .ok_or_else(corrupt)?;
-            let id = std::str::from_utf8(&rest[9..]).map_err(|_| corrupt())?;
-            out.push(Deadline {
-                at,
-                kind,
-                referral_id: id.to_owned(),
-            });
-        }
+        self.deadlines_until(now, limit, &mut |d| {
+            out.push(d);
+            Ok(())
+        })?;
         Ok(out)
+    }
+
+    fn for_each_deadline(&self, f: &mut dyn FnMut(Deadline) -> Result<()>) -> Result<()> {
+        self.deadlines_until(Millis::MAX, usize::MAX, f)
+    }
+
+    fn for_each_consent(&self, f: &mut dyn FnMut(Consent) -> Result<()>) -> Result<()> {
+        let db = self.db()?;
+        for kv in db.scan_prefix(b"c/") {
+            let (k, v) = kv?;
+            touch(&db, &k, v.len())?;
+            f(codec::decode_consent(
+                &String::from_utf8_lossy(&k[2..]),
+                &v,
+            )?)?;
+        }
+        Ok(())
     }
 
     fn state_position(&self) -> Result<u64> {
@@ -470,35 +616,61 @@ impl Store for SledStore {
         }
     }
 
-    fn prune_seen_step(&self, before: Millis, segments: usize) -> Result<usize> {
+    fn prune_seen_step(&self, before: Millis, budget: usize) -> Result<PruneStep> {
+        let budget = budget.max(1);
         let db = self.db()?;
         let mut b = sled::Batch::default();
-        // Whole segments of ids all applied before `before`, oldest first.
-        let mut n = self.applied.drain_front(
-            &db,
-            &mut b,
-            |r| time_from_be(r).is_some_and(|at| at < before),
-            |b, r| b.remove(key(b"s/", r.get(8..).unwrap_or_default())),
-            segments,
-        )?;
-        // A store written before segments: one `S/` key per id.
-        if n == 0 {
-            let start = key(b"S/", &time_be(Millis::MIN));
-            let end = key(b"S/", &time_be(before));
-            for kv in db.range(start..end).take(segments * APPLIED_PER_SEGMENT) {
-                let (k, _) = kv?;
-                b.remove(key(b"s/", k.get(10..).unwrap_or_default()));
-                b.remove(k);
-                n += 1;
+        // An older store's one-key-per-id index first, until nothing older is left in it.
+        if self.legacy.load(Ordering::Relaxed) {
+            let n = self.prune_legacy_step(&db, &mut b, before, budget)?;
+            if n > 0 {
+                db.apply_batch(b)?;
+                return Ok(PruneStep {
+                    forgotten: n,
+                    done: false,
+                });
+            }
+            if db.scan_prefix(b"s/").next().is_none() {
+                self.legacy.store(false, Ordering::Relaxed);
             }
         }
-        if n > 0 {
-            // Flushed at once: what is written but not flushed waits in sled's buffers, and a
-            // long prune would pile its removals up there.
-            db.apply_batch(b)?;
-            db.flush()?;
+        // Then the next `budget` buckets of the sweep, each rewritten without its old ids.
+        let mut sweep = self.sweep.lock().unwrap_or_else(|p| p.into_inner());
+        let from = sweep.take().unwrap_or_else(|| buckets::PREFIX.to_vec());
+        let mut end = buckets::PREFIX.to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
         }
-        Ok(n)
+        let (mut read, mut forgotten, mut last) = (0, 0, None);
+        for kv in db.range(from..end).take(budget) {
+            let (k, v) = kv?;
+            read += 1;
+            let mut records = buckets::decode(&k, &v)?;
+            let had = records.len();
+            records.retain(|r| r.at >= before);
+            if records.len() < had {
+                forgotten += had - records.len();
+                if records.is_empty() {
+                    b.remove(k.as_ref());
+                } else {
+                    b.insert(k.as_ref(), buckets::encode(&records)?);
+                }
+            }
+            last = Some(k);
+        }
+        let done = read < budget;
+        if !done && let Some(last) = last {
+            let mut next = last.to_vec();
+            next.push(0);
+            *sweep = Some(next);
+        }
+        // Not flushed here: a prune promises nothing, so its writes go out with sled's own
+        // flush (every half second) or the next commit's, and a crash before that only leaves
+        // them to be forgotten again. A flush here held the loop for a disk's stall.
+        if forgotten > 0 {
+            db.apply_batch(b)?;
+        }
+        Ok(PruneStep { forgotten, done })
     }
 
     fn contains_referral(&self, id: &str) -> Result<bool> {
@@ -506,6 +678,17 @@ impl Store for SledStore {
     }
 
     fn for_each_seen(&self, f: &mut SeenVisitor<'_>) -> Result<()> {
+        let db = self.db()?;
+        for kv in db.scan_prefix(buckets::PREFIX) {
+            let (k, v) = kv?;
+            touch(&db, &k, v.len())?;
+            for r in buckets::decode(&k, &v)? {
+                f(&r.key, r.at, &r.digest)?;
+            }
+        }
+        if !self.legacy.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         for kv in self.db()?.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let dedup_key = String::from_utf8_lossy(&k[2..]);
@@ -652,18 +835,22 @@ impl Store for SledStore {
             f(seq, v.to_vec())?;
         }
         // Then the segments: an entry's place in them is its sequence number.
-        self.audit.for_each(&*self.db()?, &mut |_, entries| {
-            for bytes in entries {
-                seq += 1;
-                f(seq, bytes)?;
-            }
-            Ok(())
-        })
+        let db = self.db()?;
+        self.audit
+            .for_each(&db, &mut |k, len| touch(&db, k, len), &mut |_, entries| {
+                for bytes in entries {
+                    seq += 1;
+                    f(seq, bytes)?;
+                }
+                Ok(())
+            })
     }
 
     fn for_each_referral(&self, f: &mut dyn FnMut(Referral) -> Result<()>) -> Result<()> {
-        for kv in self.db()?.scan_prefix(b"r/") {
+        let db = self.db()?;
+        for kv in db.scan_prefix(b"r/") {
             let (k, v) = kv?;
+            touch(&db, &k, v.len())?;
             let id = String::from_utf8_lossy(&k[2..]).into_owned();
             f(codec::decode_referral(&id, &v)?)?;
         }
@@ -678,7 +865,7 @@ impl Store for SledStore {
             outbox: count(b"o/"),
             deadlines: count(b"t/"),
             dead_letters: count(b"x/"),
-            seen: count(b"s/"),
+            seen: count(b"s/") + self.count_bucketed()?,
         })
     }
 }

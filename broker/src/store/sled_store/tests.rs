@@ -47,37 +47,55 @@ fn commit_is_visible_and_survives_reopen() {
     assert!(s.next_outbox_key().unwrap() > s.outbox().unwrap()[0].key);
 }
 
+fn ids(name: &str, at: Millis, n: usize) -> Vec<(String, Millis, [u8; 32])> {
+    (0..n)
+        .map(|i| (format!("{name}-{i}"), at, [0; 32]))
+        .collect()
+}
+
+/// Two dedup keys that fall into the same bucket of `s`.
+fn same_bucket(s: &SledStore) -> (String, String) {
+    let mut by_bucket = std::collections::HashMap::new();
+    for i in 0.. {
+        let k = format!("k-{i}");
+        if let Some(other) = by_bucket.insert(buckets::bucket_key(&s.secret, &k), k.clone()) {
+            return (other, k);
+        }
+    }
+    unreachable!()
+}
+
 #[test]
-fn pruning_forgets_ids_once_their_whole_segment_is_past_retention() {
+fn pruning_forgets_each_id_past_retention_and_keeps_its_young_neighbours() {
     let s = SledStore::temporary().unwrap();
-    let ids = |name: &str, at: Millis, n: usize| -> Vec<(String, Millis, [u8; 32])> {
-        (0..n)
-            .map(|i| (format!("{name}-{i}"), at, [0; 32]))
-            .collect()
-    };
-    // One full segment of old ids, then a segment of old ids and one new id.
+    let (old, young) = same_bucket(&s);
     s.commit(&ChangeSet {
-        seen: ids("old", 1, APPLIED_PER_SEGMENT),
+        seen: vec![(old.clone(), 1, [1; 32]), (young.clone(), 50, [2; 32])],
         ..Default::default()
     })
     .unwrap();
-    let mut mixed = ids("older", 2, 3);
-    mixed.extend(ids("new", 50, 1));
     s.commit(&ChangeSet {
-        seen: mixed,
+        seen: ids("old", 2, 300),
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(s.prune_seen(10).unwrap(), APPLIED_PER_SEGMENT);
-    assert!(!s.seen("old-0").unwrap());
-    assert!(!s.seen(&format!("old-{}", APPLIED_PER_SEGMENT - 1)).unwrap());
-    // Retention is a minimum: old ids sharing a segment with a young one stay with it.
-    assert!(s.seen("older-0").unwrap());
-    assert!(s.seen("new-0").unwrap());
-    assert_eq!(s.prune_seen(51).unwrap(), 4);
-    assert!(!s.seen("new-0").unwrap());
+    assert_eq!(s.stats().unwrap().seen, 302);
+    assert_eq!(s.prune_seen(10).unwrap(), 301);
+    assert!(!s.seen(&old).unwrap());
+    assert_eq!(
+        s.seen_digest(&young).unwrap(),
+        Some(vec![2; 32]),
+        "kept, in the same bucket"
+    );
+    assert!(!s.seen("old-299").unwrap());
+    assert_eq!(s.prune_seen(51).unwrap(), 1);
     assert_eq!(s.stats().unwrap().seen, 0);
-    // Ids applied after the last segment went are kept and pruned like the first.
+    assert_eq!(
+        s.db().unwrap().scan_prefix(buckets::PREFIX).count(),
+        0,
+        "empty buckets go"
+    );
+    // Ids applied after a prune are kept and pruned like the first.
     s.commit(&ChangeSet {
         seen: ids("later", 60, 2),
         ..Default::default()
@@ -88,12 +106,11 @@ fn pruning_forgets_ids_once_their_whole_segment_is_past_retention() {
 }
 
 #[test]
-fn pruning_weeks_of_ids_goes_a_batch_at_a_time_and_forgets_them_all() {
+fn pruning_weeks_of_ids_goes_a_step_at_a_time_and_forgets_them_all() {
     let s = SledStore::temporary().unwrap();
-    let n = crate::store::PRUNE_STEP_SEGMENTS * APPLIED_PER_SEGMENT * 2 + 10;
-    let seen = (0..n).map(|i| (format!("id-{i}"), 1, [0; 32])).collect();
+    let n = crate::store::PRUNE_STEP * 4 + 10;
     s.commit(&ChangeSet {
-        seen,
+        seen: ids("id", 1, n),
         ..Default::default()
     })
     .unwrap();
@@ -103,24 +120,94 @@ fn pruning_weeks_of_ids_goes_a_batch_at_a_time_and_forgets_them_all() {
 }
 
 #[test]
-fn a_prune_step_forgets_at_most_its_segments() {
+fn a_prune_step_reads_at_most_its_budget_of_buckets_and_goes_on_where_it_stopped() {
     let s = SledStore::temporary().unwrap();
-    let n = APPLIED_PER_SEGMENT * 5 + 3;
-    let seen = (0..n).map(|i| (format!("id-{i}"), 1, [0; 32])).collect();
+    let n = 101;
     s.commit(&ChangeSet {
-        seen,
+        seen: ids("id", 1, n),
         ..Default::default()
     })
     .unwrap();
+    let buckets = s.db().unwrap().scan_prefix(buckets::PREFIX).count();
     let mut steps = Vec::new();
     loop {
-        match s.prune_seen_step(10, 2).unwrap() {
-            0 => break,
-            k => steps.push(k),
+        let step = s.prune_seen_step(10, 2).unwrap();
+        steps.push(step.forgotten);
+        if step.done {
+            break;
         }
     }
-    let two = 2 * APPLIED_PER_SEGMENT;
-    assert_eq!(steps, [two, two, APPLIED_PER_SEGMENT + 3]);
+    // Two buckets a step; the step that reads fewer than two says the sweep is done.
+    assert_eq!(steps.len(), buckets / 2 + 1, "{buckets} buckets: {steps:?}");
+    assert_eq!(steps.iter().sum::<usize>(), n, "{steps:?}");
+    assert_eq!(s.stats().unwrap().seen, 0);
+    // A new prune starts at the first bucket again.
+    s.commit(&ChangeSet {
+        seen: ids("again", 1, 3),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.prune_seen(10).unwrap(), 3);
+}
+
+#[test]
+fn a_store_from_before_buckets_keeps_its_ids_until_they_are_past_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // Written the way stores were before buckets: a key per id, indexed by time in segments.
+        let db = crate::store::reopen(|| sled::open(dir.path()));
+        let index = Segments::open(&db, b"d/", APPLIED_PER_SEGMENT).unwrap();
+        let mut b = sled::Batch::default();
+        let mut records = Vec::new();
+        for (k, at) in (0..APPLIED_PER_SEGMENT)
+            .map(|i| (format!("legacy-old-{i}"), 1))
+            .chain([("legacy-new".to_owned(), 50)])
+        {
+            let mut value = time_be(at).to_vec();
+            value.extend_from_slice(&[3; 32]);
+            b.insert(key(b"s/", k.as_bytes()), value);
+            let mut record = time_be(at).to_vec();
+            record.extend_from_slice(k.as_bytes());
+            records.push(record);
+        }
+        let staged = index.stage(&mut b, records.iter().map(Vec::as_slice));
+        db.apply_batch(b).unwrap();
+        index.install(staged);
+        db.flush().unwrap();
+    }
+    let s = crate::store::reopen(|| SledStore::open(dir.path()));
+    assert_eq!(s.seen_digest("legacy-new").unwrap(), Some(vec![3; 32]));
+    assert!(s.seen("legacy-old-0").unwrap());
+    s.commit(&ChangeSet {
+        seen: vec![("fresh".into(), 5, [0; 32])],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.stats().unwrap().seen, APPLIED_PER_SEGMENT as u64 + 2);
+    let mut listed = 0;
+    s.for_each_seen(&mut |_, _, _| {
+        listed += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        listed,
+        APPLIED_PER_SEGMENT + 2,
+        "older and new ids, for a snapshot"
+    );
+    assert_eq!(
+        s.prune_seen(10).unwrap(),
+        APPLIED_PER_SEGMENT + 1,
+        "the old segment and fresh"
+    );
+    assert!(!s.seen("legacy-old-0").unwrap());
+    assert!(!s.seen("fresh").unwrap());
+    assert!(s.seen("legacy-new").unwrap(), "young: kept where it is");
+    assert!(s.legacy.load(Ordering::Relaxed));
+    // Its segment goes once all of it is past retention; then the older index is gone.
+    assert_eq!(s.prune_seen(51).unwrap(), 1);
+    assert!(!s.seen("legacy-new").unwrap());
+    assert!(!s.legacy.load(Ordering::Relaxed));
     assert_eq!(s.stats().unwrap().seen, 0);
 }
 

@@ -532,6 +532,14 @@ pub(crate) fn probe(dir: &Path) -> Result<()> {
         rss()
     );
     let t = Instant::now();
+    let bytes = yeongye_broker::cluster::snapshot::capture_to(&store, &mut std::io::sink())
+        .map_err(|e| anyhow!("{e}"))?;
+    eprintln!(
+        "probe: a snapshot of the store read ({bytes} bytes, into nothing): {:.2} s, RSS {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        rss()
+    );
+    let t = Instant::now();
     let n = store.referrals().map_err(|e| anyhow!("{e}"))?.len();
     eprintln!(
         "probe: {n} referrals decoded whole (the start before summaries): {:.2} s, RSS {:.0} MB",

@@ -44,9 +44,10 @@ use crate::referral::{DeadlineKind, Millis, Referral};
 use crate::view::{Counts, Summary};
 
 /// What one step of the event loop's prune reads at most (see [`Store::prune_seen_step`]): the
-/// sled store's buckets of applied ids (~8 ids each in a million-referral store, one sled
-/// batch of small rewrites, a few milliseconds), the memory store's ids.
-pub const PRUNE_STEP: usize = 256;
+/// sled store's buckets of applied ids (~8 ids each in a million-referral store: ~4 sled
+/// leaves, one batch of small rewrites, a few milliseconds even when its pages come from
+/// disk; 256 a step took up to 63 ms once, reading 16 cold leaves), the memory store's ids.
+pub const PRUNE_STEP: usize = 64;
 
 /// What one step of forgetting applied ids did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

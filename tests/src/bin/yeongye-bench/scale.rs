@@ -185,6 +185,8 @@ pub(crate) fn fill(
     let mut head = store.audit_head().map_err(|e| anyhow!("{e}"))?;
     let mut counts = store.counts().map_err(|e| anyhow!("{e}"))?;
     let mut n = from;
+    // When the fill last pruned, in the store's time.
+    let mut pruned_at = i64::MIN;
     while n < to {
         if STOP.load(std::sync::atomic::Ordering::Relaxed) {
             anyhow::bail!("stopped");
@@ -311,11 +313,14 @@ pub(crate) fn fill(
         store
             .snapshot_if_due()
             .map_err(|e| anyhow!("snapshot: {e}"))?;
-        if profile == Profile::Steady {
-            // As the broker's daily pruning would have left it.
+        if profile == Profile::Steady && last_at.saturating_sub(pruned_at) >= DAY_MS {
+            // As the broker's pruning would have left it, once a day of the store's time
+            // (a prune sweeps every bucket of applied ids: done every batch, it was most of
+            // the fill's time).
             store
                 .prune_seen(last_at - RETENTION_MS)
                 .map_err(|e| anyhow!("prune: {e}"))?;
+            pruned_at = last_at;
         }
         n = end;
     }

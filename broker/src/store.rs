@@ -45,8 +45,9 @@ use crate::view::{Counts, Summary};
 
 /// What one step of the event loop's prune reads at most (see [`Store::prune_seen_step`]): the
 /// sled store's buckets of applied ids (~8 ids each in a million-referral store: ~4 sled
-/// leaves, one batch of small rewrites, a few milliseconds even when its pages come from
-/// disk; 256 a step took up to 63 ms once, reading 16 cold leaves), the memory store's ids.
+/// leaves, one batch of small rewrites, 1-5 ms), the memory store's ids. About one step in two
+/// thousand still stalls 60-100 ms inside sled (a page from disk, its log's housekeeping),
+/// at 256 buckets a step as at 64 (PERFORMANCE.md); 64 keeps the work a step can do small.
 pub const PRUNE_STEP: usize = 64;
 
 /// What one step of forgetting applied ids did.

@@ -28,7 +28,7 @@ use crate::referral::Millis;
 use crate::store::{ChangeSet, Store, decode_change_set, encode_change_set};
 
 pub const SNAPSHOT_BUCKET: &str = "YEONGYE_SNAPSHOTS";
-/// Snapshots kept: the log is trimmed up to the oldest of them.
+/// Snapshots kept: the log is trimmed up to the oldest of them (not before there are this many).
 pub const KEEP: usize = 2;
 const MAGIC: &[u8] = b"yeongye-snapshot-v1\n";
 /// Records of each kind per change set of a snapshot.
@@ -284,10 +284,15 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Deletes all but the newest [`KEEP`]; returns the oldest kept position.
+    /// Deletes all but the newest [`KEEP`]; returns the oldest kept position once [`KEEP`] are
+    /// stored (with fewer, the log is not trimmed at all: a broker a little behind — one killed
+    /// while it led, restarted — still finds the records after its position).
     async fn prune(&self) -> Result<Option<u64>> {
         let positions = self.positions().await?;
-        let cut = positions.len().saturating_sub(KEEP);
+        if positions.len() < KEEP {
+            return Ok(None);
+        }
+        let cut = positions.len() - KEEP;
         for p in &positions[..cut] {
             self.os
                 .delete(object_name(*p))

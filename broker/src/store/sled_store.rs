@@ -645,7 +645,16 @@ impl Store for SledStore {
         for kv in db.range(from..end).take(budget) {
             let (k, v) = kv?;
             read += 1;
-            let mut records = buckets::decode(&k, &v)?;
+            let mut records = match buckets::decode(&k, &v) {
+                Ok(records) => records,
+                Err(e) => {
+                    // Left as it is (its ids still count as applied, so nothing is applied
+                    // twice): one damaged bucket must not stop every later one being pruned.
+                    tracing::warn!(cause = %e, "an applied-ids bucket that does not read: kept, skipped");
+                    last = Some(k);
+                    continue;
+                }
+            };
             let had = records.len();
             records.retain(|r| r.at >= before);
             if records.len() < had {

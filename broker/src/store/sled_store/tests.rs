@@ -151,6 +151,33 @@ fn a_prune_step_reads_at_most_its_budget_of_buckets_and_goes_on_where_it_stopped
 }
 
 #[test]
+fn a_damaged_bucket_is_skipped_by_the_prune_and_the_others_are_pruned() {
+    let s = SledStore::temporary().unwrap();
+    s.commit(&ChangeSet {
+        seen: ids("old", 1, 50),
+        ..Default::default()
+    })
+    .unwrap();
+    // A bucket key before every other, holding bytes that are not records.
+    let damaged = [&buckets::PREFIX[..], &[0, 0, 0, 0]].concat();
+    s.db()
+        .unwrap()
+        .insert(&damaged, &[0xff, 0xff, 1][..])
+        .unwrap();
+    assert_eq!(
+        s.prune_seen(10).unwrap(),
+        50,
+        "every readable bucket pruned"
+    );
+    assert!(!s.seen("old-0").unwrap());
+    assert_eq!(
+        s.db().unwrap().get(&damaged).unwrap().as_deref(),
+        Some(&[0xff, 0xff, 1][..]),
+        "the damaged bucket left as it was"
+    );
+}
+
+#[test]
 fn a_store_from_before_buckets_keeps_its_ids_until_they_are_past_retention() {
     let dir = tempfile::tempdir().unwrap();
     {

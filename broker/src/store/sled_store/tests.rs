@@ -159,7 +159,7 @@ fn a_damaged_bucket_is_skipped_by_the_prune_and_the_others_are_pruned() {
     })
     .unwrap();
     // A bucket key before every other, holding bytes that are not records.
-    let damaged = [&buckets::PREFIX[..], &[0, 0, 0, 0]].concat();
+    let damaged = [buckets::PREFIX, &[0, 0, 0, 0]].concat();
     s.db()
         .unwrap()
         .insert(&damaged, &[0xff, 0xff, 1][..])

@@ -51,16 +51,9 @@ impl Group {
         let registry_path = dir.path().join("registry.toml");
         registry::write(&registry_path, &[CENTRE, HOPE]);
         let config = |name: &str| {
-            let mut c = BrokerConfig::new(
-                &urls[0],
-                &dir.path().join(name).join("store"),
-                &registry_path,
-            );
-            c.nats_urls = urls.clone();
+            let mut c = named_broker(name, &urls, dir.path(), &registry_path);
             c.extra
                 .insert("stream_replicas".into(), toml::Value::Integer(3));
-            c.extra
-                .insert("broker_name".into(), toml::Value::String(name.into()));
             for (k, v) in extra {
                 c.extra.insert((*k).into(), v.clone());
             }
@@ -147,6 +140,20 @@ impl Group {
         crate::cluster::assert_each_once(&self.cluster, &self.recipient, ids, || self.describe())
             .await;
     }
+}
+
+/// A broker of a group: named `name`, its store under `dir/name`, given every server in `urls`.
+fn named_broker(
+    name: &str,
+    urls: &[String],
+    dir: &std::path::Path,
+    registry: &std::path::Path,
+) -> BrokerConfig {
+    let mut c = BrokerConfig::new(&urls[0], &dir.join(name).join("store"), registry);
+    c.nats_urls = urls.to_vec();
+    c.extra
+        .insert("broker_name".into(), toml::Value::String(name.into()));
+    c
 }
 
 /// Waits until both brokers have applied the state log to the same position, then asserts
@@ -339,16 +346,8 @@ async fn a_store_older_than_the_state_log_is_in_a_snapshot_before_the_first_reco
         .expect("tempdir");
     let registry_path = dir.path().join("registry.toml");
     registry::write(&registry_path, &[CENTRE, HOPE]);
-    let config = |name: &str| {
-        let mut c = BrokerConfig::new(
-            &nats.url(),
-            &dir.path().join(name).join("store"),
-            &registry_path,
-        );
-        c.extra
-            .insert("broker_name".into(), toml::Value::String(name.into()));
-        c
-    };
+    let urls = [nats.url()];
+    let config = |name: &str| named_broker(name, &urls, dir.path(), &registry_path);
     let mut a = BrokerProcess::start(&dir.path().join("broker-a"), config("broker-a")).await;
     let sender = sdk::connect_to(&nats.url(), CENTRE, &dir.path().join("sdk")).await;
     let ops = OpsHttp::new(&a.config().http_addr);

@@ -151,6 +151,40 @@ fn a_prune_step_reads_at_most_its_budget_of_buckets_and_goes_on_where_it_stopped
 }
 
 #[test]
+fn the_longest_dedup_key_an_agency_can_cause_is_kept_and_found() {
+    let s = SledStore::temporary().unwrap();
+    // The agency token, then the longest message id the ingest accepts.
+    let longest = format!(
+        "{}/{}",
+        "a".repeat(64),
+        "m".repeat(yeongye_proto::rules::MAX_ID_LEN)
+    );
+    s.commit(&ChangeSet {
+        seen: vec![(longest.clone(), 1, [9; 32])],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.seen_digest(&longest).unwrap(), Some(vec![9; 32]));
+    assert!(!s.seen(&longest[..longest.len() - 1]).unwrap());
+}
+
+#[test]
+fn a_store_whose_bucket_secret_is_damaged_refuses_to_open_and_says_which_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = crate::store::reopen(|| sled::open(dir.path()));
+        db.insert(buckets::SECRET_KEY, &[1, 2, 3][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let e = crate::store::reopen(|| match SledStore::open(dir.path()) {
+        Ok(_) => Err("opened".to_owned()),
+        Err(e) if e.to_string().contains("lock") => Err(e.to_string()),
+        Err(e) => Ok(e.to_string()),
+    });
+    assert!(e.contains("m/bucket-key") && e.contains("16 bytes"), "{e}");
+}
+
+#[test]
 fn a_damaged_bucket_is_skipped_by_the_prune_and_the_others_are_pruned() {
     let s = SledStore::temporary().unwrap();
     s.commit(&ChangeSet {

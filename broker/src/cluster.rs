@@ -48,6 +48,8 @@ pub struct Member {
     /// How long applied message ids are kept (`dedup_retention_days`): a standby forgets
     /// older ones as the leader does, in the same bounded steps.
     retention: Duration,
+    /// `testing_takeover_delay_ms`.
+    takeover_delay: Duration,
 }
 
 impl Member {
@@ -84,6 +86,7 @@ impl Member {
             snapshots,
             snapshot_dir,
             retention,
+            takeover_delay: Duration::from_millis(cfg.testing_takeover_delay_ms),
         })
     }
 
@@ -210,10 +213,16 @@ impl Member {
         }
     }
 
-    /// Having taken the lease: reads the log to its end and appends, fenced, this broker's
-    /// `leader` record. Returns the writer to lead with, or None if another broker appended
-    /// first (the lease is then given back).
-    pub async fn take_over(&self, lease: Lease, mut tail: Tail) -> Result<Option<(Lease, Writer)>> {
+    /// Having taken the lease (term `term`), which [`Member::keep`] already renews: reads the
+    /// log to its end and appends, fenced, this broker's `leader` record. Returns the writer to
+    /// lead with, or None if another broker appended first or the lease was lost on the way
+    /// (`kept` cancelled); the caller gives the lease back.
+    pub async fn take_over(
+        &self,
+        term: u64,
+        mut tail: Tail,
+        kept: &CancellationToken,
+    ) -> Result<Option<Writer>> {
         let started = Instant::now();
         let last = log::extent(&self.js).await.map(|(_, last)| last)?;
         while tail.read < last {
@@ -229,10 +238,23 @@ impl Member {
         if last == 0 {
             self.snapshot_before_the_log().await?;
         }
-        let writer = Writer::new(self.js.clone(), &self.name, lease.term, last);
+        if !self.takeover_delay.is_zero() {
+            tracing::warn!(
+                delay_ms = self.takeover_delay.as_millis() as u64,
+                "TESTING: the takeover waits before its first append"
+            );
+            tokio::time::sleep(self.takeover_delay).await;
+        }
+        if kept.is_cancelled() {
+            // Catching up outlasted the lease (NATS unreachable for longer than its TTL): another
+            // broker may be taking over; the fence would settle it, but there is no need to try.
+            tracing::warn!(term, "lost the lease while catching up: following");
+            return Ok(None);
+        }
+        let writer = Writer::new(self.js.clone(), &self.name, term, last);
         let record = Record::Leader {
             name: self.name.clone(),
-            term: lease.term,
+            term,
         };
         match writer.append(&record).await {
             Ok(seq) => {
@@ -242,22 +264,18 @@ impl Member {
                     c.log_last = seq;
                 });
                 tracing::info!(
-                    term = lease.term,
+                    term,
                     seq,
                     caught_up_ms = started.elapsed().as_millis() as u64,
                     "leading"
                 );
-                Ok(Some((lease, writer)))
+                Ok(Some(writer))
             }
             Err(Error::Fenced { .. }) => {
                 tracing::warn!("another broker appended to the state log first: following");
-                self.leases.release(lease).await;
                 Ok(None)
             }
-            Err(e) => {
-                self.leases.release(lease).await;
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -303,9 +321,11 @@ impl Member {
         Ok(())
     }
 
-    /// While leading: renews the lease, on a task of its own (never starved by the event loop's
-    /// turns), until `token` is cancelled (then hands the lease back, to give back) or it is
-    /// lost (then cancels `token` and hands back None).
+    /// From the moment the lease is taken (catching up and the group's first snapshot can
+    /// outlast its TTL: at a million referrals that snapshot takes ~25 s) and while leading:
+    /// renews the lease, on a task of its own (never starved by the event loop's turns), until
+    /// `token` is cancelled (then hands the lease back, to give back) or it is lost (then
+    /// cancels `token` and hands back None).
     pub fn keep(
         &self,
         mut lease: Lease,

@@ -72,6 +72,9 @@ pub struct Config {
     /// Testing only: a file holding milliseconds added to the wall clock, re-read at every
     /// tick, so that tests can move time forward without sleeping. Never set in production.
     pub testing_clock_offset_file: Option<PathBuf>,
+    /// Testing only: a takeover waits this many milliseconds before its first append, as a
+    /// slow catch-up or a large first snapshot does (0..=60000). Never set in production.
+    pub testing_takeover_delay_ms: u64,
     /// Refuse inbound messages without a valid signature by a key of the sender's in the
     /// registry. On by default; turn off only for a closed test bench.
     pub require_signatures: bool,
@@ -182,6 +185,7 @@ impl fmt::Debug for Config {
             operators_file,
             http_limits,
             testing_clock_offset_file,
+            testing_takeover_delay_ms,
             require_signatures,
             signing_key_file,
             max_clock_skew_secs,
@@ -216,6 +220,7 @@ impl fmt::Debug for Config {
             .field("operators_file", operators_file)
             .field("http_limits", http_limits)
             .field("testing_clock_offset_file", testing_clock_offset_file)
+            .field("testing_takeover_delay_ms", testing_takeover_delay_ms)
             .field("require_signatures", require_signatures)
             .field("signing_key_file", signing_key_file)
             .field("max_clock_skew_secs", max_clock_skew_secs)
@@ -272,6 +277,7 @@ impl Default for Config {
             operators_file: None,
             http_limits: yeongye_http::Limits::default(),
             testing_clock_offset_file: None,
+            testing_takeover_delay_ms: 0,
             require_signatures: true,
             signing_key_file: None,
             max_clock_skew_secs: 300,
@@ -471,6 +477,12 @@ impl Config {
             return bad(format!(
                 "lease_ttl_secs {} is not within 2..=60",
                 self.lease_ttl_secs
+            ));
+        }
+        if self.testing_takeover_delay_ms > 60_000 {
+            return bad(format!(
+                "testing_takeover_delay_ms {} is over 60000",
+                self.testing_takeover_delay_ms
             ));
         }
         if !(10..=100_000_000).contains(&self.snapshot_every_records) {
@@ -683,6 +695,7 @@ mod tests {
             "lease_ttl_secs = 1",
             "lease_ttl_secs = 61",
             "snapshot_every_records = 9",
+            "testing_takeover_delay_ms = 60001",
             "http_allowed_hosts = [\"evil.example/x\"]",
             "[http_limits]\nheader_timeout_secs = 0",
             "operators_file = \"\"",

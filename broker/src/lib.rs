@@ -133,13 +133,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         let mut hold_off = std::time::Duration::ZERO;
         loop {
             let followed = member.follow(&mut command_rx, &token, hold_off).await;
+            hold_off = std::time::Duration::ZERO;
+            let lead_token = token.child_token();
             let taken = match followed {
-                Ok(Some((lease, tail))) => member.take_over(lease, tail).await,
+                Ok(Some((lease, tail))) => {
+                    // Renewed from now on: catching up may take longer than the lease lives,
+                    // and a standby taking it meanwhile would race this broker's first append.
+                    let keeper = member.keep(lease, lead_token.clone());
+                    match member.take_over(lease.term, tail, &lead_token).await {
+                        Ok(Some(writer)) => Ok(Some((keeper, writer))),
+                        not_leading => {
+                            lead_token.cancel();
+                            if let Some(lease) = keeper.await.unwrap_or(None) {
+                                member.release(lease).await;
+                            }
+                            not_leading.map(|_| None)
+                        }
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => Err(e),
             };
-            hold_off = std::time::Duration::ZERO;
-            let (lease, writer) = match taken {
+            let (keeper, writer) = match taken {
                 Ok(Some(taken)) => taken,
                 Ok(None) => continue,
                 // NATS unreachable, a stream without a leader for a while: follow again.
@@ -172,8 +187,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 signer: signer.clone(),
                 commands: http_state.commands.clone(),
             };
-            let lead_token = token.child_token();
-            let keeper = member.keep(lease, lead_token.clone());
             let leading = lead.run(writer, &mut command_rx, lead_token.clone());
             let led = leading.await;
             lead_token.cancel();

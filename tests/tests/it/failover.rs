@@ -381,14 +381,54 @@ async fn a_store_older_than_the_state_log_is_in_a_snapshot_before_the_first_reco
     ] {
         js.delete_stream(&stream).await.expect("delete");
     }
-    a.start_again().await;
+    // Its takeover now outlasts the lease's time to live, as a large store's first snapshot
+    // does (~25 s at a million referrals). The lease is renewed meanwhile, so a broker on an
+    // empty disk joining now neither takes it nor leads on its empty store (before, it did:
+    // broker-a's append was fenced, and the group led without broker-a's state).
+    let lease = |c: &mut BrokerConfig, delay_ms: i64| {
+        c.extra
+            .insert("lease_ttl_secs".into(), toml::Value::Integer(2));
+        c.extra.insert(
+            "testing_takeover_delay_ms".into(),
+            toml::Value::Integer(delay_ms),
+        );
+    };
+    lease(a.config_mut(), 5_000);
+    a.spawn();
+    let this_run = |log: String| {
+        log.rsplit("broker start #2")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let started = Instant::now();
+    while !this_run(std::fs::read_to_string(a.log_path()).unwrap_or_default())
+        .contains("TESTING: the takeover waits")
+    {
+        assert!(started.elapsed() < SHORT, "{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut b_config = config("broker-b");
+    lease(&mut b_config, 0);
+    let b = BrokerProcess::start_standby(&dir.path().join("broker-b"), b_config).await;
     a.wait_role("leader", SHORT).await;
-    let a_log = std::fs::read_to_string(a.log_path()).unwrap_or_default();
+    let a_log = this_run(std::fs::read_to_string(a.log_path()).unwrap_or_default());
     assert!(
         a_log.contains("a new log starts from this store")
             && a_log.contains("snapshot stored at position 0"),
         "{}",
         a.log_tail()
+    );
+    assert!(
+        !a_log.contains("lease had expired") && !a_log.contains("lost the lease"),
+        "broker-a's lease lapsed during its takeover\n{}",
+        a.log_tail()
+    );
+    let b_log = std::fs::read_to_string(b.log_path()).unwrap_or_default();
+    assert!(
+        !b_log.contains("took the lease"),
+        "broker-b took the lease while broker-a was taking over\n{}",
+        b.log_tail()
     );
     // Stored before the first record: nothing committed since, and already in the bucket.
     let snapshots = snapshot::Snapshots::open(&js, 1).await.expect("bucket");
@@ -405,8 +445,8 @@ async fn a_store_older_than_the_state_log_is_in_a_snapshot_before_the_first_reco
         0
     );
 
-    // A broker on an empty disk, joining at once, ends with broker-a's store.
-    let b = BrokerProcess::start_standby(&dir.path().join("broker-b"), config("broker-b")).await;
+    // broker-b, which joined on an empty disk before the snapshot was stored, ends with
+    // broker-a's store.
     assert_identical(&a, &b, || {
         format!(
             "--- broker-a ---\n{}\n--- broker-b ---\n{}",

@@ -81,6 +81,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     if signer.is_none() {
         tracing::warn!("no signing_key_file: the broker's messages go out unsigned");
     }
+    // Opening the store (sled replays its log since the last open) and restoring an empty one
+    // from a snapshot are bulk reads: freed memory goes back at once until they are done.
+    let start_up = yeongye_alloc::purge_at_once();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
     if let Some(path) = &cfg.testing_clock_offset_file {
         clock::use_offset_file(path.clone());
@@ -102,6 +105,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     nats::ensure_streams(&js, &cfg).await?;
     nats::ensure_agency_consumers(&js, &registry).await?;
     let member = cluster::Member::join(js.clone(), &cfg, store.clone(), ops.clone()).await?;
+    drop(start_up);
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();

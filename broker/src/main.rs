@@ -252,10 +252,9 @@ enum AuditCommand {
     Show { referral_id: String },
 }
 
-/// sled allocates and frees per write, the NATS client per message: glibc's malloc took about
-/// an eighth of the broker's CPU under load (docs/PERFORMANCE.md).
+/// mimalloc, freed memory returned at once during bulk reads of the store (`yeongye-alloc`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: yeongye_alloc::MiMalloc = yeongye_alloc::MiMalloc;
 
 fn main() -> ExitCode {
     // RUST_LOG governs; the NATS client is capped (see log_filter).

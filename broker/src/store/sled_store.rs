@@ -786,6 +786,8 @@ impl Store for SledStore {
             return Ok(false);
         }
         let started = Instant::now();
+        // sled replays its log on open: a bulk read (`yeongye-alloc`).
+        let _bulk = yeongye_alloc::purge_at_once();
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         // Dropped (closed) at the end of this statement unless its flush failed.
         if let Some(db) = slot.take()

@@ -370,6 +370,47 @@ impl Member {
     }
 }
 
+/// A store that followed this group's log (position > 0) but stopped before the record the log
+/// now starts at (trimmed behind two snapshots while this broker was away) cannot catch up by
+/// following. If a snapshot covers the log's start, returns (position, first): the caller moves
+/// the store aside ([`move_aside`]) and starts on an empty one, which [`Member::join`] restores
+/// from that snapshot. A store at position 0 that holds state (from before the state log) is
+/// never moved: that state may be in no record, and [`Member::join`] refuses it as before.
+pub async fn behind_the_log(
+    js: &jetstream::Context,
+    store: &dyn Store,
+    replicas: usize,
+) -> Result<Option<(u64, u64)>> {
+    let position = store.state_position()?;
+    if position == 0 {
+        return Ok(None);
+    }
+    log::ensure_stream(js, replicas).await?;
+    let (first, _) = log::extent(js).await?;
+    if position + 1 >= first {
+        return Ok(None);
+    }
+    let snapshots = snapshot::Snapshots::open(js, replicas).await?;
+    let newest = snapshots.positions().await?.last().copied();
+    Ok(match newest {
+        Some(at) if at + 1 >= first => Some((position, first)),
+        _ => None,
+    })
+}
+
+/// Moves a store directory that fell behind the log to `<dir>.behind` (replacing an earlier
+/// one: one stale copy is kept, for whoever wants to look, never more) and returns that path.
+pub fn move_aside(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".behind");
+    let aside = std::path::PathBuf::from(aside);
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside)?;
+    }
+    std::fs::rename(dir, &aside)?;
+    Ok(aside)
+}
+
 /// A broker on an empty store starts from the newest snapshot (if any), then follows the log
 /// from its position. A store that is not empty but behind the log's start (trimmed past it)
 /// cannot catch up: that is an error saying what to do.
@@ -384,10 +425,13 @@ async fn restore_if_empty(
     let (first, _) = log::extent(js).await?;
     if !empty {
         if position + 1 < first {
+            // A store that followed the log is moved aside before this (`behind_the_log`) when
+            // a snapshot covers the log's start; this is a store from before the log, or one no
+            // snapshot can replace.
             return Err(Error::InvalidConfig(format!(
                 "this broker's store is at state-log position {position}, but the log now starts \
-                 at {first} (trimmed behind a snapshot): move the store directory away and start \
-                 again, to restore from the newest snapshot"
+                 at {first} (trimmed behind a snapshot) and no stored snapshot replaces it: move \
+                 the store directory away and start again once a snapshot is stored"
             )));
         }
         return Ok(());

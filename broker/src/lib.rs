@@ -84,7 +84,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     // Opening the store (sled replays its log since the last open) and restoring an empty one
     // from a snapshot are bulk reads: freed memory goes back at once until they are done.
     let start_up = yeongye_alloc::purge_at_once();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
+    let mut store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
     if let Some(path) = &cfg.testing_clock_offset_file {
         clock::use_offset_file(path.clone());
     }
@@ -97,13 +97,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         nats = ?cfg.redacted_urls(),
         "starting"
     );
-    let view = ops::load_view(store.as_ref())?;
-    let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
-
     let client = nats::connect(&cfg).await?;
     let js = nats::context(client.clone());
     nats::ensure_streams(&js, &cfg).await?;
     nats::ensure_agency_consumers(&js, &registry).await?;
+    // A standby away for long: its store is behind the trimmed log, so it starts again from
+    // the newest snapshot (restored by `join`) instead of refusing to start.
+    if let Some((position, first)) =
+        cluster::behind_the_log(&js, store.as_ref(), cfg.stream_replicas).await?
+    {
+        drop(store);
+        let aside = cluster::move_aside(&cfg.store_dir)?;
+        tracing::warn!(
+            position,
+            log_starts_at = first,
+            moved_to = %aside.display(),
+            "this store is behind the trimmed state log: moved aside; starting from the newest \
+             snapshot (the copy aside may be deleted)"
+        );
+        store = Arc::new(SledStore::open(&cfg.store_dir)?);
+    }
+    let view = ops::load_view(store.as_ref())?;
+    let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
     let member = cluster::Member::join(js.clone(), &cfg, store.clone(), ops.clone()).await?;
     drop(start_up);
 

@@ -294,8 +294,23 @@ async fn a_leader_paused_past_its_lease_is_fenced_steps_down_and_publishes_nothi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_on_an_empty_disk_restores_the_newest_snapshot_and_the_log_is_trimmed() {
-    let g = Group::start_with(&[("snapshot_every_records", toml::Value::Integer(10))]).await;
+async fn a_broker_on_an_empty_or_stale_disk_restores_the_newest_snapshot_and_the_log_is_trimmed() {
+    let mut g = Group::start_with(&[("snapshot_every_records", toml::Value::Integer(10))]).await;
+    // broker-b goes away once its store has followed the log, and stays away while the log is
+    // trimmed past it.
+    let start = Instant::now();
+    while g
+        .b
+        .cluster()
+        .await
+        .and_then(|c| c["state_log_position"].as_u64())
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(start.elapsed() < SHORT, "{}", g.describe());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g.b.stop().await;
     let sent = Arc::new(AtomicUsize::new(0));
     // One at a time: many small turns, so many state-log records and several snapshots.
     let ids = g.traffic(120, 1, sent.clone()).await.expect("the sender");
@@ -329,6 +344,32 @@ async fn a_broker_on_an_empty_disk_restores_the_newest_snapshot_and_the_log_is_t
     );
     assert_identical(&g.a, &c, || {
         format!("{}\n--- broker-c ---\n{}", g.describe(), c.log_tail())
+    })
+    .await;
+
+    // broker-b comes back on its store, now behind the log's start: it is moved aside (kept
+    // once), and broker-b starts from the newest snapshot instead of refusing to start.
+    g.b.spawn();
+    g.b.wait_role("standby", SHORT).await;
+    let log_text = std::fs::read_to_string(g.b.log_path()).unwrap_or_default();
+    let this_run = log_text
+        .rsplit("broker start #2")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        this_run.contains("behind the trimmed state log: moved aside")
+            && this_run.contains("restored from the newest snapshot"),
+        "{}",
+        g.b.log_tail()
+    );
+    let mut aside = g.b.config().store_dir.clone().into_os_string();
+    aside.push(".behind");
+    assert!(
+        std::path::Path::new(&aside).join("db").exists(),
+        "the old store is kept at {aside:?}"
+    );
+    assert_identical(&g.a, &g.b, || {
+        format!("{}\n--- broker-b ---\n{}", g.describe(), g.b.log_tail())
     })
     .await;
 }

@@ -56,6 +56,8 @@ const AUDIT_HEAD: &[u8] = b"m/audit-head";
 /// Marks a store (before view counts) whose every referral had a `v/` summary.
 const SUMMARIES: &[u8] = b"m/summaries";
 const COUNTS: &[u8] = b"m/view-counts";
+/// A background step longer than this is logged with where its time went (issue 17's bound).
+const SLOW_STEP: Duration = Duration::from_millis(50);
 /// sled's page cache, bytes.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// Referrals migrated per batch when an older store is opened.
@@ -642,6 +644,7 @@ impl Store for SledStore {
             *last += 1;
         }
         let (mut read, mut forgotten, mut last) = (0, 0, None);
+        let started = Instant::now();
         for kv in db.range(from..end).take(budget) {
             let (k, v) = kv?;
             read += 1;
@@ -676,8 +679,21 @@ impl Store for SledStore {
         // Not flushed here: a prune promises nothing, so its writes go out with sled's own
         // flush (every half second) or the next commit's, and a crash before that only leaves
         // them to be forgotten again. A flush here held the loop for a disk's stall.
+        let reading = started.elapsed();
         if forgotten > 0 {
             db.apply_batch(b)?;
+        }
+        let took = started.elapsed();
+        if took > SLOW_STEP {
+            // Which half stalled: reading (pages from disk) or writing (sled's log).
+            tracing::warn!(
+                took_ms = ms(took),
+                reading_ms = ms(reading),
+                writing_ms = ms(took.saturating_sub(reading)),
+                buckets = read,
+                forgotten,
+                "a prune step was slow"
+            );
         }
         Ok(PruneStep { forgotten, done })
     }
@@ -883,3 +899,7 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests;
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -183,7 +183,7 @@ async fn one_shot_commands() {
                 .unwrap();
         }
     });
-    broker.client.flush().await.unwrap();
+    synced(&broker.client).await;
     let out = cli(&config, &["status", &referral_id], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reply: v1::StatusReply = serde_json::from_slice(&out.stdout).unwrap();
@@ -334,7 +334,7 @@ async fn consent_commands() {
                 .unwrap();
         }
     });
-    broker.client.flush().await.unwrap();
+    synced(&broker.client).await;
     let out = cli(&config, &["consent", "show", &consent_id], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reply: v1::ConsentReply = serde_json::from_slice(&out.stdout).unwrap();

@@ -97,6 +97,21 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until the server has processed everything `client` sent before this call, its
+/// subscriptions included, by sending itself a message and receiving it. `Client::flush` only
+/// writes the socket: a request another connection makes next can reach the server first and
+/// find no responder (a flake seen in CI under load).
+pub(crate) async fn synced(client: &async_nats::Client) {
+    use futures::StreamExt as _;
+    let probe = client.new_inbox();
+    let mut echo = client.subscribe(probe.clone()).await.unwrap();
+    client.publish(probe, "sync".into()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), echo.next())
+        .await
+        .expect("the server echoes within 10 s")
+        .expect("the probe comes back");
+}
+
 /// What the broker sets up: both streams and the agency's consumer.
 pub(crate) struct Broker {
     pub(crate) js: jetstream::Context,

@@ -156,7 +156,7 @@ async fn consent_messages_are_stored_with_their_message_ids() {
                 .unwrap();
         }
     });
-    broker.client.flush().await.unwrap();
+    synced(&broker.client).await;
     let reply = adapter.consent(&consent_id).await.unwrap();
     assert!(reply.revoked);
     assert_eq!(reply.grant.unwrap().consent_id, consent_id);
@@ -369,7 +369,7 @@ async fn status_query_uses_the_private_inbox() {
                 .unwrap();
         }
     });
-    broker.flush().await.unwrap();
+    synced(&broker).await;
 
     let adapter = Adapter::connect(config(&server, state.path()))
         .await
@@ -489,7 +489,7 @@ async fn incoming_waits_for_the_broker_to_create_the_consumer() {
         .subscribe(format!("$JS.API.CONSUMER.INFO.{}.>", subject::OUT_STREAM))
         .await
         .unwrap();
-    watcher.flush().await.unwrap();
+    synced(&watcher).await;
     let adapter = Adapter::connect(config(&server, state.path()))
         .await
         .unwrap();

@@ -56,7 +56,7 @@ impl Drop for PurgeAtOnce {
 }
 
 /// The purge delay in force, milliseconds (mimalloc reads it at each decision to purge).
-pub fn purge_delay_ms() -> c_long {
+fn purge_delay_ms() -> c_long {
     #[allow(unsafe_code)]
     // SAFETY: `mi_option_get` takes an option index, has no other precondition, and only
     // reads the option (an index out of range is checked against `_mi_option_last`).

@@ -26,6 +26,11 @@ fn offset() -> Millis {
         .unwrap_or(0)
 }
 
+/// A duration in whole milliseconds, for logs and metrics (saturating).
+pub fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> Millis {
     #[allow(clippy::disallowed_methods)]

@@ -240,7 +240,7 @@ impl Member {
         }
         if !self.takeover_delay.is_zero() {
             tracing::warn!(
-                delay_ms = self.takeover_delay.as_millis() as u64,
+                delay_ms = crate::clock::ms(self.takeover_delay),
                 "TESTING: the takeover waits before its first append"
             );
             tokio::time::sleep(self.takeover_delay).await;
@@ -365,8 +365,17 @@ impl Member {
         })
     }
 
-    pub async fn release(&self, lease: Lease) {
-        self.leases.release(lease).await;
+    /// Stops [`Member::keep`]'s renewals (cancels `token`) and gives the lease back if it
+    /// was still held.
+    pub async fn give_back(
+        &self,
+        token: &CancellationToken,
+        keeper: tokio::task::JoinHandle<Option<Lease>>,
+    ) {
+        token.cancel();
+        if let Some(lease) = keeper.await.unwrap_or(None) {
+            self.leases.release(lease).await;
+        }
     }
 }
 
@@ -477,3 +486,4 @@ pub(crate) fn not_leading(leader: Option<&str>) -> String {
         None => "this broker is a standby and no broker leads right now: try again".to_owned(),
     }
 }
+

@@ -162,10 +162,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                     match member.take_over(lease.term, tail, &lead_token).await {
                         Ok(Some(writer)) => Ok(Some((keeper, writer))),
                         not_leading => {
-                            lead_token.cancel();
-                            if let Some(lease) = keeper.await.unwrap_or(None) {
-                                member.release(lease).await;
-                            }
+                            member.give_back(&lead_token, keeper).await;
                             not_leading.map(|_| None)
                         }
                     }
@@ -208,12 +205,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             };
             let leading = lead.run(writer, &mut command_rx, lead_token.clone());
             let led = leading.await;
-            lead_token.cancel();
-            let kept = keeper.await.unwrap_or(None);
             ops.set_cluster(|c| c.leading = false);
-            if let Some(lease) = kept {
-                member.release(lease).await;
-            }
+            member.give_back(&lead_token, keeper).await;
             match led {
                 _ if token.is_cancelled() => return led.map(|_| ()),
                 Ok(server::Stop::StepDown) => hold_off = STEP_DOWN_HOLD_OFF,

@@ -104,8 +104,8 @@ impl Background {
                         tracing::info!(
                             forgotten = prune.forgotten,
                             steps = prune.steps,
-                            longest_step_ms = ms(prune.longest),
-                            took_ms = ms(prune.started.elapsed()),
+                            longest_step_ms = clock::ms(prune.longest),
+                            took_ms = clock::ms(prune.started.elapsed()),
                             "pruned applied message ids past retention"
                         );
                     }
@@ -125,10 +125,6 @@ impl Background {
             .pruning
             .store(false, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -687,9 +687,9 @@ impl Store for SledStore {
         if took > SLOW_STEP {
             // Which half stalled: reading (pages from disk) or writing (sled's log).
             tracing::warn!(
-                took_ms = ms(took),
-                reading_ms = ms(reading),
-                writing_ms = ms(took.saturating_sub(reading)),
+                took_ms = crate::clock::ms(took),
+                reading_ms = crate::clock::ms(reading),
+                writing_ms = crate::clock::ms(took.saturating_sub(reading)),
                 buckets = read,
                 forgotten,
                 "a prune step was slow"
@@ -820,7 +820,7 @@ impl Store for SledStore {
         let written = self.written.swap(0, Ordering::Relaxed);
         tracing::info!(
             written_mb = written >> 20,
-            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            took_ms = crate::clock::ms(started.elapsed()),
             "store reopened: sled wrote its recovery snapshot"
         );
         Ok(true)
@@ -899,7 +899,3 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests;
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}

@@ -487,3 +487,51 @@ pub(crate) fn not_leading(leader: Option<&str>) -> String {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::move_aside;
+
+    #[test]
+    fn a_store_moved_aside_keeps_one_copy_and_leaves_the_path_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let aside = dir.path().join("store.behind");
+        for round in ["first", "second"] {
+            std::fs::create_dir_all(&store).unwrap();
+            std::fs::write(store.join("db"), round).unwrap();
+            assert_eq!(move_aside(&store).unwrap(), aside);
+            assert!(
+                !store.exists(),
+                "the store's path is free for an empty store"
+            );
+            // The newest stale copy replaces the earlier one: one is kept, never more.
+            assert_eq!(std::fs::read_to_string(aside.join("db")).unwrap(), round);
+        }
+        let entries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(entries, 1, "nothing but the one copy");
+    }
+
+    #[test]
+    fn a_copy_aside_that_is_a_symlink_is_removed_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep"), "not the broker's").unwrap();
+        let store = dir.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("store.behind")).unwrap();
+        move_aside(&store).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(elsewhere.join("keep")).unwrap(),
+            "not the broker's"
+        );
+        assert!(dir.path().join("store.behind").is_dir());
+    }
+
+    #[test]
+    fn a_store_that_is_not_there_is_an_error_and_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(move_aside(&dir.path().join("missing")).is_err());
+        assert!(!dir.path().join("missing.behind").exists());
+    }
+}

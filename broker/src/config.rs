@@ -665,6 +665,14 @@ mod tests {
             ("unknown_key = 1", "unknown field"),
             ("batch_size = \"ten\"", "batch_size"),
             ("batch_size = -1", "batch_size"),
+            (
+                "testing_takeover_delay_ms = -1",
+                "testing_takeover_delay_ms",
+            ),
+            (
+                "testing_takeover_delay_ms = \"5s\"",
+                "testing_takeover_delay_ms",
+            ),
             ("[receipt_deadline_secs]\nweekly = 3", "weekly"),
             ("[receipt_deadline_secs]\ncrisis = 3", "missing field"),
             ("http_addr = \"localhost\"", "http_addr"),

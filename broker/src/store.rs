@@ -132,7 +132,8 @@ impl ChangeSet {
 /// deadlines, dead letters, consents, the audit log, the checkpoint, the view's counters, and
 /// how many applied ids it keeps — in its logical form (the same records whatever the engine
 /// or its on-disk layout): two brokers of a group that applied the same state log have the
-/// same digest. Reads every record: for operators and tests, not for the event loop.
+/// same digest. Reads every record, one at a time: for operators and tests, not for the
+/// event loop.
 pub fn digest(store: &dyn Store) -> Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -141,29 +142,33 @@ pub fn digest(store: &dyn Store) -> Result<[u8; 32]> {
         h.update((bytes.len() as u64).to_be_bytes());
         h.update(bytes);
     };
-    for r in store.referrals()? {
+    store.for_each_referral(&mut |r| {
         part("r", &codec::encode_referral(&r));
-    }
+        Ok(())
+    })?;
     for e in store.outbox()? {
         part("o", &e.key.to_be_bytes());
         part("O", &codec::encode_outbox(&e));
     }
-    for d in store.due(Millis::MAX, usize::MAX)? {
+    store.for_each_deadline(&mut |d| {
         part(
             "t",
             format!("{}/{:?}/{}", d.at, d.kind, d.referral_id).as_bytes(),
         );
-    }
+        Ok(())
+    })?;
     for d in store.dead_letters()? {
         part("x", &codec::encode_dead_letter(&d));
     }
-    for c in store.consents()? {
+    store.for_each_consent(&mut |c| {
         part("c", &codec::encode_consent(&c));
-    }
-    for (seq, bytes) in store.audit_raw()? {
+        Ok(())
+    })?;
+    store.for_each_audit(&mut |seq, bytes| {
         part("a", &seq.to_be_bytes());
         part("A", &bytes);
-    }
+        Ok(())
+    })?;
     part("k", &store.checkpoint()?.to_be_bytes());
     part("m", &codec::encode_counts(&store.counts()?));
     part("s", &store.stats()?.seen.to_be_bytes());

@@ -728,11 +728,10 @@ impl Store for SledStore {
 
     fn referrals(&self) -> Result<Vec<Referral>> {
         let mut out = Vec::new();
-        for kv in self.db()?.scan_prefix(b"r/") {
-            let (k, v) = kv?;
-            let id = String::from_utf8_lossy(&k[2..]).into_owned();
-            out.push(codec::decode_referral(&id, &v)?);
-        }
+        self.for_each_referral(&mut |r| {
+            out.push(r);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -780,13 +779,10 @@ impl Store for SledStore {
 
     fn consents(&self) -> Result<Vec<Consent>> {
         let mut out = Vec::new();
-        for kv in self.db()?.scan_prefix(b"c/") {
-            let (k, v) = kv?;
-            out.push(codec::decode_consent(
-                &String::from_utf8_lossy(&k[2..]),
-                &v,
-            )?);
-        }
+        self.for_each_consent(&mut |c| {
+            out.push(c);
+            Ok(())
+        })?;
         Ok(out)
     }
 

@@ -204,7 +204,19 @@ fn deadlines_order_by_time_and_remove(s: &dyn Store) {
     assert_eq!(s.stats().unwrap().deadlines, 2);
 }
 
-/// The one-at-a-time reads a snapshot makes hold what the whole reads hold, in their order.
+/// What a one-at-a-time read hands its visitor, in order.
+fn collected<T>(read: impl FnOnce(&mut dyn FnMut(T) -> Result<()>) -> Result<()>) -> Vec<T> {
+    let mut out = Vec::new();
+    read(&mut |item| {
+        out.push(item);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+/// The one-at-a-time reads a snapshot makes hold what the whole reads hold, in their order
+/// (checked against what was committed too: a store may derive one read from the other).
 fn reads_one_at_a_time_are_the_whole_reads(s: &dyn Store) {
     s.commit(&ChangeSet {
         deadlines_put: vec![deadline(300, "c"), deadline(100, "a"), deadline(200, "b")],
@@ -216,29 +228,18 @@ fn reads_one_at_a_time_are_the_whole_reads(s: &dyn Store) {
         ..Default::default()
     })
     .unwrap();
-    let mut deadlines = Vec::new();
-    s.for_each_deadline(&mut |d| {
-        deadlines.push(d);
-        Ok(())
-    })
-    .unwrap();
+    let deadlines = collected(|f| s.for_each_deadline(f));
     assert_eq!(deadlines, s.due(Millis::MAX, usize::MAX).unwrap());
-    assert_eq!(deadlines.len(), 3);
-    let mut consents = Vec::new();
-    s.for_each_consent(&mut |c| {
-        consents.push(c);
-        Ok(())
-    })
-    .unwrap();
+    let deadline_ids: Vec<_> = deadlines.iter().map(|d| d.referral_id.as_str()).collect();
+    assert_eq!(deadline_ids, ["a", "b", "c"], "earliest first");
+    let consents = collected(|f| s.for_each_consent(f));
     assert_eq!(consents, s.consents().unwrap());
-    assert_eq!(consents.len(), 2);
-    let mut referrals = Vec::new();
-    s.for_each_referral(&mut |r| {
-        referrals.push(r);
-        Ok(())
-    })
-    .unwrap();
+    let consent_ids: Vec<_> = consents.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(consent_ids, ["k1", "k2"]);
+    let referrals = collected(|f| s.for_each_referral(f));
     assert_eq!(referrals, s.referrals().unwrap());
+    let referral_ids: Vec<_> = referrals.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(referral_ids, ["r1", "r2"], "in id order");
     // A visitor's failure ends the read with it.
     let mut calls = 0;
     let failed = s.for_each_deadline(&mut |_| {

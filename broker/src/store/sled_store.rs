@@ -145,6 +145,13 @@ impl SledStore {
         SledStore::on(open_db(dir)?, Some(dir.to_path_buf()))
     }
 
+    /// Reopens for sled's snapshot once `bytes` of records were committed since the open
+    /// (see [`SledStore::snapshot_if_due`]), instead of [`SNAPSHOT_AFTER_BYTES`]: for tests.
+    pub fn reopen_after(mut self, bytes: u64) -> SledStore {
+        self.snapshot_after = bytes.max(1);
+        self
+    }
+
     fn on(db: sled::Db, dir: Option<PathBuf>) -> Result<SledStore> {
         let outbox_floor = match db.scan_prefix(b"o/").keys().next_back() {
             Some(k) => u64_from("outbox", &k?[2..])?.saturating_add(1),
@@ -181,6 +188,10 @@ impl SledStore {
         Ok(store)
     }
 
+    /// The open database, read-locked until the guard is dropped. Never take it again while
+    /// holding it (nor call another method that does, nor the store from a visitor): a reopen
+    /// waiting for the write lock queues every later reader behind it, so a second read lock
+    /// on the same thread waits for a writer that waits for the first (a deadlock).
     fn db(&self) -> Result<Db<'_>> {
         let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
@@ -192,15 +203,16 @@ impl SledStore {
     /// A store written before view counts gets them once: from its `v/` summaries (then kept
     /// only for watched referrals), or, older still, from its referrals.
     fn add_missing_counts(&self) -> Result<()> {
-        if self.db()?.contains_key(COUNTS)? {
+        let db = self.db()?;
+        if db.contains_key(COUNTS)? {
             return Ok(());
         }
-        let from_summaries = self.db()?.contains_key(SUMMARIES)?;
+        let from_summaries = db.contains_key(SUMMARIES)?;
         let mut counts = Counts::default();
         let mut b = sled::Batch::default();
         let (mut in_batch, mut seen) = (0, 0usize);
         let prefix: &[u8] = if from_summaries { b"v/" } else { b"r/" };
-        for kv in self.db()?.scan_prefix(prefix) {
+        for kv in db.scan_prefix(prefix) {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[2..]).into_owned();
             let summary = if from_summaries {
@@ -219,14 +231,14 @@ impl SledStore {
             in_batch += 1;
             seen += 1;
             if in_batch == MIGRATE_BATCH {
-                self.db()?.apply_batch(std::mem::take(&mut b))?;
+                db.apply_batch(std::mem::take(&mut b))?;
                 in_batch = 0;
             }
         }
         b.insert(COUNTS, codec::encode_counts(&counts));
         b.remove(SUMMARIES);
-        self.db()?.apply_batch(b)?;
-        self.db()?.flush()?;
+        db.apply_batch(b)?;
+        db.flush()?;
         if seen > 0 {
             tracing::info!(
                 referrals = seen,
@@ -263,16 +275,6 @@ impl SledStore {
                 b.remove(k);
                 n += 1;
             }
-        }
-        Ok(n)
-    }
-
-    /// How many applied ids the buckets hold (reads every bucket).
-    fn count_bucketed(&self) -> Result<u64> {
-        let mut n = 0;
-        for kv in self.db()?.scan_prefix(buckets::PREFIX) {
-            let (k, v) = kv?;
-            n += buckets::decode(&k, &v)?.len() as u64;
         }
         Ok(n)
     }
@@ -347,6 +349,16 @@ const TOUCH_BYTES: usize = 1024;
 /// pages of audit segments (~100 KB each), +400 MB. Looked up again in proportion to its
 /// bytes, a page is reported as used often enough that the cache keeps up, and what a scan
 /// keeps stays near the cache's capacity whatever the store's size.
+/// How many applied ids the buckets hold (reads every bucket).
+fn count_bucketed(db: &sled::Db) -> Result<u64> {
+    let mut n = 0;
+    for kv in db.scan_prefix(buckets::PREFIX) {
+        let (k, v) = kv?;
+        n += buckets::decode(&k, &v)?.len() as u64;
+    }
+    Ok(n)
+}
+
 fn touch(db: &sled::Db, key: &[u8], value_len: usize) -> Result<()> {
     for _ in 0..value_len.div_ceil(TOUCH_BYTES) {
         db.get(key)?;
@@ -714,7 +726,7 @@ impl Store for SledStore {
         if !self.legacy.load(Ordering::Relaxed) {
             return Ok(());
         }
-        for kv in self.db()?.scan_prefix(b"s/") {
+        for kv in db.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let dedup_key = String::from_utf8_lossy(&k[2..]);
             let at = time_from_be(&v).ok_or_else(|| Error::CorruptRecord {
@@ -789,7 +801,8 @@ impl Store for SledStore {
     /// sled 0.34 writes its recovery snapshot only when it opens a database, so a start
     /// replays every write since the last open: after a long run, minutes and a lot of memory.
     /// Once [`SNAPSHOT_AFTER_BYTES`] were committed, this closes the database and opens it
-    /// again (readers wait; about as long as a broker restart takes).
+    /// again (readers wait; about as long as a broker restart takes, whatever was written:
+    /// a standby calls it, never a leader's loop).
     fn snapshot_if_due(&self) -> Result<bool> {
         let Some(dir) = &self.dir else {
             return Ok(false);
@@ -888,7 +901,7 @@ impl Store for SledStore {
             outbox: count(b"o/"),
             deadlines: count(b"t/"),
             dead_letters: count(b"x/"),
-            seen: count(b"s/") + self.count_bucketed()?,
+            seen: count(b"s/") + count_bucketed(&db)?,
         })
     }
 }

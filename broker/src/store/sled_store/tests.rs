@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::referral::State;
+use std::sync::Arc;
 
 fn referral(id: &str) -> Referral {
     crate::store::contract::referral(id, State::Submitted)
@@ -439,4 +440,57 @@ fn a_reopen_for_the_snapshot_keeps_everything_and_appends_go_on() {
         Ok(2)
     );
     assert!(!SledStore::temporary().unwrap().snapshot_if_due().unwrap());
+}
+
+/// A reopen waits for the write lock while operators read (a digest, the stats): no reader
+/// may take the read lock twice, or it waits behind the reopen that waits for it. Run in a
+/// thread with a deadline, so that a deadlock fails the test instead of hanging it.
+#[test]
+fn reopens_while_operators_read_do_not_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(crate::store::reopen(|| SledStore::open(dir.path())).reopen_after(1));
+    let mut counts = Counts::default();
+    commit_referrals(&s, &mut counts, &[(None, &referral("r0"))]);
+    s.commit(&ChangeSet {
+        seen: vec![("m0".into(), 5, [0; 32])],
+        ..Default::default()
+    })
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                crate::store::digest(s.as_ref()).unwrap();
+                assert_eq!(s.stats().unwrap().seen, 1);
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let mut counts = counts;
+            let mut reopens = 0;
+            for i in 1..=30 {
+                commit_referrals(&s, &mut counts, &[(None, &referral(&format!("r{i}")))]);
+                if s.snapshot_if_due().unwrap() {
+                    reopens += 1;
+                }
+            }
+            let _ = done.send(reopens);
+        })
+    };
+    let reopens = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("reopens and reads deadlocked (nothing finished in 60 s)");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let reads = reader.join().unwrap();
+    assert_eq!(reopens, 30);
+    assert!(reads > 0);
+    assert_eq!(s.referrals().unwrap().len(), 31);
 }

@@ -75,6 +75,10 @@ pub struct Config {
     /// Testing only: a takeover waits this many milliseconds before its first append, as a
     /// slow catch-up or a large first snapshot does (0..=60000). Never set in production.
     pub testing_takeover_delay_ms: u64,
+    /// Testing only: a standby reopens its store (so that sled writes its recovery snapshot)
+    /// once this many bytes of records were applied since it opened it, instead of 1 GiB
+    /// (1..). Never set in production.
+    pub testing_store_reopen_after_bytes: Option<u64>,
     /// Refuse inbound messages without a valid signature by a key of the sender's in the
     /// registry. On by default; turn off only for a closed test bench.
     pub require_signatures: bool,
@@ -186,6 +190,7 @@ impl fmt::Debug for Config {
             http_limits,
             testing_clock_offset_file,
             testing_takeover_delay_ms,
+            testing_store_reopen_after_bytes,
             require_signatures,
             signing_key_file,
             max_clock_skew_secs,
@@ -221,6 +226,10 @@ impl fmt::Debug for Config {
             .field("http_limits", http_limits)
             .field("testing_clock_offset_file", testing_clock_offset_file)
             .field("testing_takeover_delay_ms", testing_takeover_delay_ms)
+            .field(
+                "testing_store_reopen_after_bytes",
+                testing_store_reopen_after_bytes,
+            )
             .field("require_signatures", require_signatures)
             .field("signing_key_file", signing_key_file)
             .field("max_clock_skew_secs", max_clock_skew_secs)
@@ -278,6 +287,7 @@ impl Default for Config {
             http_limits: yeongye_http::Limits::default(),
             testing_clock_offset_file: None,
             testing_takeover_delay_ms: 0,
+            testing_store_reopen_after_bytes: None,
             require_signatures: true,
             signing_key_file: None,
             max_clock_skew_secs: 300,
@@ -485,6 +495,9 @@ impl Config {
                 self.testing_takeover_delay_ms
             ));
         }
+        if self.testing_store_reopen_after_bytes == Some(0) {
+            return bad("testing_store_reopen_after_bytes must be at least 1".to_owned());
+        }
         if !(10..=100_000_000).contains(&self.snapshot_every_records) {
             return bad(format!(
                 "snapshot_every_records {} is not within 10..=100000000",
@@ -673,6 +686,14 @@ mod tests {
                 "testing_takeover_delay_ms = \"5s\"",
                 "testing_takeover_delay_ms",
             ),
+            (
+                "testing_store_reopen_after_bytes = -1",
+                "testing_store_reopen_after_bytes",
+            ),
+            (
+                "testing_store_reopen_after_bytes = \"1GB\"",
+                "testing_store_reopen_after_bytes",
+            ),
             ("[receipt_deadline_secs]\nweekly = 3", "weekly"),
             ("[receipt_deadline_secs]\ncrisis = 3", "missing field"),
             ("http_addr = \"localhost\"", "http_addr"),
@@ -683,6 +704,7 @@ mod tests {
         for text in [
             "nats_urls = []",
             "batch_size = 0",
+            "testing_store_reopen_after_bytes = 0",
             "dedup_retention_days = 1",
             "[receipt_deadline_secs]\ncrisis = 0\npriority = 1\nroutine = 1",
             "[field_deadline_secs.weather]\nreceipt = 5",

@@ -67,6 +67,15 @@ const STREAM_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(
 /// again (it takes it back after that if no other broker did).
 const STEP_DOWN_HOLD_OFF: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The broker's store, at `store_dir`.
+fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
+    let store = SledStore::open(&cfg.store_dir)?;
+    Ok(Arc::new(match cfg.testing_store_reopen_after_bytes {
+        Some(bytes) => store.reopen_after(bytes),
+        None => store,
+    }))
+}
+
 /// Runs the broker until `shutdown` completes, then stops taking messages, finishes the batch in
 /// hand, gives its lease back if it leads, and returns once everything it committed is flushed.
 ///
@@ -84,7 +93,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     // Opening the store (sled replays its log since the last open) and restoring an empty one
     // from a snapshot are bulk reads: freed memory goes back at once until they are done.
     let start_up = yeongye_alloc::purge_at_once();
-    let mut store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store_dir)?);
+    let mut store = open_store(&cfg)?;
     if let Some(path) = &cfg.testing_clock_offset_file {
         clock::use_offset_file(path.clone());
     }
@@ -115,7 +124,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             "this store is behind the trimmed state log: moved aside; starting from the newest \
              snapshot (the copy aside may be deleted)"
         );
-        store = Arc::new(SledStore::open(&cfg.store_dir)?);
+        store = open_store(&cfg)?;
     }
     let view = ops::load_view(store.as_ref())?;
     let ops = Arc::new(ops::Ops::new(store.clone(), view, registry.clone()));
@@ -239,8 +248,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         tracing::warn!(cause = %e, "draining the nats connection");
     }
     result?;
+    snapshot_at_stop(store).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Once stopped, nothing waits on the store: if enough was written since it was opened, it
+/// reopens now so that sled writes its recovery snapshot and the next start replays little.
+/// A leader's loop never does that while it runs (it would hold every referral behind it);
+/// a standby does it between records. A failure is logged: the next start replays more.
+async fn snapshot_at_stop(store: Arc<dyn Store>) {
+    let started = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || store.snapshot_if_due()).await {
+        Ok(Ok(true)) => tracing::info!(
+            took_ms = clock::ms(started.elapsed()),
+            "store reopened at stop for its recovery snapshot"
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(cause = %e, "reopening the store at stop failed"),
+        Err(e) => tracing::warn!(cause = %e, "reopening the store at stop failed"),
+    }
 }
 
 /// What a broker needs to lead: the event loop and the query responder, for as long as its

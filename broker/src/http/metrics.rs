@@ -165,7 +165,7 @@ pub(super) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
     let steps = Family::<Labels, prometheus_client::metrics::counter::Counter<u64>>::default();
     reg.register(
         "background_steps",
-        "Steps of background work (prune: applied ids past retention; reopen: the store's snapshot) the event loop took between turns since start",
+        "Steps of background work (prune: applied ids past retention; reopen: the store's snapshot, a standby's only) the event loop took between turns since start",
         steps.clone(),
     );
     let longest = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();

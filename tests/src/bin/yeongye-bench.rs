@@ -113,6 +113,11 @@ struct Args {
     /// the newest 10,000 completed, applied ids pruned past retention).
     #[arg(long, value_delimiter = ',', default_value = "open,steady")]
     scale_profile: Vec<scale::Profile>,
+    /// The scale figures' first start as after a crash: the fill ends without the reopen a
+    /// stopped broker does (for sled's recovery snapshot), so the first start replays
+    /// everything the fill wrote, as a broker killed after leading that long does.
+    #[arg(long)]
+    scale_after_crash: bool,
     /// The scale figures only (filling a million referrals takes several minutes).
     #[arg(long, conflicts_with = "with_scale")]
     scale_only: bool,
@@ -277,6 +282,7 @@ async fn run(args: Args) -> Result<()> {
                     &args.scale,
                     args.message_bytes,
                     *profile,
+                    args.scale_after_crash,
                 )
                 .await?,
             );

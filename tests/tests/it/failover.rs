@@ -209,37 +209,37 @@ async fn wait_leading(broker: &mut BrokerProcess, since: Instant) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing_is_lost_or_doubled()
  {
-    let mut g = Group::start().await;
+    // Stores reopen for sled's snapshot after every 256 KiB of records (1 GiB in production):
+    // the standby reopens between the records it applies, many times; the leader never does.
+    let mut g = Group::start_with(&[(
+        "testing_store_reopen_after_bytes",
+        toml::Value::Integer(256 * 1024),
+    )])
+    .await;
     let sent = Arc::new(AtomicUsize::new(0));
     let traffic = g.traffic(1000, 4, sent.clone());
     wait_sent(&sent, 300, "traffic").await;
+    let reopens_b = wait_reopened(&g.b, || g.describe()).await;
+    assert_eq!(
+        reopens(&g.a).await,
+        0.0,
+        "the leader reopened its store\n{}",
+        g.describe()
+    );
+    eprintln!("the standby reopened its store {reopens_b} times so far; the leader never");
 
     let killed = Instant::now();
     g.a.kill9();
     let probe = g.send_probe().await;
     let led = wait_leading(&mut g.b, killed).await;
-    // Flowing again: the new leader commits inbound referrals (it counts a commit latency only
-    // for inbound messages it applied, and only while it leads).
-    let ops_b = OpsHttp::new(&g.b.config().http_addr);
-    loop {
-        let m = ops_b.metrics().await;
-        if m.get("yeongye_commit_latency_seconds_count", "")
-            .unwrap_or(0.0)
-            > 0.0
-        {
-            break;
-        }
-        assert!(
-            killed.elapsed() < REDELIVERY,
-            "broker-b never applied a referral\n{}",
-            g.describe()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Flowing again: the new leader commits inbound referrals.
+    wait_applied_as_leader(&g.b, || g.describe()).await;
     let flowing = killed.elapsed();
     eprintln!(
         "failover: broker-b led {led:?} after the kill; applied referrals again after {flowing:?}"
     );
+    // From here broker-b leads: its loop must not reopen.
+    let reopens_b = reopens(&g.b).await;
     assert!(
         flowing < Duration::from_secs(20),
         "referrals flowed again only {flowing:?} after the leader's kill"
@@ -251,11 +251,67 @@ async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing
     assert_eq!(ids.len(), 1000);
     ids.push(probe);
     g.assert_each_once(&ids).await;
+    assert_eq!(
+        reopens(&g.b).await,
+        reopens_b,
+        "broker-b reopened its store while it led\n{}",
+        g.describe()
+    );
 
-    // The killed broker comes back as a standby and catches up: both store the same.
+    // The killed broker comes back as a standby and catches up: both store the same (the
+    // store broker-b reopened many times as a standby included).
     g.a.spawn();
     g.a.wait_role("standby", SHORT).await;
     assert_identical(&g.a, &g.b, || g.describe()).await;
+}
+
+/// Waits until `broker` has committed inbound messages as the leader (it counts a commit
+/// latency only for inbound messages it applied, and only while it leads).
+async fn wait_applied_as_leader(broker: &BrokerProcess, context: impl Fn() -> String) {
+    let ops = OpsHttp::new(&broker.config().http_addr);
+    let start = Instant::now();
+    loop {
+        let m = ops.metrics().await;
+        if m.get("yeongye_commit_latency_seconds_count", "")
+            .unwrap_or(0.0)
+            > 0.0
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < REDELIVERY,
+            "{} never applied a referral as the leader\n{}",
+            broker.config().http_addr,
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many times `broker` reopened its store for sled's snapshot since it started.
+async fn reopens(broker: &BrokerProcess) -> f64 {
+    OpsHttp::new(&broker.config().http_addr)
+        .metrics()
+        .await
+        .get("yeongye_background_steps_total", "task=\"reopen\"")
+        .unwrap_or(0.0)
+}
+
+/// Waits until the standby `broker` has reopened its store at least once; returns how often.
+async fn wait_reopened(broker: &BrokerProcess, context: impl Fn() -> String) -> f64 {
+    let start = Instant::now();
+    loop {
+        let n = reopens(broker).await;
+        if n > 0.0 {
+            return n;
+        }
+        assert!(
+            start.elapsed() < SHORT,
+            "the standby never reopened its store\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,7 +560,10 @@ async fn a_store_older_than_the_state_log_is_in_a_snapshot_before_the_first_reco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_to_agencies() {
-    let mut g = Group::start().await;
+    // Any write makes a reopen for sled's snapshot due: a leader stopped by SIGTERM does it
+    // after its loop stopped, so that its next start replays little.
+    let mut g =
+        Group::start_with(&[("testing_store_reopen_after_bytes", toml::Value::Integer(1))]).await;
     let sent = Arc::new(AtomicUsize::new(0));
     let traffic = g.traffic(300, 2, sent.clone());
     wait_sent(&sent, 50, "traffic").await;
@@ -528,6 +587,9 @@ async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_
     // SIGTERM of the leader: it gives the lease back as it stops, and the other takes it
     // without waiting for the lease to run out.
     wait_sent(&sent, 150, "traffic").await;
+    // Once broker-b has committed referrals of its own as the leader (so that its store has
+    // something to reopen for at its stop).
+    wait_applied_as_leader(&g.b, || g.describe()).await;
     let stopped = Instant::now();
     g.b.stop().await;
     let led = wait_leading(&mut g.a, stopped).await;
@@ -537,6 +599,15 @@ async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_
     assert!(
         b_log.contains("gave the lease back"),
         "broker-b did not give its lease back as it stopped\n{}",
+        g.b.log_tail()
+    );
+    let (gave_back, reopened) = (
+        b_log.find("gave the lease back"),
+        b_log.find("store reopened at stop"),
+    );
+    assert!(
+        reopened > gave_back,
+        "broker-b did not reopen its store once stopped\n{}",
         g.b.log_tail()
     );
 

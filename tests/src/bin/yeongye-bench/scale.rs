@@ -333,6 +333,23 @@ pub(crate) fn fill(
     Ok(())
 }
 
+/// fsyncs every file under `dir`, and the directories.
+fn sync_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_files(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("sync {}", path.display()))?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("sync {}", dir.display()))
+}
+
 /// Fills a store to each size in `sizes` (ascending) and measures the broker on it.
 pub(crate) async fn run(
     nats_bin: &Path,
@@ -369,6 +386,15 @@ pub(crate) async fn run(
         })
         .await
         .context("fill task")??;
+        // The fill's files on disk before the broker starts: the kernel writes gigabytes of
+        // dirty pages back ~30 s after they were written, in the middle of the broker's first
+        // prune, and a disk busy with that stalls any sled write (a turn's commit as much as a
+        // prune step: 0.3-0.6 s with 3 GB of another file's pages written back, measured).
+        // The fill is the bench's setup, not the broker's run.
+        let store_c = store.clone();
+        tokio::task::spawn_blocking(move || sync_files(&store_c))
+            .await
+            .context("sync task")??;
         fill_secs += started.elapsed().as_secs_f64();
         filled = size;
         let store_bytes = procs::disk_usage(&store);

@@ -93,8 +93,8 @@ pub enum Task {
     /// Forgetting applied message ids past retention, a bounded step at a time.
     Prune,
     /// The store closing and reopening its database so that sled writes its snapshot (one
-    /// step: sled 0.34 cannot do it in parts). Only a standby does it, between the records it
-    /// applies: never a leader's loop.
+    /// step: sled 0.34 cannot do it in parts). Only a standby does it as a step, between the
+    /// records it applies; never a leader's loop (a stopped broker does it once, uncounted).
     Reopen,
 }
 

@@ -759,8 +759,8 @@ impl EventLoop {
         // A snapshot at this position, when one is due: read and uploaded off the loop.
         self.snapshots.maybe(appended);
         // The store never reopens here for its engine's recovery snapshot: that stalls as long
-        // as an open (0.2-0.4 s at a million referrals), every referral behind it. A leader's
-        // store writes it at its next start, or as a standby (`cluster::Member::follow`).
+        // as an open (0.2-0.4 s at a million referrals), every referral behind it. The broker
+        // does it once stopped (`snapshot_at_stop`) or as a standby (`cluster::Member::follow`).
         Ok(true)
     }
 

@@ -802,7 +802,7 @@ impl Store for SledStore {
     /// replays every write since the last open: after a long run, minutes and a lot of memory.
     /// Once [`SNAPSHOT_AFTER_BYTES`] were committed, this closes the database and opens it
     /// again (readers wait; about as long as a broker restart takes, whatever was written:
-    /// a standby calls it, never a leader's loop).
+    /// a standby calls it between records and a broker once stopped, never a leader's loop).
     fn snapshot_if_due(&self) -> Result<bool> {
         let Some(dir) = &self.dir else {
             return Ok(false);

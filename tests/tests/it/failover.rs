@@ -268,50 +268,55 @@ async fn the_leader_killed_under_1000_referrals_a_standby_takes_over_and_nothing
 /// Waits until `broker` has committed inbound messages as the leader (it counts a commit
 /// latency only for inbound messages it applied, and only while it leads).
 async fn wait_applied_as_leader(broker: &BrokerProcess, context: impl Fn() -> String) {
+    let what = format!(
+        "{} applied a referral as the leader",
+        broker.config().http_addr
+    );
+    wait_counted(
+        broker,
+        ("yeongye_commit_latency_seconds_count", ""),
+        REDELIVERY,
+        &what,
+        context,
+    )
+    .await;
+}
+
+/// Waits until the metric `(name, labels)` of `broker` is above 0; returns its value. Panics
+/// with `what` (what never happened) and `context()` after `timeout`.
+async fn wait_counted(
+    broker: &BrokerProcess,
+    (name, labels): (&str, &str),
+    timeout: Duration,
+    what: &str,
+    context: impl Fn() -> String,
+) -> f64 {
     let ops = OpsHttp::new(&broker.config().http_addr);
     let start = Instant::now();
     loop {
-        let m = ops.metrics().await;
-        if m.get("yeongye_commit_latency_seconds_count", "")
-            .unwrap_or(0.0)
-            > 0.0
-        {
-            return;
+        let n = ops.metrics().await.get(name, labels).unwrap_or(0.0);
+        if n > 0.0 {
+            return n;
         }
-        assert!(
-            start.elapsed() < REDELIVERY,
-            "{} never applied a referral as the leader\n{}",
-            broker.config().http_addr,
-            context()
-        );
+        assert!(start.elapsed() < timeout, "never: {what}\n{}", context());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
+/// The metric counting a broker's reopens of its store for sled's snapshot.
+const REOPENS: (&str, &str) = ("yeongye_background_steps_total", "task=\"reopen\"");
+
 /// How many times `broker` reopened its store for sled's snapshot since it started.
 async fn reopens(broker: &BrokerProcess) -> f64 {
-    OpsHttp::new(&broker.config().http_addr)
-        .metrics()
-        .await
-        .get("yeongye_background_steps_total", "task=\"reopen\"")
-        .unwrap_or(0.0)
+    let (name, labels) = REOPENS;
+    let m = OpsHttp::new(&broker.config().http_addr).metrics().await;
+    m.get(name, labels).unwrap_or(0.0)
 }
 
 /// Waits until the standby `broker` has reopened its store at least once; returns how often.
 async fn wait_reopened(broker: &BrokerProcess, context: impl Fn() -> String) -> f64 {
-    let start = Instant::now();
-    loop {
-        let n = reopens(broker).await;
-        if n > 0.0 {
-            return n;
-        }
-        assert!(
-            start.elapsed() < SHORT,
-            "the standby never reopened its store\n{}",
-            context()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = "the standby reopened its store";
+    wait_counted(broker, REOPENS, SHORT, what, context).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

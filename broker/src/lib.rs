@@ -200,6 +200,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
                 store.clone(),
                 cfg.snapshot_dir(),
                 cfg.snapshot_every_records,
+                cfg.snapshot_upload_mib_per_sec.saturating_mul(1 << 20),
                 ops.cluster().snapshot,
             ));
             let lead = Leadership {

@@ -58,6 +58,11 @@ const SUMMARIES: &[u8] = b"m/summaries";
 const COUNTS: &[u8] = b"m/view-counts";
 /// A background step longer than this is logged with where its time went (issue 17's bound).
 const SLOW_STEP: Duration = Duration::from_millis(50);
+/// A prune step reads no more buckets once this long has passed (its first bucket always): a
+/// step whose pages come from a busy disk, or whose thread is preempted on a shared machine,
+/// stops early instead of reading its whole budget slowly. A 45 ms step was measured at a
+/// million open referrals with none of that logged.
+const STEP_READING: Duration = Duration::from_millis(15);
 /// sled's page cache, bytes.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// Referrals migrated per batch when an older store is opened.
@@ -657,7 +662,12 @@ impl Store for SledStore {
         }
         let (mut read, mut forgotten, mut last) = (0, 0, None);
         let started = Instant::now();
+        let mut out_of_time = false;
         for kv in db.range(from..end).take(budget) {
+            if read > 0 && started.elapsed() > STEP_READING {
+                out_of_time = true;
+                break;
+            }
             let (k, v) = kv?;
             read += 1;
             let mut records = match buckets::decode(&k, &v) {
@@ -682,7 +692,7 @@ impl Store for SledStore {
             }
             last = Some(k);
         }
-        let done = read < budget;
+        let done = !out_of_time && read < budget;
         if !done && let Some(last) = last {
             let mut next = last.to_vec();
             next.push(0);

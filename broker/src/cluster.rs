@@ -71,6 +71,17 @@ impl Member {
         let snapshots = snapshot::Snapshots::open(&js, replicas).await?;
         restore_if_empty(&js, store.as_ref(), &snapshots, &snapshot_dir).await?;
         let newest = snapshots.positions().await?.last().copied();
+        let (position, last) = (store.state_position()?, log::extent(&js).await?.1);
+        if last > position {
+            // Nothing lost: a store commits a record without waiting for the disk (the log
+            // holds it), so after a crash it may be behind by its last few turns.
+            tracing::info!(
+                position,
+                log_last = last,
+                behind = last - position,
+                "the store is behind the state log: reading the records after its position back"
+            );
+        }
         ops.set_cluster(|c| {
             c.snapshot = newest;
             c.me = name.to_owned();
@@ -208,7 +219,7 @@ impl Member {
             }
         };
         change.state_seq = Some(seq);
-        tokio::task::block_in_place(|| self.store.commit(&change))?;
+        tokio::task::block_in_place(|| self.store.commit_logged(&change))?;
         self.ops.set_cluster(|c| c.position = seq);
         Ok(())
     }

@@ -79,6 +79,10 @@ pub struct Config {
     /// once this many bytes of records were applied since it opened it, instead of 1 GiB
     /// (1..). Never set in production.
     pub testing_store_reopen_after_bytes: Option<u64>,
+    /// Testing only: sled's background flusher off, so that a leader's commits (not flushed:
+    /// the state log holds them) stay in memory until the store closes, and a `kill -9`
+    /// loses them from the store for certain. Never set in production.
+    pub testing_store_without_background_flush: bool,
     /// Refuse inbound messages without a valid signature by a key of the sender's in the
     /// registry. On by default; turn off only for a closed test bench.
     pub require_signatures: bool,
@@ -196,6 +200,7 @@ impl fmt::Debug for Config {
             testing_clock_offset_file,
             testing_takeover_delay_ms,
             testing_store_reopen_after_bytes,
+            testing_store_without_background_flush,
             require_signatures,
             signing_key_file,
             max_clock_skew_secs,
@@ -235,6 +240,10 @@ impl fmt::Debug for Config {
             .field(
                 "testing_store_reopen_after_bytes",
                 testing_store_reopen_after_bytes,
+            )
+            .field(
+                "testing_store_without_background_flush",
+                testing_store_without_background_flush,
             )
             .field("require_signatures", require_signatures)
             .field("signing_key_file", signing_key_file)
@@ -295,6 +304,7 @@ impl Default for Config {
             testing_clock_offset_file: None,
             testing_takeover_delay_ms: 0,
             testing_store_reopen_after_bytes: None,
+            testing_store_without_background_flush: false,
             require_signatures: true,
             signing_key_file: None,
             max_clock_skew_secs: 300,
@@ -690,6 +700,10 @@ mod tests {
         for (text, needle) in [
             ("nats_urls = [", "nats_urls"),
             ("unknown_key = 1", "unknown field"),
+            (
+                "testing_store_without_background_flush = 1",
+                "testing_store_without_background_flush",
+            ),
             ("batch_size = \"ten\"", "batch_size"),
             ("batch_size = -1", "batch_size"),
             (

@@ -69,7 +69,12 @@ const STEP_DOWN_HOLD_OFF: std::time::Duration = std::time::Duration::from_secs(5
 
 /// The broker's store, at `store_dir`.
 fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
-    let store = SledStore::open(&cfg.store_dir)?;
+    let store = if cfg.testing_store_without_background_flush {
+        tracing::warn!("TESTING: the store's background flusher is off");
+        SledStore::open_without_background_flush(&cfg.store_dir)?
+    } else {
+        SledStore::open(&cfg.store_dir)?
+    };
     Ok(Arc::new(match cfg.testing_store_reopen_after_bytes {
         Some(bytes) => store.reopen_after(bytes),
         None => store,

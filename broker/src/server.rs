@@ -711,14 +711,16 @@ impl EventLoop {
         }
         let started = Instant::now();
         // The state log first: once the append lands the change is committed (the store is
-        // this broker's materialisation of the log). A fenced append stops the loop before
-        // anything of it reaches the store, the streams or an acknowledgement.
+        // this broker's materialisation of the log, so its write is not waited on to reach the
+        // disk: a broker killed before it did reads the change back from the log). A fenced
+        // append stops the loop before anything of it reaches the store, the streams or an
+        // acknowledgement.
         let (log, store) = (&self.log, self.store.as_ref());
         let appended = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(log.append_change(&changes, store))
         })?;
         changes.state_seq = Some(appended);
-        let committed = tokio::task::block_in_place(|| self.store.commit(&changes));
+        let committed = tokio::task::block_in_place(|| self.store.commit_logged(&changes));
         tracing::debug!(
             commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             referrals = changes.referrals.len(),

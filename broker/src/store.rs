@@ -204,6 +204,14 @@ pub trait Store: Send + Sync + 'static {
     fn seen_digest(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Applies all of `changes` atomically; on return they survive a crash of the process.
     fn commit(&self, changes: &ChangeSet) -> Result<()>;
+    /// [`commit`](Self::commit) of a change the state log already holds (a leader's turn once
+    /// its append landed, a record a follower applies): atomic, and read back at once, but not
+    /// waited on to reach the disk. The log makes it durable: a store that loses it in a crash
+    /// is at an earlier `state_position`, and its broker reads it back from the log before it
+    /// follows or leads.
+    fn commit_logged(&self, changes: &ChangeSet) -> Result<()> {
+        self.commit(changes)
+    }
     /// A fresh, monotonically increasing outbox key: above every key committed, also those a
     /// change set from another broker (through the state log) put.
     fn next_outbox_key(&self) -> Result<u64>;

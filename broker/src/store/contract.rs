@@ -141,6 +141,35 @@ fn commit_is_visible_at_once(s: &dyn Store) {
     );
 }
 
+/// A commit of a change the state log holds (not waited on to reach the disk) is the same
+/// commit: everything the plain one stores, read back at once.
+fn a_logged_commit_stores_what_a_commit_stores(s: &dyn Store) {
+    let plain = MemoryStore::new();
+    for (n, state) in [(1, State::Submitted), (2, State::Received)] {
+        let change = ChangeSet {
+            referrals: vec![
+                referral("r1", state),
+                referral(&format!("r{}", n + 1), state),
+            ],
+            seen: vec![(format!("a/m{n}"), 5, [n as u8; 32])],
+            outbox_put: vec![outbox(n)],
+            deadlines_put: vec![deadline(100 + n as i64, "r1")],
+            checkpoint: Some(7 + n),
+            consents: vec![consent(&format!("c{n}"))],
+            dead_letters: vec![dead_letter(3 + n)],
+            state_seq: Some(n),
+            ..Default::default()
+        };
+        s.commit_logged(&change).unwrap();
+        plain.commit(&change).unwrap();
+    }
+    assert_eq!(s.state_position().unwrap(), 2);
+    assert_eq!(
+        crate::store::digest(s).unwrap(),
+        crate::store::digest(&plain).unwrap()
+    );
+}
+
 fn an_empty_commit_changes_nothing(s: &dyn Store) {
     assert!(ChangeSet::default().is_empty());
     s.commit(&ChangeSet::default()).unwrap();
@@ -589,6 +618,7 @@ macro_rules! every_store {
 
 every_store!(
     commit_is_visible_at_once,
+    a_logged_commit_stores_what_a_commit_stores,
     an_empty_commit_changes_nothing,
     checkpoint_never_goes_back,
     outbox_keys_grow_and_the_outbox_is_in_key_order,

@@ -58,6 +58,8 @@ const SUMMARIES: &[u8] = b"m/summaries";
 const COUNTS: &[u8] = b"m/view-counts";
 /// A background step longer than this is logged with where its time went (issue 17's bound).
 const SLOW_STEP: Duration = Duration::from_millis(50);
+/// How often sled's own flusher writes what was committed without a flush (its default).
+const BACKGROUND_FLUSH_MS: u64 = 500;
 /// A prune step reads no more buckets once this long has passed (its first bucket always): a
 /// step whose pages come from a busy disk, or whose thread is preempted on a shared machine,
 /// stops early instead of reading its whole budget slowly. A 45 ms step was measured at a
@@ -87,6 +89,8 @@ pub struct SledStore {
     /// Bytes of records committed since the database was opened (keys not counted).
     written: AtomicU64,
     snapshot_after: u64,
+    /// sled's background flusher is on (off only for tests: `open_without_background_flush`).
+    background_flush: bool,
     audit: Segments,
     /// The time index of applied ids in a store written before buckets (drained, never added to).
     applied: Segments,
@@ -138,16 +142,28 @@ impl yeongye_sled::LockError for Error {
     }
 }
 
-fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+/// sled's own flusher writes what was committed without a flush (`commit_logged`, a prune
+/// step) every half second; `background_flush` false turns it off (for tests).
+fn open_db(dir: &Path, background_flush: bool) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(dir)
         .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(background_flush.then_some(BACKGROUND_FLUSH_MS))
         .open()
 }
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<SledStore> {
-        SledStore::on(open_db(dir)?, Some(dir.to_path_buf()))
+        SledStore::on(open_db(dir, true)?, Some(dir.to_path_buf()))
+    }
+
+    /// [`SledStore::open`] with sled's background flusher off, so that nothing committed
+    /// without a flush reaches the disk until the store closes or reopens: for tests of a
+    /// broker killed before its store wrote its turns (they come back from the state log).
+    pub fn open_without_background_flush(dir: &Path) -> Result<SledStore> {
+        let mut store = SledStore::on(open_db(dir, false)?, Some(dir.to_path_buf()))?;
+        store.background_flush = false;
+        Ok(store)
     }
 
     /// Reopens for sled's snapshot once `bytes` of records were committed since the open
@@ -188,6 +204,7 @@ impl SledStore {
             dir,
             written: AtomicU64::new(0),
             snapshot_after: SNAPSHOT_AFTER_BYTES,
+            background_flush: true,
         };
         store.add_missing_counts()?;
         Ok(store)
@@ -418,34 +435,10 @@ fn u64_from(key: &str, b: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
-impl Store for SledStore {
-    fn referral(&self, id: &str) -> Result<Option<Referral>> {
-        match self.db()?.get(key(b"r/", id.as_bytes()))? {
-            Some(v) => Ok(Some(codec::decode_referral(id, &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn seen_digest(&self, dedup_key: &str) -> Result<Option<Vec<u8>>> {
-        let db = self.db()?;
-        let k = buckets::bucket_key(&self.secret, dedup_key);
-        if let Some(v) = db.get(k)?
-            && let Some(r) = buckets::decode(&k, &v)?
-                .into_iter()
-                .find(|r| r.key == dedup_key)
-        {
-            return Ok(Some(r.digest));
-        }
-        if !self.legacy.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        // An older store's key: the applied-at time (8 bytes), then the digest.
-        Ok(db
-            .get(key(b"s/", dedup_key.as_bytes()))?
-            .map(|v| v.get(8..).unwrap_or_default().to_vec()))
-    }
-
-    fn commit(&self, c: &ChangeSet) -> Result<()> {
+impl SledStore {
+    /// The change set in one atomic batch; flushed (written to the OS: it survives the
+    /// process) when `flush`.
+    fn write_change(&self, c: &ChangeSet, flush: bool) -> Result<()> {
         if c.is_empty() {
             return Ok(());
         }
@@ -555,7 +548,9 @@ impl Store for SledStore {
         written += entries.iter().map(Vec::len).sum::<usize>() + audit.rewritten();
         self.db()?.apply_batch(b)?;
         self.audit.install(audit);
-        self.db()?.flush()?;
+        if flush {
+            self.db()?.flush()?;
+        }
         if let Some(k) = last_outbox_key {
             self.outbox_floor
                 .fetch_max(k.saturating_add(1), Ordering::Relaxed);
@@ -565,6 +560,44 @@ impl Store for SledStore {
             Ordering::Relaxed,
         );
         Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn referral(&self, id: &str) -> Result<Option<Referral>> {
+        match self.db()?.get(key(b"r/", id.as_bytes()))? {
+            Some(v) => Ok(Some(codec::decode_referral(id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn seen_digest(&self, dedup_key: &str) -> Result<Option<Vec<u8>>> {
+        let db = self.db()?;
+        let k = buckets::bucket_key(&self.secret, dedup_key);
+        if let Some(v) = db.get(k)?
+            && let Some(r) = buckets::decode(&k, &v)?
+                .into_iter()
+                .find(|r| r.key == dedup_key)
+        {
+            return Ok(Some(r.digest));
+        }
+        if !self.legacy.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        // An older store's key: the applied-at time (8 bytes), then the digest.
+        Ok(db
+            .get(key(b"s/", dedup_key.as_bytes()))?
+            .map(|v| v.get(8..).unwrap_or_default().to_vec()))
+    }
+
+    fn commit(&self, c: &ChangeSet) -> Result<()> {
+        self.write_change(c, true)
+    }
+
+    fn commit_logged(&self, c: &ChangeSet) -> Result<()> {
+        // Not flushed: the state log holds it; sled's own flusher writes it out within half a
+        // second, and a store that lost it in a crash reads it back from the log.
+        self.write_change(c, false)
     }
 
     fn next_outbox_key(&self) -> Result<u64> {
@@ -832,7 +865,8 @@ impl Store for SledStore {
             return Err(e.into());
         }
         let db =
-            yeongye_sled::retry_while_locked(REOPEN_WAIT, || open_db(dir)).inspect_err(|e| {
+            yeongye_sled::retry_while_locked(REOPEN_WAIT, || open_db(dir, self.background_flush))
+                .inspect_err(|e| {
                 tracing::error!(cause = %e, store = %dir.display(), "reopening the store failed");
             })?;
         *slot = Some(db);

@@ -149,3 +149,70 @@ async fn broker_killed_repeatedly_under_load_loses_and_doubles_nothing() {
         assert!(adapter.rejections().is_empty(), "{}", adapter.describe());
     }
 }
+
+/// A leader does not wait for its store to reach the disk (the state log holds every turn): a
+/// broker killed before its store wrote anything reads its turns back from the log when it
+/// starts again, and nothing is lost or doubled. sled's own flusher is off here (a testing
+/// key), so every turn since the start is still only in memory when the kill lands: without
+/// the log the restarted broker would have forgotten all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_before_its_store_reached_the_disk_reads_its_turns_back_from_the_log() {
+    let mut system = System::builder()
+        .adapters(&[crate::CENTRE, crate::HOPE])
+        .broker_config(|c| {
+            c.extra
+                .insert("testing_store_without_background_flush".into(), true.into());
+        })
+        .start()
+        .await;
+    let wire = system.wire(crate::CENTRE).await;
+    let first: Vec<v1::Referral> = (0..30)
+        .map(|_| ReferralBuilder::new(crate::CENTRE, crate::HOPE).build())
+        .collect();
+    for r in &first {
+        wire.send_referral(r).await;
+    }
+    let ids: Vec<String> = first.iter().map(|r| r.referral_id.clone()).collect();
+    wire.wait_all_in_state(&ids, v1::ReferralState::Received, REDELIVERY, || {
+        system.broker.log_tail()
+    })
+    .await;
+
+    system.broker.kill9();
+    system.broker.start_again().await;
+    let log = std::fs::read_to_string(system.broker.log_path()).unwrap_or_default();
+    let this_run = log.rsplit("broker start #2").next().unwrap_or_default();
+    assert!(
+        this_run.contains("the store is behind the state log"),
+        "the restarted broker's store should have lost its unflushed turns:\n{}",
+        system.broker.log_tail()
+    );
+
+    // What it had done is all there, and it goes on.
+    let second: Vec<v1::Referral> = (0..10)
+        .map(|_| ReferralBuilder::new(crate::CENTRE, crate::HOPE).build())
+        .collect();
+    for r in &second {
+        wire.send_referral(r).await;
+    }
+    let all: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|r| r.referral_id.clone())
+        .collect();
+    wire.wait_all_in_state(&all, v1::ReferralState::Received, REDELIVERY, || {
+        system.broker.log_tail()
+    })
+    .await;
+    let hope = system.adapter(crate::HOPE);
+    for id in &all {
+        assert_eq!(hope.deliveries_of(id), 1, "deliveries of {id}");
+    }
+    let mut inbox = all.clone();
+    inbox.sort();
+    assert_eq!(hope.inbox_files("referrals"), inbox);
+    for id in &all {
+        let states = system.adapter(crate::CENTRE).notified_states(id);
+        assert_notified_once_each(&states, "RECEIVED", id);
+    }
+}

@@ -187,8 +187,10 @@ impl Storage {
     ) -> Result<Storage> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        let db = yeongye_sled::retry_while_locked(wait, || sled::Config::new().path(path).open())
-            .map_err(|e| {
+        let db = yeongye_sled::retry_while_locked(wait, || {
+            yeongye_sled::open_serialized(path, || sled::Config::new().path(path).open())
+        })
+        .map_err(|e| {
             if yeongye_sled::is_lock_error(&e) {
                 Error::StateDirInUse {
                     path: path.to_owned(),

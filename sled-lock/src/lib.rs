@@ -11,9 +11,19 @@
 //! [`is_lock_error`] is the one place that recognises the lock error: the variant, the kind and
 //! the message, all three, so that an I/O failure of another kind or with another message is
 //! never mistaken for it (and never retried).
+//!
+//! sled also reads — and for a new store writes, in two writes — its `conf` file *before* it
+//! takes that lock, so two processes opening a new store at once could read each other's
+//! half-written `conf` and fail with "crc for settings file failed" (seen once in CI: an
+//! adapter's first start beside its own command line). [`open_serialized`] runs an open under
+//! a lock of ours on `<dir>/open.lock`, so that no open reads `conf` while another writes it.
 
 use std::io::ErrorKind;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// The file [`open_serialized`] locks, in the store's directory.
+pub const OPEN_LOCK: &str = "open.lock";
 
 /// The start of the message sled 0.34 gives a held lock (`sled::config`, `try_lock`).
 pub const LOCK_MESSAGE: &str = "could not acquire lock";
@@ -70,6 +80,27 @@ pub fn retry_while<T, E>(
             done => return done,
         }
     }
+}
+
+/// Runs `open` (sled's open of the store in `dir`) holding an exclusive lock on
+/// `<dir>/open.lock`, creating `dir` if need be: another process's open waits until this one
+/// returns. Only the open is serialized; the store's own lock (sled's, on `db`) then tells a
+/// second opener that the store is in use. Blocks the thread.
+pub fn open_serialized<T, E: From<std::io::Error>>(
+    dir: &Path,
+    open: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    std::fs::create_dir_all(dir)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(OPEN_LOCK))?;
+    lock.lock()?;
+    let opened = open();
+    // Closing the file releases the lock.
+    drop(lock);
+    opened
 }
 
 #[cfg(test)]
@@ -129,6 +160,44 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(attempts.get(), 1);
+    }
+
+    #[test]
+    fn serialized_opens_of_one_directory_never_overlap_and_open_the_store() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("new-store");
+        let (inside, overlaps, opened) = (
+            AtomicBool::new(false),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        let db = retry_while_locked(Duration::from_secs(30), || {
+                            open_serialized(&store, || {
+                                if inside.swap(true, Ordering::SeqCst) {
+                                    overlaps.fetch_add(1, Ordering::SeqCst);
+                                }
+                                // Long enough that an unserialized second open would overlap.
+                                std::thread::sleep(Duration::from_millis(20));
+                                let db = sled::open(&store);
+                                inside.store(false, Ordering::SeqCst);
+                                db
+                            })
+                        })
+                        .unwrap();
+                        opened.fetch_add(1, Ordering::SeqCst);
+                        drop(db);
+                    }
+                });
+            }
+        });
+        assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two opens ran at once");
+        assert_eq!(opened.load(Ordering::SeqCst), 20);
+        assert!(store.join(OPEN_LOCK).is_file());
     }
 
     #[test]

@@ -145,11 +145,13 @@ impl yeongye_sled::LockError for Error {
 /// sled's own flusher writes what was committed without a flush (`commit_logged`, a prune
 /// step) every half second; `background_flush` false turns it off (for tests).
 fn open_db(dir: &Path, background_flush: bool) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(dir)
-        .cache_capacity(CACHE_BYTES)
-        .flush_every_ms(background_flush.then_some(BACKGROUND_FLUSH_MS))
-        .open()
+    yeongye_sled::open_serialized(dir, || {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(background_flush.then_some(BACKGROUND_FLUSH_MS))
+            .open()
+    })
 }
 
 impl SledStore {

@@ -82,21 +82,52 @@ pub fn retry_while<T, E>(
     }
 }
 
+/// How long [`open_serialized`] waits for another open of the same store to end (an open
+/// takes a second or two at most, even of a large store).
+const OPEN_WAIT: Duration = Duration::from_secs(60);
+
 /// Runs `open` (sled's open of the store in `dir`) holding an exclusive lock on
 /// `<dir>/open.lock`, creating `dir` if need be: another process's open waits until this one
-/// returns. Only the open is serialized; the store's own lock (sled's, on `db`) then tells a
-/// second opener that the store is in use. Blocks the thread.
+/// returns (for at most a minute: then an error that says so). Only the open is serialized;
+/// the store's own lock (sled's, on `db`) then tells a second opener that the store is in use.
+/// Blocks the thread.
 pub fn open_serialized<T, E: From<std::io::Error>>(
     dir: &Path,
     open: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
+    open_serialized_within(dir, OPEN_WAIT, open)
+}
+
+fn open_serialized_within<T, E: From<std::io::Error>>(
+    dir: &Path,
+    wait: Duration,
+    open: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
     std::fs::create_dir_all(dir)?;
+    let path = dir.join(OPEN_LOCK);
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join(OPEN_LOCK))?;
-    lock.lock()?;
+        .open(&path)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(RETRY_EVERY)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is held by another process for over {} s: is it stuck opening this store?",
+                    path.display(),
+                    wait.as_secs()
+                ))
+                .into());
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+    }
     let opened = open();
     // Closing the file releases the lock.
     drop(lock);
@@ -198,6 +229,28 @@ mod tests {
         assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two opens ran at once");
         assert_eq!(opened.load(Ordering::SeqCst), 20);
         assert!(store.join(OPEN_LOCK).is_file());
+    }
+
+    #[test]
+    fn an_open_lock_held_too_long_is_an_error_that_names_it_and_opens_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let held = std::fs::File::create(dir.path().join(OPEN_LOCK)).unwrap();
+        held.lock().unwrap();
+        let opened = Cell::new(false);
+        let r: Result<(), std::io::Error> =
+            open_serialized_within(dir.path(), Duration::from_millis(100), || {
+                opened.set(true);
+                Ok(())
+            });
+        let e = r.expect_err("the lock is held");
+        assert!(e.to_string().contains(OPEN_LOCK), "{e}");
+        assert!(!opened.get());
+        drop(held);
+        open_serialized_within(dir.path(), Duration::from_millis(100), || {
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
     }
 
     #[test]

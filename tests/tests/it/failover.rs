@@ -25,7 +25,8 @@ use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
 /// A group: three NATS nodes, two brokers (`a` leads, `b` follows), the recipient's adapter and
 /// the sender's SDK, all given every server.
 struct Group {
-    dir: tempfile::TempDir,
+    /// None only once dropped.
+    dir: Option<tempfile::TempDir>,
     /// A third broker's configuration (not started).
     config: BrokerConfig,
     cluster: NatsCluster,
@@ -35,7 +36,24 @@ struct Group {
     sender: Arc<yeongye_adapter::Adapter>,
 }
 
+impl Drop for Group {
+    /// On a panic (or with `YEONGYE_KEEP_TEST_DIRS` set) the brokers' logs and stores are kept.
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take()
+            && yeongye_tests::keep_test_dirs()
+        {
+            eprintln!("failover group files kept in {}", dir.keep().display());
+        }
+    }
+}
+
 impl Group {
+    fn path(&self) -> &std::path::Path {
+        self.dir
+            .as_ref()
+            .map_or(std::path::Path::new("."), |d| d.path())
+    }
+
     async fn start() -> Group {
         Group::start_with(&[]).await
     }
@@ -67,7 +85,7 @@ impl Group {
             Arc::new(sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await);
         Group {
             config: config("broker-c"),
-            dir,
+            dir: Some(dir),
             cluster,
             a,
             b,
@@ -396,7 +414,7 @@ async fn a_broker_on_an_empty_or_stale_disk_restores_the_newest_snapshot_and_the
 
     // A third broker on an empty disk: restores the newest snapshot, follows the log from
     // there, and ends identical to the leader.
-    let c = BrokerProcess::start_standby(&g.dir.path().join("broker-c"), g.config.clone()).await;
+    let c = BrokerProcess::start_standby(&g.path().join("broker-c"), g.config.clone()).await;
     let log_text = std::fs::read_to_string(c.log_path()).unwrap_or_default();
     assert!(
         log_text.contains("restored from the newest snapshot"),

@@ -242,6 +242,11 @@ impl EventLoop {
         let retention = Duration::from_secs(u64::from(self.cfg.dedup_retention_days) * 24 * 3600);
         let mut stop = Stop::Cancelled;
         loop {
+            // Stopping: after the turn in hand, not after another one (the select below picks
+            // at random among ready branches, and a backlog keeps the intake ready).
+            if token.is_cancelled() {
+                break;
+            }
             // Take in the flights that have landed.
             while let Some(Some(landed)) = flights.next().now_or_never() {
                 self.landed(landed, &mut pending, true).await;

@@ -211,7 +211,13 @@ async fn a_broker_killed_before_its_store_reached_the_disk_reads_its_turns_back_
     let mut inbox = all.clone();
     inbox.sort();
     assert_eq!(hope.inbox_files("referrals"), inbox);
+    // The sender hears of each receipt (its adapter may still be reading when the broker's
+    // state already says RECEIVED), each state once.
     for id in &all {
+        system
+            .adapter(crate::CENTRE)
+            .wait_notified(id, "RECEIVED", REDELIVERY)
+            .await;
         let states = system.adapter(crate::CENTRE).notified_states(id);
         assert_notified_once_each(&states, "RECEIVED", id);
     }

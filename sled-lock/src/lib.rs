@@ -110,23 +110,23 @@ fn open_serialized_within<T, E: From<std::io::Error>>(
         .truncate(false)
         .write(true)
         .open(&path)?;
-    let deadline = Instant::now() + wait;
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(RETRY_EVERY)
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(std::io::Error::other(format!(
-                    "{} is held by another process for over {} s: is it stuck opening this store?",
-                    path.display(),
-                    wait.as_secs()
-                ))
-                .into());
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    // The same wait as for sled's own lock: polled, for at most `wait`.
+    let waited = retry_while(
+        wait,
+        |e| matches!(e, std::fs::TryLockError::WouldBlock),
+        || lock.try_lock(),
+    );
+    match waited {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(std::io::Error::other(format!(
+                "{} is held by another process for over {} s: is it stuck opening this store?",
+                path.display(),
+                wait.as_secs()
+            ))
+            .into());
         }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
     }
     let opened = open();
     // Closing the file releases the lock.

@@ -468,13 +468,14 @@ async fn settle_disk(dir: PathBuf) {
         let _ = dir;
         Ok(())
     })
-    .await;
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|synced| synced);
     match done {
-        Ok(Ok(())) => tracing::info!(
+        Ok(()) => tracing::info!(
             took_ms = crate::clock::ms(started.elapsed()),
             "the store's filesystem synced after the first snapshot"
         ),
-        Ok(Err(e)) => tracing::warn!(cause = %e, "syncing the store's filesystem failed"),
         Err(e) => tracing::warn!(cause = %e, "syncing the store's filesystem failed"),
     }
 }

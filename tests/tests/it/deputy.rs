@@ -101,7 +101,7 @@ fn targets(attacker: &str, victim: &str) -> Vec<String> {
 }
 
 /// How many of `targets` the server passes on to the broker as a reply subject at all:
-/// nats-server 2.12 does not deliver a core message whose reply subject is a JetStream ack
+/// nats-server 2.12 and 2.15 do not deliver a core message whose reply subject is a JetStream ack
 /// subject (`$JS.ACK.…`) to an ordinary subscriber — measured: those queries never reach the
 /// broker, so they are neither answered nor counted.
 fn reaching_the_broker(targets: &[String]) -> usize {

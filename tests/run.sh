@@ -15,6 +15,17 @@ step() {
 nats=$(./deploy/install-nats.sh)
 export YEONGYE_NATS_SERVER="$nats"
 
+# The partition test (tests/tests/it/partition.rs) makes network namespaces with `ip`
+# (iproute2) and `unshare` (util-linux), inside a user namespace of its own.
+if ! command -v ip >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q iproute2 >&2 || { apt-get update -q >&2 && apt-get install -y -q iproute2 >&2; }
+    else
+        echo "tests/run.sh: the partition test needs 'ip' (Debian package iproute2): install it" >&2
+        exit 1
+    fi
+fi
+
 step cargo fmt --all --check
 # The wire contract: buf lint, and buf breaking against the released yeongye.v1.
 buf=$(step ./tests/install-buf.sh)

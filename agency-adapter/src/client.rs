@@ -98,6 +98,8 @@ impl AdapterBuilder {
         let mut options = ConnectOptions::new()
             .name(&agency)
             .custom_inbox_prefix(subject::inbox_prefix(&agency))
+            // A partitioned server is silent, not closed: notice it in seconds.
+            .ping_interval(yeongye_proto::rules::CLIENT_PING_INTERVAL)
             .event_callback(move |event| {
                 let agency = events_agency.clone();
                 async move { log_event(&agency, event) }

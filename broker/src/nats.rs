@@ -39,6 +39,8 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
         .custom_inbox_prefix(subject::inbox_prefix(yeongye_proto::BROKER_ID))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // A partitioned server is silent, not closed: notice it in seconds.
+        .ping_interval(yeongye_proto::rules::CLIENT_PING_INTERVAL)
         .event_callback(|event| async move {
             match event {
                 // Permission violations arrive only here.

@@ -126,6 +126,9 @@ class Agency:
             inbox_prefix=f"_INBOX_{self.me}",
             name=f"python-raw-agency-{self.me}",
             max_reconnect_attempts=5,
+            # A server cut off by a network partition is silent, not closed: ping every 2 s so
+            # that the client gives it up after a few seconds (PROTOCOL.md, "During a failover").
+            ping_interval=2,
         )
         self.js = self.nc.jetstream(timeout=PUBACK_TIMEOUT_S)
 

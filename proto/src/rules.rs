@@ -3,7 +3,18 @@
 //! categories a referral's client fields imply. The broker refuses what breaks them; the adapter
 //! refuses it before sending, with the same words.
 
+use std::time::Duration;
+
 use crate::v1;
+
+/// How often a client (the broker, every adapter) pings its NATS server when the server has
+/// said nothing. A server cut off by a network partition is silent, not closed: its TCP
+/// connections stay open and nothing arrives. The client gives the connection up after three
+/// silent intervals (async-nats allows two unanswered PINGs) and moves to another server of
+/// its list, so a partition costs a client about 6 s; the client library's default, 60 s,
+/// made it about three minutes (`tests/it/partition.rs`). A busy connection never pings: any
+/// message from the server counts.
+pub const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Longest referral, consent or message id.
 pub const MAX_ID_LEN: usize = 128;

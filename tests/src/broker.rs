@@ -6,7 +6,7 @@
 //! agency's consumer on `YEONGYE_OUT`, and it answers a status query.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use yeongye_proto::subject;
@@ -76,6 +76,9 @@ pub struct BrokerConfig {
     /// running at once never clash.
     pub http_addr: String,
     pub extra: toml::Table,
+    /// The network namespace of a [`crate::netns::Lab`] the broker runs in (`None`: the
+    /// test's own); its `http_addr` must then be on the place's address. Not in the file.
+    pub place: Option<String>,
 }
 
 impl BrokerConfig {
@@ -112,6 +115,7 @@ impl BrokerConfig {
             },
             http_addr: format!("127.0.0.1:{}", crate::process::free_port()),
             extra: toml::Table::new(),
+            place: None,
         }
     }
 
@@ -292,9 +296,10 @@ impl BrokerProcess {
         process::signal(self.pid().expect("running"), "CONT");
     }
 
-    /// The broker's `/api/v1/cluster` (None if it does not answer).
+    /// The broker's `/api/v1/cluster` (None if it does not answer), read as the test operator
+    /// (a broker whose endpoint is beyond loopback wants a token for reads too).
     pub async fn cluster(&self) -> Option<serde_json::Value> {
-        let ops = crate::ops::OpsHttp::new(&self.config.http_addr);
+        let ops = crate::ops::OpsHttp::new(&self.config.http_addr).operator();
         let r = ops.try_request("GET", "/api/v1/cluster", None).await.ok()?;
         (r.status == 200).then(|| r.json())
     }
@@ -340,7 +345,7 @@ impl BrokerProcess {
         assert!(self.child.is_none(), "the broker is already running");
         std::fs::write(self.config_path(), self.config.to_toml()).expect("write broker.toml");
         let bin = crate::workspace_bin("referral-broker");
-        let mut cmd = Command::new(bin);
+        let mut cmd = crate::netns::command(&bin, self.config.place.as_deref());
         cmd.arg("--config")
             .arg(self.config_path())
             .arg("run")

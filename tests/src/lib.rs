@@ -24,6 +24,7 @@
 //!   raw HTTP client and a webhook endpoint.
 //! - [`ops`]: the broker's operator side: [`ops::OpsHttp`] (`/readyz`, `/metrics`, `/api/v1`),
 //!   the `referral-broker` operator commands, Chromium and promtool.
+//! - [`netns`]: [`netns::Lab`], network partitions made with network namespaces.
 //! - [`process`]: spawning, signalling and log tails shared by the process wrappers.
 //! - [`secure`]: [`secure::SecureSystem`], the same against a nats-server configured by
 //!   `referral-broker init` / `agency add` (credentials, per-agency permissions, TLS), and raw
@@ -34,6 +35,7 @@ pub mod adapter;
 pub mod broker;
 pub mod http;
 pub mod nats;
+pub mod netns;
 pub mod ops;
 pub mod process;
 pub mod registry;

@@ -7,12 +7,15 @@
 //! and the store.
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use crate::process;
+
+/// Where servers listen unless placed in a [`crate::netns::Lab`].
+const LOOPBACK: &str = "127.0.0.1";
 
 /// How long a starting server may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -27,6 +30,10 @@ pub struct NatsServer {
     ready_before: usize,
     /// Its place in a cluster ([`NatsCluster`]); `None`: a single server.
     cluster: Option<Node>,
+    /// The address it listens on (client and route ports): loopback, or its place's address.
+    host: String,
+    /// Its network namespace in a [`crate::netns::Lab`]; `None`: the test's own.
+    place: Option<String>,
 }
 
 /// A cluster node's name, its route port, and every node's route port.
@@ -35,6 +42,8 @@ struct Node {
     name: String,
     route_port: u16,
     routes: Vec<u16>,
+    /// Every node's host, in the order of `routes`.
+    hosts: Vec<String>,
 }
 
 /// Three (or `n`) real nats-servers on loopback in one JetStream cluster (NATS's own Raft:
@@ -47,8 +56,33 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` nodes and waits until JetStream answers (its meta leader is elected).
     pub async fn start(n: usize) -> NatsCluster {
+        NatsCluster::start_placed(vec![None; n]).await
+    }
+
+    /// Starts one node in each of `places` (a [`crate::netns::Lab`]'s place name and address),
+    /// on the nats ports 4222 and 6222 of its own address, so that [`crate::netns::Lab::cut`]
+    /// can partition it.
+    pub async fn start_in(places: Vec<(String, String)>) -> NatsCluster {
+        NatsCluster::start_placed(places.into_iter().map(Some).collect()).await
+    }
+
+    async fn start_placed(places: Vec<Option<(String, String)>>) -> NatsCluster {
+        let n = places.len();
         let bin = NatsServer::binary();
-        let route_ports: Vec<u16> = (0..n).map(|_| process::free_port()).collect();
+        let hosts: Vec<String> = places
+            .iter()
+            .map(|p| p.as_ref().map_or(LOOPBACK.to_owned(), |(_, a)| a.clone()))
+            .collect();
+        let route_ports: Vec<u16> = places
+            .iter()
+            .map(|p| {
+                if p.is_some() {
+                    6222
+                } else {
+                    process::free_port()
+                }
+            })
+            .collect();
         let mut nodes: Vec<NatsServer> = (0..n)
             .map(|i| NatsServer {
                 dir: Some(
@@ -58,14 +92,21 @@ impl NatsCluster {
                         .expect("tempdir"),
                 ),
                 bin: bin.clone(),
-                port: process::free_port(),
+                port: if places[i].is_some() {
+                    4222
+                } else {
+                    process::free_port()
+                },
                 child: None,
                 ready_before: 0,
                 cluster: Some(Node {
                     name: format!("n{}", i + 1),
                     route_port: route_ports[i],
                     routes: route_ports.clone(),
+                    hosts: hosts.clone(),
                 }),
+                host: hosts[i].clone(),
+                place: places[i].as_ref().map(|(name, _)| name.clone()),
             })
             .collect();
         for node in &mut nodes {
@@ -141,6 +182,8 @@ impl NatsServer {
             child: None,
             ready_before: 0,
             cluster: None,
+            host: LOOPBACK.to_owned(),
+            place: None,
         };
         // The port was free when picked but another test may take it first: try a few.
         for attempt in 1..=5 {
@@ -164,12 +207,22 @@ impl NatsServer {
         self.dir.as_ref().expect("not dropped").path()
     }
 
+    /// Its network namespace, if placed in a [`crate::netns::Lab`].
+    pub fn place(&self) -> Option<&str> {
+        self.place.as_deref()
+    }
+
+    /// Its server name in a cluster (`n1`, ...), as JetStream names a stream's leader.
+    pub fn name(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|node| node.name.as_str())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     /// The JetStream store directory (kept across restarts).
@@ -246,9 +299,10 @@ impl NatsServer {
         let js = self.store_dir();
         let mut config = format!(
             "# Written by the yeongye test harness.\n\
-             listen: 127.0.0.1:{port}\n\
+             listen: {host}:{port}\n\
              max_payload: 1MB\n\
              jetstream {{\n  store_dir: \"{js}\"\n  sync_interval: always\n}}\n",
+            host = self.host,
             port = self.port,
             js = js.display(),
         );
@@ -256,12 +310,14 @@ impl NatsServer {
             let routes: Vec<String> = node
                 .routes
                 .iter()
-                .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                .zip(&node.hosts)
+                .map(|(p, h)| format!("\"nats-route://{h}:{p}\""))
                 .collect();
             config.push_str(&format!(
                 "server_name: {name}\n\
-                 cluster {{\n  name: yeongye-test\n  listen: 127.0.0.1:{port}\n  routes: [{routes}]\n}}\n",
+                 cluster {{\n  name: yeongye-test\n  listen: {host}:{port}\n  routes: [{routes}]\n}}\n",
                 name = node.name,
+                host = self.host,
                 port = node.route_port,
                 routes = routes.join(", "),
             ));
@@ -271,7 +327,7 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         self.ready_before = ready_lines(&self.log_path());
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = crate::netns::command(&self.bin, self.place.as_deref());
         cmd.arg("-c").arg(self.root().join("nats.conf"));
         self.child = Some(process::spawn_logged(&mut cmd, &self.log_path()));
     }
@@ -288,7 +344,7 @@ impl NatsServer {
                 return false;
             }
             if ready_lines(&log) > self.ready_before
-                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && std::net::TcpStream::connect((self.host.as_str(), self.port)).is_ok()
             {
                 return true;
             }

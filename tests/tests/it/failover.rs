@@ -19,21 +19,26 @@ use yeongye_tests::{
     WireClient, registry, sdk, v1,
 };
 
+use yeongye_tests::netns::Lab;
+
 use crate::cluster::{send_one, wait_sent};
+
+/// broker-a's and broker-b's places (and names) when the group runs in a [`Lab`].
+pub(crate) const PLACES: [&str; 2] = ["broker-a", "broker-b"];
 use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
 
 /// A group: three NATS nodes, two brokers (`a` leads, `b` follows), the recipient's adapter and
 /// the sender's SDK, all given every server.
-struct Group {
+pub(crate) struct Group {
     /// None only once dropped.
     dir: Option<tempfile::TempDir>,
     /// A third broker's configuration (not started).
     config: BrokerConfig,
-    cluster: NatsCluster,
-    a: BrokerProcess,
-    b: BrokerProcess,
+    pub(crate) cluster: NatsCluster,
+    pub(crate) a: BrokerProcess,
+    pub(crate) b: BrokerProcess,
     recipient: AdapterProcess,
-    sender: Arc<yeongye_adapter::Adapter>,
+    pub(crate) sender: Arc<yeongye_adapter::Adapter>,
 }
 
 impl Drop for Group {
@@ -60,7 +65,31 @@ impl Group {
 
     /// With `extra` in each broker's configuration.
     async fn start_with(extra: &[(&str, toml::Value)]) -> Group {
-        let cluster = NatsCluster::start(3).await;
+        Group::start_on(NatsCluster::start(3).await, extra, None).await
+    }
+
+    /// In `lab`: each NATS node in a place of its own (`n1`..`n3`), and each broker too
+    /// ([`PLACES`], its HTTP endpoint on its place's address), so that each can be partitioned;
+    /// the recipient's adapter and the sender stay on the switch.
+    pub(crate) async fn start_in(lab: &mut Lab, extra: &[(&str, toml::Value)]) -> Group {
+        let places = (1..=3u8)
+            .map(|k| {
+                let name = format!("n{k}");
+                let addr = lab.place(&name, 10 + k);
+                (name, addr)
+            })
+            .collect();
+        let brokers = [lab.place(PLACES[0], 21), lab.place(PLACES[1], 22)];
+        let cluster = NatsCluster::start_in(places).await;
+        Group::start_on(cluster, extra, Some(brokers)).await
+    }
+
+    /// On `cluster`; broker-a and broker-b in [`PLACES`] at these addresses if given.
+    async fn start_on(
+        cluster: NatsCluster,
+        extra: &[(&str, toml::Value)],
+        placed: Option<[String; 2]>,
+    ) -> Group {
         let urls = cluster.urls();
         let dir = tempfile::Builder::new()
             .prefix("yeongye-failover-")
@@ -77,9 +106,27 @@ impl Group {
             }
             c
         };
-        let a = BrokerProcess::start(&dir.path().join("broker-a"), config("broker-a")).await;
-        let b =
-            BrokerProcess::start_standby(&dir.path().join("broker-b"), config("broker-b")).await;
+        let [mut config_a, mut config_b] = [config(PLACES[0]), config(PLACES[1])];
+        if let Some(addrs) = placed {
+            for ((c, addr), place) in [&mut config_a, &mut config_b]
+                .into_iter()
+                .zip(addrs)
+                .zip(PLACES)
+            {
+                // Its own address in its own place: reachable from the switch, so beyond
+                // loopback (reads need the operator's token; the harness has it).
+                c.http_addr = format!("{addr}:8080");
+                c.place = Some(place.to_owned());
+                c.extra
+                    .insert("http_allow_remote".into(), toml::Value::Boolean(true));
+                c.extra.insert(
+                    "http_allowed_hosts".into(),
+                    toml::Value::Array(vec![toml::Value::String(addr)]),
+                );
+            }
+        }
+        let a = BrokerProcess::start(&dir.path().join(PLACES[0]), config_a).await;
+        let b = BrokerProcess::start_standby(&dir.path().join(PLACES[1]), config_b).await;
         let recipient = crate::cluster::recipient(&urls, dir.path(), &registry_path);
         let sender =
             Arc::new(sdk::connect_to_all(&urls, CENTRE, &dir.path().join("sdk/centre")).await);
@@ -94,7 +141,7 @@ impl Group {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "--- broker-a ---\n{}\n--- broker-b ---\n{}\n{}",
             self.a.log_tail(),
@@ -105,7 +152,7 @@ impl Group {
 
     /// Sends `n` referrals, `parallel` at a time, each retried by the SDK until stored; counts
     /// them in `sent`; returns their ids.
-    fn traffic(
+    pub(crate) fn traffic(
         &self,
         n: usize,
         parallel: usize,
@@ -135,7 +182,7 @@ impl Group {
 
     /// One referral, marked as the probe: stored whatever the brokers do (the streams do not
     /// need a broker).
-    async fn send_probe(&self) -> String {
+    pub(crate) async fn send_probe(&self) -> String {
         self.sender
             .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
             .await
@@ -143,7 +190,7 @@ impl Group {
     }
 
     /// Waits until the leader says `id` was RECEIVED.
-    async fn wait_received(&self, id: &str) {
+    pub(crate) async fn wait_received(&self, id: &str) {
         let wire = WireClient::connect(&self.cluster.urls()[0], CENTRE).await;
         wire.wait_all_in_state(
             &[id.to_owned()],
@@ -154,7 +201,7 @@ impl Group {
         .await;
     }
 
-    async fn assert_each_once(&self, ids: &[String]) {
+    pub(crate) async fn assert_each_once(&self, ids: &[String]) {
         crate::cluster::assert_each_once(&self.cluster, &self.recipient, ids, || self.describe())
             .await;
     }
@@ -176,7 +223,11 @@ fn named_broker(
 
 /// Waits until both brokers have applied the state log to the same position, then asserts
 /// that they store the same (their digests), and that each one's audit chain verifies.
-async fn assert_identical(a: &BrokerProcess, b: &BrokerProcess, context: impl Fn() -> String) {
+pub(crate) async fn assert_identical(
+    a: &BrokerProcess,
+    b: &BrokerProcess,
+    context: impl Fn() -> String,
+) {
     // The digest is an operator's read.
     let (ha, hb) = (
         OpsHttp::new(&a.config().http_addr).operator(),
@@ -219,7 +270,7 @@ async fn assert_identical(a: &BrokerProcess, b: &BrokerProcess, context: impl Fn
 }
 
 /// Polls `broker` until it says it leads; returns how long that took.
-async fn wait_leading(broker: &mut BrokerProcess, since: Instant) -> Duration {
+pub(crate) async fn wait_leading(broker: &mut BrokerProcess, since: Instant) -> Duration {
     broker.wait_role("leader", SHORT).await;
     since.elapsed()
 }

@@ -24,6 +24,7 @@ mod lifecycle;
 mod operator_auth;
 mod operators;
 mod outbox;
+mod partition;
 mod python_agency;
 mod restart;
 mod sdk;

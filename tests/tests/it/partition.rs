@@ -1,0 +1,240 @@
+//! Network partitions, not kills (issue #14's stretch): the failover group of `failover.rs`
+//! (three NATS nodes, broker-a leading, broker-b standing by, the recipient's adapter and the
+//! sender's SDK, all given every server) runs in a [`Lab`] of network namespaces, where each
+//! NATS node and broker-a have a network cable of their own that the test unplugs.
+//!
+//! A partitioned process keeps running and its TCP connections stay open, silent: its peers and
+//! its clients learn of it only by their own timeouts, and it may still believe it leads. Under
+//! traffic, in turn: the NATS node the sender is connected to, then the node leading the inbound
+//! stream, then the leading broker are cut off and plugged back in. The promises are those of a
+//! kill: every referral the sender stored reaches RECEIVED once and is delivered once, broker-b
+//! leads within the failover bound, broker-a, back on the network, is fenced and stands by
+//! without publishing, and both brokers end with the same state.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use yeongye_tests::netns::{self, Lab};
+
+use yeongye_tests::{ReferralBuilder, WireClient, v1};
+
+use crate::cluster::wait_sent;
+use crate::failover::{Group, PLACES, assert_identical, wait_leading};
+use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
+
+/// Referrals stored while each partition lasts.
+const PER_CUT: usize = 15;
+/// How long a partitioned node may keep referrals from going through (cut → every referral
+/// sent since RECEIVED). The clients connected to it give the silent connection up after
+/// three ping intervals (`rules::CLIENT_PING_INTERVAL`, 6 s) and reconnect (up to 5 s when
+/// they try the cut node first); the groups it led elect new leaders (up to ~10 s); and what
+/// the consumers had already sent towards it is lost on the way and comes again after the
+/// consumers' `ack_wait` (30 s) — as after a kill. With the client library's default ping
+/// interval (60 s) the first step alone took about three minutes.
+const PAUSE_BOUND: Duration = Duration::from_secs(60);
+/// From unplugging the leading broker to the standby leading (the issue's aim for a kill).
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+
+/// The cluster node (index) whose server name is `name`.
+fn node_named(g: &Group, name: &str) -> usize {
+    g.cluster
+        .nodes
+        .iter()
+        .position(|n| n.name() == Some(name))
+        .unwrap_or_else(|| panic!("no node named {name}"))
+}
+
+/// The node that leads the inbound stream now, asked on any node that answers.
+async fn inbound_leader(g: &Group) -> usize {
+    let start = Instant::now();
+    loop {
+        for node in &g.cluster.nodes {
+            let Ok(Ok(client)) =
+                tokio::time::timeout(Duration::from_secs(2), async_nats::connect(node.url())).await
+            else {
+                continue;
+            };
+            let js = jetstream::new(client);
+            if let Ok(Ok(mut stream)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                js.get_stream(yeongye_proto::subject::IN_STREAM),
+            )
+            .await
+                && let Ok(info) = stream.info().await
+                && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+            {
+                return node_named(g, &leader);
+            }
+        }
+        assert!(
+            start.elapsed() < SHORT,
+            "no node says who leads the inbound stream"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the sender has stored so far, in order (the SDK retries each referral with its id,
+/// or queues it in its outbox, until it is safe), and how many it may send.
+#[derive(Default)]
+struct Sent {
+    ids: std::sync::Mutex<Vec<String>>,
+    count: AtomicUsize,
+    allowed: AtomicUsize,
+}
+
+impl Sent {
+    fn ids_from(&self, from: usize) -> Vec<String> {
+        self.ids.lock().expect("not poisoned")[from..].to_vec()
+    }
+
+    /// Lets `more` referrals go and waits until they are stored; returns their ids.
+    async fn let_go(&self, more: usize, what: &str) -> Vec<String> {
+        let from = self.allowed.fetch_add(more, Ordering::SeqCst);
+        wait_sent(&self.count, from + more, what).await;
+        self.ids_from(from)
+    }
+}
+
+/// The sender: one referral after another, as many as `sent.allowed` says, `total` in all.
+fn traffic(g: &Group, total: usize, sent: Arc<Sent>) -> tokio::task::JoinHandle<()> {
+    let sender = g.sender.clone();
+    tokio::spawn(async move {
+        for n in 0..total {
+            while n >= sent.allowed.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let id = sender
+                .send(ReferralBuilder::new(CENTRE, HOPE).build())
+                .await
+                .expect("stored or queued");
+            sent.ids.lock().expect("not poisoned").push(id);
+            sent.count.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+}
+
+/// Waits until every one of `ids` is RECEIVED, asking through node `via`.
+async fn wait_received(g: &Group, via: usize, ids: &[String]) {
+    let wire = WireClient::connect(&g.cluster.nodes[via].url(), CENTRE).await;
+    wire.wait_all_in_state(ids, v1::ReferralState::Received, REDELIVERY, || {
+        g.describe()
+    })
+    .await;
+}
+
+/// Cuts node `i` off, sends `PER_CUT` referrals and waits until all of them are RECEIVED with
+/// the node still cut off, then plugs it back in; returns how long that took from the cut.
+async fn partition_node(lab: &Lab, g: &Group, i: usize, sent: &Sent, why: &str) -> Duration {
+    let place = g.cluster.nodes[i]
+        .place()
+        .expect("a placed node")
+        .to_owned();
+    let cut = Instant::now();
+    lab.cut(&place);
+    let ids = sent
+        .let_go(PER_CUT, &format!("{place} ({why}) partitioned"))
+        .await;
+    let stored = cut.elapsed();
+    wait_received(g, (i + 1) % g.cluster.nodes.len(), &ids).await;
+    let took = cut.elapsed();
+    eprintln!(
+        "{place} ({why}) partitioned: {PER_CUT} referrals stored or queued after {stored:?}, \
+         all RECEIVED after {took:?}"
+    );
+    lab.heal(&place);
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_nothing() {
+    if !netns::inside() {
+        netns::run_inside(
+            "partition::partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_nothing",
+        );
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut g = Group::start_in(&mut lab, &[]).await;
+    let sent = Arc::new(Sent::default());
+    let total = 20 + 2 * PER_CUT + 10 + PER_CUT;
+    let traffic = traffic(&g, total, sent.clone());
+    sent.let_go(20, "before any partition").await;
+
+    // The node the sender is connected to: its publishes go nowhere until its client gives the
+    // silent connection up.
+    let sender_node = node_named(&g, &g.sender.nats().server_info().server_name);
+    let mut pauses = vec![partition_node(&lab, &g, sender_node, &sent, "the sender's").await];
+    g.cluster.wait_jetstream().await;
+    // The node leading the inbound stream now (its group must elect another leader).
+    let leader_node = inbound_leader(&g).await;
+    pauses.push(partition_node(&lab, &g, leader_node, &sent, "leading the inbound stream").await);
+    g.cluster.wait_jetstream().await;
+    for pause in &pauses {
+        assert!(
+            *pause < PAUSE_BOUND,
+            "a partitioned node stopped referrals for {pause:?}\n{}",
+            g.describe()
+        );
+    }
+
+    // The leading broker (whichever leads now: a lease lost during a node's partition may have
+    // moved it): it cannot renew its lease, the other takes over and commits; plugged back in,
+    // the old leader's next append is refused by the fence, or it finds its lease gone, and it
+    // stands by without publishing.
+    sent.let_go(10, "before the broker's partition").await;
+    let a_leads = g.a.cluster().await.is_some_and(|c| c["role"] == "leader");
+    let (old, new, place) = if a_leads {
+        (&mut g.a, &mut g.b, PLACES[0])
+    } else {
+        (&mut g.b, &mut g.a, PLACES[1])
+    };
+    assert_eq!(
+        old.cluster().await.expect("the leader answers")["role"],
+        "leader",
+        "neither broker leads"
+    );
+    let cut = Instant::now();
+    lab.cut(place);
+    sent.allowed.fetch_add(PER_CUT, Ordering::SeqCst);
+    let led = wait_leading(new, cut).await;
+    eprintln!("the standby leads {led:?} after {place}, the leader, was partitioned");
+    assert!(led < FAILOVER_BOUND, "the standby led only after {led:?}");
+    let old_log = old.log_path();
+    let probe = g
+        .sender
+        .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
+        .await
+        .expect("stored: the streams do not need a broker");
+    lab.heal(place);
+    old.wait_role("standby", SHORT).await;
+    // The role is set before the reason is logged: wait for the reason.
+    let (fenced, lost) = yeongye_tests::wait_for(
+        "the old leader to log that it was fenced or lost its lease",
+        SHORT,
+        || async {
+            let log = std::fs::read_to_string(&old_log).unwrap_or_default();
+            let seen = (log.contains("fenced"), log.contains("lost the lease"));
+            (seen.0 || seen.1).then_some(seen)
+        },
+        String::new,
+    )
+    .await;
+    eprintln!("{place} back on the network: standby; fenced {fenced}, lease found lost {lost}");
+    g.wait_received(&probe).await;
+
+    traffic.await.expect("the sender");
+    let mut ids = sent.ids_from(0);
+    assert_eq!(ids.len(), total);
+    ids.push(probe);
+    g.assert_each_once(&ids).await;
+    assert_identical(&g.a, &g.b, || g.describe()).await;
+    let new = if a_leads { &g.b } else { &g.a };
+    assert_eq!(
+        new.cluster().await.expect("the new leader answers")["role"],
+        "leader",
+        "the old leader led again"
+    );
+}

@@ -125,6 +125,62 @@ async fn wait_received(g: &Group, via: usize, ids: &[String]) {
     .await;
 }
 
+/// Whether every stream of the cluster (the broker's, the lease's KV and the snapshots'
+/// object store) has a leader and both other replicas current, asked through node `via`.
+async fn settled(g: &Group, via: usize) -> bool {
+    use futures::StreamExt;
+    let Ok(Ok(client)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        async_nats::connect(g.cluster.nodes[via].url()),
+    )
+    .await
+    else {
+        return false;
+    };
+    let js = jetstream::new(client);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async { n.ok() })
+        .collect()
+        .await;
+    if names.is_empty() {
+        return false;
+    }
+    for name in names {
+        let Ok(mut stream) = js.get_stream(&name).await else {
+            return false;
+        };
+        let Ok(info) = stream.info().await else {
+            return false;
+        };
+        let Some(cluster) = info.cluster.as_ref() else {
+            return false;
+        };
+        if cluster.leader.is_none()
+            || cluster.replicas.len() != 2
+            || !cluster.replicas.iter().all(|r| r.current)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Waits until the cluster has [`settled`] after a partition healed (the node caught up, no
+/// election under way), so that one partition's aftermath is not measured as the next one's.
+async fn wait_settled(g: &Group, via: usize, what: &str) {
+    let start = Instant::now();
+    while !settled(g, via).await {
+        assert!(
+            start.elapsed() < REDELIVERY,
+            "{what}: the streams did not settle\n{}",
+            g.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{what}: settled {:?} after the heal", start.elapsed());
+}
+
 /// Cuts node `i` off, sends `PER_CUT` referrals and waits until all of them are RECEIVED with
 /// the node still cut off, then plugs it back in; returns how long that took from the cut.
 async fn partition_node(lab: &Lab, g: &Group, i: usize, sent: &Sent, why: &str) -> Duration {
@@ -145,6 +201,7 @@ async fn partition_node(lab: &Lab, g: &Group, i: usize, sent: &Sent, why: &str) 
          all RECEIVED after {took:?}"
     );
     lab.heal(&place);
+    wait_settled(g, i, &format!("{place} back")).await;
     took
 }
 
@@ -167,7 +224,6 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
     // silent connection up.
     let sender_node = node_named(&g, &g.sender.nats().server_info().server_name);
     let mut pauses = vec![partition_node(&lab, &g, sender_node, &sent, "the sender's").await];
-    g.cluster.wait_jetstream().await;
     // The node leading the inbound stream now (its group must elect another leader).
     let leader_node = inbound_leader(&g).await;
     pauses.push(partition_node(&lab, &g, leader_node, &sent, "leading the inbound stream").await);

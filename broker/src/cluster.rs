@@ -348,12 +348,19 @@ impl Member {
     /// From the moment the lease is taken (catching up and the group's first snapshot can
     /// outlast its TTL: at a million referrals that snapshot takes ~25 s) and while leading:
     /// renews the lease, on a task of its own (never starved by the event loop's turns), until
-    /// `token` is cancelled (then hands the lease back, to give back) or it is lost (then
-    /// cancels `token` and hands back None).
+    /// `stop` is cancelled (then hands the lease back, to give back) or it is lost (then
+    /// cancels `lost`, which stops the loop, and hands back None).
+    ///
+    /// `stop` is not the loop's token: a SIGTERM stops the loop after the turn in hand, and the
+    /// lease must outlive that turn (a debug-build turn under a backlog takes seconds, longer
+    /// than the TTL): else a standby takes the lease meanwhile, the turn's append is fenced and
+    /// the stopping broker exits with an error. [`Member::give_back`] cancels `stop` once the
+    /// loop has returned.
     pub fn keep(
         &self,
         mut lease: Lease,
-        token: CancellationToken,
+        stop: CancellationToken,
+        lost: CancellationToken,
     ) -> tokio::task::JoinHandle<Option<Lease>> {
         let leases = self.leases.clone();
         let every = self.ttl / 3;
@@ -363,7 +370,7 @@ impl Member {
             renew.tick().await;
             loop {
                 tokio::select! {
-                    _ = token.cancelled() => return Some(lease),
+                    _ = stop.cancelled() => return Some(lease),
                     _ = renew.tick() => match leases.renew(&mut lease).await {
                         Ok(()) => {}
                         Err(Renewal::Lost) => {
@@ -377,7 +384,7 @@ impl Member {
                                 continue;
                             }
                             tracing::warn!(term = lease.term, "lost the lease: stepping down");
-                            token.cancel();
+                            lost.cancel();
                             return None;
                         }
                         Err(Renewal::Unavailable(cause)) => {
@@ -389,14 +396,14 @@ impl Member {
         })
     }
 
-    /// Stops [`Member::keep`]'s renewals (cancels `token`) and gives the lease back if it
+    /// Stops [`Member::keep`]'s renewals (cancels its `stop`) and gives the lease back if it
     /// was still held.
     pub async fn give_back(
         &self,
-        token: &CancellationToken,
+        stop: &CancellationToken,
         keeper: tokio::task::JoinHandle<Option<Lease>>,
     ) {
-        token.cancel();
+        stop.cancel();
         if let Some(lease) = keeper.await.unwrap_or(None) {
             self.leases.release(lease).await;
         }

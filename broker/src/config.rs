@@ -75,6 +75,10 @@ pub struct Config {
     /// Testing only: a takeover waits this many milliseconds before its first append, as a
     /// slow catch-up or a large first snapshot does (0..=60000). Never set in production.
     pub testing_takeover_delay_ms: u64,
+    /// Testing only: a leader's turn holding inbound messages waits, before its commit, until
+    /// the broker is asked to stop, and then this many milliseconds more (0..=60000; 0: off),
+    /// as a long turn in hand at a SIGTERM does. Never set in production.
+    pub testing_stop_delay_ms: u64,
     /// Testing only: a standby reopens its store (so that sled writes its recovery snapshot)
     /// once this many bytes of records were applied since it opened it, instead of 1 GiB
     /// (1..). Never set in production.
@@ -199,6 +203,7 @@ impl fmt::Debug for Config {
             http_limits,
             testing_clock_offset_file,
             testing_takeover_delay_ms,
+            testing_stop_delay_ms,
             testing_store_reopen_after_bytes,
             testing_store_without_background_flush,
             require_signatures,
@@ -237,6 +242,7 @@ impl fmt::Debug for Config {
             .field("http_limits", http_limits)
             .field("testing_clock_offset_file", testing_clock_offset_file)
             .field("testing_takeover_delay_ms", testing_takeover_delay_ms)
+            .field("testing_stop_delay_ms", testing_stop_delay_ms)
             .field(
                 "testing_store_reopen_after_bytes",
                 testing_store_reopen_after_bytes,
@@ -303,6 +309,7 @@ impl Default for Config {
             http_limits: yeongye_http::Limits::default(),
             testing_clock_offset_file: None,
             testing_takeover_delay_ms: 0,
+            testing_stop_delay_ms: 0,
             testing_store_reopen_after_bytes: None,
             testing_store_without_background_flush: false,
             require_signatures: true,
@@ -513,6 +520,12 @@ impl Config {
                 self.testing_takeover_delay_ms
             ));
         }
+        if self.testing_stop_delay_ms > 60_000 {
+            return bad(format!(
+                "testing_stop_delay_ms {} is over 60000",
+                self.testing_stop_delay_ms
+            ));
+        }
         if self.testing_store_reopen_after_bytes == Some(0) {
             return bad("testing_store_reopen_after_bytes must be at least 1".to_owned());
         }
@@ -710,6 +723,7 @@ mod tests {
                 "testing_takeover_delay_ms = -1",
                 "testing_takeover_delay_ms",
             ),
+            ("testing_stop_delay_ms = -1", "testing_stop_delay_ms"),
             (
                 "testing_takeover_delay_ms = \"5s\"",
                 "testing_takeover_delay_ms",
@@ -756,6 +770,7 @@ mod tests {
             "snapshot_upload_mib_per_sec = 0",
             "snapshot_upload_mib_per_sec = 10001",
             "testing_takeover_delay_ms = 60001",
+            "testing_stop_delay_ms = 60001",
             "http_allowed_hosts = [\"evil.example/x\"]",
             "[http_limits]\nheader_timeout_secs = 0",
             "operators_file = \"\"",

@@ -168,15 +168,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
             let followed = member.follow(&mut command_rx, &token, hold_off).await;
             hold_off = std::time::Duration::ZERO;
             let lead_token = token.child_token();
+            // Renewals stop when leading has ended, not at the shutdown request (see `keep`).
+            let renewals = CancellationToken::new();
             let taken = match followed {
                 Ok(Some((lease, tail))) => {
                     // Renewed from now on: catching up may take longer than the lease lives,
                     // and a standby taking it meanwhile would race this broker's first append.
-                    let keeper = member.keep(lease, lead_token.clone());
+                    let keeper = member.keep(lease, renewals.clone(), lead_token.clone());
                     match member.take_over(lease.term, tail, &lead_token).await {
                         Ok(Some(writer)) => Ok(Some((keeper, writer))),
                         not_leading => {
-                            member.give_back(&lead_token, keeper).await;
+                            member.give_back(&renewals, keeper).await;
                             not_leading.map(|_| None)
                         }
                     }
@@ -221,8 +223,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
             let leading = lead.run(writer, &mut command_rx, lead_token.clone());
             let led = leading.await;
             ops.set_cluster(|c| c.leading = false);
-            member.give_back(&lead_token, keeper).await;
+            member.give_back(&renewals, keeper).await;
             match led {
+                // Stopping, and another broker leads already (the lease was lost, say, while
+                // NATS could not be reached): the fence refused the turn in hand, which
+                // nothing committed; its messages go to the new leader. Not an error.
+                Err(e @ Error::Fenced { .. }) if token.is_cancelled() => {
+                    tracing::warn!(cause = %e, "stopping: another broker leads; the turn in hand was not committed");
+                    return Ok(());
+                }
                 _ if token.is_cancelled() => return led.map(|_| ()),
                 Ok(server::Stop::StepDown) => hold_off = STEP_DOWN_HOLD_OFF,
                 Ok(server::Stop::Cancelled) => {}

@@ -298,6 +298,11 @@ impl EventLoop {
             // commit): off the runtime's worker, so that the NATS connection's task is not
             // stuck behind it (tokio does not steal a task from a busy worker's LIFO slot, and
             // the connection task is woken by this one) and keeps reading the next batch.
+            if self.cfg.testing_stop_delay_ms > 0 && !inbound.is_empty() {
+                // Testing only: a turn in hand when the stop request lands, and long.
+                token.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(self.cfg.testing_stop_delay_ms)).await;
+            }
             let started = Instant::now();
             tokio::task::block_in_place(|| self.turn(&inbound, &mut pending, caught_up))?;
             self.ops.turns.fetch_add(1, Ordering::Relaxed);

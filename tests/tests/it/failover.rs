@@ -65,7 +65,12 @@ impl Group {
 
     /// With `extra` in each broker's configuration.
     async fn start_with(extra: &[(&str, toml::Value)]) -> Group {
-        Group::start_on(NatsCluster::start(3).await, extra, None).await
+        Group::start_on(NatsCluster::start(3).await, extra, &[], None).await
+    }
+
+    /// With `a_only` in broker-a's configuration alone.
+    async fn start_with_a(a_only: &[(&str, toml::Value)]) -> Group {
+        Group::start_on(NatsCluster::start(3).await, &[], a_only, None).await
     }
 
     /// In `lab`: each NATS node in a place of its own (`n1`..`n3`), and each broker too
@@ -81,13 +86,15 @@ impl Group {
             .collect();
         let brokers = [lab.place(PLACES[0], 21), lab.place(PLACES[1], 22)];
         let cluster = NatsCluster::start_in(places).await;
-        Group::start_on(cluster, extra, Some(brokers)).await
+        Group::start_on(cluster, extra, &[], Some(brokers)).await
     }
 
-    /// On `cluster`; broker-a and broker-b in [`PLACES`] at these addresses if given.
+    /// On `cluster`, `a_only` added to broker-a's configuration; broker-a and broker-b in
+    /// [`PLACES`] at these addresses if given.
     async fn start_on(
         cluster: NatsCluster,
         extra: &[(&str, toml::Value)],
+        a_only: &[(&str, toml::Value)],
         placed: Option<[String; 2]>,
     ) -> Group {
         let urls = cluster.urls();
@@ -107,6 +114,9 @@ impl Group {
             c
         };
         let [mut config_a, mut config_b] = [config(PLACES[0]), config(PLACES[1])];
+        for (k, v) in a_only {
+            config_a.extra.insert((*k).into(), v.clone());
+        }
         if let Some(addrs) = placed {
             for ((c, addr), place) in [&mut config_a, &mut config_b]
                 .into_iter()
@@ -695,6 +705,65 @@ async fn leadership_is_handed_over_by_step_down_and_by_sigterm_without_an_error_
     // on one).
     let ids = traffic.await.expect("the sender");
     g.assert_each_once(&ids).await;
+}
+
+/// A SIGTERM with a long turn in hand: broker-a's turns holding inbound messages wait for its
+/// stop request and then 4.5 s more (`testing_stop_delay_ms`), longer than its lease lives
+/// (3 s). The lease must be renewed until the loop has stopped: broker-a commits that turn,
+/// gives the lease back and exits 0, and broker-b leads after it, not during the turn (then
+/// the turn's append would be fenced and the stop would fail, as it once did under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_a_long_turn_in_hand_keeps_its_lease_until_it_has_stopped() {
+    let mut g = Group::start_with_a(&[("testing_stop_delay_ms", toml::Value::Integer(4500))]).await;
+    let probe = g.send_probe().await;
+    // broker-a holds the probe in a turn (delivered to it, not acknowledged).
+    let js = jetstream::new(g.cluster.nodes[0].connect().await);
+    yeongye_tests::wait_for(
+        "broker-a to hold the probe in a turn",
+        SHORT,
+        || async {
+            let stream = js
+                .get_stream(yeongye_proto::subject::IN_STREAM)
+                .await
+                .ok()?;
+            let info = stream
+                .consumer_info(yeongye_proto::subject::BROKER_CONSUMER)
+                .await
+                .ok()?;
+            (info.num_ack_pending > 0).then_some(())
+        },
+        || g.describe(),
+    )
+    .await;
+    let stopped = Instant::now();
+    g.a.stop().await;
+    let took = stopped.elapsed();
+    let led = wait_leading(&mut g.b, stopped).await;
+    eprintln!("broker-a stopped {took:?} after SIGTERM; broker-b led {led:?} after it");
+    let a_log = std::fs::read_to_string(g.a.log_path()).unwrap_or_default();
+    for unwanted in ["fenced", "another broker leads", "lost the lease"] {
+        assert!(
+            !a_log.contains(unwanted),
+            "broker-a's log says {unwanted:?}\n{}",
+            g.describe()
+        );
+    }
+    assert!(
+        a_log.contains("gave the lease back"),
+        "broker-a did not give its lease back\n{}",
+        g.describe()
+    );
+    assert!(
+        took >= Duration::from_millis(4500),
+        "broker-a stopped before its turn's delay: the test proves nothing ({took:?})"
+    );
+    assert!(
+        a_log.contains(&probe),
+        "broker-a did not commit its turn in hand\n{}",
+        g.describe()
+    );
+    g.wait_received(&probe).await;
+    g.assert_each_once(&[probe]).await;
 }
 
 /// The fence and the parts, on a real server: what every broker's safety rests on.

@@ -194,6 +194,14 @@ impl Incoming {
                         self.messages = None;
                         self.pause().await;
                         self.consumer = bind_consumer(&self.adapter).await?;
+                    } else if matches!(
+                        e.kind(),
+                        MessagesErrorKind::NoResponders | MessagesErrorKind::MissingHeartbeat
+                    ) {
+                        // The pull reached no consumer (its group electing a leader): the
+                        // stream counts it as outstanding and would never pull again.
+                        self.messages = None;
+                        self.pause().await;
                     } else {
                         self.pause().await;
                     }

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{PullConsumer, pull::MessagesErrorKind};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
@@ -283,7 +284,20 @@ impl EventLoop {
             let mut inbound = Vec::new();
             match first {
                 Some(Some(Ok(m))) => inbound.push(m),
-                Some(Some(Err(e))) => tracing::warn!(cause = %e, "reading the inbound stream"),
+                Some(Some(Err(e))) => {
+                    tracing::warn!(cause = %e, "reading the inbound stream");
+                    // async-nats's pull stream counts a pull that reached no consumer (its
+                    // group electing a leader, just after the consumer was made or moved) as
+                    // outstanding and never pulls again: the loop sat idle once after taking
+                    // over. A missed heartbeat is the same silence. A fresh stream pulls anew.
+                    if matches!(
+                        e.kind(),
+                        MessagesErrorKind::NoResponders | MessagesErrorKind::MissingHeartbeat
+                    ) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        messages = self.messages(&consumer).await?;
+                    }
+                }
                 Some(None) => {
                     tracing::warn!("inbound message stream ended; reopening");
                     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -185,25 +185,25 @@ impl Incoming {
                 }
                 Some(Err(e)) => {
                     warn!(cause = %e, "reading the consumer failed; continuing");
-                    if matches!(
+                    let rebind = matches!(
                         e.kind(),
                         MessagesErrorKind::ConsumerDeleted
                             | MessagesErrorKind::PushBasedConsumer
                             | MessagesErrorKind::RequestLimitExceeded
-                    ) {
+                    );
+                    // After a pull that reached no consumer (its group electing a leader) the
+                    // stream counts it as outstanding and would never pull again: a fresh one.
+                    if rebind
+                        || matches!(
+                            e.kind(),
+                            MessagesErrorKind::NoResponders | MessagesErrorKind::MissingHeartbeat
+                        )
+                    {
                         self.messages = None;
-                        self.pause().await;
+                    }
+                    self.pause().await;
+                    if rebind {
                         self.consumer = bind_consumer(&self.adapter).await?;
-                    } else if matches!(
-                        e.kind(),
-                        MessagesErrorKind::NoResponders | MessagesErrorKind::MissingHeartbeat
-                    ) {
-                        // The pull reached no consumer (its group electing a leader): the
-                        // stream counts it as outstanding and would never pull again.
-                        self.messages = None;
-                        self.pause().await;
-                    } else {
-                        self.pause().await;
                     }
                 }
                 None => {

@@ -282,28 +282,34 @@ impl EventLoop {
                 _ = tokio::time::sleep(wait), if room => None,
             };
             let mut inbound = Vec::new();
-            match first {
-                Some(Some(Ok(m))) => inbound.push(m),
+            let reopen = match first {
+                Some(Some(Ok(m))) => {
+                    inbound.push(m);
+                    false
+                }
                 Some(Some(Err(e))) => {
                     tracing::warn!(cause = %e, "reading the inbound stream");
                     // async-nats's pull stream counts a pull that reached no consumer (its
                     // group electing a leader, just after the consumer was made or moved) as
                     // outstanding and never pulls again: the loop sat idle once after taking
                     // over. A missed heartbeat is the same silence. A fresh stream pulls anew.
-                    if matches!(
+                    matches!(
                         e.kind(),
                         MessagesErrorKind::NoResponders | MessagesErrorKind::MissingHeartbeat
-                    ) {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        messages = self.messages(&consumer).await?;
-                    }
+                    )
                 }
                 Some(None) => {
                     tracing::warn!("inbound message stream ended; reopening");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    messages = self.messages(&consumer).await?;
+                    true
                 }
-                None => caught_up = true,
+                None => {
+                    caught_up = true;
+                    false
+                }
+            };
+            if reopen {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                messages = self.messages(&consumer).await?;
             }
             self.read_ready(&mut messages, &mut inbound).await;
             caught_up = self.note_backlog(&inbound, caught_up);

@@ -201,13 +201,15 @@ impl Group {
 
     /// Waits until the leader says `id` was RECEIVED.
     pub(crate) async fn wait_received(&self, id: &str) {
-        let wire = WireClient::connect(&self.cluster.urls()[0], CENTRE).await;
-        wire.wait_all_in_state(
-            &[id.to_owned()],
-            v1::ReferralState::Received,
-            REDELIVERY,
-            || self.describe(),
-        )
+        self.wait_all_received(0, &[id.to_owned()]).await;
+    }
+
+    /// Waits until every one of `ids` is RECEIVED, asking through node `via`.
+    pub(crate) async fn wait_all_received(&self, via: usize, ids: &[String]) {
+        let wire = WireClient::connect(&self.cluster.nodes[via].url(), CENTRE).await;
+        wire.wait_all_in_state(ids, v1::ReferralState::Received, REDELIVERY, || {
+            self.describe()
+        })
         .await;
     }
 
@@ -277,6 +279,27 @@ pub(crate) async fn assert_identical(
         );
         assert_eq!(c["lag"], 0, "{c}");
     }
+}
+
+/// Waits until a former leader's log says why it stands by: (its append was fenced, it found
+/// its lease lost); at least one of them, else a panic with `context()`. The role is set
+/// before the reason is logged, so this waits rather than reads once.
+pub(crate) async fn why_it_stood_down(
+    broker: &BrokerProcess,
+    context: impl Fn() -> String,
+) -> (bool, bool) {
+    let path = broker.log_path();
+    yeongye_tests::wait_for(
+        "the old leader to log that it was fenced or lost its lease",
+        SHORT,
+        || async {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let seen = (log.contains("fenced"), log.contains("lost the lease"));
+            (seen.0 || seen.1).then_some(seen)
+        },
+        context,
+    )
+    .await
 }
 
 /// Polls `broker` until it says it leads; returns how long that took.
@@ -416,11 +439,8 @@ async fn a_leader_paused_past_its_lease_is_fenced_steps_down_and_publishes_nothi
 
     g.a.thaw();
     g.a.wait_role("standby", SHORT).await;
-    let log = std::fs::read_to_string(g.a.log_path()).unwrap_or_default();
-    let fenced = log.contains("fenced");
-    let lost = log.contains("lost the lease");
+    let (fenced, lost) = why_it_stood_down(&g.a, || g.describe()).await;
     eprintln!("broker-a woke and stepped down: fenced {fenced}, lease found lost {lost}");
-    assert!(fenced || lost, "{}", g.describe());
 
     let mut ids = traffic.await.expect("the sender");
     ids.push(probe);

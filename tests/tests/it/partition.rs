@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use yeongye_tests::netns::{self, Lab};
 
-use yeongye_tests::{ReferralBuilder, WireClient, v1};
+use yeongye_tests::ReferralBuilder;
 
 use crate::cluster::wait_sent;
-use crate::failover::{Group, PLACES, assert_identical, wait_leading};
+use crate::failover::{Group, PLACES, assert_identical, wait_leading, why_it_stood_down};
 use crate::{CENTRE, HOPE, REDELIVERY, SHORT};
 
 /// Referrals stored while each partition lasts.
@@ -118,15 +118,6 @@ fn traffic(g: &Group, total: usize, sent: Arc<Sent>) -> tokio::task::JoinHandle<
     })
 }
 
-/// Waits until every one of `ids` is RECEIVED, asking through node `via`.
-async fn wait_received(g: &Group, via: usize, ids: &[String]) {
-    let wire = WireClient::connect(&g.cluster.nodes[via].url(), CENTRE).await;
-    wire.wait_all_in_state(ids, v1::ReferralState::Received, REDELIVERY, || {
-        g.describe()
-    })
-    .await;
-}
-
 /// Whether every stream of the cluster (the broker's, the lease's KV and the snapshots'
 /// object store) has a leader and both other replicas current, asked through node `via`.
 async fn settled(g: &Group, via: usize) -> bool {
@@ -196,7 +187,8 @@ async fn partition_node(lab: &Lab, g: &Group, i: usize, sent: &Sent, why: &str) 
         .let_go(PER_CUT, &format!("{place} ({why}) partitioned"))
         .await;
     let stored = cut.elapsed();
-    wait_received(g, (i + 1) % g.cluster.nodes.len(), &ids).await;
+    g.wait_all_received((i + 1) % g.cluster.nodes.len(), &ids)
+        .await;
     let took = cut.elapsed();
     eprintln!(
         "{place} ({why}) partitioned: {PER_CUT} referrals stored or queued after {stored:?}, \
@@ -270,7 +262,6 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
     let led = wait_leading(new, cut).await;
     eprintln!("the standby leads {led:?} after {place}, the leader, was partitioned");
     assert!(led < FAILOVER_BOUND, "the standby led only after {led:?}");
-    let old_log = old.log_path();
     let probe = g
         .sender
         .send(ReferralBuilder::new(CENTRE, HOPE).reason("probe").build())
@@ -278,18 +269,7 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
         .expect("stored: the streams do not need a broker");
     lab.heal(place);
     old.wait_role("standby", SHORT).await;
-    // The role is set before the reason is logged: wait for the reason.
-    let (fenced, lost) = yeongye_tests::wait_for(
-        "the old leader to log that it was fenced or lost its lease",
-        SHORT,
-        || async {
-            let log = std::fs::read_to_string(&old_log).unwrap_or_default();
-            let seen = (log.contains("fenced"), log.contains("lost the lease"));
-            (seen.0 || seen.1).then_some(seen)
-        },
-        String::new,
-    )
-    .await;
+    let (fenced, lost) = why_it_stood_down(old, String::new).await;
     eprintln!("{place} back on the network: standby; fenced {fenced}, lease found lost {lost}");
     g.wait_received(&probe).await;
 

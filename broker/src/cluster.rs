@@ -29,10 +29,51 @@ use crate::ops::{Ops, Task};
 use crate::server::Command;
 use crate::store::{ChangeSet, Store};
 use lease::{Lease, Leases, Renewal};
-use log::{Record, Tail, Writer};
+use log::{Progress, Record, Tail, Writer};
 
 /// How often a standby refreshes what operators see (the view, the log's length).
 const REFRESH: Duration = Duration::from_secs(1);
+/// How often a broker taking over looks whether its reader still reads (see [`Progress`]).
+const TAKE_OVER_POLL: Duration = Duration::from_millis(500);
+
+/// One request at a time to NATS, run beside a loop: [`done`](Self::done) is ready with its
+/// answer once it has one (None if it failed to run), and never while none is under way.
+/// Dropped, it aborts the request.
+struct Beside<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> Default for Beside<T> {
+    fn default() -> Self {
+        Beside(None)
+    }
+}
+
+impl<T: Send + 'static> Beside<T> {
+    fn idle(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn start(&mut self, request: impl std::future::Future<Output = T> + Send + 'static) {
+        self.0 = Some(tokio::spawn(request));
+    }
+
+    /// Cancel-safe: the request goes on if this future is dropped.
+    async fn done(&mut self) -> Option<T> {
+        let Some(handle) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let answer = handle.await.ok();
+        self.0 = None;
+        answer
+    }
+}
+
+impl<T> Drop for Beside<T> {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
 
 /// This broker as a member of its group.
 pub struct Member {
@@ -117,9 +158,18 @@ impl Member {
     ) -> Result<Option<(Lease, Tail)>> {
         self.ops.set_cluster(|c| c.leading = false);
         let mut tail = Tail::open(&self.js, &self.name, self.store.state_position()?).await?;
+        let mut progress = Progress::new(tail.read, Instant::now());
         let mut may_take = Instant::now() + hold_off;
         let mut attempt = tokio::time::interval(self.attempt_every());
+        attempt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refresh = tokio::time::interval(REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The lease and the log's length are asked for beside the loop, never in it: with the
+        // KV's group electing or the node in between cut off, an answer takes up to the request
+        // timeout (seen: 10 s for each attempt to take the lease, one after another), and a
+        // loop waiting on it reads none of the log.
+        let mut taking = Beside::default();
+        let mut extent = Beside::default();
         let mut changed = true;
         let mut background = crate::server::background::Background::new(
             crate::server::PRUNE_EVERY,
@@ -128,6 +178,8 @@ impl Member {
         );
         loop {
             tokio::select! {
+                // An attempt still under way is dropped (aborted): if its create lands, the
+                // lease is nobody's and expires after its TTL.
                 _ = token.cancelled() => return Ok(None),
                 record = tail.next() => match record? {
                     Some((seq, record)) => {
@@ -144,18 +196,36 @@ impl Member {
                     None => return Err(Error::Nats("the state log reader ended".into())),
                 },
                 Some(cmd) = commands.recv() => {
-                    let leader = self.leases.holder().await;
-                    cmd.refuse(&not_leading(leader.as_deref()));
+                    let leader = tokio::time::timeout(REFRESH, self.leases.holder()).await;
+                    cmd.refuse(&not_leading(leader.ok().flatten().as_deref()));
                 }
                 _ = refresh.tick() => {
-                    self.refresh(changed).await;
+                    self.refresh_view(changed);
                     changed = false;
+                    if extent.idle() {
+                        let js = self.js.clone();
+                        extent.start(async move { log::extent(&js).await });
+                    }
                 }
+                got = extent.done() => match got {
+                    Some(Ok((_, last))) => {
+                        self.ops.set_cluster(|c| c.log_last = last);
+                        if progress.stalled(tail.read, last, Instant::now()) {
+                            self.read_again(&mut tail, last).await?;
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!(cause = %e, "reading the state log's extent"),
+                    None => {}
+                },
                 // Applied ids past retention, forgotten a bounded step at a time (the
                 // leader's own rule, so that both keep the same).
                 _ = tokio::time::sleep(background.wait()), if background.busy() => {}
-                _ = attempt.tick(), if Instant::now() >= may_take => {
-                    if let Some(lease) = self.leases.try_take().await {
+                _ = attempt.tick(), if Instant::now() >= may_take && taking.idle() => {
+                    let leases = self.leases.clone();
+                    taking.start(async move { leases.try_take().await });
+                }
+                taken = taking.done() => {
+                    if let Some(Some(lease)) = taken {
                         tracing::info!(term = lease.term, "took the lease");
                         return Ok(Some((lease, tail)));
                     }
@@ -224,17 +294,31 @@ impl Member {
         Ok(())
     }
 
-    /// What operators see of a standby: the view from the store, the log's length.
-    async fn refresh(&self, changed: bool) {
+    /// What operators see of a standby: the view from the store (the log's length comes
+    /// with each answer about its extent).
+    fn refresh_view(&self, changed: bool) {
         if changed {
             match tokio::task::block_in_place(|| crate::ops::load_view(self.store.as_ref())) {
                 Ok(view) => self.ops.update_view(|v| *v = view),
                 Err(e) => tracing::warn!(cause = %e, "reading the view from the store"),
             }
         }
-        if let Ok(last) = log::extent(&self.js).await.map(|(_, last)| last) {
-            self.ops.set_cluster(|c| c.log_last = last);
-        }
+    }
+
+    /// A reader that stopped hearing the log while it grew (see [`log::TAIL_STALL`]) is
+    /// replaced by a new one from this store's position (a record read in part is read again).
+    async fn read_again(&self, tail: &mut Tail, last: u64) -> Result<()> {
+        let position = self.store.state_position()?;
+        tracing::warn!(
+            read = tail.read,
+            position,
+            log_last = last,
+            stalled_ms = crate::clock::ms(log::TAIL_STALL),
+            "the state log reader read nothing while the log grew: reading it again from this \
+             store's position"
+        );
+        *tail = Tail::open(&self.js, &self.name, position).await?;
+        Ok(())
     }
 
     /// Having taken the lease (term `term`), which [`Member::keep`] already renews: reads the
@@ -249,13 +333,26 @@ impl Member {
     ) -> Result<Option<Writer>> {
         let started = Instant::now();
         let last = log::extent(&self.js).await.map(|(_, last)| last)?;
+        let mut progress = Progress::new(tail.read, Instant::now());
         while tail.read < last {
-            match tail.next().await? {
-                Some((seq, record)) => {
+            if kept.is_cancelled() {
+                tracing::warn!(term, "lost the lease while catching up: following");
+                return Ok(None);
+            }
+            // Bounded, so that a reader that stopped hearing the log is noticed; a record read
+            // in part when the wait ends stays in `tail` (`next` only awaits whole messages).
+            match tokio::time::timeout(TAKE_OVER_POLL, tail.next()).await {
+                Ok(Ok(Some((seq, record)))) => {
                     self.restore_before_the_first_record(seq).await?;
                     self.apply(seq, record)?;
                 }
-                None => return Err(Error::Nats("the state log reader ended".into())),
+                Ok(Ok(None)) => return Err(Error::Nats("the state log reader ended".into())),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    if progress.stalled(tail.read, last, Instant::now()) {
+                        self.read_again(&mut tail, last).await?;
+                    }
+                }
             }
         }
         drop(tail);

@@ -27,6 +27,15 @@ pub enum Error {
     /// broker must stop leading (it publishes and acknowledges nothing of the refused change).
     #[error("state log append fenced (expected last sequence {expected}): {detail}")]
     Fenced { expected: u64, detail: String },
+    /// The state log went on past records this broker had not read (trimmed behind a
+    /// snapshot while it was not reading: paused, or cut off, for long). Its store cannot catch
+    /// up by reading; started again, it starts from the newest snapshot.
+    #[error(
+        "the state log goes on at {next} but this broker had read only to {read}: the records \
+         between were trimmed behind a snapshot while it was not reading; start it again \
+         (its store is moved aside and it starts from the newest snapshot)"
+    )]
+    BehindTheLog { read: u64, next: u64 },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     /// An onboarding command (`init`, `agency add|remove|rotate-key`) was refused: bad input,

@@ -929,4 +929,25 @@ async fn the_state_log_refuses_a_deposed_writer_and_reads_back_whole_records() {
             .expect_err("a malformed record is an error");
         assert!(err.to_string().contains(why), "{kind} {part:?}: {err}");
     }
+
+    // A reader whose next record was trimmed away (behind a snapshot, while it was not
+    // reading) must not read on from the log's new start as if nothing were missing.
+    let last = log::extent(&js).await.expect("info").1;
+    js.get_stream(log::STATE_STREAM)
+        .await
+        .expect("the state log")
+        .purge()
+        .sequence(last)
+        .await
+        .expect("trimmed");
+    let mut tail = Tail::open(&js, "reader", s4).await.expect("a reader");
+    let err = tokio::time::timeout(SHORT, tail.next())
+        .await
+        .expect("an answer")
+        .expect_err("a record after a gap is an error");
+    assert!(
+        matches!(err, yeongye_broker::error::Error::BehindTheLog { read, next } if read == s4 && next == last),
+        "{err}"
+    );
+    assert!(err.to_string().contains("start it again"), "{err}");
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use yeongye_broker::cluster::log::STATE_STREAM;
 use yeongye_tests::netns::{self, Lab};
 
 use yeongye_tests::ReferralBuilder;
@@ -38,6 +39,10 @@ const PER_CUT: usize = 15;
 const PAUSE_BOUND: Duration = REDELIVERY;
 /// From unplugging the leading broker to the standby leading (the issue's aim for a kill).
 const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+/// From every referral of a node's partition RECEIVED to the standby as far in the state log
+/// as the leader (its reader stalled for [`yeongye_broker::cluster::log::TAIL_STALL`] is
+/// opened again through another node).
+const STANDBY_BOUND: Duration = Duration::from_secs(20);
 
 /// The cluster node (index) whose server name is `name`.
 fn node_named(g: &Group, name: &str) -> usize {
@@ -73,6 +78,88 @@ async fn inbound_leader(g: &Group) -> usize {
         assert!(
             start.elapsed() < SHORT,
             "no node says who leads the inbound stream"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The node that serves broker `broker`'s reader of the state log (an R1 consumer, placed
+/// by the server), asked on any node that answers.
+async fn reader_node(g: &Group, broker: &str) -> usize {
+    use futures::StreamExt;
+    let description = format!("state log reader of broker {broker}");
+    let start = Instant::now();
+    loop {
+        for node in &g.cluster.nodes {
+            let Ok(Ok(client)) =
+                tokio::time::timeout(Duration::from_secs(2), async_nats::connect(node.url())).await
+            else {
+                continue;
+            };
+            let js = jetstream::new(client);
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(2), js.get_stream(STATE_STREAM)).await
+            else {
+                continue;
+            };
+            let readers: Vec<_> = stream
+                .consumers()
+                .filter_map(|c| async { c.ok() })
+                .filter(|c| {
+                    let ours = c.config.description.as_deref() == Some(description.as_str());
+                    async move { ours }
+                })
+                .collect()
+                .await;
+            // One reader (an earlier one lingers until its inactivity threshold): the newest.
+            if let Some(leader) = readers
+                .iter()
+                .max_by_key(|c| c.created)
+                .and_then(|c| c.cluster.as_ref()?.leader.clone())
+            {
+                return node_named(g, &leader);
+            }
+        }
+        assert!(
+            start.elapsed() < SHORT,
+            "no node says where {broker}'s state log reader is"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the standby has applied the log as far as the leader, while the node that
+/// was cut off still is: a standby that stopped reading would take over late (seen: a reader
+/// on a cut-off node heard nothing for over 50 s, and the standby took 8.7 s to catch up
+/// when it took over).
+async fn wait_standby_current(g: &Group, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (a, b) = (g.a.cluster().await, g.b.cluster().await);
+        let position = |c: &Option<serde_json::Value>| {
+            c.as_ref()
+                .and_then(|c| c["state_log_position"].as_u64())
+                .unwrap_or(0)
+        };
+        let role = |c: &Option<serde_json::Value>| {
+            c.as_ref()
+                .and_then(|c| c["role"].as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        let (leader, standby) = match (role(&a).as_str(), role(&b).as_str()) {
+            ("leader", "standby") => (position(&a), position(&b)),
+            ("standby", "leader") => (position(&b), position(&a)),
+            _ => (1, 0),
+        };
+        if standby >= leader {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < STANDBY_BOUND,
+            "{what}: the standby is at {standby} of the state log, the leader at {leader}, \
+             after {:?}\n{}",
+            start.elapsed(),
+            g.describe()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -194,6 +281,8 @@ async fn partition_node(lab: &Lab, g: &Group, i: usize, sent: &Sent, why: &str) 
         "{place} ({why}) partitioned: {PER_CUT} referrals stored or queued after {stored:?}, \
          all RECEIVED after {took:?}"
     );
+    let current = wait_standby_current(g, &format!("{place} ({why}) partitioned")).await;
+    eprintln!("{place} ({why}) partitioned: the standby current {current:?} after that");
     lab.heal(&place);
     wait_settled(g, i, &format!("{place} back")).await;
     took
@@ -210,7 +299,7 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
     let mut lab = Lab::new();
     let mut g = Group::start_in(&mut lab, &[]).await;
     let sent = Arc::new(Sent::default());
-    let total = 20 + 2 * PER_CUT + 10 + PER_CUT;
+    let total = 20 + 3 * PER_CUT + 10 + PER_CUT;
     let traffic = traffic(&g, total, sent.clone());
     sent.let_go(20, "before any partition").await;
 
@@ -221,6 +310,15 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
     // The node leading the inbound stream now (its group must elect another leader).
     let leader_node = inbound_leader(&g).await;
     pauses.push(partition_node(&lab, &g, leader_node, &sent, "leading the inbound stream").await);
+    // The node serving the standby's reader of the state log: the standby must not fall
+    // behind (it would take over late), so it reads the log again through another node.
+    let standby = if g.a.cluster().await.is_some_and(|c| c["role"] == "standby") {
+        "broker-a"
+    } else {
+        "broker-b"
+    };
+    let reader = reader_node(&g, standby).await;
+    pauses.push(partition_node(&lab, &g, reader, &sent, "serving the standby's reader").await);
     g.cluster.wait_jetstream().await;
     for pause in &pauses {
         assert!(

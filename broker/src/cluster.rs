@@ -33,6 +33,12 @@ use log::{Progress, Record, Tail, Writer};
 
 /// How often a standby refreshes what operators see (the view, the log's length).
 const REFRESH: Duration = Duration::from_secs(1);
+/// How long a standby waits for the answer to one attempt to take the lease. Unanswered, an
+/// attempt waited for the request timeouts, 10-15 s (seen during partitions: the KV's group
+/// electing, or the node in between cut off), and a leader's lease that expired meanwhile was
+/// taken only after it (once 10.8 s after the leader was cut off). An abandoned attempt that
+/// lands after all leaves the lease to nobody until its TTL runs out, then it is taken.
+const ATTEMPT_BOUND: Duration = Duration::from_secs(2);
 /// How often a broker taking over looks whether its reader still reads (see [`Progress`]).
 const TAKE_OVER_POLL: Duration = Duration::from_millis(500);
 
@@ -222,7 +228,18 @@ impl Member {
                 _ = tokio::time::sleep(background.wait()), if background.busy() => {}
                 _ = attempt.tick(), if Instant::now() >= may_take && taking.idle() => {
                     let leases = self.leases.clone();
-                    taking.start(async move { leases.try_take().await });
+                    taking.start(async move {
+                        match tokio::time::timeout(ATTEMPT_BOUND, leases.try_take()).await {
+                            Ok(taken) => taken,
+                            Err(_) => {
+                                tracing::debug!(
+                                    bound_ms = crate::clock::ms(ATTEMPT_BOUND),
+                                    "an attempt to take the lease had no answer: abandoned"
+                                );
+                                None
+                            }
+                        }
+                    });
                 }
                 taken = taking.done() => {
                     if let Some(Some(lease)) = taken {

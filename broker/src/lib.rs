@@ -66,6 +66,9 @@ const STREAM_HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(
 /// How long a broker that stepped down leaves the lease to the others before it may take it
 /// again (it takes it back after that if no other broker did).
 const STEP_DOWN_HOLD_OFF: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a broker whose leading ended on a NATS error leaves the lease to the others (or,
+/// alone, waits) before it tries again.
+const LEAD_ERROR_HOLD_OFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The broker's store, at `store_dir`.
 fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
@@ -235,8 +238,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
                 _ if token.is_cancelled() => return led.map(|_| ()),
                 Ok(server::Stop::StepDown) => hold_off = STEP_DOWN_HOLD_OFF,
                 Ok(server::Stop::Cancelled) => {}
-                Err(e @ (Error::Fenced { .. } | Error::Nats(_))) => {
+                Err(e @ Error::Fenced { .. }) => {
                     tracing::warn!(cause = %e, "stopped leading: following the state log");
+                }
+                // Whatever made leading fail may make it fail again at once: the lease is left
+                // to the others for a moment (seen: a failure at each start of leading, and the
+                // lease taken again within milliseconds, thousands of times, a `leader` record
+                // appended each time).
+                Err(e @ Error::Nats(_)) => {
+                    tracing::warn!(cause = %e, "stopped leading: following the state log");
+                    hold_off = LEAD_ERROR_HOLD_OFF;
                 }
                 Err(e) => return Err(e),
             }

@@ -7,7 +7,7 @@
 //! cut, or was deleted), the consumer is recreated to start right after the checkpoint, so the
 //! lost part is replayed from the stream.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{ConnectOptions, ServerAddr};
@@ -274,8 +274,37 @@ pub async fn broker_consumer(
             .await
             .map_err(Error::nats)?;
     }
-    inbound
-        .create_consumer(broker_consumer_config(cfg, start))
-        .await
-        .map_err(Error::nats)
+    // A consumer deleted on a cluster can still be there for a moment (a node that missed the
+    // deletion retries it: "not cleaned up"): the create is then taken as an update of it, which
+    // may not move the start (10012). Seen after a partition: the broker stepped down on it and
+    // took the lease again at once, thousands of times. Deleted again, and waited for.
+    let started = Instant::now();
+    loop {
+        match inbound
+            .create_consumer(broker_consumer_config(cfg, start))
+            .await
+        {
+            Ok(consumer) => return Ok(consumer),
+            Err(e) if is_consumer_create_conflict(&e) && started.elapsed() < RECREATE_BUDGET => {
+                tracing::warn!(cause = %e, "the inbound consumer is still there: deleting it again");
+                let _ = inbound.delete_consumer(subject::BROKER_CONSUMER).await;
+                tokio::time::sleep(RECREATE_PAUSE).await;
+            }
+            Err(e) => return Err(Error::nats(e)),
+        }
+    }
+}
+
+/// How long [`broker_consumer`] tries to recreate a consumer that lingers after its deletion.
+const RECREATE_BUDGET: Duration = Duration::from_secs(10);
+const RECREATE_PAUSE: Duration = Duration::from_millis(250);
+
+/// Whether a create failed because a consumer of that name (one being deleted) still exists
+/// with another configuration.
+fn is_consumer_create_conflict(e: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    matches!(
+        e.kind(),
+        async_nats::jetstream::stream::ConsumerErrorKind::JetStream(err)
+            if err.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_CREATE
+    )
 }

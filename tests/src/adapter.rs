@@ -411,11 +411,17 @@ impl AdapterProcess {
             .count()
     }
 
-    /// The states of this referral's notifications, in the order they were printed.
+    /// The states of this referral's notifications, in the order they were printed, each
+    /// notification (message id) once: a stdout line is a log of the handoff, at least once (a
+    /// notification the server sends again because a restart lost its acknowledgement prints
+    /// again under the same id, and is not handed over again). A state notified twice under
+    /// two ids is still there twice.
     pub fn notified_states(&self, referral_id: &str) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
         self.guard()
             .iter()
             .filter(|l| l.kind() == "notification" && l.referral_id() == Some(referral_id))
+            .filter(|l| l.message_id().is_none_or(|id| seen.insert(id.to_owned())))
             .filter_map(Line::state)
             .collect()
     }

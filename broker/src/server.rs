@@ -320,6 +320,10 @@ impl EventLoop {
             // the connection task is woken by this one) and keeps reading the next batch.
             if self.cfg.testing_stop_delay_ms > 0 && !inbound.is_empty() {
                 // Testing only: a turn in hand when the stop request lands, and long.
+                tracing::warn!(
+                    inbound = inbound.len(),
+                    "TESTING: a turn in hand waits for the stop request"
+                );
                 token.cancelled().await;
                 tokio::time::sleep(Duration::from_millis(self.cfg.testing_stop_delay_ms)).await;
             }

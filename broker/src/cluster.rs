@@ -351,11 +351,8 @@ impl Member {
         let started = Instant::now();
         let last = log::extent(&self.js).await.map(|(_, last)| last)?;
         let mut progress = Progress::new(tail.read, Instant::now());
-        while tail.read < last {
-            if kept.is_cancelled() {
-                tracing::warn!(term, "lost the lease while catching up: following");
-                return Ok(None);
-            }
+        // A lease lost on the way ends the reading; the check after the loop says so.
+        while tail.read < last && !kept.is_cancelled() {
             // Bounded, so that a reader that stopped hearing the log is noticed; a record read
             // in part when the wait ends stays in `tail` (`next` only awaits whole messages).
             match tokio::time::timeout(TAKE_OVER_POLL, tail.next()).await {

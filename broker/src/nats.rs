@@ -210,21 +210,73 @@ pub async fn ensure_agency_consumers(js: &jetstream::Context, registry: &Registr
     Ok(())
 }
 
-fn broker_consumer_config(cfg: &Config, checkpoint: u64) -> consumer::pull::Config {
+fn broker_consumer_config(cfg: &Config, from: u64) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(subject::BROKER_CONSUMER.to_owned()),
         filter_subject: subject::IN_SUBJECTS.to_owned(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
         max_ack_pending: i64::try_from(cfg.batch_size * 8).unwrap_or(i64::MAX),
-        deliver_policy: if checkpoint == 0 {
+        deliver_policy: if from <= 1 {
             consumer::DeliverPolicy::All
         } else {
             consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: checkpoint + 1,
+                start_sequence: from,
             }
         },
         ..Default::default()
+    }
+}
+
+/// What a broker that begins to lead does with its inbound consumer.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// Kept as it is.
+    Keep,
+    /// Recreated to deliver from this stream sequence on (1: the whole stream).
+    From(u64),
+}
+
+/// The consumer as found: its ack floor (the stream sequence up to which every message was
+/// acknowledged) and how many messages it gave out unacknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    ack_floor: u64,
+    outstanding: u64,
+}
+
+/// Where the inbound consumer must start for a leader whose store is at `checkpoint` (the
+/// highest inbound sequence it applied, which is not a floor: a message below it may have been
+/// given to a previous leader and never applied).
+///
+/// Only the consumer's ack floor says what may be missing below the checkpoint. Without a
+/// consumer, nothing does: the whole stream is read again, and each message applied before is
+/// recognised by its id (`dedup_retention_days` is at least `inbound_retention_days`, so every
+/// message still in the stream has its id kept).
+fn consumer_start(found: Option<Found>, checkpoint: u64) -> Start {
+    match found {
+        Some(f) if f.ack_floor <= checkpoint && f.outstanding == 0 => Start::Keep,
+        Some(f) => Start::From(f.ack_floor.min(checkpoint) + 1),
+        None => Start::From(1),
+    }
+}
+
+/// The inbound consumer as the server has it: None if there is none. Any other failure to
+/// read it (a timeout while the consumer's group elects) is an error, never taken for "none":
+/// a consumer recreated from the store's checkpoint instead of its ack floor would skip the
+/// messages a previous leader was given and did not apply (seen in a partition test: five
+/// receipts lost that way, each sender's message stored and never applied).
+async fn found_consumer(inbound: &stream::Stream) -> Result<Option<Found>> {
+    match inbound.consumer_info(subject::BROKER_CONSUMER).await {
+        Ok(info) => Ok(Some(Found {
+            ack_floor: info.ack_floor.stream_sequence,
+            outstanding: u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX),
+        })),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Nats(format!(
+            "reading the inbound consumer {}: {e}",
+            subject::BROKER_CONSUMER
+        ))),
     }
 }
 
@@ -236,7 +288,7 @@ fn broker_consumer_config(cfg: &Config, checkpoint: u64) -> consumer::pull::Conf
 /// checkpoint: messages the previous leader was given but did not acknowledge come again at
 /// once, not after `ack_wait` (they are recognised as applied if they were), and if the store
 /// is behind what was acknowledged (it lost its last writes, or was deleted), that part is
-/// replayed from the stream.
+/// replayed from the stream. See [`consumer_start`] for a consumer that is not there.
 pub async fn broker_consumer(
     js: &jetstream::Context,
     cfg: &Config,
@@ -246,29 +298,35 @@ pub async fn broker_consumer(
         .get_stream(subject::IN_STREAM)
         .await
         .map_err(Error::nats)?;
-    let mut start = checkpoint;
-    if let Ok(info) = inbound.consumer_info(subject::BROKER_CONSUMER).await {
-        let acked = info.ack_floor.stream_sequence;
-        if acked <= checkpoint && info.num_ack_pending == 0 {
+    let found = found_consumer(&inbound).await?;
+    let mut from = match consumer_start(found, checkpoint) {
+        Start::Keep => {
             return inbound
                 .get_consumer(subject::BROKER_CONSUMER)
                 .await
                 .map_err(Error::nats);
         }
-        if acked > checkpoint {
-            tracing::warn!(
-                acked,
-                checkpoint,
-                "the store is behind what the broker acknowledged: replaying the inbound stream from the checkpoint"
-            );
-        } else {
-            tracing::info!(
-                acked,
-                outstanding = info.num_ack_pending,
-                "taking over messages given to a previous leader: from the ack floor on"
-            );
-        }
-        start = acked.min(checkpoint);
+        Start::From(from) => from,
+    };
+    match found {
+        Some(f) if f.ack_floor > checkpoint => tracing::warn!(
+            acked = f.ack_floor,
+            checkpoint,
+            "the store is behind what the broker acknowledged: replaying the inbound stream from the checkpoint"
+        ),
+        Some(f) => tracing::info!(
+            acked = f.ack_floor,
+            outstanding = f.outstanding,
+            "taking over messages given to a previous leader: from the ack floor on"
+        ),
+        None if checkpoint > 0 => tracing::warn!(
+            checkpoint,
+            "the inbound consumer is not there: reading the inbound stream again from its start \
+             (messages applied before are recognised by their ids)"
+        ),
+        None => {}
+    }
+    if found.is_some() {
         inbound
             .delete_consumer(subject::BROKER_CONSUMER)
             .await
@@ -277,17 +335,29 @@ pub async fn broker_consumer(
     // A consumer deleted on a cluster can still be there for a moment (a node that missed the
     // deletion retries it: "not cleaned up"): the create is then taken as an update of it, which
     // may not move the start (10012). Seen after a partition: the broker stepped down on it and
-    // took the lease again at once, thousands of times. Deleted again, and waited for.
+    // took the lease again at once, thousands of times. Deleted again, and waited for; its ack
+    // floor is read again first (it may be lower than the one read above), and a consumer that
+    // cannot be read is not deleted blind.
     let started = Instant::now();
     loop {
         match inbound
-            .create_consumer(broker_consumer_config(cfg, start))
+            .create_consumer(broker_consumer_config(cfg, from))
             .await
         {
             Ok(consumer) => return Ok(consumer),
             Err(e) if is_consumer_create_conflict(&e) && started.elapsed() < RECREATE_BUDGET => {
                 tracing::warn!(cause = %e, "the inbound consumer is still there: deleting it again");
-                let _ = inbound.delete_consumer(subject::BROKER_CONSUMER).await;
+                match found_consumer(&inbound).await {
+                    Ok(Some(f)) => {
+                        from = from.min(f.ack_floor + 1);
+                        let _ = inbound.delete_consumer(subject::BROKER_CONSUMER).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        cause = %e,
+                        "the inbound consumer that is still there could not be read: not deleted before it is"
+                    ),
+                }
                 tokio::time::sleep(RECREATE_PAUSE).await;
             }
             Err(e) => return Err(Error::nats(e)),
@@ -307,4 +377,55 @@ fn is_consumer_create_conflict(e: &async_nats::jetstream::stream::ConsumerError)
         async_nats::jetstream::stream::ConsumerErrorKind::JetStream(err)
             if err.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_CREATE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(ack_floor: u64, outstanding: u64) -> Option<Found> {
+        Some(Found {
+            ack_floor,
+            outstanding,
+        })
+    }
+
+    #[test]
+    fn a_consumer_is_kept_only_when_nothing_is_outstanding_and_the_store_holds_its_floor() {
+        assert_eq!(consumer_start(found(40, 0), 40), Start::Keep);
+        assert_eq!(consumer_start(found(21, 0), 40), Start::Keep);
+        assert_eq!(consumer_start(found(0, 0), 0), Start::Keep);
+    }
+
+    #[test]
+    fn messages_given_out_and_unacknowledged_come_again_from_the_ack_floor() {
+        // The CI case: a leader applied 27-40, 22-26 were given to it and never applied.
+        assert_eq!(consumer_start(found(21, 5), 40), Start::From(22));
+        assert_eq!(consumer_start(found(0, 3), 40), Start::From(1));
+    }
+
+    #[test]
+    fn a_store_behind_the_ack_floor_replays_from_its_checkpoint() {
+        assert_eq!(consumer_start(found(50, 0), 40), Start::From(41));
+        assert_eq!(consumer_start(found(50, 2), 0), Start::From(1));
+    }
+
+    #[test]
+    fn without_a_consumer_the_whole_stream_is_read_never_from_the_checkpoint() {
+        assert_eq!(consumer_start(None, 0), Start::From(1));
+        assert_eq!(consumer_start(None, 40), Start::From(1));
+    }
+
+    #[test]
+    fn the_start_becomes_the_deliver_policy() {
+        let cfg = Config::default();
+        assert!(matches!(
+            broker_consumer_config(&cfg, 1).deliver_policy,
+            consumer::DeliverPolicy::All
+        ));
+        assert!(matches!(
+            broker_consumer_config(&cfg, 22).deliver_policy,
+            consumer::DeliverPolicy::ByStartSequence { start_sequence: 22 }
+        ));
+    }
 }

@@ -348,11 +348,12 @@ pub async fn broker_consumer(
             Err(e) if is_consumer_create_conflict(&e) && started.elapsed() < RECREATE_BUDGET => {
                 tracing::warn!(cause = %e, "the inbound consumer is still there: deleting it again");
                 match found_consumer(&inbound).await {
-                    Ok(Some(f)) => {
-                        from = from.min(f.ack_floor + 1);
+                    Ok(lingering) => {
+                        if let Some(f) = lingering {
+                            from = from.min(f.ack_floor + 1);
+                        }
                         let _ = inbound.delete_consumer(subject::BROKER_CONSUMER).await;
                     }
-                    Ok(None) => {}
                     Err(e) => tracing::warn!(
                         cause = %e,
                         "the inbound consumer that is still there could not be read: not deleted before it is"

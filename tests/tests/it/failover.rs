@@ -974,33 +974,35 @@ async fn a_message_a_previous_leader_was_given_and_never_applied_comes_to_the_ne
         .await
         .expect("stored");
     }
-    // What the leader's consumer delivers first (acknowledged), within a second (None: nothing).
-    async fn first(consumer: &jetstream::consumer::PullConsumer) -> Option<u64> {
+    // What the leader's consumer gives out, up to `n` messages.
+    async fn take(
+        consumer: &jetstream::consumer::PullConsumer,
+        n: usize,
+        within: Duration,
+    ) -> Vec<jetstream::Message> {
         let mut batch = consumer
             .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(1))
+            .max_messages(n)
+            .expires(within)
             .messages()
             .await
             .expect("fetch");
-        let msg = batch.next().await?.expect("a message");
+        let mut given = Vec::new();
+        while let Some(msg) = batch.next().await {
+            given.push(msg.expect("a message"));
+        }
+        given
+    }
+    // What the leader's consumer delivers first (acknowledged), within a second (None: nothing).
+    async fn first(consumer: &jetstream::consumer::PullConsumer) -> Option<u64> {
+        let msg = take(consumer, 1, Duration::from_secs(1)).await.pop()?;
         msg.double_ack().await.expect("acknowledged");
         Some(msg.info().expect("its info").stream_sequence)
     }
 
     // The previous leader is given all five, applies and acknowledges 2-5, never sees 1.
     let previous = broker_consumer(&js, &cfg, 0).await.expect("the consumer");
-    let mut batch = previous
-        .fetch()
-        .max_messages(5)
-        .expires(SHORT)
-        .messages()
-        .await
-        .expect("fetch");
-    let mut given = Vec::new();
-    while let Some(msg) = batch.next().await {
-        given.push(msg.expect("a message"));
-    }
+    let given = take(&previous, 5, SHORT).await;
     assert_eq!(given.len(), 5, "the previous leader was given all five");
     for msg in &given[1..] {
         msg.double_ack().await.expect("acknowledged");
@@ -1030,22 +1032,11 @@ async fn a_message_a_previous_leader_was_given_and_never_applied_comes_to_the_ne
     );
 
     // Everything acknowledged and nothing outstanding: the consumer is kept, nothing replayed.
-    let mut batch = after
-        .fetch()
-        .max_messages(5)
-        .expires(SHORT)
-        .messages()
-        .await
-        .expect("fetch");
-    let mut acked = 0;
-    while let Some(msg) = batch.next().await {
-        msg.expect("a message")
-            .double_ack()
-            .await
-            .expect("acknowledged");
-        acked += 1;
+    let rest = take(&after, 5, SHORT).await;
+    for msg in &rest {
+        msg.double_ack().await.expect("acknowledged");
     }
-    assert_eq!(acked, 4, "the rest of the stream came");
+    assert_eq!(rest.len(), 4, "the rest of the stream came");
     let kept = broker_consumer(&js, &cfg, checkpoint).await.expect("kept");
     assert_eq!(first(&kept).await, None, "a kept consumer replays nothing");
 }

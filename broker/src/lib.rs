@@ -238,16 +238,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
                 _ if token.is_cancelled() => return led.map(|_| ()),
                 Ok(server::Stop::StepDown) => hold_off = STEP_DOWN_HOLD_OFF,
                 Ok(server::Stop::Cancelled) => {}
-                Err(e @ Error::Fenced { .. }) => {
+                Err(e @ (Error::Fenced { .. } | Error::Nats(_))) => {
                     tracing::warn!(cause = %e, "stopped leading: following the state log");
-                }
-                // Whatever made leading fail may make it fail again at once: the lease is left
-                // to the others for a moment (seen: a failure at each start of leading, and the
-                // lease taken again within milliseconds, thousands of times, a `leader` record
-                // appended each time).
-                Err(e @ Error::Nats(_)) => {
-                    tracing::warn!(cause = %e, "stopped leading: following the state log");
-                    hold_off = LEAD_ERROR_HOLD_OFF;
+                    // Fenced: another broker leads already. A NATS error may come again at
+                    // once: the lease is left to the others for a moment (seen: a failure at
+                    // each start of leading, and the lease taken again within milliseconds,
+                    // thousands of times, a `leader` record appended each time).
+                    if matches!(e, Error::Nats(_)) {
+                        hold_off = LEAD_ERROR_HOLD_OFF;
+                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -304,6 +304,14 @@ impl BrokerProcess {
         (r.status == 200).then(|| r.json())
     }
 
+    /// What the broker says it is (`leader` or `standby`) and how far it has applied the state
+    /// log, from [`BrokerProcess::cluster`]; None if it does not answer.
+    pub async fn role(&self) -> Option<(String, u64)> {
+        let c = self.cluster().await?;
+        let role = c["role"].as_str()?.to_owned();
+        Some((role, c["state_log_position"].as_u64().unwrap_or(0)))
+    }
+
     /// Waits until the broker says it is `role` (`leader` or `standby`); panics with the log's
     /// tail after `timeout` or if it exits.
     pub async fn wait_role(&mut self, role: &str, timeout: Duration) {
@@ -315,9 +323,7 @@ impl BrokerProcess {
                 self.child = None;
                 panic!("referral-broker exited ({status})\n{}", self.log_tail());
             }
-            if let Some(c) = self.cluster().await
-                && c["role"] == role
-            {
+            if self.role().await.is_some_and(|(r, _)| r == role) {
                 return;
             }
             if start.elapsed() > timeout {

@@ -131,20 +131,11 @@ async fn reader_node(g: &Group, broker: &str) -> usize {
 async fn wait_standby_current(g: &Group, what: &str) -> Duration {
     let start = Instant::now();
     loop {
-        let (a, b) = (g.a.cluster().await, g.b.cluster().await);
-        let position = |c: &Option<serde_json::Value>| {
-            c.as_ref()
-                .and_then(|c| c["state_log_position"].as_u64())
-                .unwrap_or(0)
-        };
-        let role = |c: &Option<serde_json::Value>| {
-            c.as_ref()
-                .and_then(|c| c["role"].as_str().map(str::to_owned))
-                .unwrap_or_default()
-        };
-        let (leader, standby) = match (role(&a).as_str(), role(&b).as_str()) {
-            ("leader", "standby") => (position(&a), position(&b)),
-            ("standby", "leader") => (position(&b), position(&a)),
+        let (a, b) = (g.a.role().await, g.b.role().await);
+        let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+        let (leader, standby) = match ((a.0.as_str(), a.1), (b.0.as_str(), b.1)) {
+            (("leader", leader), ("standby", standby)) => (leader, standby),
+            (("standby", standby), ("leader", leader)) => (leader, standby),
             _ => (1, 0),
         };
         if standby >= leader {
@@ -308,7 +299,7 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
     pauses.push(partition_node(&lab, &g, leader_node, &sent, "leading the inbound stream").await);
     // The node serving the standby's reader of the state log: the standby must not fall
     // behind (it would take over late), so it reads the log again through another node.
-    let standby = if g.a.cluster().await.is_some_and(|c| c["role"] == "standby") {
+    let standby = if g.a.role().await.is_some_and(|(r, _)| r == "standby") {
         "broker-a"
     } else {
         "broker-b"
@@ -335,8 +326,8 @@ async fn partitions_of_a_nats_node_and_of_the_leading_broker_lose_and_double_not
         "one broker to lead before the broker's partition",
         SHORT,
         || async {
-            let role = |c: Option<serde_json::Value>| c.is_some_and(|c| c["role"] == "leader");
-            match (role(g.a.cluster().await), role(g.b.cluster().await)) {
+            let leads = |r: Option<(String, u64)>| r.is_some_and(|(r, _)| r == "leader");
+            match (leads(g.a.role().await), leads(g.b.role().await)) {
                 (true, false) => Some(true),
                 (false, true) => Some(false),
                 _ => None,
